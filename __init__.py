@@ -1,0 +1,24 @@
+"""ComfyUI entry point for FastVideo Nodes.
+
+ComfyUI imports this file by path and reads NODE_CLASS_MAPPINGS. The engine lives in
+`fastvideo_nodes/` and imports without ComfyUI; the node classes live in `nodes/`.
+"""
+import os
+import sys
+
+# The engine is imported as a top-level package both here and in worker processes.
+_here = os.path.dirname(os.path.abspath(__file__))
+if _here not in sys.path:
+    sys.path.insert(0, _here)
+
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}
+WEB_DIRECTORY = None
+
+try:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
+except ImportError as e:  # nodes not importable: keep ComfyUI up and say why
+    if "nodes" not in str(e) and "NODE_CLASS_MAPPINGS" not in str(e):
+        print(f"[FastVideo Nodes] could not load nodes: {e}")
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,60 @@
+"""Tell what a checkpoint is from its tensor names, before reading any data.
+
+Used by every loader so that a file put in the wrong slot says what it is and where it belongs.
+"""
+from __future__ import annotations
+
+from ..errors import ModelFileError
+
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
+
+
+def strip_prefix(keys) -> tuple[str, list[str]]:
+    """Return (prefix, keys without it) for the known wrapper prefixes of single files."""
+    keys = list(keys)
+    for p in PREFIXES:
+        if keys and sum(k.startswith(p) for k in keys) > len(keys) // 2:
+            return p, [k[len(p):] if k.startswith(p) else k for k in keys]
+    return "", keys
+
+
+def kind_of(keys) -> str:
+    """One of: wan_dit, wan_dit_diffusers, wan_i2v, wan_vae, wan22_vae, umt5, sd, unknown."""
+    _, ks = strip_prefix(keys)
+    s = set(ks)
+    if any(k.startswith(("img_emb.", "condition_embedder.image_embedder.")) or ".k_img." in k or ".add_k_proj." in k for k in s):
+        return "wan_i2v"
+    if "head.modulation" in s:
+        return "wan_dit"
+    if "scale_shift_table" in s and "proj_out.weight" in s and any(k.startswith("condition_embedder.") for k in s):
+        return "wan_dit_diffusers"
+    if "decoder.upsamples.0.upsamples.0.residual.2.weight" in s:
+        return "wan22_vae"
+    if "decoder.middle.0.residual.0.gamma" in s or "decoder.mid_block.resnets.0.norm1.gamma" in s:
+        return "wan_vae"
+    if "shared.weight" in s or "encoder.block.0.layer.0.SelfAttention.q.weight" in s or "encoder.embed_tokens.weight" in s:
+        return "umt5"
+    if any(k.startswith(("input_blocks.", "first_stage_model.", "cond_stage_model.", "conditioner.", "down_blocks.", "double_blocks.")) for k in s) \
+            or any(k.startswith("model.diffusion_model.input_blocks") for k in keys):
+        return "sd"
+    return "unknown"
+
+
+DESCRIPTIONS = {
+    "wan_dit": "a Wan2.1 text-to-video diffusion model (load it as the model)",
+    "wan_dit_diffusers": "a Wan2.1 text-to-video diffusion model in diffusers naming (load it as the model)",
+    "wan_i2v": "a Wan image-to-video diffusion model, which is not supported yet (only text-to-video)",
+    "wan_vae": "a Wan2.1 VAE (load it as the VAE)",
+    "wan22_vae": "the 48-channel Wan2.2 VAE, which is not supported yet (use wan_2.1_vae.safetensors)",
+    "umt5": "a UMT5 text encoder (load it as the text encoder)",
+    "sd": "a Stable Diffusion / other image-model checkpoint, not a Wan model",
+    "unknown": "not a recognised Wan2.1 file",
+}
+
+
+def expect_kind(keys, wanted: tuple[str, ...], role: str, path: str) -> str:
+    """Return the detected kind if it is one of `wanted`, else raise a clear error."""
+    k = kind_of(keys)
+    if k not in wanted:
+        raise ModelFileError(f"{role}: {path!r} is {DESCRIPTIONS[k]}; expected {DESCRIPTIONS[wanted[0]].split(' (')[0]}.")
+    return k

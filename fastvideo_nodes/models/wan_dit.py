@@ -1,0 +1,261 @@
+"""Wan2.1 text-to-video diffusion transformer, top to bottom.
+
+Tensor names follow the original Wan release (and ComfyUI's single files), so those files load
+as they are; `wan_loader` maps the diffusers names onto these.
+
+Data path of one forward (B batch, S = T'·H'·W'/4 tokens, C = dim):
+  latents [B,16,T',H',W'] --patch_embedding--> tokens [B,S,C]
+  timestep [B] --sinusoid→MLP--> e [B,C] --SiLU→Linear--> e0 [B,6,C]   (float32)
+  text [B,L,4096] --MLP--> context [B,512,C]
+  N × block(tokens, e0, context)   self-attn with 3D RoPE, cross-attn, FFN; fp32 residual stream
+  head(tokens, e) --unpatchify--> velocity [B,16,T',H',W']
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import AttentionSpec, resolve_backend
+from .ops import Linear
+
+
+@dataclass(frozen=True)
+class WanDiTConfig:
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_dim: int = 4096
+    freq_dim: int = 256
+    text_len: int = 512
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def size_name(self) -> str:
+        """"1.3B", "14B" or "custom": picks presets such as the TeaCache coefficients."""
+        return {1536: "1.3B", 5120: "14B"}.get(self.dim, "custom")
+
+
+# ----------------------------------------------------------------------------- small pieces
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[B] raw timesteps (0..1000) → [B, dim] float32, cos half first."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(t.to(torch.float64), freqs)
+    return torch.cat([angles.cos(), angles.sin()], dim=1).float()
+
+
+def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float, device) -> torch.Tensor:
+    """Rotation angles [S, head_dim/2] for a (t, h, w) token grid, computed in float64.
+
+    head_dim is split t/h/w as d-4(d//6), 2(d//6), 2(d//6) (44/42/42 for 128); each axis uses
+    the standard 1/theta^(2i/d_axis) frequencies over its own position.
+    """
+    d_hw = 2 * (head_dim // 6)
+    parts = []
+    for axis, (n, d_axis) in enumerate(zip(grid, (head_dim - 2 * d_hw, d_hw, d_hw))):
+        inv = 1.0 / theta ** (torch.arange(0, d_axis, 2, dtype=torch.float64, device=device) / d_axis)
+        ang = torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv)  # [n, d_axis/2]
+        shape = [1, 1, 1, -1]
+        shape[axis] = n
+        parts.append(ang.view(shape).expand(*grid, -1))
+    return torch.cat(parts, dim=-1).reshape(math.prod(grid), head_dim // 2)
+
+
+def rope_cos_sin(grid, head_dim, theta, device) -> tuple[torch.Tensor, torch.Tensor]:
+    ang = rope_angles(grid, head_dim, theta, device)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B,S,H,D] by angles cos/sin [S, D/2]."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).type_as(x)
+
+
+def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine, in float32."""
+    return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the whole feature dim (across heads, as Wan's q/k norm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight.to(x.dtype)
+
+
+class AffineLayerNorm(nn.LayerNorm):
+    """The cross-attention input norm (affine), computed in float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+
+
+# ----------------------------------------------------------------------------- attention
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def forward(self, x, rope, attn: AttentionSpec):
+        """x [B,S,C] → [B,S,C]."""
+        heads = lambda t: t.unflatten(-1, (self.num_heads, -1))  # noqa: E731  [B,S,H,D]
+        q = apply_rope(heads(self.norm_q(self.q(x))), *rope)
+        k = apply_rope(heads(self.norm_k(self.k(x))), *rope)
+        v = heads(self.v(x))
+        return self.o(attn.self_attention(q, k, v).flatten(2))
+
+
+class CrossAttention(SelfAttention):
+    def forward(self, x, context, attn: AttentionSpec):
+        """x [B,S,C] attends to the text context [B,L,C] → [B,S,C]."""
+        heads = lambda t: t.unflatten(-1, (self.num_heads, -1))  # noqa: E731
+        q = heads(self.norm_q(self.q(x)))
+        k = heads(self.norm_k(self.k(context)))
+        v = heads(self.v(context))
+        return self.o(attn.cross_attention(q, k, v).flatten(2))
+
+
+# ----------------------------------------------------------------------------- block and head
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.self_attn = SelfAttention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.norm3 = AffineLayerNorm(cfg.dim, eps=cfg.eps)  # cross-attn input norm (diffusers: norm2)
+        self.cross_attn = CrossAttention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.ffn = nn.Sequential(Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, cfg.dim))
+        # shift, scale, gate for self-attn; shift, scale, gate for the FFN (added to e0).
+        self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
+
+    def forward(self, x, e0, context, rope, attn: AttentionSpec):
+        """x: fp32 residual stream [B,S,C]; e0: [B,6,C] fp32; context [B,L,C] compute dtype."""
+        dtype = context.dtype
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + e0).unsqueeze(2).unbind(1)
+        h = layer_norm(x, self.eps) * (1 + scale_sa) + shift_sa
+        x = x + self.self_attn(h.to(dtype), rope, attn).float() * gate_sa
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context, attn).float()
+        h = layer_norm(x, self.eps) * (1 + scale_ff) + shift_ff
+        return x + self.ffn(h.to(dtype)).float() * gate_ff
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))  # shift, scale
+
+    def forward(self, x, e, dtype):
+        shift, scale = (self.modulation + e.unsqueeze(1)).unsqueeze(2).unbind(1)
+        return self.head((layer_norm(x, self.eps) * (1 + scale) + shift).to(dtype))
+
+
+# ----------------------------------------------------------------------------- the model
+
+# Parameters kept in float32 whatever the compute dtype: small, and the math around them is fp32.
+def keep_fp32(name: str) -> bool:
+    return ("modulation" in name or name.startswith(("time_embedding", "time_projection"))
+            or ".norm3." in name)
+
+
+class WanDiT(nn.Module):
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self._rope_cache: dict = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_embedding[0].bias.dtype
+
+    # -- stages, public so that caches (TeaCache) and parallel wrappers can compose them
+
+    def embed_time(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B] → e [B,C] and e0 [B,6,C], both float32."""
+        e = self.time_embedding(sinusoidal_embedding(timestep, self.cfg.freq_dim))
+        e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim))
+        return e, e0
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """[B,L,text_dim] (L ≤ text_len, zero-padded to text_len as Wan does) → [B,text_len,C]."""
+        pad = self.cfg.text_len - context.shape[1]
+        if pad > 0:
+            context = F.pad(context, (0, 0, 0, pad))
+        return self.text_embedding(context.to(self.dtype))
+
+    def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """[B,16,T',H',W'] → tokens [B,S,C] float32 and the token grid (t, h, w)."""
+        x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
+        grid = tuple(x.shape[2:])
+        return x.flatten(2).transpose(1, 2).float(), grid
+
+    def unpatchify(self, x: torch.Tensor, grid) -> torch.Tensor:
+        """[B,S,pt·ph·pw·c] → [B,c,T',H',W'] float32."""
+        pt, ph, pw = self.cfg.patch_size
+        t, h, w = grid
+        x = x.float().view(x.shape[0], t, h, w, pt, ph, pw, self.cfg.out_channels)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(x.shape[0], self.cfg.out_channels, t * pt, h * ph, w * pw)
+
+    def rope(self, grid, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (grid, str(device))
+        if key not in self._rope_cache:
+            self._rope_cache = {key: rope_cos_sin(grid, self.cfg.head_dim, self.cfg.rope_theta, device)}
+        return self._rope_cache[key]
+
+    def run_blocks(self, x, e0, context, rope, attn: AttentionSpec) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, e0, context, rope, attn)
+        return x
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *,
+                attention_backend: str | None = None,
+                cache: Callable | None = None) -> torch.Tensor:
+        """Velocity prediction.
+
+        x: latents in model space [B,16,T',H',W']; timestep: [B] in 0..1000; context: text
+        embeddings [B,L,4096]. cache(tokens, e, e0, run) may replace `run(tokens)` (TeaCache).
+        Returns float32 [B,16,T',H',W'].
+        """
+        tokens, grid = self.patchify(x)
+        e, e0 = self.embed_time(timestep.to(x.device).reshape(-1).expand(x.shape[0]))
+        context = self.embed_text(context)
+        attn = AttentionSpec(backend=resolve_backend(attention_backend), grid=grid)
+        rope = self.rope(grid, x.device)
+        run = lambda h: self.run_blocks(h, e0, context, rope, attn)  # noqa: E731
+        tokens = cache(tokens, e, e0, run) if cache is not None else run(tokens)
+        return self.unpatchify(self.head(tokens, e, self.dtype), grid)
