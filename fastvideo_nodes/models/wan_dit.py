@@ -243,19 +243,25 @@ class WanDiT(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *,
-                attention_backend: str | None = None,
-                cache: Callable | None = None) -> torch.Tensor:
+                attention_backend: str | None = None, cache: Callable | None = None,
+                parallel=None) -> torch.Tensor:
         """Velocity prediction.
 
         x: latents in model space [B,16,T',H',W']; timestep: [B] in 0..1000; context: text
-        embeddings [B,L,4096]. cache(tokens, e, e0, run) may replace `run(tokens)` (TeaCache).
-        Returns float32 [B,16,T',H',W'].
+        embeddings [B,L,4096]. Returns float32 [B,16,T',H',W'].
+        cache(tokens, e, e0, run) may replace `run(tokens)` (TeaCache skips the blocks).
+        parallel: a sequence-parallel plan with enter(tokens, rope, attn) → the local shard, its
+        rope and an attention spec that exchanges heads, and exit(tokens) → the full sequence.
         """
         tokens, grid = self.patchify(x)
         e, e0 = self.embed_time(timestep.to(x.device).reshape(-1).expand(x.shape[0]))
         context = self.embed_text(context)
         attn = AttentionSpec(backend=resolve_backend(attention_backend), grid=grid)
         rope = self.rope(grid, x.device)
+        if parallel is not None:
+            tokens, rope, attn = parallel.enter(tokens, rope, attn)
         run = lambda h: self.run_blocks(h, e0, context, rope, attn)  # noqa: E731
         tokens = cache(tokens, e, e0, run) if cache is not None else run(tokens)
+        if parallel is not None:
+            tokens = parallel.exit(tokens)
         return self.unpatchify(self.head(tokens, e, self.dtype), grid)
