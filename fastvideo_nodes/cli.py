@@ -1,0 +1,106 @@
+"""Command line: `python -m fastvideo_nodes generate ...` and `python -m fastvideo_nodes demo`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from .errors import FastVideoError
+
+
+def _progress(prefix: str):
+    """A one-line terminal progress bar as the sampler's callback."""
+    start = time.perf_counter()
+
+    def callback(step, total, x0=None):
+        width = 30
+        done = int(width * step / total)
+        rate = (time.perf_counter() - start) / step
+        sys.stderr.write(f"\r{prefix} [{'#' * done}{'.' * (width - done)}] {step}/{total} {rate:.2f}s/step")
+        if step == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return callback
+
+
+def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
+    if not demo:
+        p.add_argument("--model", required=True, help="diffusers folder or Wan2.1 DiT .safetensors")
+        p.add_argument("--text-encoder", help="UMT5 .safetensors (needed with a single-file model)")
+        p.add_argument("--vae", help="Wan 2.1 VAE .safetensors (needed with a single-file model)")
+    p.add_argument("--prompt", default="A red fox trotting through fresh snow at dawn, cinematic" if demo else None,
+                   required=not demo)
+    p.add_argument("--negative-prompt", default=None, help="default: Wan 2.1's negative prompt")
+    p.add_argument("--height", type=int, default=64 if demo else 480)
+    p.add_argument("--width", type=int, default=96 if demo else 832)
+    p.add_argument("--num-frames", type=int, default=17 if demo else 81)
+    p.add_argument("--steps", type=int, default=8 if demo else 50)
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--shift", type=float, default=None, help="flow shift (default 3.0; 5.0 at 720p)")
+    p.add_argument("--scheduler", default="unipc", choices=["unipc", "euler"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg-gate", type=float, default=1.0, help="fraction of steps with the unconditional pass (1 = off)")
+    p.add_argument("--teacache-threshold", type=float, default=0.0, help="0 = off; 0.08 is typical for 1.3B")
+    p.add_argument("--teacache-mode", default="default", choices=["default", "ret"])
+    p.add_argument("--attention-backend", default=None, help="auto, TORCH_SDPA, FLASH_ATTN, SAGE_ATTN, …")
+    p.add_argument("--device", default="cpu" if demo else None)
+    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--num-gpus", type=int, default=1)
+    p.add_argument("--output", default="fastvideo_demo.mp4" if demo else "output.mp4", help="FILE.mp4")
+    p.add_argument("--latents-out", default=None, help="also save the raw VAE-space latents (key 'latents')")
+
+
+def _generate(args, model, text_encoder, vae) -> int:
+    from .pipeline.generator import VideoGenerator
+
+    gen = VideoGenerator.from_pretrained(model, text_encoder=text_encoder, vae=vae, device=args.device,
+                                         dtype=args.dtype, attention_backend=args.attention_backend,
+                                         num_gpus=args.num_gpus)
+    try:
+        result = gen.generate_video(
+            args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+            num_frames=args.num_frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+            flow_shift=args.shift, scheduler=args.scheduler, seed=args.seed, cfg_gate=args.cfg_gate,
+            teacache_threshold=args.teacache_threshold, teacache_mode=args.teacache_mode,
+            output_path=args.output, callback=_progress("sampling"))
+    finally:
+        gen.close()
+    if args.latents_out:
+        from safetensors.torch import save_file
+        save_file({"latents": result.latents.contiguous()}, args.latents_out)
+    t = result.timings
+    print(f"wrote {args.output}: {result.frames.shape[0]} frames {result.frames.shape[2]}x{result.frames.shape[1]} "
+          f"(encode {t['encode_s']:.1f}s, sample {t['sample_s']:.1f}s, decode {t['decode_s']:.1f}s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastvideo_nodes", description="Fast Wan2.1 text-to-video.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generation_args(sub.add_parser("generate", help="render a video from Wan2.1 model files"))
+    _add_generation_args(sub.add_parser("demo", help="render a short mp4 with a tiny built-in random model (CPU)"),
+                         demo=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            from .tiny.demo import demo_files
+            files = demo_files()
+            print("Demo: a tiny model with fixed RANDOM weights (no download). It draws noise-like video;\n"
+                  "      the point is the whole path (encode → sample → decode → mp4) running on your machine.\n"
+                  "      For real video point `generate` at Wan 2.1 files, e.g.\n"
+                  "      python -m fastvideo_nodes generate --model wan2.1_t2v_1.3B_fp16.safetensors \\\n"
+                  "          --text-encoder umt5_xxl_fp16.safetensors --vae wan_2.1_vae.safetensors --prompt '...'")
+            return _generate(args, files["model"], files["text_encoder"], files["vae"])
+        return _generate(args, args.model, args.text_encoder, args.vae)
+    except FastVideoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

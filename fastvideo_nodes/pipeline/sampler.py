@@ -1,0 +1,161 @@
+"""Flow-matching sampling loop: noise → latents, with classifier-free guidance, CFG gate and TeaCache.
+
+Works in the DiT's model space ((raw − mean) / std); the caller converts to raw VAE space.
+The same function runs in-process and inside sequence-parallel workers (`parallel=`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import CancelledError, FastVideoError
+from .schedulers import SCHEDULERS, make_scheduler
+from .teacache import MODES, TeaCache, coefficients_for
+
+VAE_STRIDE_T, VAE_STRIDE_HW, LATENT_CHANNELS = 4, 8, 16
+
+
+@dataclass
+class SamplingSettings:
+    """Everything that decides one video's latents besides the weights and the prompts."""
+    height: int = 480
+    width: int = 832
+    num_frames: int = 81
+    steps: int = 50
+    guidance_scale: float = 5.0
+    shift: float = 3.0
+    scheduler: str = "unipc"
+    seed: int = 0
+    cfg_gate: float = 1.0
+    teacache_threshold: float = 0.0
+    teacache_mode: str = "default"
+    teacache_coefficients: list[float] | None = None
+
+    def validate(self) -> "SamplingSettings":
+        """Raise FastVideoError naming the first bad setting and what would be valid."""
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 16 or v % 16:
+                lo = max(16, int(v) // 16 * 16)
+                raise FastVideoError(f"{name} must be a positive multiple of 16, got {v}; "
+                                     f"nearest valid: {lo} or {lo + 16}.")
+        n = self.num_frames
+        if not isinstance(n, int) or n < 1 or (n - 1) % 4:
+            lo = max(1, (int(n) - 1) // 4 * 4 + 1)
+            raise FastVideoError(f"num_frames must be 4n+1 (1, 5, 9, …, 81), got {n}; nearest valid: "
+                                 f"{lo} or {lo + 4}.")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise FastVideoError(f"steps must be at least 1, got {self.steps}.")
+        if not 0.0 <= self.cfg_gate <= 1.0:
+            raise FastVideoError(f"cfg_gate must be in [0, 1] (1 = off), got {self.cfg_gate}.")
+        if self.teacache_threshold < 0:
+            raise FastVideoError(f"teacache_threshold must be ≥ 0 (0 = off), got {self.teacache_threshold}.")
+        if self.teacache_mode not in MODES:
+            raise FastVideoError(f"teacache_mode must be one of {MODES}, got {self.teacache_mode!r}.")
+        if self.scheduler not in SCHEDULERS:
+            raise FastVideoError(f"scheduler {self.scheduler!r} is unknown; use one of {', '.join(SCHEDULERS)}.")
+        if self.shift <= 0:
+            raise FastVideoError(f"shift must be > 0, got {self.shift}.")
+        if self.guidance_scale < 0:
+            raise FastVideoError(f"guidance_scale must be ≥ 0, got {self.guidance_scale}.")
+        return self
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int, int]:
+        return (1, LATENT_CHANNELS, (self.num_frames - 1) // VAE_STRIDE_T + 1,
+                self.height // VAE_STRIDE_HW, self.width // VAE_STRIDE_HW)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _stats_view(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..models.wan_vae import LATENT_MEAN, LATENT_STD
+    view = (1, -1) + (1,) * (z.ndim - 2)
+    mean = torch.tensor(LATENT_MEAN, dtype=torch.float32, device=z.device).view(view)
+    std = torch.tensor(LATENT_STD, dtype=torch.float32, device=z.device).view(view)
+    return mean, std
+
+
+def model_to_raw(z: torch.Tensor) -> torch.Tensor:
+    """DiT model space → raw VAE space (what ComfyUI's LATENT holds): z·std + mean."""
+    mean, std = _stats_view(z)
+    return z.float() * std + mean
+
+
+def raw_to_model(z: torch.Tensor) -> torch.Tensor:
+    """Raw VAE space → DiT model space: (z − mean) / std."""
+    mean, std = _stats_view(z)
+    return (z.float() - mean) / std
+
+
+def initial_noise(settings: SamplingSettings) -> torch.Tensor:
+    """The noise diffusers and ComfyUI draw for a seed: float32 on a CPU generator."""
+    g = torch.Generator("cpu").manual_seed(int(settings.seed))
+    return torch.randn(settings.latent_shape, generator=g, dtype=torch.float32)
+
+
+@dataclass
+class SamplingStats:
+    cond_forwards: int = 0
+    uncond_forwards: int = 0
+    teacache_skipped: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None,
+            settings: SamplingSettings, *, attention_backend: str | None = None,
+            callback: Callable | None = None, cancel: Callable[[], bool] | None = None,
+            parallel=None, stats: SamplingStats | None = None) -> torch.Tensor:
+    """Run the sampler. Returns model-space latents, float32, on the DiT's device.
+
+    noise: [1,16,T',H',W'] float32; positive/negative: text embeddings [1,L,text_dim].
+    callback(step, total, x0): after each step with the model-space x0 estimate (for previews).
+    cancel(): checked before each step; returning True stops with CancelledError.
+    """
+    settings.validate()
+    stats = stats if stats is not None else SamplingStats()
+    device = next(dit.parameters()).device
+    sched = make_scheduler(settings.scheduler, settings.steps, settings.shift)
+    n = settings.steps
+    g = settings.guidance_scale
+    do_cfg = g > 1.0 and negative is not None
+    uncond_steps = math.ceil(n * settings.cfg_gate)  # CFG gate: both passes only for i < N·X
+    positive = positive.to(device, dit.dtype)
+    negative = negative.to(device, dit.dtype) if do_cfg else None
+
+    caches = (None, None)
+    if settings.teacache_threshold > 0:
+        coeffs = settings.teacache_coefficients or coefficients_for(dit.cfg.size_name, settings.teacache_mode)
+        caches = tuple(TeaCache(settings.teacache_threshold, n, coeffs, settings.teacache_mode) for _ in range(2))
+
+    def forward(x, t, context, cache, step):
+        if cache is not None:
+            cache.step = step
+        return dit(x, t, context, attention_backend=attention_backend, cache=cache, parallel=parallel)
+
+    x = noise.to(device, torch.float32)
+    delta = None
+    for i, t in enumerate(sched.timesteps):
+        if cancel is not None and cancel():
+            raise CancelledError(f"cancelled before step {i + 1} of {n}.")
+        t = t.to(device).reshape(1)
+        v = forward(x, t, positive, caches[0], i)
+        stats.cond_forwards += 1
+        if do_cfg:
+            if i < uncond_steps:
+                v_uncond = forward(x, t, negative, caches[1], i)
+                stats.uncond_forwards += 1
+                delta = v - v_uncond
+                v = v_uncond + g * delta
+            else:  # reuse the last guidance direction: pred = cond + (g − 1)·δ
+                v = v + (g - 1.0) * delta
+        x0 = sched.denoised(v, x) if callback is not None else None
+        x = sched.step(v, x)
+        if callback is not None:
+            callback(i + 1, n, x0)
+    stats.teacache_skipped = sum(c.skipped for c in caches if c is not None)
+    return x
