@@ -237,6 +237,13 @@ class WanDiT(nn.Module):
             self._rope_cache = {key: rope_cos_sin(grid, self.cfg.head_dim, self.cfg.rope_theta, device)}
         return self._rope_cache[key]
 
+    def compile_blocks(self, mode: str | None = None) -> "WanDiT":
+        """torch.compile every block: the elementwise work around the matmuls (norms, modulation,
+        RoPE, gates) fuses into a few kernels. All blocks share one compiled graph."""
+        for block in self.blocks:
+            block.compile(dynamic=False, mode=mode)
+        return self
+
     def run_blocks(self, x, e0, context, rope, attn: AttentionSpec) -> torch.Tensor:
         for block in self.blocks:
             x = block(x, e0, context, rope, attn)

@@ -89,8 +89,10 @@ class _Components:
 
 class VideoGenerator:
     def __init__(self, files: ModelFiles, *, device=None, dtype=None, attention_backend: str | None = None,
-                 num_gpus: int = 1, weight_dtype: torch.dtype | None = None, gpu_ids: list[int] | None = None):
+                 num_gpus: int = 1, weight_dtype: torch.dtype | None = None, gpu_ids: list[int] | None = None,
+                 compile: bool = False):
         self.files = files
+        self.compile = compile
         self.device = parse_device(device)
         self.dtype = parse_dtype(dtype, self.device)
         self.weight_dtype = weight_dtype
@@ -117,9 +119,12 @@ class VideoGenerator:
     @classmethod
     def from_pretrained(cls, model, *, text_encoder=None, vae=None, device=None, dtype=None,
                         attention_backend: str | None = None, num_gpus: int = 1, weight_dtype=None,
-                        gpu_ids: list[int] | None = None) -> "VideoGenerator":
+                        gpu_ids: list[int] | None = None, compile: bool = False) -> "VideoGenerator":
+        """model: a diffusers folder, or a DiT .safetensors with text_encoder= and vae= files.
+        compile: torch.compile the DiT blocks (first run of a shape pays the warm-up)."""
         return cls(ModelFiles.resolve(model, text_encoder, vae), device=device, dtype=dtype,
-                   attention_backend=attention_backend, num_gpus=num_gpus, weight_dtype=weight_dtype, gpu_ids=gpu_ids)
+                   attention_backend=attention_backend, num_gpus=num_gpus, weight_dtype=weight_dtype, gpu_ids=gpu_ids,
+                   compile=compile)
 
     # -- components, loaded on first use
 
@@ -127,8 +132,8 @@ class VideoGenerator:
     def dit(self):
         if self._parts.dit is None:
             from ..models.dit_loader import load_dit
-            self._parts.dit = load_dit(self.files.model, device=self.device, dtype=self.dtype,
-                                       weight_dtype=self.weight_dtype)
+            dit = load_dit(self.files.model, device=self.device, dtype=self.dtype, weight_dtype=self.weight_dtype)
+            self._parts.dit = dit.compile_blocks() if self.compile else dit
         return self._parts.dit
 
     @property

@@ -123,7 +123,8 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
     n = settings.steps
     g = settings.guidance_scale
     do_cfg = g > 1.0 and negative is not None
-    uncond_steps = math.ceil(n * settings.cfg_gate)  # CFG gate: both passes only for i < N·X
+    # CFG gate: both passes only for steps i < N·X (at least the first, to have a guidance direction).
+    uncond_steps = max(1, math.ceil(n * settings.cfg_gate))
     positive = positive.to(device, dit.dtype)
     negative = negative.to(device, dit.dtype) if do_cfg else None
 
