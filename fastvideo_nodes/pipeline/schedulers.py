@@ -1,0 +1,155 @@
+"""Flow-matching schedulers: UniPC multistep (order 2, bh2, x0-predicting) and Euler.
+
+Both follow the schedules diffusers uses for Wan, step for step, so seeds reproduce:
+- "unipc" = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+  flow_shift=shift, solver_order=2, solver_type="bh2", lower_order_final=True, final_sigmas_type="zero").
+  The DiT gets *integer* timesteps int(σ·1000) while the update uses the continuous σ.
+- "euler" = FlowMatchEulerDiscreteScheduler(shift=shift): float timesteps σ·1000, x ← x + (σ' − σ)·v.
+
+The model predicts the flow velocity v; with x_σ = (1 − σ)·x0 + σ·noise, x0 = x − σ·v.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..errors import FastVideoError
+
+SCHEDULERS = ("unipc", "euler")
+TRAIN_STEPS = 1000
+
+
+def shifted(sigmas: np.ndarray, shift: float) -> np.ndarray:
+    """The flow shift: σ → s·σ / (1 + (s − 1)·σ); s > 1 spends more steps at high noise."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+class Scheduler:
+    timesteps: torch.Tensor  # [N] float32, what the DiT is given (0..1000)
+    sigmas: torch.Tensor     # [N + 1] float32, decreasing to 0
+
+    def __init__(self, num_steps: int):
+        self.num_steps = num_steps
+        self.index = 0
+
+    def reset(self) -> None:
+        self.index = 0
+
+    def denoised(self, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """x0 estimate at the current step (previews)."""
+        return sample - float(self.sigmas[self.index]) * velocity.float()
+
+    def step(self, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FlowEuler(Scheduler):
+    def __init__(self, num_steps: int, shift: float):
+        super().__init__(num_steps)
+        # diffusers bounds the schedule by its training sigmas, which are already shifted once.
+        train = shifted(np.linspace(1, TRAIN_STEPS, TRAIN_STEPS, dtype=np.float32)[::-1] / TRAIN_STEPS, shift)
+        sigma_max, sigma_min = float(train[0]), float(train[-1])
+        sig = shifted(np.linspace(sigma_max * TRAIN_STEPS, sigma_min * TRAIN_STEPS, num_steps) / TRAIN_STEPS, shift)
+        sig = torch.from_numpy(sig).float()
+        self.timesteps = sig * TRAIN_STEPS
+        self.sigmas = torch.cat([sig, torch.zeros(1)])
+
+    def step(self, velocity, sample):
+        dt = self.sigmas[self.index + 1] - self.sigmas[self.index]
+        self.index += 1
+        return sample.float() + dt * velocity.float()
+
+
+class FlowUniPC(Scheduler):
+    """UniPC with the B(h) = e^h − 1 ("bh2") variant, predicting x0, order ≤ 2.
+
+    Each step: correct the current sample with the new x0 (UniC), then predict the next sample
+    (UniP) from the last one or two x0 estimates, in λ = log((1 − σ)/σ) time.
+    """
+
+    def __init__(self, num_steps: int, shift: float):
+        super().__init__(num_steps)
+        sig = shifted(np.linspace(1, 1 / TRAIN_STEPS, num_steps + 1)[:-1], shift)
+        if abs(sig[0] - 1) < 1e-6:
+            sig[0] -= 1e-6  # keeps log(σ/(1−σ)) finite at the first step, as diffusers does
+        self.timesteps = torch.from_numpy(sig * TRAIN_STEPS).to(torch.int64).float()
+        self.sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
+        self.reset()
+
+    def reset(self) -> None:
+        self.index = 0
+        self.x0s: list[torch.Tensor] = []   # last two x0 estimates, newest last
+        self.last_sample = None             # the sample before the last prediction
+        self.last_order = 1
+
+    def _lambda(self, i: int) -> float:
+        s = float(self.sigmas[i])
+        return math.log(1 - s) - math.log(s) if s > 0 else math.inf
+
+    def _h(self, i_to: int, i_from: int) -> tuple[float, float]:
+        """h = λ_to − λ_from and B(h) = e^{−h} − 1 (= hφ₁ for x0 prediction)."""
+        h = self._lambda(i_to) - self._lambda(i_from)
+        return h, math.expm1(-h)
+
+    def _base(self, x, x0, i_to, i_from, b_h) -> torch.Tensor:
+        """First-order (DPM-Solver-1) move of x from σ_from to σ_to given x0."""
+        s_to, s_from = float(self.sigmas[i_to]), float(self.sigmas[i_from])
+        return (s_to / s_from) * x - (1 - s_to) * b_h * x0
+
+    def _corrector(self, x0_new: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """UniC: redo the last step (σ_{i−1} → σ_i) using the x0 just computed at σ_i."""
+        i, order = self.index, self.last_order
+        h, b_h = self._h(i, i - 1)
+        m0 = self.x0s[-1]
+        out = self._base(self.last_sample, m0, i, i - 1, b_h)
+        a = 1 - float(self.sigmas[i])
+        if order == 1:
+            return out - a * b_h * 0.5 * (x0_new - m0)
+        rk = (self._lambda(i - 2) - self._lambda(i - 1)) / h
+        d1 = (self.x0s[-2] - m0) / rk
+        # Solve [[1, 1], [rk, 1]]·ρ = b with b_k from the φ-functions of −h.
+        hh = -h
+        phi = b_h / hh - 1
+        b1 = phi / b_h
+        b2 = (phi / hh - 0.5) * 2 / b_h
+        rho0 = (b1 - b2) / (1 - rk)
+        rho1 = b1 - rho0
+        return out - a * b_h * (rho0 * d1 + rho1 * (x0_new - m0))
+
+    def _predictor(self, sample: torch.Tensor, order: int) -> torch.Tensor:
+        """UniP: σ_i → σ_{i+1} from the newest x0 (and the previous one for order 2)."""
+        i = self.index
+        h, b_h = self._h(i + 1, i)
+        m0 = self.x0s[-1]
+        out = self._base(sample, m0, i + 1, i, b_h)
+        if order == 2:
+            rk = (self._lambda(i - 1) - self._lambda(i)) / h
+            d1 = (self.x0s[-2] - m0) / rk
+            out = out - (1 - float(self.sigmas[i + 1])) * b_h * 0.5 * d1
+        return out
+
+    def step(self, velocity, sample):
+        sample = sample.float()
+        x0 = sample - float(self.sigmas[self.index]) * velocity.float()
+        if self.index > 0:
+            sample = self._corrector(x0, sample)
+        self.x0s = (self.x0s + [x0])[-2:]
+        # Order 2 once two x0 are known; the final step drops to order 1 (lower_order_final).
+        order = min(2, self.num_steps - self.index, len(self.x0s))
+        self.last_sample = sample
+        out = self._predictor(sample, order)  # at σ = 0 this returns x0 exactly
+        self.last_order = order
+        self.index += 1
+        return out
+
+
+def make_scheduler(name: str, num_steps: int, shift: float) -> Scheduler:
+    if name not in SCHEDULERS:
+        raise FastVideoError(f"scheduler {name!r} is unknown; use one of {', '.join(SCHEDULERS)}.")
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise FastVideoError(f"steps must be at least 1, got {num_steps}.")
+    if not shift > 0:
+        raise FastVideoError(f"shift must be > 0, got {shift}.")
+    return FlowUniPC(num_steps, shift) if name == "unipc" else FlowEuler(num_steps, shift)
