@@ -1,0 +1,180 @@
+"""UMT5 text encoder: loading from the files users have, and prompt encoding as Wan does it.
+
+The network is transformers' `UMT5EncoderModel`; what we own is reading a ComfyUI single file
+(HF-style names, fp16/bf16/fp32 or scaled fp8, the sentencepiece model embedded as the uint8
+tensor `spiece_model`) or a diffusers folder (`text_encoder/` + `tokenizer/`), and encoding a
+prompt exactly as diffusers' WanPipeline does: clean → tokenize to 512 → last hidden state →
+zeros past the prompt's real length.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import tempfile
+
+import torch
+
+from ..errors import ModelFileError
+from . import detect
+from .files import all_keys, iter_tensors, open_safetensors, shard_files
+from .ops import FP8_DTYPES
+
+ROLE = "Text encoder"
+TEXT_LEN = 512
+
+# Wan 2.1's default negative prompt, translated from the official Chinese one.
+DEFAULT_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, "
+    "poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, "
+    "still picture, messy background, three legs, many people in the background, walking backwards")
+
+
+def clean_prompt(text: str) -> str:
+    """The cleaning diffusers' WanPipeline applies: ftfy (when installed), HTML unescape, whitespace."""
+    try:
+        import ftfy
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class TextEncoder:
+    """Prompt → [B, 512, dim] embeddings. Holds the tokenizer and the UMT5 encoder."""
+    text_len = TEXT_LEN
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.dim = model.config.d_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.shared.weight.device
+
+    def to(self, device) -> "TextEncoder":
+        self.model.to(device)
+        return self
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """[B, 512, dim] float32; rows past each prompt's token count are zero."""
+        batch = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", max_length=TEXT_LEN,
+                               truncation=True, add_special_tokens=True, return_attention_mask=True,
+                               return_tensors="pt")
+        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        keep = mask.gt(0).unsqueeze(-1)
+        return torch.where(keep, hidden, torch.zeros((), device=hidden.device))
+
+
+def _config_from_shapes(shapes: dict[str, tuple]):
+    from transformers import UMT5Config
+    layers = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.block."))
+    buckets, heads = shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    vocab, d_model = shapes["shared.weight"] if "shared.weight" in shapes else shapes["encoder.embed_tokens.weight"]
+    return UMT5Config(vocab_size=vocab, d_model=d_model, num_layers=layers, num_heads=heads,
+                      d_kv=shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0] // heads,
+                      d_ff=shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0],
+                      relative_attention_num_buckets=buckets, feed_forward_proj="gated-gelu",
+                      tie_word_embeddings=False, is_encoder_decoder=False)
+
+
+def _tokenizer_from_spiece(data: bytes):
+    """A T5 tokenizer from sentencepiece bytes, built the way transformers builds it from a folder."""
+    from transformers import AutoTokenizer
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "spiece.model"), "wb") as f:
+            f.write(data)
+        with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": TEXT_LEN}, f)
+        return AutoTokenizer.from_pretrained(d)
+
+
+def _locate(path: str):
+    """(weight files, config dict or None, tokenizer folder or None)."""
+    if not os.path.exists(path):
+        raise ModelFileError(f"{ROLE}: {path!r} does not exist. Give a UMT5 .safetensors file "
+                             "(e.g. umt5_xxl_fp16.safetensors) or a diffusers Wan folder.")
+    if not os.path.isdir(path):
+        return [path], None, None
+    folder = os.path.join(path, "text_encoder") if os.path.isdir(os.path.join(path, "text_encoder")) else path
+    tok = os.path.join(os.path.dirname(folder), "tokenizer")
+    cfg = os.path.join(folder, "config.json")
+    if not os.path.exists(cfg):
+        raise ModelFileError(f"{ROLE}: {path!r} has no text_encoder/config.json; expected a diffusers Wan folder "
+                             "or a UMT5 .safetensors file.")
+    if not os.path.isdir(tok):
+        raise ModelFileError(f"{ROLE}: {path!r} has no tokenizer/ folder next to text_encoder/.")
+    with open(cfg) as f:
+        return shard_files(folder, ROLE, "model"), json.load(f), tok
+
+
+def load_text_encoder(path: str, *, device="cpu", dtype: torch.dtype = torch.float32) -> TextEncoder:
+    """Load a UMT5 encoder and its tokenizer, one tensor at a time (no second copy in RAM).
+
+    Scaled-fp8 files are dequantised at load (weight.float() · scale_weight) into `dtype`: the
+    encoder runs once per prompt, so we favour simple exact math over fp8 memory here.
+    """
+    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+    files, config, tok_dir = _locate(os.fspath(path))
+    header = all_keys(files, ROLE)
+    detect.expect_kind(header, ("umt5",), ROLE, path)
+    prefix, names = detect.strip_prefix(header)
+    name = lambda n: n[len(prefix):] if prefix and n.startswith(prefix) else n  # noqa: E731
+    shapes = {name(k): tuple(v["shape"]) for k, v in header.items()}
+
+    if config is not None:
+        cfg = UMT5Config(**{k: v for k, v in config.items() if not k.startswith("_")})
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    else:
+        if "spiece_model" not in shapes:
+            raise ModelFileError(f"{ROLE}: {os.path.basename(path)!r} has no embedded tokenizer (`spiece_model`). "
+                                 "Use a file that carries it (the Comfy-Org umt5_xxl_fp16.safetensors or "
+                                 "umt5_xxl_fp8_e4m3fn_scaled.safetensors) or a diffusers folder with tokenizer/.")
+        cfg = _config_from_shapes(shapes)
+        tokenizer = None
+
+    with torch.device("meta"):
+        model = UMT5EncoderModel(cfg)
+    expected = dict(model.named_parameters())
+    scales = {}  # scaled fp8: scales may come after their weights in the file, so read them first
+    for p in files:
+        with open_safetensors(p, ROLE) as f:
+            for k in f.keys():
+                if k.endswith(".scale_weight"):
+                    scales[name(k)[: -len("scale_weight")] + "weight"] = f.get_tensor(k).float()
+
+    seen = set()
+    for k, t in iter_tensors(files, ROLE):
+        k = name(k)
+        if k == "spiece_model":
+            tokenizer = _tokenizer_from_spiece(t.numpy().tobytes())
+            continue
+        if k.endswith((".scale_weight", ".scale_input")) or k == "scaled_fp8" or k not in expected:
+            if k not in expected and not k.endswith((".scale_weight", ".scale_input")) and k != "scaled_fp8":
+                raise ModelFileError(f"{ROLE}: unexpected tensor {k!r} in {os.path.basename(path)!r}; "
+                                     "it does not look like a UMT5 encoder.")
+            continue
+        if k in scales:
+            t = t.float() * scales[k]
+        elif t.dtype in FP8_DTYPES:
+            t = t.float()
+        mod_name, _, attr = k.rpartition(".")
+        owner = model.get_submodule(mod_name)
+        setattr(owner, attr, torch.nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+        seen.add(k)
+    # The token embedding is shared between `shared` and `encoder.embed_tokens`; files may store either.
+    for a, b in (("shared.weight", "encoder.embed_tokens.weight"), ("encoder.embed_tokens.weight", "shared.weight")):
+        if a in seen and b not in seen:
+            model.get_submodule(b.rpartition(".")[0]).weight = model.get_submodule(a.rpartition(".")[0]).weight
+            seen.add(b)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise ModelFileError(f"{ROLE}: {os.path.basename(path)!r} lacks {len(missing)} tensors, e.g. {missing[:3]}.")
+    return TextEncoder(model.eval().requires_grad_(False), tokenizer)
