@@ -1,0 +1,302 @@
+"""Wan 2.1 VAE: causal 3D-convolution autoencoder, 4× in time and 8× in space, 16 latent channels.
+
+Names follow the original Wan release (`wan_2.1_vae.safetensors` loads as it is).
+
+Video is processed in chunks along time so that memory does not grow with length: the encoder
+takes the first frame alone and then 4 frames at a time (one latent frame each); the decoder takes
+one latent frame at a time (the first gives 1 frame, the others 4). Every causal convolution keeps
+the last 2 frames of its input between chunks (`stream()`), which makes chunked processing equal to
+processing the whole clip at once.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LATENT_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+               0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
+LATENT_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+              3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
+CACHE_T = 2  # frames a causal 3×3×3 conv needs from the previous chunk
+
+
+@dataclass(frozen=True)
+class WanVAEConfig:
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d padded only on the past side in time. While streaming, the past comes from a cache
+    of the previous chunk's last input frames instead of zeros."""
+
+    def __init__(self, in_ch, out_ch, kernel, stride=1, padding=0):
+        kernel = (kernel,) * 3 if isinstance(kernel, int) else kernel
+        padding = (padding,) * 3 if isinstance(padding, int) else padding
+        super().__init__(in_ch, out_ch, kernel, stride=stride, padding=(0, padding[1], padding[2]))
+        self.time_pad = 2 * padding[0]
+        self.cache: torch.Tensor | None = None
+        self.streaming = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.time_pad == 0:
+            return super().forward(x)
+        past = self.cache if self.streaming else None
+        if past is not None:
+            x = torch.cat([past, x], dim=2)
+        missing = self.time_pad - (0 if past is None else past.shape[2])
+        if self.streaming:
+            self.cache = x[:, :, -CACHE_T:].clone()
+        if missing > 0:
+            x = F.pad(x, (0, 0, 0, 0, missing, 0))
+        return super().forward(x)
+
+
+class RMSNorm(nn.Module):
+    """L2-normalise over channels, times sqrt(C)·gamma. images=True for [N,C,H,W] inputs."""
+
+    def __init__(self, dim: int, images: bool = False):
+        super().__init__()
+        self.scale = dim ** 0.5
+        self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
+
+    def forward(self, x):
+        return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        # Index layout matters: residual.{0,2,3,6} are the tensors' names in the released file.
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim), nn.SiLU(), nn.Dropout(0.0), CausalConv3d(out_dim, out_dim, 3, padding=1))
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x):
+        return self.residual(x) + self.shortcut(x)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention within each frame."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        y = self.norm(x.transpose(1, 2).reshape(b * t, c, h, w))
+        q, k, v = self.to_qkv(y).flatten(2).transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)  # [bt,1,hw,c]
+        y = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
+        return x + self.proj(y).reshape(b, t, c, h, w).transpose(1, 2)
+
+
+class Resample(nn.Module):
+    """Spatial ×2 up/down per frame, plus (the "3d" modes) ×2 in time through a causal time conv."""
+
+    def __init__(self, dim: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        if mode.startswith("upsample"):
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                                          nn.Conv2d(dim, dim // 2, 3, padding=1))
+            if mode == "upsample3d":
+                self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        else:
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+            if mode == "downsample3d":
+                self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+        self.first_chunk_done = False
+        self.last_frame: torch.Tensor | None = None
+
+    def reset(self):
+        self.first_chunk_done = False
+        self.last_frame = None
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        if self.mode == "upsample3d":
+            if self.first_chunk_done:  # the first chunk (one latent frame) is not doubled in time
+                x = self.time_conv(x).view(b, 2, c, t, h, w)
+                x = torch.stack([x[:, 0], x[:, 1]], dim=3).reshape(b, c, 2 * t, h, w)
+            self.first_chunk_done = True
+        t = x.shape[2]
+        y = self.resample(x.transpose(1, 2).reshape(b * t, x.shape[1], h, w))
+        x = y.reshape(b, t, *y.shape[1:]).transpose(1, 2)
+        if self.mode == "downsample3d":
+            first, self.last_frame = self.last_frame, x[:, :, -1:].clone()
+            if first is not None:  # stride-2 time conv over (last frame of previous chunk, this chunk)
+                x = self.time_conv(torch.cat([first, x], dim=2))
+        return x
+
+
+def _head(dim: int, out: int) -> nn.Sequential:
+    return nn.Sequential(RMSNorm(dim), nn.SiLU(), CausalConv3d(dim, out, 3, padding=1))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: WanVAEConfig):
+        super().__init__()
+        dims = [cfg.base_dim * m for m in (1,) + tuple(cfg.dim_mult)]
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        layers = []
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResidualBlock(d_in, d_out))
+                d_in = d_out
+            if i != len(cfg.dim_mult) - 1:
+                layers.append(Resample(d_out, "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"))
+        self.downsamples = nn.Sequential(*layers)
+        self.middle = nn.Sequential(ResidualBlock(dims[-1], dims[-1]), AttentionBlock(dims[-1]),
+                                    ResidualBlock(dims[-1], dims[-1]))
+        self.head = _head(dims[-1], 2 * cfg.z_dim)
+
+    def forward(self, x):
+        return self.head(self.middle(self.downsamples(self.conv1(x))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: WanVAEConfig):
+        super().__init__()
+        mult = tuple(cfg.dim_mult)
+        dims = [cfg.base_dim * m for m in (mult[-1],) + mult[::-1]]
+        temporal_up = tuple(cfg.temporal_downsample[::-1])
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
+                                    ResidualBlock(dims[0], dims[0]))
+        layers = []
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                d_in //= 2  # the previous upsample's conv halves the channels
+            for _ in range(cfg.num_res_blocks + 1):
+                layers.append(ResidualBlock(d_in, d_out))
+                d_in = d_out
+            if i != len(mult) - 1:
+                layers.append(Resample(d_out, "upsample3d" if temporal_up[i] else "upsample2d"))
+        self.upsamples = nn.Sequential(*layers)
+        self.head = _head(dims[-1], 3)
+
+    def forward(self, z):
+        return self.head(self.upsamples(self.middle(self.conv1(z))))
+
+
+class WanVAE(nn.Module):
+    def __init__(self, cfg: WanVAEConfig = WanVAEConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.conv1 = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)  # to (mean, log-variance)
+        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
+        self.decoder = Decoder(cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv2.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv2.weight.device
+
+    @contextlib.contextmanager
+    def stream(self, part: nn.Module):
+        """Chunked processing of `part`: caches on for the duration, cleared before and after."""
+        convs = [m for m in part.modules() if isinstance(m, CausalConv3d)]
+        resamples = [m for m in part.modules() if isinstance(m, Resample)]
+
+        def clear(streaming: bool):
+            for m in convs:
+                m.cache, m.streaming = None, streaming
+            for m in resamples:
+                m.reset()
+        clear(True)
+        try:
+            yield
+        finally:
+            clear(False)
+
+    # -- latent normalisation: model space = (raw − mean) / std
+
+    def _stats(self, z):
+        view = (1, -1, 1, 1, 1)
+        return (torch.tensor(LATENT_MEAN, device=z.device, dtype=torch.float32).view(view),
+                torch.tensor(LATENT_STD, device=z.device, dtype=torch.float32).view(view))
+
+    def normalize(self, z_raw: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(z_raw)
+        return (z_raw.float() - mean) / std
+
+    def denormalize(self, z_model: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(z_model)
+        return z_model.float() * std + mean
+
+    # -- encode / decode
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """[B,3,T,H,W] in [-1,1], T = 4n+1 → raw latent mean [B,16,n+1,H/8,W/8] float32."""
+        x = video.to(self.device, self.dtype)
+        chunks = [x[:, :, :1]] + [x[:, :, i:i + 4] for i in range(1, x.shape[2], 4)]
+        with self.stream(self.encoder):
+            out = torch.cat([self.encoder(c) for c in chunks], dim=2)
+        return self.conv1(out)[:, : self.cfg.z_dim].float()
+
+    def decode(self, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """Raw latents [B,16,T',h,w] → video [B,3,4T'−3,8h,8w] in [-1,1], float32.
+
+        tile: optional spatial tile size in latent pixels (overlapping tiles, blended), for memory.
+        """
+        z = z.to(self.device, self.dtype)
+        if tile is not None and max(z.shape[-2:]) > tile:
+            return self._decode_tiled(z, tile)
+        x = self.conv2(z)
+        with self.stream(self.decoder):
+            frames = [self.decoder(x[:, :, i:i + 1]).float() for i in range(x.shape[2])]
+        return torch.cat(frames, dim=2).clamp_(-1, 1)
+
+    def _decode_tiled(self, z: torch.Tensor, tile: int) -> torch.Tensor:
+        """Decode overlapping spatial tiles and blend them with linear ramps over the overlap."""
+        overlap = max(1, tile // 4)
+        step = tile - overlap
+        b, _, t, h, w = z.shape
+        out = weight = None
+        for y0 in range(0, max(h - overlap, 1), step):
+            for x0 in range(0, max(w - overlap, 1), step):
+                y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+                y0, x0 = max(0, y1 - tile), max(0, x1 - tile)
+                piece = self.decode(z[..., y0:y1, x0:x1])
+                if out is None:
+                    out = torch.zeros(b, 3, piece.shape[2], 8 * h, 8 * w, device=piece.device)
+                    weight = torch.zeros(1, 1, 1, 8 * h, 8 * w, device=piece.device)
+                ramp = _ramp2d(piece.shape[-2], piece.shape[-1], 8 * overlap, y0 > 0, y1 < h, x0 > 0, x1 < w,
+                               piece.device)
+                out[..., 8 * y0:8 * y1, 8 * x0:8 * x1] += piece * ramp
+                weight[..., 8 * y0:8 * y1, 8 * x0:8 * x1] += ramp
+        return (out / weight).clamp_(-1, 1)
+
+    def decode_frames(self, z_raw: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """[1,16,T',h,w] raw latents → ComfyUI IMAGE: float32 [T,H,W,3] in 0..1 on CPU."""
+        video = self.decode(z_raw, tile=tile)[0]
+        return ((video + 1) / 2).clamp_(0, 1).permute(1, 2, 3, 0).contiguous().cpu()
+
+
+def _ramp2d(h, w, overlap, top, bottom, left, right, device) -> torch.Tensor:
+    """Blend weights for one tile: rising over `overlap` pixels on the sides that have a neighbour."""
+    def ramp(n, lo, hi):
+        r = torch.ones(n, device=device)
+        k = min(overlap, n)
+        edge = (torch.arange(k, device=device) + 1) / (k + 1)
+        if lo:
+            r[:k] = torch.minimum(r[:k], edge)
+        if hi:
+            r[-k:] = torch.minimum(r[-k:], edge.flip(0))
+        return r
+    return (ramp(h, top, bottom)[:, None] * ramp(w, left, right)[None, :]).view(1, 1, 1, h, w)

@@ -1,0 +1,99 @@
+"""Our Wan 2.1 VAE equals diffusers' AutoencoderKLWan on identical weights, in both file layouts."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fastvideo_nodes.errors import ModelFileError
+from fastvideo_nodes.models.vae_loader import load_vae
+from fastvideo_nodes.models.wan_vae import LATENT_MEAN, LATENT_STD
+from fastvideo_nodes.pipeline.sampler import model_to_raw, raw_to_model
+from fastvideo_nodes.tiny.vae import diffusers_to_original, diffusers_vae, random_vae, save_original
+
+pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return diffusers_vae(base_dim=8, seed=4)
+
+
+@pytest.fixture(scope="module")
+def files(ref, tmp_path_factory):
+    d = tmp_path_factory.mktemp("vae")
+    ref.save_pretrained(d / "folder" / "vae")
+    return {"folder": str(d / "folder"),
+            "original": save_original(diffusers_to_original(ref.state_dict()), str(d / "wan_2.1_vae.safetensors")),
+            "dir": d}
+
+
+@pytest.fixture(scope="module")
+def latents():
+    return torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("layout", ["folder", "original"])
+def test_decode_and_encode_equal_diffusers(ref, files, latents, layout):
+    vae = load_vae(files[layout])
+    assert vae.cfg.base_dim == 8
+    video = torch.rand(1, 3, 9, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        want_dec = ref.decode(latents).sample
+        want_enc = ref.encode(video).latent_dist.mean
+        got_dec, got_enc = vae.decode(latents), vae.encode(video)
+    assert got_dec.shape == (1, 3, 9, 32, 48) and got_enc.shape == (1, 16, 3, 4, 6)
+    e_dec = ((got_dec - want_dec).abs().max() / want_dec.abs().max()).item()
+    e_enc = ((got_enc - want_enc).abs().max() / want_enc.abs().max()).item()
+    print(f"VAE {layout}: decode err/scale {e_dec:.1e}, encode err/scale {e_enc:.1e}")
+    assert e_dec <= 1e-4 and e_enc <= 1e-4
+
+
+def test_decode_frames_is_comfy_image(files, latents):
+    vae = load_vae(files["original"])
+    img = vae.decode_frames(latents)
+    assert img.shape == (9, 32, 48, 3) and img.dtype == torch.float32 and img.device.type == "cpu"
+    assert 0 <= img.min() and img.max() <= 1
+
+
+def test_tiled_decode_close_to_whole(latents):
+    vae = random_vae(base_dim=8, seed=1)
+    z = torch.randn(1, 16, 2, 12, 12, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole, tiled = vae.decode(z), vae.decode(z, tile=8)
+    assert tiled.shape == whole.shape
+    assert (tiled - whole).abs().mean().item() < 0.02  # seams differ a little; the picture does not
+
+
+def test_normalisation_matches_diffusers_convention(ref):
+    z = torch.randn(1, 16, 2, 3, 3)
+    mean = torch.tensor(ref.config.latents_mean).view(1, 16, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(ref.config.latents_std).view(1, 16, 1, 1, 1)
+    assert torch.allclose(model_to_raw(z), z / inv_std + mean, atol=1e-6)  # what WanPipeline does before decode
+    assert torch.allclose(raw_to_model(model_to_raw(z)), z, atol=1e-5)
+    assert LATENT_MEAN == list(ref.config.latents_mean) and LATENT_STD == list(ref.config.latents_std)
+
+
+@pytest.mark.parametrize("tensors,needle", [
+    ({"decoder.middle.0.residual.0.gamma": (4,), "decoder.upsamples.0.upsamples.0.residual.2.weight": (4,)},
+     "48-channel Wan2.2 VAE, which is not supported yet"),
+    ({"head.modulation": (1, 2, 4)}, "diffusion model"),
+    ({"shared.weight": (10, 4)}, "text encoder"),
+    ({"first_stage_model.decoder.conv_in.weight": (4,), "model.diffusion_model.input_blocks.0.0.weight": (4,)},
+     "Stable Diffusion"),
+])
+def test_wrong_kind_of_file(tmp_path, tensors, needle):
+    p = str(tmp_path / "v.safetensors")
+    save_file({k: torch.zeros(v) for k, v in tensors.items()}, p)
+    with pytest.raises(ModelFileError, match=needle):
+        load_vae(p)
+
+
+def test_missing_truncated_pickle(files, tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        load_vae(str(tmp_path / "none.safetensors"))
+    data = open(files["original"], "rb").read()
+    (tmp_path / "cut.safetensors").write_bytes(data[:1000])
+    with pytest.raises(ModelFileError, match="truncated"):
+        load_vae(str(tmp_path / "cut.safetensors"))
+    (tmp_path / "vae.pt").write_bytes(b"\x80\x02")
+    with pytest.raises(ModelFileError, match="pickle"):
+        load_vae(str(tmp_path / "vae.pt"))
