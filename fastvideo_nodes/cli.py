@@ -33,8 +33,8 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
     p.add_argument("--prompt", default="A red fox trotting through fresh snow at dawn, cinematic" if demo else None,
                    required=not demo)
     p.add_argument("--negative-prompt", default=None, help="default: Wan 2.1's negative prompt")
-    p.add_argument("--height", type=int, default=64 if demo else 480)
-    p.add_argument("--width", type=int, default=96 if demo else 832)
+    p.add_argument("--height", type=int, default=128 if demo else 480)
+    p.add_argument("--width", type=int, default=192 if demo else 832)
     p.add_argument("--num-frames", type=int, default=17 if demo else 81)
     p.add_argument("--steps", type=int, default=8 if demo else 50)
     p.add_argument("--guidance-scale", type=float, default=5.0)
