@@ -2,30 +2,55 @@
 
 `attention(q, k, v, ...)` takes and returns [B, S, H, D]. The backend is chosen by, in order:
 an explicit name (SetAttentionBackend node, `attention_backend=`, `--attention-backend`), the
-environment variable FASTVIDEO_ATTENTION_BACKEND, then "auto".
+environment variable FASTVIDEO_ATTENTION_BACKEND, then "auto" (the fastest available backend as
+measured on this GPU, dtype and head size; see `auto.py`). One module per backend, each with
+`available() -> str | None` (None when usable, else how to install) and `attend(q, k, v, ...)`.
 """
 from __future__ import annotations
 
+import importlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import FastVideoError
-from . import sdpa
 
 ENV_VAR = "FASTVIDEO_ATTENTION_BACKEND"
-BACKENDS = {"TORCH_SDPA": sdpa}
+BACKENDS = {  # name → module in this package
+    "TORCH_SDPA": "sdpa",
+    "FLASH_ATTN": "flash",
+    "SAGE_ATTN": "sage",
+    "SLIDING_TILE_ATTN": "sliding_tile",
+}
+# Recognised names we cannot run: they need trained checkpoints or hardware we do not target.
+UNSUPPORTED = {
+    "VIDEO_SPARSE_ATTN": "needs a checkpoint trained (distilled) for video sparse attention",
+    "VMOBA_ATTN": "needs a checkpoint trained for mixture-of-block attention",
+    "SLA_ATTN": "needs a checkpoint fine-tuned for sparse-linear attention",
+    "SAGE_SLA_ATTN": "needs a checkpoint fine-tuned for sparse-linear attention",
+    "SAGE_ATTN_THREE": "SageAttention3 runs FP4 tensor cores and needs a Blackwell GPU",
+    "FLASH_ATTN_FP4": "FP4 FlashAttention needs a Blackwell GPU",
+}
+
+
+def backend_module(name: str):
+    return importlib.import_module(f".{BACKENDS[name]}", __name__)
 
 
 def resolve_backend(name: str | None) -> str:
-    """Explicit name > environment variable > auto; returns a registered backend name."""
-    chosen = name or os.environ.get(ENV_VAR) or "auto"
-    chosen = chosen.strip().upper()
+    """Explicit name > FASTVIDEO_ATTENTION_BACKEND > "AUTO". Raises for unknown or unusable names."""
+    chosen = (name or os.environ.get(ENV_VAR) or "auto").strip().upper()
     if chosen == "AUTO":
-        return "TORCH_SDPA"
+        return chosen
+    if chosen in UNSUPPORTED:
+        raise FastVideoError(f"attention backend {chosen} is not supported: {UNSUPPORTED[chosen]}. "
+                             f"Use one of: auto, {', '.join(BACKENDS)}.")
     if chosen not in BACKENDS:
         raise FastVideoError(f"attention backend {chosen!r} is unknown; valid names: auto, {', '.join(BACKENDS)}.")
+    problem = backend_module(chosen).available()
+    if problem:
+        raise FastVideoError(f"attention backend {chosen} cannot run here: {problem}")
     return chosen
 
 
@@ -33,20 +58,33 @@ def resolve_backend(name: str | None) -> str:
 class AttentionSpec:
     """What one DiT forward needs to know to do attention.
 
-    backend: a registered name (already resolved). grid: the latent token grid (t, h, w) of the
-    self-attention sequence, for backends that use the video's geometry (sparse tiles).
+    backend: a resolved name or "AUTO". grid: the (t, h, w) token grid of the self-attention
+    sequence, for backends that use the video's geometry. step: the sampling step (sparse
+    backends may stay dense for the first steps). options: backend settings (e.g. STA windows).
     """
-    backend: str = "TORCH_SDPA"
+    backend: str = "AUTO"
     grid: tuple[int, int, int] | None = None
+    step: int | None = None
+    options: dict = field(default_factory=dict, hash=False, compare=False)
 
     def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return attention(q, k, v, backend=self.backend, grid=self.grid)
+        return attention(q, k, v, backend=self.backend, grid=self.grid, step=self.step, options=self.options)
 
     def cross_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return attention(q, k, v, backend=self.backend, grid=None)
+        # Text cross-attention is short and dense for every backend; sparse ones fall back to SDPA.
+        backend = "AUTO" if self.backend == "SLIDING_TILE_ATTN" else self.backend
+        return attention(q, k, v, backend=backend)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None,
-              grid: tuple[int, int, int] | None = None) -> torch.Tensor:
+              grid: tuple[int, int, int] | None = None, step: int | None = None,
+              options: dict | None = None) -> torch.Tensor:
     """Non-causal attention. q: [B, Sq, H, D], k/v: [B, Sk, H, D] → [B, Sq, H, D]."""
-    return BACKENDS[resolve_backend(backend)].attend(q, k, v, grid=grid)
+    name = resolve_backend(backend) if backend is None or backend not in BACKENDS else backend
+    if name == "AUTO":
+        from .auto import choose
+        name = choose(q)
+    mod = backend_module(name)
+    if name == "SLIDING_TILE_ATTN":
+        return mod.attend(q, k, v, grid=grid, step=step, **(options or {}))
+    return mod.attend(q, k, v)

@@ -237,6 +237,15 @@ class WanDiT(nn.Module):
             self._rope_cache = {key: rope_cos_sin(grid, self.cfg.head_dim, self.cfg.rope_theta, device)}
         return self._rope_cache[key]
 
+    def attention_backend_for(self, name: str | None) -> str:
+        """Resolve a backend name; "auto" is decided here, outside any compiled region."""
+        backend = resolve_backend(name)
+        if backend == "AUTO":
+            from ..attention.auto import choose_for
+            backend = choose_for(self.text_embedding[0].weight.device, self.dtype, self.cfg.head_dim,
+                                 self.cfg.num_heads)
+        return backend
+
     def compile_blocks(self, mode: str | None = None) -> "WanDiT":
         """torch.compile every block: the elementwise work around the matmuls (norms, modulation,
         RoPE, gates) fuses into a few kernels. All blocks share one compiled graph."""
@@ -250,12 +259,14 @@ class WanDiT(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *,
-                attention_backend: str | None = None, cache: Callable | None = None,
-                parallel=None) -> torch.Tensor:
+                attention_backend: str | None = None, attention_options: dict | None = None,
+                step: int | None = None, cache: Callable | None = None, parallel=None) -> torch.Tensor:
         """Velocity prediction.
 
         x: latents in model space [B,16,T',H',W']; timestep: [B] in 0..1000; context: text
         embeddings [B,L,4096]. Returns float32 [B,16,T',H',W'].
+        attention_backend: a name or None (env var, then auto); attention_options and step go to
+        backends that use them (sliding tiles).
         cache(tokens, e, e0, run) may replace `run(tokens)` (TeaCache skips the blocks).
         parallel: a sequence-parallel plan with enter(tokens, rope, attn) → the local shard, its
         rope and an attention spec that exchanges heads, and exit(tokens) → the full sequence.
@@ -263,7 +274,8 @@ class WanDiT(nn.Module):
         tokens, grid = self.patchify(x)
         e, e0 = self.embed_time(timestep.to(x.device).reshape(-1).expand(x.shape[0]))
         context = self.embed_text(context)
-        attn = AttentionSpec(backend=resolve_backend(attention_backend), grid=grid)
+        attn = AttentionSpec(backend=self.attention_backend_for(attention_backend), grid=grid, step=step,
+                             options=attention_options or {})
         rope = self.rope(grid, x.device)
         if parallel is not None:
             tokens, rope, attn = parallel.enter(tokens, rope, attn)

@@ -90,8 +90,9 @@ class _Components:
 class VideoGenerator:
     def __init__(self, files: ModelFiles, *, device=None, dtype=None, attention_backend: str | None = None,
                  num_gpus: int = 1, weight_dtype: torch.dtype | None = None, gpu_ids: list[int] | None = None,
-                 compile: bool = False):
+                 compile: bool = False, attention_options: dict | None = None):
         self.files = files
+        self.attention_options = attention_options or {}
         self.compile = compile
         self.device = parse_device(device)
         self.dtype = parse_dtype(dtype, self.device)
@@ -107,13 +108,14 @@ class VideoGenerator:
         self.offload_text_encoder = True
         self._parts = _Components()
 
-    def with_attention_backend(self, name: str | None) -> "VideoGenerator":
+    def with_attention_backend(self, name: str | None, options: dict | None = None) -> "VideoGenerator":
         """A generator that shares this one's loaded weights but uses another attention backend."""
         if name is not None:
             from ..attention import resolve_backend
             resolve_backend(name)
         other = copy.copy(self)
         other.attention_backend = name
+        other.attention_options = dict(options or {})
         return other
 
     @classmethod
@@ -180,7 +182,8 @@ class VideoGenerator:
         else:
             with torch.inference_mode():
                 model_latents = denoise(self.dit, noise, positive, negative, settings,
-                                        attention_backend=self.attention_backend, callback=callback, cancel=cancel,
+                                        attention_backend=self.attention_backend,
+                                        attention_options=self.attention_options, callback=callback, cancel=cancel,
                                         stats=stats)
         return model_to_raw(model_latents.float().cpu())
 

@@ -108,7 +108,8 @@ class SamplingStats:
 
 def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None,
             settings: SamplingSettings, *, attention_backend: str | None = None,
-            callback: Callable | None = None, cancel: Callable[[], bool] | None = None,
+            attention_options: dict | None = None, callback: Callable | None = None,
+            cancel: Callable[[], bool] | None = None,
             parallel=None, stats: SamplingStats | None = None) -> torch.Tensor:
     """Run the sampler. Returns model-space latents, float32, on the DiT's device.
 
@@ -136,7 +137,8 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
     def forward(x, t, context, cache, step):
         if cache is not None:
             cache.step = step
-        return dit(x, t, context, attention_backend=attention_backend, cache=cache, parallel=parallel)
+        return dit(x, t, context, attention_backend=attention_backend, attention_options=attention_options,
+                   step=step, cache=cache, parallel=parallel)
 
     x = noise.to(device, torch.float32)
     delta = None

@@ -1,0 +1,33 @@
+"""FLASH_ATTN: FlashAttention 3 (`flash_attn_interface`), 2 (`flash_attn`) or 4 (`flash_attn.cute`),
+whichever is importable, best first. All take [B, S, H, D] directly."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+INSTALL = ("no FlashAttention package is importable. Install FlashAttention 2 (`pip install flash-attn "
+           "--no-build-isolation`, builds from source) or build FlashAttention 3 from its hopper/ folder.")
+
+
+@functools.lru_cache(maxsize=None)
+def _impl():
+    for module, name in (("flash_attn_interface", "fa3"), ("flash_attn", "fa2"), ("flash_attn.cute", "fa4")):
+        try:
+            mod = __import__(module, fromlist=["flash_attn_func"])
+            return name, mod.flash_attn_func
+        except Exception:  # noqa: BLE001 - any import failure means "not this one"
+            continue
+    return None, None
+
+
+def available() -> str | None:
+    if not torch.cuda.is_available():
+        return "FlashAttention needs a CUDA GPU."
+    return None if _impl()[1] is not None else INSTALL
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    name, fn = _impl()
+    out = fn(q, k, v)
+    return out[0] if isinstance(out, tuple) else out  # FA3/FA4 may also return the log-sum-exp

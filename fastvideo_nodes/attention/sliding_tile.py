@@ -1,0 +1,92 @@
+"""SLIDING_TILE_ATTN: training-free sparse attention over 3D tiles of the latent video.
+
+The token grid (t, h, w) is cut into tiles of `tile` tokens; tokens are reordered so each tile is
+contiguous, and a query tile attends only to the key tiles within `window` tiles of it (in t, h
+and w). With tile volumes a multiple of 128, FlexAttention's block mask skips whole blocks, so the
+work falls with the window. Masks are built once per shape. `dense_steps` keeps the first sampling
+steps dense, where the layout of the video is decided.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+# Tile sizes in tokens (t, h, w) and window sizes in tiles (odd: centred on the query's tile).
+PRESETS = {
+    "wan-480p": dict(tile=(4, 8, 8), window=(3, 3, 5)),
+    "wan-720p": dict(tile=(4, 8, 8), window=(3, 3, 5)),
+    "wide": dict(tile=(4, 8, 8), window=(5, 5, 7)),
+}
+DEFAULT = "wan-480p"
+
+
+def available() -> str | None:
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _layout(grid, tile, window, device):
+    """Token order (tile-major), padding validity and the block mask for one shape."""
+    padded = [math.ceil(n / s) * s for n, s in zip(grid, tile)]
+    tiles = [p // s for p, s in zip(padded, tile)]
+    vol = math.prod(tile)
+    # Position of every padded-grid token in tile-major order.
+    t, h, w = (torch.arange(p, device=device) for p in padded)
+    tt, th, tw = torch.meshgrid(t, h, w, indexing="ij")
+    tile_id = ((tt // tile[0]) * tiles[1] + th // tile[1]) * tiles[2] + tw // tile[2]
+    within = ((tt % tile[0]) * tile[1] + th % tile[1]) * tile[2] + tw % tile[2]
+    order = torch.argsort((tile_id * vol + within).flatten())  # tile-major slot → padded-grid index
+    pt, ph, pw = (c.flatten()[order] for c in (tt, th, tw))
+    valid = (pt < grid[0]) & (ph < grid[1]) & (pw < grid[2])
+    source = torch.where(valid, (pt * grid[1] + ph) * grid[2] + pw, torch.zeros_like(pt))  # index in [S]
+    coords = torch.stack(torch.meshgrid(*(torch.arange(n, device=device) for n in tiles), indexing="ij"), -1)
+    coords = coords.reshape(-1, 3)
+    half = torch.tensor([x // 2 for x in window], device=device)
+
+    def mask_mod(b, hd, q_idx, kv_idx):
+        dq, dk = coords[q_idx // vol], coords[kv_idx // vol]
+        near = ((dq - dk).abs() <= half).all(dim=-1) if dq.dim() > 1 else ((dq - dk).abs() <= half).all()
+        return near & valid[kv_idx]
+
+    n = math.prod(padded)
+    block = 128 if vol % 128 == 0 else vol
+    mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device, BLOCK_SIZE=block)
+    return source, valid, mask, mask_mod
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def dense_mask(grid, tile=PRESETS[DEFAULT]["tile"], window=PRESETS[DEFAULT]["window"], device="cpu"):
+    """The [S, S] boolean mask STA applies, in the original token order (for tests)."""
+    source, valid, _, mask_mod = _layout(tuple(grid), tuple(tile), tuple(window), str(device))
+    n = source.numel()
+    idx = torch.arange(n, device=device)
+    m = mask_mod(None, None, idx[:, None], idx[None, :])
+    s = math.prod(grid)
+    out = torch.zeros(s, s, dtype=torch.bool, device=device)
+    vq = idx[valid]
+    out[source[vq][:, None], source[vq][None, :]] = m[vq][:, vq]
+    return out
+
+
+def attend(q, k, v, *, grid=None, step=None, tile=None, window=None, preset=DEFAULT, dense_steps: int = 0):
+    """q, k, v: [B, S, H, D] with S = t·h·w of `grid` → [B, S, H, D]."""
+    if grid is None or math.prod(grid) != q.shape[1] or (step is not None and step < dense_steps):
+        from . import sdpa
+        return sdpa.attend(q, k, v)
+    tile = tuple(tile or PRESETS[preset]["tile"])
+    window = tuple(window or PRESETS[preset]["window"])
+    source, valid, mask, _ = _layout(tuple(grid), tile, window, str(q.device))
+    # Gather into tile-major order (padding slots read token 0; they are masked as keys, dropped as queries).
+    gather = lambda x: x[:, source].transpose(1, 2)  # noqa: E731  [B, H, S_pad, D]
+    fn = _compiled_flex() if q.is_cuda else flex_attention
+    out = fn(gather(q), gather(k), gather(v), block_mask=mask).transpose(1, 2)  # [B, S_pad, H, D]
+    result = torch.empty_like(q)
+    result[:, source[valid]] = out[:, valid]
+    return result
