@@ -72,6 +72,7 @@ def test_sliding_tile_equals_dense_with_hand_built_mask(grid, tile, window):
     c = torch.stack([t.flatten() // tile[0], h.flatten() // tile[1], w.flatten() // tile[2]], -1)
     hand = ((c[:, None] - c[None]).abs() <= torch.tensor([x // 2 for x in window])).all(-1)
     assert torch.equal(sliding_tile.dense_mask(grid, tile, window), hand)
+    assert abs(sliding_tile.density(grid, tile, window) - hand.double().mean().item()) < 1e-9
     out = attention(q, k, v, backend="SLIDING_TILE_ATTN", grid=grid, options=dict(tile=tile, window=window))
     assert torch.allclose(out, exact(q, k, v, hand), atol=1e-5)
     if hand.all():  # a window covering everything is plain attention

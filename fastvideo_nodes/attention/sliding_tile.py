@@ -75,6 +75,20 @@ def dense_mask(grid, tile=PRESETS[DEFAULT]["tile"], window=PRESETS[DEFAULT]["win
     return out
 
 
+def density(grid, tile=PRESETS[DEFAULT]["tile"], window=PRESETS[DEFAULT]["window"]) -> float:
+    """Fraction of the dense query·key pairs that STA computes, counted per tile pair."""
+    tiles = [math.ceil(n / s) for n, s in zip(grid, tile)]
+    counts = []  # real tokens per tile along each axis
+    for n, s, m in zip(grid, tile, tiles):
+        counts.append(torch.tensor([min(s, n - i * s) for i in range(m)], dtype=torch.float64))
+    total = 1.0
+    for c, w in zip(counts, window):  # the window factorises over the axes
+        i = torch.arange(len(c))
+        near = ((i[:, None] - i[None, :]).abs() <= w // 2).double()
+        total *= float(c @ near @ c)
+    return total / float(math.prod(grid)) ** 2
+
+
 def attend(q, k, v, *, grid=None, step=None, tile=None, window=None, preset=DEFAULT, dense_steps: int = 0):
     """q, k, v: [B, S, H, D] with S = t·h·w of `grid` → [B, S, H, D]."""
     if grid is None or math.prod(grid) != q.shape[1] or (step is not None and step < dense_steps):
