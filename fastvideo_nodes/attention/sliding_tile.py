@@ -42,18 +42,21 @@ def _layout(grid, tile, window, device):
     pt, ph, pw = (c.flatten()[order] for c in (tt, th, tw))
     valid = (pt < grid[0]) & (ph < grid[1]) & (pw < grid[2])
     source = torch.where(valid, (pt * grid[1] + ph) * grid[2] + pw, torch.zeros_like(pt))  # index in [S]
-    coords = torch.stack(torch.meshgrid(*(torch.arange(n, device=device) for n in tiles), indexing="ij"), -1)
-    coords = coords.reshape(-1, 3)
-    half = torch.tensor([x // 2 for x in window], device=device)
+    ct, ch, cw = (c.flatten() for c in torch.meshgrid(*(torch.arange(n, device=device) for n in tiles),
+                                                        indexing="ij"))  # tile id → tile coordinates
+    wt, wh, ww = (x // 2 for x in window)
 
     def mask_mod(b, hd, q_idx, kv_idx):
-        dq, dk = coords[q_idx // vol], coords[kv_idx // vol]
-        near = ((dq - dk).abs() <= half).all(dim=-1) if dq.dim() > 1 else ((dq - dk).abs() <= half).all()
+        tq, tk = q_idx // vol, kv_idx // vol
+        near = ((ct[tq] - ct[tk]).abs() <= wt) & ((ch[tq] - ch[tk]).abs() <= wh) & ((cw[tq] - cw[tk]).abs() <= ww)
         return near & valid[kv_idx]
 
     n = math.prod(padded)
     block = 128 if vol % 128 == 0 else vol
-    mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device, BLOCK_SIZE=block)
+    # On the GPU the mask is built by a compiled kernel block by block; evaluated eagerly it would
+    # materialise all S² pairs.
+    mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device, BLOCK_SIZE=block,
+                             _compile=str(device).startswith("cuda"))
     return source, valid, mask, mask_mod
 
 

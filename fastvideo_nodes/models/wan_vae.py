@@ -40,22 +40,23 @@ class CausalConv3d(nn.Conv3d):
     def __init__(self, in_ch, out_ch, kernel, stride=1, padding=0):
         kernel = (kernel,) * 3 if isinstance(kernel, int) else kernel
         padding = (padding,) * 3 if isinstance(padding, int) else padding
-        super().__init__(in_ch, out_ch, kernel, stride=stride, padding=(0, padding[1], padding[2]))
+        super().__init__(in_ch, out_ch, kernel, stride=stride, padding=0)
+        # Spatial zero padding is applied explicitly, as the reference does: padding inside the
+        # 3D conv made cuDNN pick algorithms with several GB of workspace at 480p.
+        self.space_pad = (padding[2], padding[2], padding[1], padding[1])
         self.time_pad = 2 * padding[0]
         self.cache: torch.Tensor | None = None
         self.streaming = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.time_pad == 0:
-            return super().forward(x)
-        past = self.cache if self.streaming else None
+        past = self.cache if self.streaming and self.time_pad else None
         if past is not None:
             x = torch.cat([past, x], dim=2)
         missing = self.time_pad - (0 if past is None else past.shape[2])
-        if self.streaming:
+        if self.streaming and self.time_pad:
             self.cache = x[:, :, -CACHE_T:].clone()
-        if missing > 0:
-            x = F.pad(x, (0, 0, 0, 0, missing, 0))
+        if missing > 0 or any(self.space_pad):
+            x = F.pad(x, self.space_pad + (max(missing, 0), 0))
         return super().forward(x)
 
 
