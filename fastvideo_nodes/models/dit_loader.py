@@ -87,6 +87,17 @@ def _check_diffusers_config(config: dict, path: str) -> None:
         raise ModelFileError(f"{ROLE}: {path!r} is a Wan image-to-video model; only text-to-video is supported yet.")
 
 
+def read_dit_config(path: str) -> WanDiTConfig:
+    """The architecture of a DiT file or folder, read from headers only (no weights)."""
+    files, config = _locate(path)
+    header = all_keys(files, ROLE)
+    prefix, names = detect.strip_prefix(header)
+    kind = detect.expect_kind(header, ("wan_dit", "wan_dit_diffusers"), ROLE, path)
+    rename = diffusers_to_wan_name if kind == "wan_dit_diffusers" else (lambda n: n)
+    shapes = {rename(n): tuple(header[prefix + n]["shape"]) for n in names if not _SKIP.search(n)}
+    return config_from_shapes(shapes, (config or {}).get("num_attention_heads"))
+
+
 def load_dit(path: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
              weight_dtype: torch.dtype | None = None) -> WanDiT:
     """Build a WanDiT on the meta device and fill it from `path`, one tensor at a time.

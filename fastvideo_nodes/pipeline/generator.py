@@ -128,6 +128,22 @@ class VideoGenerator:
                    attention_backend=attention_backend, num_gpus=num_gpus, weight_dtype=weight_dtype, gpu_ids=gpu_ids,
                    compile=compile)
 
+    def with_parallel(self, num_gpus: int, gpu_ids: list[int] | None = None) -> "VideoGenerator":
+        """A generator whose sampling runs on a pool of `num_gpus` sequence-parallel workers; the
+        text encoder and VAE stay shared with this one, in this process."""
+        other = copy.copy(self)
+        other.num_gpus, other.gpu_ids = int(num_gpus), gpu_ids
+        other._parts = _Components()
+        other._parts.text_encoder, other._parts.vae = self._parts.text_encoder, self._parts.vae
+        return other
+
+    def dit_config(self):
+        """The DiT architecture (heads, layers, …), read from the file headers."""
+        if self._parts.dit is not None:
+            return self._parts.dit.cfg
+        from ..models.dit_loader import read_dit_config
+        return read_dit_config(self.files.model)
+
     # -- components, loaded on first use
 
     @property

@@ -1,0 +1,135 @@
+"""Loading the model, choosing the attention backend, and the parallel launcher."""
+from __future__ import annotations
+
+from fastvideo_nodes.attention import BACKENDS, resolve_backend
+from fastvideo_nodes.errors import FastVideoError
+
+from . import comfy_api
+
+CATEGORY = "FastVideo"
+MODEL = "FASTVIDEO_MODEL"
+PRECISIONS = ["bf16", "fp16", "fp32"]
+WEIGHT_STORAGE = ["as stored", "fp8_e4m3fn"]
+
+# One loaded model set at a time: choosing other files frees the previous one.
+_loaded: dict = {}
+
+
+class LoadFastVideoModel:
+    """Wan 2.1 text-to-video files → a FastVideo model. Components load when first used."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        models = comfy_api.diffusers_folders() + comfy_api.folder_names("diffusion_models")
+        return {"required": {
+            "model": (models or ["wan2.1_t2v_1.3B_fp16.safetensors"], {"tooltip": "Wan2.1 T2V DiT file, or a diffusers folder"}),
+            "text_encoder": (["(from diffusers folder)"] + comfy_api.folder_names("text_encoders"),),
+            "vae": (["(from diffusers folder)"] + comfy_api.folder_names("vae"),),
+            "precision": (PRECISIONS, {"default": "bf16"}),
+            "weight_storage": (WEIGHT_STORAGE, {"default": "as stored"}),
+        }, "optional": {
+            "compile": ("BOOLEAN", {"default": False, "tooltip": "torch.compile the DiT blocks (first run warms up)"}),
+        }}
+
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, model, text_encoder, vae, precision, weight_storage, compile=False):
+        import torch
+        from fastvideo_nodes.pipeline.generator import VideoGenerator
+
+        path = comfy_api.full_path("diffusion_models", model)
+        te = None if text_encoder.startswith("(") else comfy_api.full_path("text_encoders", text_encoder)
+        va = None if vae.startswith("(") else comfy_api.full_path("vae", vae)
+        key = (path, te, va, precision, weight_storage, bool(compile))
+        if key not in _loaded:
+            for old in _loaded.values():
+                old.close()
+            _loaded.clear()
+            comfy_api.free_memory()
+            wd = torch.float8_e4m3fn if weight_storage == "fp8_e4m3fn" else None
+            _loaded[key] = VideoGenerator.from_pretrained(path, text_encoder=te, vae=va, dtype=precision,
+                                                          weight_dtype=wd, compile=bool(compile))
+        return (_loaded[key],)
+
+
+class SetAttentionBackend:
+    """Same weights, another attention kernel (or FASTVIDEO_ATTENTION_BACKEND / auto)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (MODEL,),
+            "backend": (["auto"] + list(BACKENDS), {"default": "auto"}),
+        }, "optional": {
+            "sta_window": ("STRING", {"default": "3,3,5", "tooltip": "SLIDING_TILE_ATTN: window in tiles (t,h,w)"}),
+            "sta_dense_steps": ("INT", {"default": 0, "min": 0, "max": 1000}),
+        }}
+
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, backend, sta_window="3,3,5", **_):
+        try:
+            resolve_backend(backend)
+            _parse_window(sta_window)
+        except FastVideoError as e:
+            return str(e)
+        return True
+
+    def apply(self, model, backend, sta_window="3,3,5", sta_dense_steps=0):
+        options = {}
+        if backend == "SLIDING_TILE_ATTN":
+            options = {"window": _parse_window(sta_window), "dense_steps": int(sta_dense_steps)}
+        return (model.with_attention_backend(None if backend == "auto" else backend, options),)
+
+
+def _parse_window(text: str) -> tuple[int, int, int]:
+    try:
+        w = tuple(int(x) for x in text.split(","))
+        if len(w) != 3 or min(w) < 1:
+            raise ValueError
+        return w
+    except ValueError:
+        raise FastVideoError(f"sta_window must be three positive integers 't,h,w' (e.g. 3,3,5), got {text!r}.") from None
+
+
+class FastVideoParallelWorkers:
+    """Run sampling on N GPUs (sequence parallel) through persistent worker processes."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (MODEL,),
+            "num_gpus": ("INT", {"default": 2, "min": 1, "max": 8}),
+        }, "optional": {
+            "gpu_ids": ("STRING", {"default": "", "tooltip": "comma-separated CUDA device ids; empty = the first num_gpus"}),
+        }}
+
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "launch"
+    CATEGORY = CATEGORY
+
+    def launch(self, model, num_gpus, gpu_ids=""):
+        import torch
+        ids = [int(x) for x in gpu_ids.split(",") if x.strip()] if gpu_ids.strip() else None
+        visible = torch.cuda.device_count()
+        if model.device.type == "cuda":
+            wanted = ids or list(range(num_gpus))
+            if len(wanted) != num_gpus:
+                raise FastVideoError(f"gpu_ids names {len(wanted)} GPUs but num_gpus is {num_gpus}.")
+            if visible < num_gpus or any(i >= visible for i in wanted):
+                raise FastVideoError(f"num_gpus {num_gpus} (gpu_ids {wanted}) asks for GPUs that are not here: "
+                                     f"{visible} visible (ids 0..{visible - 1}).")
+        heads = model.dit_config().num_heads
+        if heads % num_gpus:
+            ok = [d for d in range(1, 9) if heads % d == 0]
+            raise FastVideoError(f"num_gpus {num_gpus} does not divide the model's {heads} attention heads; "
+                                 f"use one of {ok}.")
+        return (model.with_parallel(num_gpus, ids),)

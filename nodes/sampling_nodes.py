@@ -1,0 +1,115 @@
+"""Encode → sample → decode, with native ComfyUI types at every edge."""
+from __future__ import annotations
+
+from fastvideo_nodes.errors import FastVideoError
+from fastvideo_nodes.pipeline.sampler import SamplingSettings
+from fastvideo_nodes.pipeline.schedulers import SCHEDULERS
+
+from . import comfy_api
+from .model_nodes import CATEGORY, MODEL
+
+
+class EncodePrompt:
+    """Prompt and negative prompt → two native CONDITIONING outputs (UMT5, 512 tokens)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from fastvideo_nodes.models.text_encoder import DEFAULT_NEGATIVE_PROMPT
+        return {"required": {
+            "model": (MODEL,),
+            "prompt": ("STRING", {"multiline": True, "default": ""}),
+            "negative_prompt": ("STRING", {"multiline": True, "default": DEFAULT_NEGATIVE_PROMPT}),
+        }, "optional": {
+            "offload_text_encoder": ("BOOLEAN", {"default": True, "tooltip": "move the encoder off the GPU afterwards"}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    def encode(self, model, prompt, negative_prompt, offload_text_encoder=True):
+        model.offload_text_encoder = bool(offload_text_encoder)
+        pos, neg = model.encode_prompts([prompt, negative_prompt]).split(1)
+        return ([[pos, {}]], [[neg, {}]])
+
+
+def _embedding(conditioning, name: str):
+    """The text embedding [1, L, dim] of a CONDITIONING (ours or ComfyUI's CLIPTextEncode)."""
+    try:
+        return conditioning[0][0]
+    except (TypeError, IndexError, KeyError):
+        raise FastVideoError(f"{name}: expected a CONDITIONING from EncodePrompt or CLIPTextEncode.") from None
+
+
+class FastVideoSampler:
+    """Wan 2.1 flow-matching sampler with CFG gate and TeaCache → native LATENT (raw VAE space)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (MODEL,),
+            "positive": ("CONDITIONING",),
+            "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16}),
+            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16}),
+            "num_frames": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
+            "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1}),
+            "shift": ("FLOAT", {"default": 3.0, "min": 0.01, "max": 100.0, "step": 0.1}),
+            "scheduler": (list(SCHEDULERS), {"default": "unipc"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+            "cfg_gate": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
+                                   "tooltip": "fraction of steps that run the unconditional pass (1 = off)"}),
+            "teacache_threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.01,
+                                             "tooltip": "0 = off; 0.08 for 1.3B, 0.2 for 14B"}),
+        }, "optional": {
+            "negative": ("CONDITIONING",),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=832, height=480, num_frames=81, steps=50, cfg_gate=1.0, teacache_threshold=0.0,
+                        **_):
+        try:
+            SamplingSettings(width=width, height=height, num_frames=num_frames, steps=steps, cfg_gate=cfg_gate,
+                             teacache_threshold=teacache_threshold).validate()
+        except FastVideoError as e:
+            return str(e)
+        return True
+
+    def sample(self, model, positive, width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
+               teacache_threshold, negative=None):
+        settings = SamplingSettings(height=height, width=width, num_frames=num_frames, steps=steps,
+                                    guidance_scale=cfg, shift=shift, scheduler=scheduler, seed=seed,
+                                    cfg_gate=cfg_gate, teacache_threshold=teacache_threshold)
+        neg = _embedding(negative, "negative") if negative is not None else None
+        latents = model.sample(_embedding(positive, "positive"), neg, settings, callback=comfy_api.Progress(steps),
+                               cancel=comfy_api.check_interrupted)
+        return ({"samples": latents},)
+
+
+class DecodeVAE:
+    """LATENT (ours or a native KSampler's Wan latent) → IMAGE frames."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (MODEL,),
+            "samples": ("LATENT",),
+        }, "optional": {
+            "tile_size": ("INT", {"default": 0, "min": 0, "max": 512, "step": 8,
+                                  "tooltip": "0 = whole frame; else spatial tiles of this many latent pixels"}),
+        }}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+    CATEGORY = CATEGORY
+
+    def decode(self, model, samples, tile_size=0):
+        z = samples["samples"]
+        if z.ndim != 5 or z.shape[1] != 16:
+            raise FastVideoError(f"samples: expected a Wan 2.1 video latent [B,16,T,H,W], got shape {tuple(z.shape)}.")
+        return (model.decode(z[:1], tile=tile_size or None),)

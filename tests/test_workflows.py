@@ -1,0 +1,85 @@
+"""The example workflows agree with the node definitions: inputs, links, widget values, model entries."""
+import glob
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import nodes as fv  # noqa: E402
+
+WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+# Native ComfyUI nodes used by the examples: widget count and input/output types.
+NATIVE = {
+    "CLIPLoader": (3, {}, ["CLIP"]),
+    "CLIPTextEncode": (1, {"clip": "CLIP"}, ["CONDITIONING"]),
+    "VAELoader": (1, {}, ["VAE"]),
+    "VAEDecode": (0, {"samples": "LATENT", "vae": "VAE"}, ["IMAGE"]),
+    "CreateVideo": (1, {"images": "IMAGE", "audio": "AUDIO"}, ["VIDEO"]),
+    "SaveVideo": (3, {"video": "VIDEO"}, []),
+}
+
+
+def spec_of(cls):
+    """(widgets [(name, type, options)], connections {name: type}) in ComfyUI's order."""
+    widgets, conns = [], {}
+    spec = cls.INPUT_TYPES()
+    for group in ("required", "optional"):
+        for name, entry in spec.get(group, {}).items():
+            kind, opts = entry[0], (entry[1] if len(entry) > 1 else {})
+            if isinstance(kind, list) or kind in WIDGET_TYPES:
+                widgets.append((name, kind, opts))
+                if opts.get("control_after_generate"):
+                    widgets.append(("control_after_generate", ["fixed", "increment", "decrement", "randomize"], {}))
+            else:
+                conns[name] = kind
+    return widgets, conns
+
+
+def test_there_are_three_workflows():
+    names = [os.path.basename(p) for p in WORKFLOWS]
+    assert len(names) == 3 and any("fast" in n for n in names) and any("mixed_native" in n for n in names)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
+def test_workflow_matches_definitions(path):
+    wf = json.load(open(path))
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    for n in wf["nodes"]:
+        if n["type"] in fv.NODE_CLASS_MAPPINGS:
+            widgets, conns = spec_of(fv.NODE_CLASS_MAPPINGS[n["type"]])
+            outs = list(fv.NODE_CLASS_MAPPINGS[n["type"]].RETURN_TYPES)
+            assert len(n["widgets_values"]) == len(widgets), (n["type"], n["widgets_values"], widgets)
+            for value, (name, kind, opts) in zip(n["widgets_values"], widgets):
+                if isinstance(kind, list) and name not in ("model", "text_encoder", "vae"):  # file lists vary
+                    assert value in kind, (n["type"], name, value)
+                if kind in ("INT", "FLOAT"):
+                    assert opts.get("min", value) <= value <= opts.get("max", value), (n["type"], name, value)
+                if kind == "BOOLEAN":
+                    assert isinstance(value, bool)
+            for i in n["inputs"]:
+                assert conns.get(i["name"]) == i["type"], (n["type"], i)
+            assert [o["type"] for o in n["outputs"]] == outs
+            if n["type"] == "FastVideoSampler":
+                assert fv.FastVideoSampler.VALIDATE_INPUTS(**dict(zip([w[0] for w in widgets], n["widgets_values"]))) is True
+        else:
+            count, conns, outs = NATIVE[n["type"]]
+            assert len(n["widgets_values"]) == count
+            assert {i["name"]: i["type"] for i in n["inputs"]} == conns
+            assert [o["type"] for o in n["outputs"]] == outs
+        for m in n.get("properties", {}).get("models", []):
+            assert m["url"].startswith("https://") and m["url"].endswith(m["name"])
+            assert m["directory"] in ("diffusion_models", "text_encoders", "vae")
+    for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
+        assert by_id[src]["outputs"][src_slot]["type"] == kind and link_id in by_id[src]["outputs"][src_slot]["links"]
+        assert by_id[dst]["inputs"][dst_slot]["type"] == kind and by_id[dst]["inputs"][dst_slot]["link"] == link_id
+    # Every required connection is wired.
+    for n in wf["nodes"]:
+        if n["type"] in fv.NODE_CLASS_MAPPINGS:
+            required = fv.NODE_CLASS_MAPPINGS[n["type"]].INPUT_TYPES()["required"]
+            for i in n["inputs"]:
+                if i["name"] in required:
+                    assert i["link"] is not None, (n["type"], i["name"])
