@@ -6,10 +6,11 @@ ComfyUI imports this file by path and reads NODE_CLASS_MAPPINGS. The engine live
 import os
 import sys
 
-# The engine is imported as a top-level package both here and in worker processes.
+# The engine is imported as the top-level package `fastvideo_nodes`, here and in worker processes.
+# Appended, not prepended: ComfyUI's own top-level modules (its `nodes`) must keep precedence.
 _here = os.path.dirname(os.path.abspath(__file__))
 if _here not in sys.path:
-    sys.path.insert(0, _here)
+    sys.path.append(_here)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

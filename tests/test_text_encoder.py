@@ -117,3 +117,17 @@ def test_missing_truncated_and_pickle(files, tmp_path):
     pt.write_bytes(b"\x80\x02")
     with pytest.raises(ModelFileError, match="pickle"):
         load_text_encoder(str(pt))
+
+
+def test_embedded_tokenizer_equals_transformers(files):
+    """The single-file tokenizer (plain sentencepiece) gives the ids transformers' T5 tokenizer gives."""
+    from transformers import AutoTokenizer
+    from fastvideo_nodes.models.text_encoder import SentencePieceTokenizer
+    from fastvideo_nodes.tiny.tokenizer import spiece_model
+    hf = AutoTokenizer.from_pretrained(f"{files['folder']}/tokenizer")
+    ours = SentencePieceTokenizer(spiece_model()[1])
+    texts = ["a small red boat", "Über-fast ☃ video, 3 cats!", " ".join(["fox"] * 700), ""]
+    a = hf(texts, padding="max_length", max_length=512, truncation=True, return_attention_mask=True,
+           return_tensors="pt")
+    b = ours(texts, max_length=512)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.attention_mask, b.attention_mask)

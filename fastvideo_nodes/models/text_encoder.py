@@ -12,7 +12,6 @@ import html
 import json
 import os
 import re
-import tempfile
 
 import torch
 
@@ -84,15 +83,25 @@ def _config_from_shapes(shapes: dict[str, tuple]):
                       tie_word_embeddings=False, is_encoder_decoder=False)
 
 
-def _tokenizer_from_spiece(data: bytes):
-    """A T5 tokenizer from sentencepiece bytes, built the way transformers builds it from a folder."""
-    from transformers import AutoTokenizer
-    with tempfile.TemporaryDirectory() as d:
-        with open(os.path.join(d, "spiece.model"), "wb") as f:
-            f.write(data)
-        with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": TEXT_LEN}, f)
-        return AutoTokenizer.from_pretrained(d)
+class SentencePieceTokenizer:
+    """T5-style tokenization straight from sentencepiece bytes (the `spiece_model` tensor):
+    pieces + </s>, truncated to max_length keeping </s>, padded with id 0. Called like a
+    transformers tokenizer for the arguments we use; needs no protobuf or conversion."""
+
+    def __init__(self, data: bytes):
+        import sentencepiece as spm
+        self.sp = spm.SentencePieceProcessor(model_proto=data)
+        self.eos, self.pad = self.sp.eos_id(), max(self.sp.pad_id(), 0)
+
+    def __call__(self, prompts, *, max_length: int, **_):
+        from types import SimpleNamespace
+        ids = torch.full((len(prompts), max_length), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), max_length), dtype=torch.long)
+        for row, text in enumerate(prompts):
+            toks = self.sp.encode(text)[: max_length - 1] + [self.eos]
+            ids[row, : len(toks)] = torch.tensor(toks)
+            mask[row, : len(toks)] = 1
+        return SimpleNamespace(input_ids=ids, attention_mask=mask)
 
 
 def _locate(path: str):
@@ -154,7 +163,7 @@ def load_text_encoder(path: str, *, device="cpu", dtype: torch.dtype = torch.flo
     for k, t in iter_tensors(files, ROLE):
         k = name(k)
         if k == "spiece_model":
-            tokenizer = _tokenizer_from_spiece(t.numpy().tobytes())
+            tokenizer = SentencePieceTokenizer(t.numpy().tobytes())
             continue
         if k.endswith((".scale_weight", ".scale_input")) or k == "scaled_fp8" or k not in expected:
             if k not in expected and not k.endswith((".scale_weight", ".scale_input")) and k != "scaled_fp8":
