@@ -194,7 +194,8 @@ class VideoGenerator:
         noise = initial_noise(settings) if noise is None else noise
         if self.num_gpus > 1:
             model_latents = self.pool().sample(noise, positive, negative, settings, callback=callback, cancel=cancel,
-                                               stats=stats, attention_backend=self.attention_backend)
+                                               stats=stats, attention_backend=self.attention_backend,
+                                               attention_options=self.attention_options)
         else:
             with torch.inference_mode():
                 model_latents = denoise(self.dit, noise, positive, negative, settings,
@@ -210,7 +211,7 @@ class VideoGenerator:
 
     def pool(self):
         """The sequence-parallel worker pool (started on first use, kept across runs)."""
-        if self._parts.pool is None:
+        if self._parts.pool is None or not self._parts.pool.alive:  # a failed pool is replaced
             from ..parallel import WorkerPool
             self._parts.pool = WorkerPool(self.files.model, num_gpus=self.num_gpus, device=self.device,
                                           dtype=self.dtype, weight_dtype=self.weight_dtype, gpu_ids=self.gpu_ids)
