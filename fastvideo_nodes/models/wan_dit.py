@@ -285,7 +285,9 @@ class WanDiT(nn.Module):
         tokens, grid = self.patchify(x)
         e, e0 = self.embed_time(timestep.to(x.device).reshape(-1).expand(x.shape[0]))
         context = self.embed_text(context)
-        attn = AttentionSpec(backend=self.attention_backend_for(attention_backend), grid=grid, step=step,
+        backend = self.attention_backend_for(attention_backend)
+        # Only sparse backends look at the step; elsewhere it would make compiled blocks recompile per step.
+        attn = AttentionSpec(backend=backend, grid=grid, step=step if backend == "SLIDING_TILE_ATTN" else None,
                              options=attention_options or {})
         rope = self.rope(grid, x.device)
         if parallel is not None:
