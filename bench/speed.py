@@ -219,7 +219,7 @@ def main():
     if "anchor" in parts:
         import diffusers_anchor as anchor
         anchor.log = log
-        attempt("anchor", lambda: anchor.wan_dit("1.3B", backends=("native",), compile_=True))
+        attempt("anchor", lambda: anchor.wan_dit("1.3B", backends=("native",), compile_="no_anchor_compile" not in parts))
         attempt("anchor", lambda: anchor.wan_vae())
     m = attempt("dit13", lambda: bench_dit("1.3B", args.backend))
     if m is not None:
