@@ -34,8 +34,9 @@ def test_precedence_explicit_env_auto(monkeypatch):
 
 
 def test_auto_on_cpu_is_sdpa():
-    from fastvideo_nodes.attention.auto import choose_for
-    assert choose_for("cpu", torch.float32, 128, 12) == "TORCH_SDPA"
+    from fastvideo_nodes.attention.auto import choose_for, length_bucket
+    assert choose_for("cpu", torch.float32, 128, 12, 32760) == "TORCH_SDPA"
+    assert [length_bucket(n) for n in (10, 1025, 32760, 75600, 10**6)] == [1024, 2048, 32768, 65536, 65536]
 
 
 def test_unknown_name_lists_valid_ones():

@@ -1,8 +1,9 @@
 """"auto": pick the fastest usable backend for this GPU, dtype and head size, by measuring.
 
-The first time a (GPU, dtype, head_dim) is seen, each usable exact-enough backend runs a short
-probe (8,192 tokens); the winner is remembered in memory and in the cache folder, so the probe
-runs once per machine. On CPU the answer is TORCH_SDPA without probing.
+The first time a (GPU, dtype, head size, sequence-length bucket) is seen, each usable exact-enough
+backend runs a short probe at that length (kernels rank differently at 8k and 32k tokens); the
+winner is remembered in memory and in the cache folder, so each probe runs once per machine. On CPU
+the answer is TORCH_SDPA without probing.
 """
 from __future__ import annotations
 
@@ -22,14 +23,20 @@ def _cache_file() -> str:
 
 
 def choose(q: torch.Tensor) -> str:
-    return choose_for(q.device, q.dtype, q.shape[-1], q.shape[-2])
+    return choose_for(q.device, q.dtype, q.shape[-1], q.shape[-2], q.shape[1])
 
 
-def choose_for(device, dtype: torch.dtype, head_dim: int, heads: int) -> str:
+def length_bucket(seq_len: int) -> int:
+    """Next power of two, at least 1,024 and at most 65,536 tokens."""
+    return min(max(1024, 1 << max(0, seq_len - 1).bit_length()), 65536)
+
+
+def choose_for(device, dtype: torch.dtype, head_dim: int, heads: int, seq_len: int = 32768) -> str:
     device = torch.device(device)
     if device.type != "cuda":
         return "TORCH_SDPA"
-    key = f"{torch.cuda.get_device_name(device)}|{dtype}|{head_dim}|torch{torch.__version__}"
+    bucket = length_bucket(seq_len)
+    key = f"{torch.cuda.get_device_name(device)}|{dtype}|{head_dim}|{bucket}|torch{torch.__version__}"
     if key in _memo:
         return _memo[key]
     try:
@@ -38,7 +45,7 @@ def choose_for(device, dtype: torch.dtype, head_dim: int, heads: int) -> str:
     except (OSError, ValueError):
         pass
     if key not in _memo:
-        _memo[key] = _measure(device, dtype, head_dim, heads)
+        _memo[key] = _measure(device, dtype, head_dim, heads, bucket)
         try:
             with open(_cache_file(), "w") as f:
                 json.dump(_memo, f, indent=1)
@@ -47,7 +54,7 @@ def choose_for(device, dtype: torch.dtype, head_dim: int, heads: int) -> str:
     return _memo[key]
 
 
-def _measure(device, dtype, head_dim, heads, tokens: int = 8192) -> str:
+def _measure(device, dtype, head_dim, heads, tokens: int) -> str:
     from . import BACKENDS, backend_module
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, tokens, heads, head_dim, device=device, dtype=dtype, generator=g) for _ in range(3))

@@ -248,13 +248,13 @@ class WanDiT(nn.Module):
             self._rope_cache = {key: rope_cos_sin(grid, self.cfg.head_dim, self.cfg.rope_theta, device)}
         return self._rope_cache[key]
 
-    def attention_backend_for(self, name: str | None) -> str:
+    def attention_backend_for(self, name: str | None, seq_len: int = 32760) -> str:
         """Resolve a backend name; "auto" is decided here, outside any compiled region."""
         backend = resolve_backend(name)
         if backend == "AUTO":
             from ..attention.auto import choose_for
             backend = choose_for(self.text_embedding[0].weight.device, self.dtype, self.cfg.head_dim,
-                                 self.cfg.num_heads)
+                                 self.cfg.num_heads, seq_len)
         return backend
 
     def compile_blocks(self, mode: str | None = None) -> "WanDiT":
@@ -285,7 +285,7 @@ class WanDiT(nn.Module):
         tokens, grid = self.patchify(x)
         e, e0 = self.embed_time(timestep.to(x.device).reshape(-1).expand(x.shape[0]))
         context = self.embed_text(context)
-        backend = self.attention_backend_for(attention_backend)
+        backend = self.attention_backend_for(attention_backend, math.prod(grid))
         # Only sparse backends look at the step; elsewhere it would make compiled blocks recompile per step.
         attn = AttentionSpec(backend=backend, grid=grid, step=step if backend == "SLIDING_TILE_ATTN" else None,
                              options=attention_options or {})
