@@ -78,7 +78,8 @@ def bench_dit(size: str, backend: str | None, compile_: bool = False):
     torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
         s = timeit(lambda: m(x, t, ctx, attention_backend=backend))
-    log(kind="dit_forward", impl="ours" + ("+compile" if compile_ else ""), size=size, attn=backend or "auto",
+    log(kind="dit_forward", impl="ours" + ("+compile" if compile_ else ""), size=size,
+        attn=backend or "auto=" + m.attention_backend_for(None, x[0, 0].numel() // 4),
         s=round(s, 4), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
     return m
 
