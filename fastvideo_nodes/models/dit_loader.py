@@ -6,7 +6,6 @@ diffusers-named single file, and an original/ComfyUI single file (optionally wit
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -15,7 +14,7 @@ import torch
 
 from ..errors import ModelFileError
 from . import detect
-from .files import all_keys, iter_tensors, shard_files
+from .files import all_keys, iter_tensors, locate
 from .materialize import materialize
 from .wan_dit import WanDiT, WanDiTConfig, keep_fp32
 
@@ -64,19 +63,7 @@ def config_from_shapes(shapes: dict[str, tuple], num_heads: int | None = None) -
 
 
 def _locate(path: str) -> tuple[list[str], dict | None]:
-    """Weight files and (for diffusers folders) config.json contents."""
-    if not os.path.exists(path):
-        raise ModelFileError(f"{ROLE}: {path!r} does not exist. Give a Wan2.1 .safetensors file or a diffusers folder.")
-    if os.path.isdir(path):
-        folder = os.path.join(path, "transformer") if os.path.isdir(os.path.join(path, "transformer")) else path
-        cfg_path = os.path.join(folder, "config.json")
-        if not os.path.exists(cfg_path):
-            raise ModelFileError(f"{ROLE}: {path!r} is a folder without transformer/config.json; "
-                                 "expected a diffusers Wan2.1 folder or a .safetensors file.")
-        with open(cfg_path) as f:
-            config = json.load(f)
-        return shard_files(folder, ROLE, "diffusion_pytorch_model"), config
-    return [path], None
+    return locate(path, ROLE, "transformer", "diffusion_pytorch_model", "a Wan2.1 .safetensors file")
 
 
 def _check_diffusers_config(config: dict, path: str) -> None:

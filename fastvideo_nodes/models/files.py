@@ -93,6 +93,22 @@ def shard_files(folder: str, role: str, stem: str) -> list[str]:
     raise ModelFileError(f"{role}: no .safetensors weights found in {folder!r}.")
 
 
+def locate(path: str, role: str, component: str, stem: str, expected: str) -> tuple[list[str], dict | None]:
+    """Weight files and config of one model: a single .safetensors file (config None), or a diffusers
+    folder given as its root (with `component/`) or as the component folder itself."""
+    if not os.path.exists(path):
+        raise ModelFileError(f"{role}: {path!r} does not exist. Give {expected} or a diffusers Wan folder.")
+    if not os.path.isdir(path):
+        return [path], None
+    folder = os.path.join(path, component) if os.path.isdir(os.path.join(path, component)) else path
+    cfg = os.path.join(folder, "config.json")
+    if not os.path.exists(cfg):
+        raise ModelFileError(f"{role}: {path!r} is a folder without {component}/config.json; expected a diffusers "
+                             f"Wan folder or {expected}.")
+    with open(cfg) as f:
+        return shard_files(folder, role, stem), json.load(f)
+
+
 def iter_tensors(paths: list[str], role: str) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) from each file in turn, one tensor in memory at a time."""
     for p in paths:

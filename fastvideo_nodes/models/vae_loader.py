@@ -1,7 +1,6 @@
 """Load the Wan 2.1 VAE from `wan_2.1_vae.safetensors` (original names) or a diffusers `vae/` folder."""
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -9,7 +8,7 @@ import torch
 
 from ..errors import ModelFileError
 from . import detect
-from .files import all_keys, iter_tensors, shard_files
+from .files import all_keys, iter_tensors, locate
 from .materialize import materialize
 from .wan_vae import WanVAE, WanVAEConfig
 
@@ -44,17 +43,7 @@ def diffusers_to_wan_name(name: str, num_res_blocks: int = 2) -> str:
 
 
 def _locate(path: str):
-    if not os.path.exists(path):
-        raise ModelFileError(f"{ROLE}: {path!r} does not exist. Give wan_2.1_vae.safetensors or a diffusers Wan folder.")
-    if not os.path.isdir(path):
-        return [path], None
-    folder = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
-    cfg = os.path.join(folder, "config.json")
-    if not os.path.exists(cfg):
-        raise ModelFileError(f"{ROLE}: {path!r} has no vae/config.json; expected a diffusers Wan folder or "
-                             "wan_2.1_vae.safetensors.")
-    with open(cfg) as f:
-        return shard_files(folder, ROLE, "diffusion_pytorch_model"), json.load(f)
+    return locate(path, ROLE, "vae", "diffusion_pytorch_model", "wan_2.1_vae.safetensors")
 
 
 def load_vae(path: str, *, device="cpu", dtype: torch.dtype = torch.float32) -> WanVAE:

@@ -13,7 +13,7 @@ Data path of one forward (B batch, S = T'·H'·W'/4 tokens, C = dim):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch

@@ -38,7 +38,7 @@ class UlyssesAttention:
 
     def self_attention(self, q, k, v):
         """q, k, v [B, S/N, H, D] (sequence-sharded) → [B, S/N, H, D]."""
-        n, s = self.plan.world, self.plan.seq_len
+        s = self.plan.seq_len
         full = [self._to_heads(t)[:, :s] for t in (q, k, v)]  # [B, S, H/N, D], padding dropped
         out = self.inner.self_attention(*full)
         out = F.pad(out, (0, 0, 0, 0, 0, self.plan.padded - s))
