@@ -29,6 +29,8 @@ class LoadFastVideoModel:
             "weight_storage": (WEIGHT_STORAGE, {"default": "as stored"}),
         }, "optional": {
             "compile": ("BOOLEAN", {"default": False, "tooltip": "torch.compile the DiT blocks (first run warms up)"}),
+            "gpu_memory_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
+                                        "tooltip": "GPU memory for the DiT; 0 = fit automatically"}),
         }}
 
     RETURN_TYPES = (MODEL,)
@@ -36,14 +38,14 @@ class LoadFastVideoModel:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, model, text_encoder, vae, precision, weight_storage, compile=False):
+    def load(self, model, text_encoder, vae, precision, weight_storage, compile=False, gpu_memory_gb=0.0):
         import torch
         from fastvideo_nodes.pipeline.generator import VideoGenerator
 
         path = comfy_api.full_path("diffusion_models", model)
         te = None if text_encoder.startswith("(") else comfy_api.full_path("text_encoders", text_encoder)
         va = None if vae.startswith("(") else comfy_api.full_path("vae", vae)
-        key = (path, te, va, precision, weight_storage, bool(compile))
+        key = (path, te, va, precision, weight_storage, bool(compile), float(gpu_memory_gb))
         if key not in _loaded:
             for old in _loaded.values():
                 old.close()
@@ -51,7 +53,8 @@ class LoadFastVideoModel:
             comfy_api.free_memory()
             wd = torch.float8_e4m3fn if weight_storage == "fp8_e4m3fn" else None
             _loaded[key] = VideoGenerator.from_pretrained(path, text_encoder=te, vae=va, dtype=precision,
-                                                          weight_dtype=wd, compile=bool(compile))
+                                                          weight_dtype=wd, compile=bool(compile),
+                                                          gpu_memory_gb=float(gpu_memory_gb) or None)
         return (_loaded[key],)
 
 

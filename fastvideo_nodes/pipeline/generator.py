@@ -9,6 +9,7 @@ Components load lazily on first use and stay loaded.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -45,6 +46,16 @@ def parse_device(device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FastVideoError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu.")
     return device
+
+
+@contextlib.contextmanager
+def _friendly_oom():
+    """CUDA out-of-memory → a FastVideoError naming the settings to change; the process stays usable."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        from ..models.offload import out_of_memory_error
+        raise out_of_memory_error(e) from None
 
 
 @dataclass
@@ -90,8 +101,11 @@ class _Components:
 class VideoGenerator:
     def __init__(self, files: ModelFiles, *, device=None, dtype=None, attention_backend: str | None = None,
                  num_gpus: int = 1, weight_dtype: torch.dtype | None = None, gpu_ids: list[int] | None = None,
-                 compile: bool = False, attention_options: dict | None = None):
+                 compile: bool = False, attention_options: dict | None = None,
+                 gpu_memory_gb: float | None = None):
         self.files = files
+        self.gpu_memory_gb = gpu_memory_gb or None
+        self.offload_note = None
         self.attention_options = attention_options or {}
         self.compile = compile
         self.device = parse_device(device)
@@ -121,12 +135,15 @@ class VideoGenerator:
     @classmethod
     def from_pretrained(cls, model, *, text_encoder=None, vae=None, device=None, dtype=None,
                         attention_backend: str | None = None, num_gpus: int = 1, weight_dtype=None,
-                        gpu_ids: list[int] | None = None, compile: bool = False) -> "VideoGenerator":
+                        gpu_ids: list[int] | None = None, compile: bool = False,
+                        gpu_memory_gb: float | None = None) -> "VideoGenerator":
         """model: a diffusers folder, or a DiT .safetensors with text_encoder= and vae= files.
-        compile: torch.compile the DiT blocks (first run of a shape pays the warm-up)."""
+        compile: torch.compile the DiT blocks (first run of a shape pays the warm-up).
+        gpu_memory_gb: GPU memory the DiT may use; blocks beyond it stream from CPU memory
+        (None/0: all resident when it fits the free memory, else fit it automatically)."""
         return cls(ModelFiles.resolve(model, text_encoder, vae), device=device, dtype=dtype,
                    attention_backend=attention_backend, num_gpus=num_gpus, weight_dtype=weight_dtype, gpu_ids=gpu_ids,
-                   compile=compile)
+                   compile=compile, gpu_memory_gb=gpu_memory_gb)
 
     def with_parallel(self, num_gpus: int, gpu_ids: list[int] | None = None) -> "VideoGenerator":
         """A generator whose sampling runs on a pool of `num_gpus` sequence-parallel workers; the
@@ -150,9 +167,30 @@ class VideoGenerator:
     def dit(self):
         if self._parts.dit is None:
             from ..models.dit_loader import load_dit
-            dit = load_dit(self.files.model, device=self.device, dtype=self.dtype, weight_dtype=self.weight_dtype)
+            budget = self._offload_budget()
+            dit = load_dit(self.files.model, device="cpu" if budget is not None else self.device, dtype=self.dtype,
+                           weight_dtype=self.weight_dtype)
+            if budget is not None:
+                from ..models.offload import enable_block_offload
+                self._offload = enable_block_offload(dit, device=self.device, budget_gb=budget)
+                self.offload_note = self._offload.describe()
+                print(f"[FastVideo] {self.offload_note} (GPU memory budget {budget:.1f} GB)")
             self._parts.dit = dit.compile_blocks() if self.compile else dit
         return self._parts.dit
+
+    def _offload_budget(self) -> float | None:
+        """GB for the DiT when blocks must be offloaded, else None (all resident)."""
+        if self.device.type != "cuda":
+            return None
+        if self.gpu_memory_gb:
+            return float(self.gpu_memory_gb)
+        from ..models.files import shard_files
+        path = self.files.model
+        files = shard_files(os.path.join(path, "transformer") if os.path.isdir(os.path.join(path, "transformer"))
+                            else path, "model", "diffusion_pytorch_model") if os.path.isdir(path) else [path]
+        weights = sum(os.path.getsize(f) for f in files) * (2 if self.weight_dtype is None else 1)
+        free = torch.cuda.mem_get_info(self.device)[0]
+        return None if weights < 0.7 * free else 0.9 * free / 2**30
 
     @property
     def text_encoder(self):
@@ -197,7 +235,7 @@ class VideoGenerator:
                                                stats=stats, attention_backend=self.attention_backend,
                                                attention_options=self.attention_options)
         else:
-            with torch.inference_mode():
+            with torch.inference_mode(), _friendly_oom():
                 model_latents = denoise(self.dit, noise, positive, negative, settings,
                                         attention_backend=self.attention_backend,
                                         attention_options=self.attention_options, callback=callback, cancel=cancel,

@@ -1,0 +1,130 @@
+"""Block offload: run a DiT whose blocks do not all fit on the GPU.
+
+The first `blocks_on_gpu` blocks and everything outside the blocks live on the GPU; the other
+blocks' weights live in pinned CPU memory. Before an offloaded block runs, its weights are already
+on their way: each block starts the copy of the next offloaded block on a side stream, so the
+transfer overlaps the current block's compute. After a block runs, its GPU copy is dropped. The
+model code is untouched: this works through forward hooks on the blocks.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import FastVideoError
+
+
+def block_bytes(block: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(block.parameters()) + list(block.buffers()))
+
+
+def activation_bytes(dim: int, ffn_dim: int, tokens: int) -> int:
+    """Rough peak of one block's activations at bf16 with an fp32 residual stream."""
+    return tokens * (6 * 4 * dim + 2 * 2 * ffn_dim)
+
+
+def plan_blocks(dit, budget_gb: float, tokens: int = 32760) -> int:
+    """How many blocks fit on the GPU within `budget_gb`, keeping room for activations and two
+    blocks in flight."""
+    per_block = block_bytes(dit.blocks[0])
+    rest = sum(t.numel() * t.element_size() for n, t in dit.state_dict().items() if not n.startswith("blocks."))
+    free = budget_gb * 2**30 - rest - activation_bytes(dit.cfg.dim, dit.cfg.ffn_dim, tokens) - 2 * per_block
+    return max(0, min(len(dit.blocks), int(free // per_block)))
+
+
+class BlockOffload:
+    def __init__(self, dit, device, blocks_on_gpu: int):
+        self.device = torch.device(device)
+        self.blocks = list(dit.blocks)
+        self.resident = max(0, min(blocks_on_gpu, len(self.blocks)))
+        self.offloaded = self.blocks[self.resident:]
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        # Home copies of the offloaded weights (pinned, so copies can run asynchronously).
+        self.home: dict[int, list[tuple[nn.Parameter, torch.Tensor]]] = {}
+        for i, block in enumerate(self.offloaded):
+            pairs = []
+            for p in block.parameters():
+                cpu = p.data.to("cpu")
+                pairs.append((p, cpu.pin_memory() if cuda else cpu))
+                p.data = pairs[-1][1]
+            self.home[i] = pairs
+        away = {id(p) for pairs in self.home.values() for p, _ in pairs}
+        for p in dit.parameters():  # everything else, and the resident blocks, to the device
+            if id(p) not in away:
+                p.data = p.data.to(self.device)
+        for mod in dit.modules():
+            for name, b in mod._buffers.items():
+                if b is not None:
+                    mod._buffers[name] = b.to(self.device)
+        self.in_flight: dict[int, tuple[list[torch.Tensor], object]] = {}
+        self.hooks = []
+        for i, block in enumerate(self.offloaded):
+            self.hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: self._before(i)))
+            self.hooks.append(block.register_forward_hook(lambda m, a, o, i=i: self._after(i)))
+
+    def describe(self) -> str:
+        return (f"block offload: {self.resident} of {len(self.blocks)} DiT blocks on {self.device}, "
+                f"{len(self.offloaded)} streamed from pinned CPU memory")
+
+    def _fetch(self, i: int) -> None:
+        """Start copying offloaded block i to the device (side stream on CUDA)."""
+        if i in self.in_flight or i >= len(self.offloaded):
+            return
+        if self.stream is None:
+            self.in_flight[i] = ([cpu.to(self.device, copy=True) for _, cpu in self.home[i]], None)
+            return
+        with torch.cuda.stream(self.stream):
+            tensors = [cpu.to(self.device, non_blocking=True) for _, cpu in self.home[i]]
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.in_flight[i] = (tensors, event)
+
+    def _before(self, i: int) -> None:
+        self._fetch(i)
+        tensors, event = self.in_flight.pop(i)
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            for t in tensors:
+                t.record_stream(current)  # freed only after this block's kernels are done
+        for (p, _), t in zip(self.home[i], tensors):
+            p.data = t
+        self._fetch((i + 1) % len(self.offloaded))  # overlap the next copy with this block
+
+    def _after(self, i: int) -> None:
+        for p, cpu in self.home[i]:
+            p.data = cpu
+
+    def disable(self) -> None:
+        """Remove the hooks and put every block back on the device."""
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        self.in_flight.clear()
+        for i in self.home:
+            for p, cpu in self.home[i]:
+                p.data = cpu.to(self.device)
+        self.home = {}
+
+
+def enable_block_offload(dit, *, device, blocks_on_gpu: int | None = None, budget_gb: float | None = None,
+                         tokens: int = 32760) -> BlockOffload:
+    """Offload DiT blocks to pinned CPU memory. With neither argument, fit the GPU's free memory."""
+    device = torch.device(device)
+    if blocks_on_gpu is None:
+        if budget_gb is None:
+            if device.type != "cuda":
+                raise FastVideoError("block offload on CPU needs blocks_on_gpu (there is no GPU memory to fit).")
+            budget_gb = torch.cuda.mem_get_info(device)[0] / 2**30
+        blocks_on_gpu = plan_blocks(dit, budget_gb, tokens)
+    return BlockOffload(dit, device, blocks_on_gpu)
+
+
+def out_of_memory_error(e: BaseException) -> FastVideoError:
+    """A CUDA out-of-memory error as a message that names the settings to change."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return FastVideoError("the GPU ran out of memory. Lower gpu_memory_gb (offload more DiT blocks), store "
+                          "weights as fp8_e4m3fn, or reduce the resolution or num_frames. "
+                          f"({str(e).splitlines()[0][:200]})")

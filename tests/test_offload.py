@@ -1,0 +1,52 @@
+"""Block offload bookkeeping (CPU): same outputs, blocks go home, nothing accumulates across runs."""
+import pytest
+import torch
+
+from fastvideo_nodes.errors import FastVideoError
+from fastvideo_nodes.models.offload import enable_block_offload, out_of_memory_error, plan_blocks
+from fastvideo_nodes.tiny.dit import TINY_DIT, random_dit
+from dataclasses import replace
+
+
+@pytest.fixture
+def dit():
+    return random_dit(replace(TINY_DIT, num_layers=4), seed=2)
+
+
+def run(dit):
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 16, 2, 8, 8, generator=g), torch.randn(1, 8, 32, generator=g)
+    with torch.no_grad():
+        return dit(x, torch.tensor([500.0]), ctx)
+
+
+def test_offloaded_forward_is_exact_and_blocks_go_home(dit):
+    want = run(dit)
+    off = enable_block_offload(dit, device="cpu", blocks_on_gpu=1)
+    assert len(off.offloaded) == 3 and "1 of 4 DiT blocks" in off.describe()
+    homes = [[p.data.data_ptr() for p, _ in off.home[i]] for i in range(3)]
+    for _ in range(3):  # repeated runs: same result, weights back home after each block
+        assert torch.equal(run(dit), want)
+        assert [[p.data.data_ptr() for p, _ in off.home[i]] for i in range(3)] == homes
+        assert not off.in_flight or set(off.in_flight) == {0}  # at most the next run's first prefetch
+    off.disable()
+    assert not dit.blocks[0]._forward_pre_hooks and not dit.blocks[3]._forward_hooks
+    assert torch.equal(run(dit), want)
+
+
+def test_plan_blocks_from_budget(dit):
+    per_block = sum(p.numel() * 4 for p in dit.blocks[0].parameters())
+    assert plan_blocks(dit, budget_gb=0.0) == 0
+    assert plan_blocks(dit, budget_gb=100.0) == 4
+    some = plan_blocks(dit, budget_gb=(per_block * 5.5 + 3e6) / 2**30, tokens=8)
+    assert 0 < some < 4
+
+
+def test_cpu_needs_an_explicit_count(dit):
+    with pytest.raises(FastVideoError, match="needs blocks_on_gpu"):
+        enable_block_offload(dit, device="cpu")
+
+
+def test_out_of_memory_message_names_settings():
+    msg = str(out_of_memory_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")))
+    assert "gpu_memory_gb" in msg and "fp8_e4m3fn" in msg and "num_frames" in msg
