@@ -9,6 +9,7 @@ and the latents after 2 steps against the resident bf16 run.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -82,6 +83,7 @@ def main():
             log(kind="lowvram", setting=f"{size} cap {cap}", error=str(e)[:200])
         torch.cuda.set_per_process_memory_fraction(1.0)
         del dit, off
+        gc.collect()  # the offload hooks and the blocks reference each other
         torch.cuda.empty_cache()
     with open(os.path.join(args.out, "lowvram.json"), "w") as f:
         json.dump(RESULTS, f, indent=1)
