@@ -48,10 +48,17 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--num-gpus", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU; warm-up on first run)")
+    p.add_argument("--text-encoder-device", default=None, help="encode prompts here (e.g. cpu for small GPUs)")
+    p.add_argument("--fp8", action="store_true", help="store DiT and text-encoder linear weights as fp8 (e4m3fn)")
     p.add_argument("--gpu-memory-gb", type=float, default=None,
                    help="GPU memory for the DiT; blocks beyond it stream from CPU memory (default: fit automatically)")
     p.add_argument("--output", default="fastvideo_demo.mp4" if demo else "output.mp4", help="FILE.mp4")
     p.add_argument("--latents-out", default=None, help="also save the raw VAE-space latents (key 'latents')")
+
+
+def _fp8():
+    import torch
+    return torch.float8_e4m3fn
 
 
 def _generate(args, model, text_encoder, vae) -> int:
@@ -60,7 +67,9 @@ def _generate(args, model, text_encoder, vae) -> int:
     gen = VideoGenerator.from_pretrained(model, text_encoder=text_encoder, vae=vae, device=args.device,
                                          dtype=args.dtype, attention_backend=args.attention_backend,
                                          num_gpus=args.num_gpus, compile=args.compile,
-                                         gpu_memory_gb=args.gpu_memory_gb)
+                                         gpu_memory_gb=args.gpu_memory_gb,
+                                         text_encoder_device=args.text_encoder_device,
+                                         weight_dtype=_fp8() if args.fp8 else None)
     try:
         result = gen.generate_video(
             args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,

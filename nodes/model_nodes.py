@@ -31,6 +31,7 @@ class LoadFastVideoModel:
             "compile": ("BOOLEAN", {"default": False, "tooltip": "torch.compile the DiT blocks (first run warms up)"}),
             "gpu_memory_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
                                         "tooltip": "GPU memory for the DiT; 0 = fit automatically"}),
+            "text_encoder_device": (["gpu", "cpu"], {"default": "gpu", "tooltip": "cpu: encode prompts on the CPU"}),
         }}
 
     RETURN_TYPES = (MODEL,)
@@ -38,14 +39,15 @@ class LoadFastVideoModel:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, model, text_encoder, vae, precision, weight_storage, compile=False, gpu_memory_gb=0.0):
+    def load(self, model, text_encoder, vae, precision, weight_storage, compile=False, gpu_memory_gb=0.0,
+             text_encoder_device="gpu"):
         import torch
         from fastvideo_nodes.pipeline.generator import VideoGenerator
 
         path = comfy_api.full_path("diffusion_models", model)
         te = None if text_encoder.startswith("(") else comfy_api.full_path("text_encoders", text_encoder)
         va = None if vae.startswith("(") else comfy_api.full_path("vae", vae)
-        key = (path, te, va, precision, weight_storage, bool(compile), float(gpu_memory_gb))
+        key = (path, te, va, precision, weight_storage, bool(compile), float(gpu_memory_gb), text_encoder_device)
         if key not in _loaded:
             for old in _loaded.values():
                 old.close()
@@ -54,7 +56,9 @@ class LoadFastVideoModel:
             wd = torch.float8_e4m3fn if weight_storage == "fp8_e4m3fn" else None
             _loaded[key] = VideoGenerator.from_pretrained(path, text_encoder=te, vae=va, dtype=precision,
                                                           weight_dtype=wd, compile=bool(compile),
-                                                          gpu_memory_gb=float(gpu_memory_gb) or None)
+                                                          gpu_memory_gb=float(gpu_memory_gb) or None,
+                                                          text_encoder_device="cpu" if text_encoder_device == "cpu"
+                                                          else None)
         return (_loaded[key],)
 
 

@@ -68,7 +68,10 @@ def test_scaled_fp8_equals_manual_dequant(files, tmp_path):
         plain[k] = v if k == "spiece_model" else (v.float() * s if s is not None else v.float())
     p = str(tmp_path / "dequant.safetensors")
     save_file(plain, p)
-    a = load_text_encoder(files["scaled"]).encode(PROMPTS[:2])
+    enc = load_text_encoder(files["scaled"])
+    q = enc.model.encoder.block[0].layer[0].SelfAttention.q
+    assert q.weight.dtype == torch.float8_e4m3fn and q.scale_weight is not None  # stays fp8 in memory
+    a = enc.encode(PROMPTS[:2])
     b = load_text_encoder(p).encode(PROMPTS[:2])
     assert torch.equal(a, b)
 

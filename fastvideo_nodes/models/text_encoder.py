@@ -18,7 +18,7 @@ import torch
 from ..errors import ModelFileError
 from . import detect
 from .files import all_keys, iter_tensors, open_safetensors, shard_files
-from .ops import FP8_DTYPES
+from .ops import FP8_DTYPES, Linear
 
 ROLE = "Text encoder"
 TEXT_LEN = 512
@@ -123,11 +123,21 @@ def _locate(path: str):
         return shard_files(folder, ROLE, "model"), json.load(f), tok
 
 
-def load_text_encoder(path: str, *, device="cpu", dtype: torch.dtype = torch.float32) -> TextEncoder:
+def _use_our_linears(model) -> None:
+    """Swap the encoder's nn.Linear layers for ops.Linear (same names, same math when not fp8)."""
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(mod, child_name, Linear(child.in_features, child.out_features, bias=child.bias is not None))
+
+
+def load_text_encoder(path: str, *, device="cpu", dtype: torch.dtype = torch.float32,
+                      weight_dtype: torch.dtype | None = None) -> TextEncoder:
     """Load a UMT5 encoder and its tokenizer, one tensor at a time (no second copy in RAM).
 
-    Scaled-fp8 files are dequantised at load (weight.float() · scale_weight) into `dtype`: the
-    encoder runs once per prompt, so we favour simple exact math over fp8 memory here.
+    fp8 linear weights (plain or ComfyUI scaled fp8) stay fp8 in memory and are dequantised at
+    use, so umt5_xxl_fp8_e4m3fn_scaled takes about half the memory of fp16. weight_dtype (e.g.
+    torch.float8_e4m3fn) stores the linear weights of a higher-precision file that way too.
     """
     from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
@@ -151,6 +161,7 @@ def load_text_encoder(path: str, *, device="cpu", dtype: torch.dtype = torch.flo
 
     with torch.device("meta"):
         model = UMT5EncoderModel(cfg)
+        _use_our_linears(model)  # fp8 weights can then stay fp8, dequantised at use
     expected = dict(model.named_parameters())
     scales = {}  # scaled fp8: scales may come after their weights in the file, so read them first
     for p in files:
@@ -170,13 +181,20 @@ def load_text_encoder(path: str, *, device="cpu", dtype: torch.dtype = torch.flo
                 raise ModelFileError(f"{ROLE}: unexpected tensor {k!r} in {os.path.basename(path)!r}; "
                                      "it does not look like a UMT5 encoder.")
             continue
-        if k in scales:
-            t = t.float() * scales[k]
-        elif t.dtype in FP8_DTYPES:
-            t = t.float()
         mod_name, _, attr = k.rpartition(".")
         owner = model.get_submodule(mod_name)
-        setattr(owner, attr, torch.nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+        # transformers casts the FFN input to `wo.weight.dtype`, so that one layer is stored dequantised.
+        keep_fp8 = (isinstance(owner, Linear) and attr == "weight" and not mod_name.endswith(".wo")
+                    and (t.dtype in FP8_DTYPES or weight_dtype is not None))
+        if keep_fp8:
+            t = t if t.dtype in FP8_DTYPES else t.to(dtype).to(weight_dtype)
+            if k in scales:
+                owner.scale_weight = scales[k].to(device)
+        elif k in scales:
+            t = (t.float() * scales[k]).to(dtype)
+        else:
+            t = t.to(dtype) if t.is_floating_point() else t
+        setattr(owner, attr, torch.nn.Parameter(t.to(device=device), requires_grad=False))
         seen.add(k)
     # The token embedding is shared between `shared` and `encoder.embed_tokens`; files may store either.
     for a, b in (("shared.weight", "encoder.embed_tokens.weight"), ("encoder.embed_tokens.weight", "shared.weight")):

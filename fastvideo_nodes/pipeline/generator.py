@@ -102,8 +102,9 @@ class VideoGenerator:
     def __init__(self, files: ModelFiles, *, device=None, dtype=None, attention_backend: str | None = None,
                  num_gpus: int = 1, weight_dtype: torch.dtype | None = None, gpu_ids: list[int] | None = None,
                  compile: bool = False, attention_options: dict | None = None,
-                 gpu_memory_gb: float | None = None):
+                 gpu_memory_gb: float | None = None, text_encoder_device=None):
         self.files = files
+        self.text_encoder_device = torch.device(text_encoder_device) if text_encoder_device else None
         self.gpu_memory_gb = gpu_memory_gb or None
         self.offload_note = None
         self.attention_options = attention_options or {}
@@ -136,14 +137,16 @@ class VideoGenerator:
     def from_pretrained(cls, model, *, text_encoder=None, vae=None, device=None, dtype=None,
                         attention_backend: str | None = None, num_gpus: int = 1, weight_dtype=None,
                         gpu_ids: list[int] | None = None, compile: bool = False,
-                        gpu_memory_gb: float | None = None) -> "VideoGenerator":
+                        gpu_memory_gb: float | None = None, text_encoder_device=None) -> "VideoGenerator":
         """model: a diffusers folder, or a DiT .safetensors with text_encoder= and vae= files.
         compile: torch.compile the DiT blocks (first run of a shape pays the warm-up).
         gpu_memory_gb: GPU memory the DiT may use; blocks beyond it stream from CPU memory
-        (None/0: all resident when it fits the free memory, else fit it automatically)."""
+        (None/0: all resident when it fits the free memory, else fit it automatically).
+        text_encoder_device: where prompts are encoded ("cpu" for cards too small for UMT5-XXL);
+        default the main device, with the encoder moved back to CPU after each encoding."""
         return cls(ModelFiles.resolve(model, text_encoder, vae), device=device, dtype=dtype,
                    attention_backend=attention_backend, num_gpus=num_gpus, weight_dtype=weight_dtype, gpu_ids=gpu_ids,
-                   compile=compile, gpu_memory_gb=gpu_memory_gb)
+                   compile=compile, gpu_memory_gb=gpu_memory_gb, text_encoder_device=text_encoder_device)
 
     def with_parallel(self, num_gpus: int, gpu_ids: list[int] | None = None) -> "VideoGenerator":
         """A generator whose sampling runs on a pool of `num_gpus` sequence-parallel workers; the
@@ -196,8 +199,12 @@ class VideoGenerator:
     def text_encoder(self):
         if self._parts.text_encoder is None:
             from ..models.text_encoder import load_text_encoder
-            self._parts.text_encoder = load_text_encoder(self.files.require("text_encoder"), device=self.device,
-                                                         dtype=self.dtype)
+            # Loaded on CPU and moved for each encoding: the 11 GB encoder never sits next to the DiT.
+            on_cpu = (self.text_encoder_device or self.device).type == "cpu"
+            self._parts.text_encoder = load_text_encoder(
+                self.files.require("text_encoder"), device="cpu",
+                dtype=torch.bfloat16 if on_cpu and self.device.type == "cuda" else self.dtype,
+                weight_dtype=self.weight_dtype)
         return self._parts.text_encoder
 
     @property
@@ -216,12 +223,13 @@ class VideoGenerator:
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompts → [B, 512, dim] float32 on CPU. With offload_text_encoder (default) the encoder
         goes back to CPU afterwards, so that the DiT has the GPU to itself."""
-        enc = self.text_encoder.to(self.device)
+        device = self.text_encoder_device or self.device
+        enc = self.text_encoder.to(device)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), _friendly_oom():
                 return enc.encode(list(prompts)).float().cpu()
         finally:
-            if self.offload_text_encoder and self.device.type != "cpu":
+            if self.offload_text_encoder and device.type != "cpu":
                 enc.to("cpu")
 
     def sample(self, positive: torch.Tensor, negative: torch.Tensor | None, settings: SamplingSettings, *,
