@@ -95,7 +95,7 @@ class ModelFiles:
 
 class _Components:
     """Loaded parts, shared by generators that differ only in run options (attention backend)."""
-    dit = text_encoder = vae = pool = None
+    dit = text_encoder = vae = pool = offload = None
 
 
 class VideoGenerator:
@@ -175,8 +175,8 @@ class VideoGenerator:
                            weight_dtype=self.weight_dtype)
             if budget is not None:
                 from ..models.offload import enable_block_offload
-                self._offload = enable_block_offload(dit, device=self.device, budget_gb=budget)
-                self.offload_note = self._offload.describe()
+                self._parts.offload = enable_block_offload(dit, device=self.device, budget_gb=budget)
+                self.offload_note = self._parts.offload.describe()
                 print(f"[FastVideo] {self.offload_note} (GPU memory budget {budget:.1f} GB)")
             self._parts.dit = dit.compile_blocks() if self.compile else dit
         return self._parts.dit
