@@ -13,7 +13,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -21,28 +20,11 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.speed import RESULTS, log, timeit  # noqa: E402
 from fastvideo_nodes.attention import BACKENDS, attention, backend_module  # noqa: E402
 from fastvideo_nodes.attention import sliding_tile  # noqa: E402
 
 GRID = (21, 30, 52)  # 480×832×81 → 32,760 tokens
-RESULTS = []
-
-
-def log(**kw):
-    RESULTS.append(kw)
-    print(json.dumps(kw), flush=True)
-
-
-def timeit(fn, iters=5):
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters
-
-
 def kernels(heads: int):
     s = math.prod(GRID)
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -19,17 +19,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.speed import RESULTS, log  # noqa: E402
 from fastvideo_nodes.models.dit_loader import load_dit  # noqa: E402
 from fastvideo_nodes.parallel import WorkerPool  # noqa: E402
 from fastvideo_nodes.pipeline.sampler import SamplingSettings, denoise, initial_noise  # noqa: E402
 from fastvideo_nodes.tiny.dit import save_original  # noqa: E402
-
-RESULTS = []
-
-
-def log(**kw):
-    RESULTS.append(kw)
-    print(json.dumps(kw), flush=True)
 
 
 def timed(fn):
