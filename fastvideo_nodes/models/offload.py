@@ -126,5 +126,6 @@ def out_of_memory_error(e: BaseException) -> FastVideoError:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return FastVideoError("the GPU ran out of memory. Lower gpu_memory_gb (offload more DiT blocks), store "
-                          "weights as fp8_e4m3fn, or reduce the resolution or num_frames. "
+                          "weights as fp8_e4m3fn, encode prompts on the CPU, decode in tiles (tile_size), or "
+                          "reduce the resolution or num_frames. "
                           f"({str(e).splitlines()[0][:200]})")

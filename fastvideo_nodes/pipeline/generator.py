@@ -55,7 +55,7 @@ def _friendly_oom():
         yield
     except torch.cuda.OutOfMemoryError as e:
         from ..models.offload import out_of_memory_error
-        raise out_of_memory_error(e) from None
+        raise out_of_memory_error(e) from None  # DecodeVAE: a tile_size (e.g. 32) also lowers the peak
 
 
 @dataclass
@@ -252,7 +252,7 @@ class VideoGenerator:
 
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """Raw VAE-space latents [1,16,T',H',W'] → frames float32 [T,H,W,3] in 0..1 on CPU."""
-        with torch.inference_mode():
+        with torch.inference_mode(), _friendly_oom():
             return self.vae.decode_frames(latents.to(self.device), tile=tile)
 
     def pool(self):
