@@ -8,7 +8,8 @@ import torch
 
 from fastvideo_nodes.cli import main as cli_main
 from fastvideo_nodes.pipeline.generator import VideoGenerator
-from fastvideo_nodes.pipeline.sampler import SamplingSettings, raw_to_model
+from fastvideo_nodes.models.wan_vae import raw_to_model
+from fastvideo_nodes.pipeline.sampler import SamplingSettings
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -24,6 +24,24 @@ LATENT_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
 CACHE_T = 2  # frames a causal 3×3×3 conv needs from the previous chunk
 
 
+def _stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    view = (1, -1) + (1,) * (z.ndim - 2)
+    return (torch.tensor(LATENT_MEAN, dtype=torch.float32, device=z.device).view(view),
+            torch.tensor(LATENT_STD, dtype=torch.float32, device=z.device).view(view))
+
+
+def raw_to_model(z: torch.Tensor) -> torch.Tensor:
+    """Raw VAE space (what ComfyUI's LATENT holds) → the DiT's model space: (z − mean) / std."""
+    mean, std = _stats(z)
+    return (z.float() - mean) / std
+
+
+def model_to_raw(z: torch.Tensor) -> torch.Tensor:
+    """DiT model space → raw VAE space: z·std + mean."""
+    mean, std = _stats(z)
+    return z.float() * std + mean
+
+
 @dataclass(frozen=True)
 class WanVAEConfig:
     base_dim: int = 96
@@ -226,19 +244,8 @@ class WanVAE(nn.Module):
             clear(False)
 
     # -- latent normalisation: model space = (raw − mean) / std
-
-    def _stats(self, z):
-        view = (1, -1, 1, 1, 1)
-        return (torch.tensor(LATENT_MEAN, device=z.device, dtype=torch.float32).view(view),
-                torch.tensor(LATENT_STD, device=z.device, dtype=torch.float32).view(view))
-
-    def normalize(self, z_raw: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats(z_raw)
-        return (z_raw.float() - mean) / std
-
-    def denormalize(self, z_model: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats(z_model)
-        return z_model.float() * std + mean
+    normalize = staticmethod(raw_to_model)
+    denormalize = staticmethod(model_to_raw)
 
     # -- encode / decode
 

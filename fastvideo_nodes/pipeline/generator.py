@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 
 from ..errors import FastVideoError, ModelFileError
-from .sampler import SamplingSettings, SamplingStats, denoise, initial_noise, model_to_raw
+from ..models.wan_vae import model_to_raw
+from .sampler import SamplingSettings, SamplingStats, denoise, initial_noise
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}

@@ -72,26 +72,6 @@ class SamplingSettings:
         return asdict(self)
 
 
-def _stats_view(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..models.wan_vae import LATENT_MEAN, LATENT_STD
-    view = (1, -1) + (1,) * (z.ndim - 2)
-    mean = torch.tensor(LATENT_MEAN, dtype=torch.float32, device=z.device).view(view)
-    std = torch.tensor(LATENT_STD, dtype=torch.float32, device=z.device).view(view)
-    return mean, std
-
-
-def model_to_raw(z: torch.Tensor) -> torch.Tensor:
-    """DiT model space → raw VAE space (what ComfyUI's LATENT holds): z·std + mean."""
-    mean, std = _stats_view(z)
-    return z.float() * std + mean
-
-
-def raw_to_model(z: torch.Tensor) -> torch.Tensor:
-    """Raw VAE space → DiT model space: (z − mean) / std."""
-    mean, std = _stats_view(z)
-    return (z.float() - mean) / std
-
-
 def initial_noise(settings: SamplingSettings) -> torch.Tensor:
     """The noise diffusers and ComfyUI draw for a seed: float32 on a CPU generator."""
     g = torch.Generator("cpu").manual_seed(int(settings.seed))
