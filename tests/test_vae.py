@@ -6,7 +6,6 @@ from safetensors.torch import save_file
 from fastvideo_nodes.errors import ModelFileError
 from fastvideo_nodes.models.vae_loader import load_vae
 from fastvideo_nodes.models.wan_vae import LATENT_MEAN, LATENT_STD, model_to_raw, raw_to_model
-
 from fastvideo_nodes.tiny.vae import diffusers_to_original, diffusers_vae, random_vae, save_original
 
 pytest.importorskip("diffusers")
