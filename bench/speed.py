@@ -3,7 +3,8 @@
 Full-size Wan2.1 models with random weights (speed does not depend on their values), bf16.
 Warm-up runs are excluded from every timing; torch.compile warm-up is reported on its own line.
 
-    python bench/speed.py --out $OUT --parts dit13,compile13,step,vae,text,e2e,dit14
+    python bench/speed.py --out $OUT                                  # 1.3B, VAE, text, end to end
+    python bench/speed.py --out $OUT --parts anchor14,dit14           # 14B
 
 diffusers is measured with ../shared/tools/diffusers_anchor.py (copied to .peer/ for the device
 run). Prints one JSON line per measurement, then a markdown table; writes speed.json to --out.
@@ -65,22 +66,68 @@ def inputs(frames=81, h=480, w=832):
     return x, torch.tensor([500.0], device="cuda"), ctx
 
 
-def bench_dit(size: str, backend: str | None, compile_: bool = False):
-    m = random_dit(size)
+def to_fp8_matmul(m: WanDiT) -> WanDiT:
+    """The blocks' linears as load_dit(fp8_matmul=True) leaves them: e4m3fn with per-channel scales."""
+    from fastvideo_nodes.models.ops import Linear, enable_fp8_matmul, quantize_fp8
+    for layer in m.blocks.modules():
+        if isinstance(layer, Linear):
+            w, scale = quantize_fp8(layer.weight.data, torch.float8_e4m3fn)
+            layer.weight = torch.nn.Parameter(w, requires_grad=False)
+            layer.register_buffer("scale_weight", scale)
+    enable_fp8_matmul(m.blocks)
+    return m
+
+
+def sage_available() -> bool:
+    from fastvideo_nodes.attention import backend_module
+    return backend_module("SAGE_ATTN").available() is None
+
+
+def bench_variant(m: WanDiT, size: str, label: str, backend: str, ref: torch.Tensor | None = None,
+                  compiled: bool = False):
+    """Time one forward of `m` as it is now (eager or compiled blocks; the first compiled call of
+    a variant is its warm-up, reported apart) and compare its output with the exact eager one."""
     x, t, ctx = inputs()
-    if compile_:
-        m.compile_blocks()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            m(x, t, ctx, attention_backend=backend)
-        torch.cuda.synchronize()
-        log(kind="compile_warmup", impl="ours", size=size, s=round(time.perf_counter() - start, 1))
-    torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
+        if compiled:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            m(x, t, ctx, attention_backend=backend)
+            torch.cuda.synchronize()
+            log(kind="compile_warmup", impl="ours", size=size, variant=label, s=round(time.perf_counter() - start, 1))
+        torch.cuda.reset_peak_memory_stats()
         s = timeit(lambda: m(x, t, ctx, attention_backend=backend))
-    log(kind="dit_forward", impl="ours" + ("+compile" if compile_ else ""), size=size,
-        attn=backend or "auto=" + m.attention_backend_for(None, x[0, 0].numel() // 4),
-        s=round(s, 4), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+        out = m(x, t, ctx, attention_backend=backend)
+    rec = dict(kind="dit_forward", impl="ours", size=size, variant=label, attn=backend, s=round(s, 4),
+               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    if ref is not None:
+        rec["rel_err_vs_exact"] = round(((out - ref).norm() / ref.norm()).item(), 5)
+    log(**rec)
+    return out
+
+
+def bench_dit_variants(size: str, m: WanDiT | None = None, e2e_vae=None):
+    """exact eager → exact compiled → SageAttention compiled → fp8 matmul (+Sage) compiled.
+    With e2e_vae: 50-step runs after the exact compiled variant and after the fastest one."""
+    m = m or random_dit(size)
+    ref = bench_variant(m, size, "eager, exact attention", "TORCH_SDPA")
+    if size == "1.3B":
+        bench_steps(m, "TORCH_SDPA")
+        bench_teacache_step(m, "TORCH_SDPA")
+    m.compile_blocks()
+    bench_variant(m, size, "compiled, exact attention", "TORCH_SDPA", ref, compiled=True)
+    if e2e_vae is not None:
+        bench_e2e(m, "TORCH_SDPA", e2e_vae, fast=False)
+    sage = sage_available()
+    if sage:
+        bench_variant(m, size, "compiled, SageAttention", "SAGE_ATTN", ref, compiled=True)
+    to_fp8_matmul(m)
+    bench_variant(m, size, "compiled, fp8 matmul, exact attention", "TORCH_SDPA", ref, compiled=True)
+    best = "SAGE_ATTN" if sage else "TORCH_SDPA"
+    if sage:
+        bench_variant(m, size, "compiled, fp8 matmul, SageAttention", best, ref, compiled=True)
+    if e2e_vae is not None:
+        bench_e2e(m, best, e2e_vae, fast=True, label=f"compiled, fp8 matmul, {best}")
     return m
 
 
@@ -96,9 +143,9 @@ def bench_steps(m: WanDiT, backend):
         log(kind="sampling_step", impl="ours", cfg=g > 1, s=round(t, 4))
 
 
-def bench_e2e(m: WanDiT, backend, vae, fast: bool):
-    """50-step generation with CFG on the compiled DiT: sampling and VAE decode (text encoding is
-    measured separately and added in the table)."""
+def bench_e2e(m: WanDiT, backend, vae, fast: bool, label: str = "compiled, exact attention"):
+    """50-step generation with CFG: sampling and VAE decode (text encoding is measured separately
+    and added in the table). fast: CFG gate 0.5 and TeaCache 0.08 on top."""
     ctx = torch.randn(1, 512, 4096)
     kw = dict(cfg_gate=0.5, teacache_threshold=0.08) if fast else {}
     s = SamplingSettings(steps=50, guidance_scale=5.0, **kw)
@@ -111,7 +158,7 @@ def bench_e2e(m: WanDiT, backend, vae, fast: bool):
         t_sample = time.perf_counter() - start
         vae.decode(z.to(vae.dtype))
     torch.cuda.synchronize()
-    log(kind="e2e_sample_decode", impl="ours", fast=fast, s=round(time.perf_counter() - start, 2),
+    log(kind="e2e_sample_decode", impl="ours", fast=fast, variant=label, s=round(time.perf_counter() - start, 2),
         sample_s=round(t_sample, 2), cond_forwards=stats.cond_forwards, uncond_forwards=stats.uncond_forwards,
         teacache_skipped=stats.teacache_skipped)
 
@@ -168,46 +215,53 @@ def table():
                 return r
         return None
 
-    rows = ["| measurement | ours | diffusers | ratio (diffusers / ours) |", "|---|---|---|---|"]
+    def ratio(ref, ours):
+        return f"{ref / ours:.2f}×" if ref and ours else "–"
 
-    def row(name, ours, ref, key_o="s", key_r="s"):
-        o = ours.get(key_o) if ours else None
-        r = ref.get(key_r) if ref else None
-        ratio = f"{r / o:.2f}×" if o and r else "–"
-        rows.append(f"| {name} | {o if o is not None else '–'} | {r if r is not None else '–'} | {ratio} |")
-
+    rows = []
+    for size in ("1.3B", "14B"):
+        eager = (get("wan_dit_forward", impl="diffusers-0.42.1", size=size) or {}).get("s_per_forward")
+        comp = (get("wan_dit_forward", impl="diffusers-0.42.1+torch.compile", size=size) or {}).get("s_per_forward")
+        ours = [r for r in RESULTS if r.get("kind") == "dit_forward" and r.get("size") == size and "s" in r]
+        if not ours and not eager:
+            continue
+        rows += ["", f"{size} DiT forward, 480×832×81 (diffusers 0.42.1: {eager} s eager, {comp} s compiled)", "",
+                 "| ours | s | peak GiB | × diffusers eager | × diffusers compiled | rel. error vs exact |",
+                 "|---|---|---|---|---|---|"]
+        for r in ours:
+            rows.append(f"| {r['variant']} | {r['s']} | {r['peak_gib']} | {ratio(eager, r['s'])} | {ratio(comp, r['s'])} "
+                        f"| {r.get('rel_err_vs_exact', '–')} |")
+    vae_o, vae_d = get("vae_decode", impl="ours"), get("wan_vae_decode")
+    if vae_o or vae_d:
+        rows += ["", "| VAE decode 480×832×81 | ours | diffusers | ratio |", "|---|---|---|---|",
+                 f"| s | {(vae_o or {}).get('s')} | {(vae_d or {}).get('s')} | "
+                 f"{ratio((vae_d or {}).get('s'), (vae_o or {}).get('s'))} |",
+                 f"| peak GiB | {(vae_o or {}).get('peak_gib')} | {(vae_d or {}).get('peak_gib')} | |"]
+    text = (get("text_encode") or {}).get("s", 0.0)
     eager = get("wan_dit_forward", impl="diffusers-0.42.1", size="1.3B")
-    comp = get("wan_dit_forward", impl="diffusers-0.42.1+torch.compile", size="1.3B")
-    for impl in ("ours", "ours+compile"):
-        o = get("dit_forward", impl=impl, size="1.3B")
-        row(f"1.3B DiT forward, {impl} vs diffusers eager (s)", o, eager, key_r="s_per_forward")
-        row(f"1.3B DiT forward, {impl} vs diffusers compiled (s)", o, comp, key_r="s_per_forward")
-    row("14B DiT forward vs diffusers eager (s)", get("dit_forward", size="14B"),
-        get("wan_dit_forward", impl="diffusers-0.42.1", size="14B"), key_r="s_per_forward")
-    row("VAE decode 480×832×81 (s)", get("vae_decode", impl="ours"), get("wan_vae_decode"))
-    row("VAE decode peak (GiB)", get("vae_decode", impl="ours"), get("wan_vae_decode"), "peak_gib", "peak_gib")
-    text = get("text_encode")
-    if eager and get("wan_vae_decode"):
+    e2e = [r for r in RESULTS if r.get("kind") == "e2e_sample_decode" and "s" in r]
+    if eager and vae_d and e2e:
         # diffusers' 50-step CFG run from its measured parts: 100 forwards + decode + 2 prompt encodings.
-        est = 100 * eager["s_per_forward"] + get("wan_vae_decode")["s"] + 2 * (text["s"] if text else 0)
-        ref = {"s": round(est, 2)}
-        for fast in (False, True):
-            o = get("e2e_sample_decode", fast=fast)
-            if o:
-                o = dict(o, s=round(o["s"] + 2 * (text["s"] if text else 0), 2))
-            row(f"50-step CFG generation end to end{' (CFG gate 0.5 + TeaCache 0.08)' if fast else ''} (s)", o, ref)
+        ref = round(100 * eager["s_per_forward"] + vae_d["s"] + 2 * text, 2)
+        rows += ["", f"50-step CFG generation end to end (diffusers from its parts: {ref} s)", "",
+                 "| ours | settings | forwards (cond+uncond) | TeaCache skipped | s | × diffusers |", "|---|---|---|---|---|---|"]
+        for r in e2e:
+            total = round(r["s"] + 2 * text, 2)
+            rows.append(f"| {r['variant']} | {'CFG gate 0.5 + TeaCache 0.08' if r['fast'] else 'plain'} | "
+                        f"{r['cond_forwards']}+{r['uncond_forwards']} | {r['teacache_skipped']} | {total} | {ratio(ref, total)} |")
     return "\n".join(rows)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
-    ap.add_argument("--parts", default="anchor,dit13,step,teacache,vae,text,e2e,compile13,dit14")
-    ap.add_argument("--backend", default=None, help="attention backend for our runs (default: auto)")
+    ap.add_argument("--parts", default="anchor13,vae,text,dit13,e2e",
+                    help="any of anchor13, no_anchor_compile, vae, text, dit13, e2e, anchor14, dit14")
     args = ap.parse_args()
     parts = args.parts.split(",")
     os.makedirs(args.out, exist_ok=True)
-    log(kind="env", torch=torch.__version__, gpu=torch.cuda.get_device_name(), cudnn=torch.backends.cudnn.version())
+    log(kind="env", torch=torch.__version__, gpu=torch.cuda.get_device_name(), cudnn=torch.backends.cudnn.version(),
+        sage=sage_available())
 
     def attempt(name, fn):
         if name in parts:
@@ -217,33 +271,19 @@ def main():
                 log(kind=name, error=repr(e)[:400])
         return None
 
-    if "anchor" in parts:
-        import diffusers_anchor as anchor
-        anchor.log = log
-        attempt("anchor", lambda: anchor.wan_dit("1.3B", backends=("native",), compile_="no_anchor_compile" not in parts))
-        attempt("anchor", lambda: anchor.wan_vae())
-    m = attempt("dit13", lambda: bench_dit("1.3B", args.backend))
-    if m is not None:
-        attempt("step", lambda: bench_steps(m, args.backend))
-        attempt("teacache", lambda: bench_teacache_step(m, args.backend))
-    del m
+    import diffusers_anchor as anchor
+    anchor.log = log
+    attempt("anchor13", lambda: anchor.wan_dit("1.3B", backends=("native",), compile_="no_anchor_compile" not in parts))
+    attempt("anchor13", lambda: anchor.wan_vae())
+    attempt("anchor14", lambda: anchor.wan_dit("14B", backends=("native",)))
     torch.cuda.empty_cache()
     vae = attempt("vae", our_vae)
     if vae is not None:
         attempt("vae", lambda: bench_vae(vae))
     attempt("text", bench_text)
-    # End to end with our best settings: compiled blocks, auto attention.
-    mc = attempt("compile13", lambda: bench_dit("1.3B", args.backend, compile_=True))
-    if mc is not None and vae is not None and "e2e" in parts:
-        attempt("e2e", lambda: bench_e2e(mc, args.backend, vae, fast=False))
-        attempt("e2e", lambda: bench_e2e(mc, args.backend, vae, fast=True))
-    del mc, vae
+    attempt("dit13", lambda: bench_dit_variants("1.3B", e2e_vae=vae if "e2e" in parts else None))
     torch.cuda.empty_cache()
-    if "dit14" in parts:
-        attempt("dit14", lambda: bench_dit("14B", args.backend))
-        torch.cuda.empty_cache()
-        if "anchor" in parts:
-            attempt("anchor", lambda: anchor.wan_dit("14B", backends=("native",)))
+    attempt("dit14", lambda: bench_dit_variants("14B"))
     md = table()
     print(md)
     with open(os.path.join(args.out, "speed.json"), "w") as f:

@@ -50,6 +50,8 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU; warm-up on first run)")
     p.add_argument("--text-encoder-device", default=None, help="encode prompts here (e.g. cpu for small GPUs)")
     p.add_argument("--fp8", action="store_true", help="store DiT and text-encoder linear weights as fp8 (e4m3fn)")
+    p.add_argument("--fp8-fast", action="store_true",
+                   help="as --fp8, and the DiT multiplies on fp8 tensor cores (GPUs of compute capability 8.9+)")
     p.add_argument("--gpu-memory-gb", type=float, default=None,
                    help="GPU memory for the DiT; blocks beyond it stream from CPU memory (default: fit automatically)")
     p.add_argument("--output", default="fastvideo_demo.mp4" if demo else "output.mp4", help="FILE.mp4")
@@ -69,7 +71,8 @@ def _generate(args, model, text_encoder, vae) -> int:
                                          num_gpus=args.num_gpus, compile=args.compile,
                                          gpu_memory_gb=args.gpu_memory_gb,
                                          text_encoder_device=args.text_encoder_device,
-                                         weight_dtype=_fp8() if args.fp8 else None)
+                                         weight_dtype=_fp8() if args.fp8 or args.fp8_fast else None,
+                                         fp8_matmul=args.fp8_fast)
     try:
         result = gen.generate_video(
             args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,

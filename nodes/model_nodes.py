@@ -9,7 +9,7 @@ from . import comfy_api
 CATEGORY = "FastVideo"
 MODEL = "FASTVIDEO_MODEL"
 PRECISIONS = ["bf16", "fp16", "fp32"]
-WEIGHT_STORAGE = ["as stored", "fp8_e4m3fn"]
+WEIGHT_STORAGE = ["as stored", "fp8_e4m3fn", "fp8_e4m3fn_fast"]
 
 # One loaded model set at a time: choosing other files frees the previous one.
 _loaded: dict = {}
@@ -53,9 +53,10 @@ class LoadFastVideoModel:
                 old.close()
             _loaded.clear()
             comfy_api.free_memory()
-            wd = torch.float8_e4m3fn if weight_storage == "fp8_e4m3fn" else None
+            wd = torch.float8_e4m3fn if weight_storage.startswith("fp8_e4m3fn") else None
             _loaded[key] = VideoGenerator.from_pretrained(path, text_encoder=te, vae=va, dtype=precision,
                                                           weight_dtype=wd, compile=bool(compile),
+                                                          fp8_matmul=weight_storage == "fp8_e4m3fn_fast",
                                                           gpu_memory_gb=float(gpu_memory_gb) or None,
                                                           text_encoder_device="cpu" if text_encoder_device == "cpu"
                                                           else None)

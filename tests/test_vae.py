@@ -62,6 +62,32 @@ def test_tiled_decode_close_to_whole(latents):
     assert (tiled - whole).abs().mean().item() < 0.02  # seams differ a little; the picture does not
 
 
+def test_channels_last_decode_equals_contiguous(latents):
+    """The GPU decode runs channels-last (one-copy causal padding, interleaved time upsampling);
+    the same code on CPU in that layout gives the contiguous result."""
+    vae = random_vae(base_dim=8, seed=2)
+    with torch.no_grad():
+        want = vae.decode(latents)
+        vae._decoder_channels_last()
+        got = vae.decode(latents.contiguous(memory_format=torch.channels_last_3d))
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA")
+@pytest.mark.parametrize("channels", [96, 192, 384])
+def test_fused_rms_norm_silu_equals_torch(channels):
+    from fastvideo_nodes.models.kernels import rms_norm_silu, rms_norm_silu_reference
+    x = torch.randn(1, channels, 3, 17, 23, device="cuda").contiguous(memory_format=torch.channels_last_3d)
+    gamma = torch.randn(channels, 1, 1, 1, device="cuda")
+    want = rms_norm_silu_reference(x, gamma, channels ** 0.5)
+    got = rms_norm_silu(x, gamma, channels ** 0.5)
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+    assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
+    xb, wb = x.bfloat16(), rms_norm_silu_reference(x.bfloat16().float(), gamma, channels ** 0.5)
+    assert (rms_norm_silu(xb, gamma.bfloat16(), channels ** 0.5).float() - wb).abs().max().item() < 0.02 * wb.abs().max().item()
+
+
 def test_normalisation_matches_diffusers_convention(ref):
     z = torch.randn(1, 16, 2, 3, 3)
     mean = torch.tensor(ref.config.latents_mean).view(1, 16, 1, 1, 1)

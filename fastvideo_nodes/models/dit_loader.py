@@ -16,6 +16,7 @@ from ..errors import ModelFileError
 from . import detect
 from .files import all_keys, iter_tensors, locate
 from .materialize import materialize
+from .ops import enable_fp8_matmul, fp8_matmul_supported
 from .wan_dit import WanDiT, WanDiTConfig, keep_fp32
 
 ROLE = "Diffusion model"
@@ -86,12 +87,16 @@ def read_dit_config(path: str) -> WanDiTConfig:
 
 
 def load_dit(path: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-             weight_dtype: torch.dtype | None = None) -> WanDiT:
+             weight_dtype: torch.dtype | None = None, fp8_matmul: bool = False) -> WanDiT:
     """Build a WanDiT on the meta device and fill it from `path`, one tensor at a time.
 
     dtype: compute dtype. weight_dtype: optional storage dtype for the linear weights (e.g.
-    torch.float8_e4m3fn); weights already stored as fp8 always stay fp8.
+    torch.float8_e4m3fn); weights already stored as fp8 always stay fp8. fp8_matmul: the blocks'
+    linears multiply in fp8 on the tensor cores (implies e4m3fn storage; GPUs of compute
+    capability 8.9+, elsewhere the weights stay fp8 and are dequantised at use).
     """
+    if fp8_matmul and weight_dtype is None:
+        weight_dtype = torch.float8_e4m3fn
     files, config = _locate(path)
     header = all_keys(files, ROLE)
     prefix, names = detect.strip_prefix(header)
@@ -122,4 +127,10 @@ def load_dit(path: str, *, device: torch.device | str = "cpu", dtype: torch.dtyp
 
     materialize(model, tensors(), role=f"{ROLE} {os.path.basename(path)!r}", dtype=dtype, device=device,
                 keep_fp32=keep_fp32, weight_dtype=weight_dtype)
+    if fp8_matmul:
+        if fp8_matmul_supported(device):
+            enable_fp8_matmul(model.blocks)
+        else:
+            print(f"[FastVideo] fp8 matmul needs an NVIDIA GPU of compute capability 8.9 or newer; on {device} "
+                  "the fp8 weights are dequantised at use instead.")
     return model

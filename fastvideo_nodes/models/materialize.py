@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelFileError
-from .ops import FP8_DTYPES, Linear
+from .ops import FP8_DTYPES, Linear, quantize_fp8
 
 
 def materialize(module: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], *, role: str,
@@ -20,8 +20,9 @@ def materialize(module: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], 
     """Assign every parameter/buffer of `module` (built on meta) from `tensors`.
 
     dtype: compute dtype for ordinary floating tensors. keep_fp32(name): tensors kept in float32
-    (modulation tables, norms). weight_dtype: store Linear weights in this dtype (e.g. fp8).
-    fp8 weights found in the file stay fp8; their `scale_weight` (ComfyUI scaled fp8) is kept.
+    (modulation tables, norms). weight_dtype: store Linear weights in this dtype (e.g. fp8,
+    then with one scale per output channel). fp8 weights found in the file stay fp8, with their
+    `scale_weight` (ComfyUI scaled fp8) kept.
     """
     expected = {n for n, _ in module.named_parameters()} | {n for n, b in module.named_buffers() if b is not None}
     seen = set()
@@ -41,6 +42,9 @@ def materialize(module: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], 
             pass  # stays fp8; dequantised at use
         elif keep_fp32(name):
             t = t.to(torch.float32)
+        elif is_linear_weight and weight_dtype in FP8_DTYPES:
+            t, scale = quantize_fp8(t, weight_dtype)  # one scale per output channel
+            owner.register_buffer("scale_weight", scale.to(device))
         elif is_linear_weight and weight_dtype is not None:
             t = t.to(dtype).to(weight_dtype) if t.dtype != weight_dtype else t
         elif t.is_floating_point():

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import channels_last, rms_norm_silu
+
 LATENT_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
 LATENT_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
@@ -68,14 +70,34 @@ class CausalConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         past = self.cache if self.streaming and self.time_pad else None
-        if past is not None:
-            x = torch.cat([past, x], dim=2)
-        missing = self.time_pad - (0 if past is None else past.shape[2])
         if self.streaming and self.time_pad:
-            self.cache = x[:, :, -CACHE_T:].clone()
-        if missing > 0 or any(self.space_pad):
-            x = F.pad(x, self.space_pad + (max(missing, 0), 0))
-        return super().forward(x)
+            recent = x if past is None or x.shape[2] >= CACHE_T else torch.cat([past, x], dim=2)
+            self.cache = recent[:, :, -CACHE_T:].clone()
+        if not self.time_pad and not any(self.space_pad):
+            return super().forward(x)
+        return super().forward(self._padded(x, past))
+
+    def _padded(self, x: torch.Tensor, past: torch.Tensor | None) -> torch.Tensor:
+        """[past or zeros, x] in time and zeros around in space, written once into one buffer
+        (rather than a concatenation and then a pad, two full copies)."""
+        pw, ph, tp = self.space_pad[0], self.space_pad[2], self.time_pad
+        b, c, t, h, w = x.shape
+        fmt = torch.channels_last_3d if channels_last(x) else torch.contiguous_format
+        buf = torch.empty((b, c, tp + t, h + 2 * ph, w + 2 * pw), dtype=x.dtype, device=x.device, memory_format=fmt)
+        if ph:
+            buf[:, :, :, :ph].zero_()
+            buf[:, :, :, -ph:].zero_()
+        if pw:
+            buf[:, :, :, :, :pw].zero_()
+            buf[:, :, :, :, -pw:].zero_()
+        inner = buf[:, :, :, ph:ph + h, pw:pw + w]
+        n_past = 0 if past is None else past.shape[2]
+        if tp > n_past:
+            inner[:, :, : tp - n_past].zero_()
+        if n_past:
+            inner[:, :, tp - n_past: tp].copy_(past)
+        inner[:, :, tp:].copy_(x)
+        return buf
 
 
 class RMSNorm(nn.Module):
@@ -87,7 +109,11 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
 
     def forward(self, x):
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+        return rms_norm_silu(x, self.gamma, self.scale, silu=False)
+
+    def silu(self, x):
+        """SiLU(self(x)), one fused kernel on the GPU."""
+        return rms_norm_silu(x, self.gamma, self.scale)
 
 
 class ResidualBlock(nn.Module):
@@ -100,7 +126,9 @@ class ResidualBlock(nn.Module):
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x):
-        return self.residual(x) + self.shortcut(x)
+        r = self.residual
+        h = r[6](r[3].silu(r[2](r[0].silu(x))))
+        return h.add_(self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -146,8 +174,10 @@ class Resample(nn.Module):
         b, c, t, h, w = x.shape
         if self.mode == "upsample3d":
             if self.first_chunk_done:  # the first chunk (one latent frame) is not doubled in time
-                x = self.time_conv(x).view(b, 2, c, t, h, w)
-                x = torch.stack([x[:, 0], x[:, 1]], dim=3).reshape(b, c, 2 * t, h, w)
+                y = self.time_conv(x).view(b, 2, c, t, h, w)
+                fmt = torch.channels_last_3d if channels_last(x) else torch.contiguous_format
+                x = torch.empty((b, c, 2 * t, h, w), dtype=y.dtype, device=y.device, memory_format=fmt)
+                x[:, :, 0::2], x[:, :, 1::2] = y[:, 0], y[:, 1]  # frames interleaved: 0a 0b 1a 1b …
             self.first_chunk_done = True
         t = x.shape[2]
         y = self.resample(x.transpose(1, 2).reshape(b * t, x.shape[1], h, w))
@@ -159,8 +189,13 @@ class Resample(nn.Module):
         return x
 
 
-def _head(dim: int, out: int) -> nn.Sequential:
-    return nn.Sequential(RMSNorm(dim), nn.SiLU(), CausalConv3d(dim, out, 3, padding=1))
+class _Head(nn.Sequential):
+    def __init__(self, dim: int, out: int):
+        super().__init__(RMSNorm(dim), nn.SiLU(), CausalConv3d(dim, out, 3, padding=1))
+
+    def forward(self, x):
+        return self[2](self[0].silu(x))
+
 
 
 class Encoder(nn.Module):
@@ -178,7 +213,7 @@ class Encoder(nn.Module):
         self.downsamples = nn.Sequential(*layers)
         self.middle = nn.Sequential(ResidualBlock(dims[-1], dims[-1]), AttentionBlock(dims[-1]),
                                     ResidualBlock(dims[-1], dims[-1]))
-        self.head = _head(dims[-1], 2 * cfg.z_dim)
+        self.head = _Head(dims[-1], 2 * cfg.z_dim)
 
     def forward(self, x):
         return self.head(self.middle(self.downsamples(self.conv1(x))))
@@ -203,7 +238,7 @@ class Decoder(nn.Module):
             if i != len(mult) - 1:
                 layers.append(Resample(d_out, "upsample3d" if temporal_up[i] else "upsample2d"))
         self.upsamples = nn.Sequential(*layers)
-        self.head = _head(dims[-1], 3)
+        self.head = _Head(dims[-1], 3)
 
     def forward(self, z):
         return self.head(self.upsamples(self.middle(self.conv1(z))))
@@ -265,10 +300,20 @@ class WanVAE(nn.Module):
         z = z.to(self.device, self.dtype)
         if tile is not None and max(z.shape[-2:]) > tile:
             return self._decode_tiled(z, tile)
+        if z.is_cuda:  # cuDNN's native layout: no transposes around every convolution
+            self._decoder_channels_last()
+            z = z.contiguous(memory_format=torch.channels_last_3d)
         x = self.conv2(z)
         with self.stream(self.decoder):
             frames = [self.decoder(x[:, :, i:i + 1]).float() for i in range(x.shape[2])]
         return torch.cat(frames, dim=2).clamp_(-1, 1)
+
+    def _decoder_channels_last(self):
+        for m in (self.conv2, self.decoder):
+            for p in m.parameters():
+                if p.dim() in (4, 5) and not channels_last(p):
+                    p.data = p.data.contiguous(memory_format=torch.channels_last if p.dim() == 4
+                                               else torch.channels_last_3d)
 
     def _decode_tiled(self, z: torch.Tensor, tile: int) -> torch.Tensor:
         """Decode overlapping spatial tiles and blend them with linear ramps over the overlap."""

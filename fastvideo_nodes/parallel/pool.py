@@ -34,7 +34,7 @@ def _free_port() -> int:
 class WorkerPool:
     def __init__(self, model_path: str, *, num_gpus: int, device, dtype: torch.dtype,
                  weight_dtype: torch.dtype | None = None, gpu_ids: list[int] | None = None,
-                 start_timeout: float = 600.0):
+                 start_timeout: float = 600.0, fp8_matmul: bool = False):
         from ..models.dit_loader import read_dit_config
         from .ulysses import check_degree
         check_degree(read_dit_config(model_path).num_heads, num_gpus)
@@ -54,7 +54,8 @@ class WorkerPool:
         for rank, dev in enumerate(devices):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker_main, name=f"fastvideo-worker-{rank}", daemon=True,
-                            args=(rank, num_gpus, port, dev, model_path, dtype, weight_dtype, child, os.getpid(),
+                            args=(rank, num_gpus, port, dev, model_path, dtype,
+                                  dict(weight_dtype=weight_dtype, fp8_matmul=fp8_matmul), child, os.getpid(),
                                   self.cancel_flag))
             p.start()
             child.close()
@@ -175,7 +176,7 @@ def _watch_parent(parent_pid: int):
             os._exit(0)
 
 
-def _worker_main(rank, world, port, device, model_path, dtype, weight_dtype, conn, parent_pid, flag):
+def _worker_main(rank, world, port, device, model_path, dtype, load_options, conn, parent_pid, flag):
     os.environ.update(WORKER_ENV)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     try:
@@ -192,7 +193,7 @@ def _worker_main(rank, world, port, device, model_path, dtype, weight_dtype, con
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                                 rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
-        dit = load_dit(model_path, device=device, dtype=dtype, weight_dtype=weight_dtype)
+        dit = load_dit(model_path, device=device, dtype=dtype, **load_options)
         plan = UlyssesPlan()
         conn.send(("ready", None))
     except BaseException as e:  # noqa: BLE001

@@ -103,8 +103,9 @@ class VideoGenerator:
     def __init__(self, files: ModelFiles, *, device=None, dtype=None, attention_backend: str | None = None,
                  num_gpus: int = 1, weight_dtype: torch.dtype | None = None, gpu_ids: list[int] | None = None,
                  compile: bool = False, attention_options: dict | None = None,
-                 gpu_memory_gb: float | None = None, text_encoder_device=None):
+                 gpu_memory_gb: float | None = None, text_encoder_device=None, fp8_matmul: bool = False):
         self.files = files
+        self.fp8_matmul = bool(fp8_matmul)
         self.text_encoder_device = torch.device(text_encoder_device) if text_encoder_device else None
         self.gpu_memory_gb = gpu_memory_gb or None
         self.offload_note = None
@@ -138,16 +139,20 @@ class VideoGenerator:
     def from_pretrained(cls, model, *, text_encoder=None, vae=None, device=None, dtype=None,
                         attention_backend: str | None = None, num_gpus: int = 1, weight_dtype=None,
                         gpu_ids: list[int] | None = None, compile: bool = False,
-                        gpu_memory_gb: float | None = None, text_encoder_device=None) -> "VideoGenerator":
+                        gpu_memory_gb: float | None = None, text_encoder_device=None,
+                        fp8_matmul: bool = False) -> "VideoGenerator":
         """model: a diffusers folder, or a DiT .safetensors with text_encoder= and vae= files.
         compile: torch.compile the DiT blocks (first run of a shape pays the warm-up).
         gpu_memory_gb: GPU memory the DiT may use; blocks beyond it stream from CPU memory
         (None/0: all resident when it fits the free memory, else fit it automatically).
         text_encoder_device: where prompts are encoded ("cpu" for cards too small for UMT5-XXL);
-        default the main device, with the encoder moved back to CPU after each encoding."""
+        default the main device, with the encoder moved back to CPU after each encoding.
+        fp8_matmul: the DiT's block linears store e4m3fn weights (one scale per channel) and multiply
+        on fp8 tensor cores with per-token activation scales (compute capability 8.9+; lossy, faster)."""
         return cls(ModelFiles.resolve(model, text_encoder, vae), device=device, dtype=dtype,
                    attention_backend=attention_backend, num_gpus=num_gpus, weight_dtype=weight_dtype, gpu_ids=gpu_ids,
-                   compile=compile, gpu_memory_gb=gpu_memory_gb, text_encoder_device=text_encoder_device)
+                   compile=compile, gpu_memory_gb=gpu_memory_gb, text_encoder_device=text_encoder_device,
+                   fp8_matmul=fp8_matmul)
 
     def with_parallel(self, num_gpus: int, gpu_ids: list[int] | None = None) -> "VideoGenerator":
         """A generator whose sampling runs on a pool of `num_gpus` sequence-parallel workers; the
@@ -173,7 +178,7 @@ class VideoGenerator:
             from ..models.dit_loader import load_dit
             budget = self._offload_budget()
             dit = load_dit(self.files.model, device="cpu" if budget is not None else self.device, dtype=self.dtype,
-                           weight_dtype=self.weight_dtype)
+                           weight_dtype=self.weight_dtype, fp8_matmul=self.fp8_matmul)
             if budget is not None:
                 from ..models.offload import enable_block_offload
                 self._parts.offload = enable_block_offload(dit, device=self.device, budget_gb=budget)
@@ -192,7 +197,7 @@ class VideoGenerator:
         path = self.files.model
         files = shard_files(os.path.join(path, "transformer") if os.path.isdir(os.path.join(path, "transformer"))
                             else path, "model", "diffusion_pytorch_model") if os.path.isdir(path) else [path]
-        weights = sum(os.path.getsize(f) for f in files) * (2 if self.weight_dtype is None else 1)
+        weights = sum(os.path.getsize(f) for f in files) * (2 if self.weight_dtype is None and not self.fp8_matmul else 1)
         free = torch.cuda.mem_get_info(self.device)[0]
         return None if weights < 0.7 * free else 0.9 * free / 2**30
 
@@ -261,7 +266,8 @@ class VideoGenerator:
         if self._parts.pool is None or not self._parts.pool.alive:  # a failed pool is replaced
             from ..parallel import WorkerPool
             self._parts.pool = WorkerPool(self.files.model, num_gpus=self.num_gpus, device=self.device,
-                                          dtype=self.dtype, weight_dtype=self.weight_dtype, gpu_ids=self.gpu_ids)
+                                          dtype=self.dtype, weight_dtype=self.weight_dtype, gpu_ids=self.gpu_ids,
+                                          fp8_matmul=self.fp8_matmul)
         return self._parts.pool
 
     def close(self):

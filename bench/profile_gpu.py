@@ -1,0 +1,124 @@
+"""Where the GPU time of one DiT forward / one VAE decode goes, ours and diffusers' (issue 7).
+
+    python bench/profile_gpu.py --out $OUT [--parts dit,dit_compile,diffusers_dit,vae,diffusers_vae]
+
+torch.profiler over one warm call; kernels are summed into categories (GEMM, attention, Triton
+fused, conv, copies, other elementwise) and the top kernels are listed. Writes profile.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from speed import RESULTS, inputs, log, our_vae, random_dit  # noqa: E402
+
+CATEGORIES = [  # first match wins
+    ("attention", r"cudnn.*(fmha|flash|sdpa|attn)|flash|fmha|attention|sm90.*fprop.*bf16.*h128|sage|_attn_fwd"),
+    ("conv", r"conv|implicit_gemm|cudnn|xmma_fprop|winograd|dgrad|wgrad"),
+    ("gemm", r"gemm|cutlass|nvjet|xmma|sm90_|sm80_|ampere|hopper"),
+    ("triton", r"^triton"),
+    ("copy", r"copy|Memcpy|Memset|cat|transpose|permute|contiguous"),
+]
+
+
+def category(name: str) -> str:
+    for cat, pat in CATEGORIES:
+        if re.search(pat, name, re.IGNORECASE):
+            return cat
+    return "elementwise/other"
+
+
+def profiled(label: str, fn, top: int = 15):
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t and ev.key and not ev.key.startswith(("ProfilerStep", "aten::", "cuda")):
+            k = kernels.setdefault(ev.key, [0.0, 0])
+            k[0] += t / 1e3
+            k[1] += ev.count
+    cats: dict[str, float] = {}
+    for name, (ms, _) in kernels.items():
+        cats[category(name)] = cats.get(category(name), 0.0) + ms
+    log(kind="profile", what=label, total_ms=round(sum(cats.values()), 1),
+        categories={k: round(v, 1) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])})
+    for name, (ms, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
+        log(kind="kernel", what=label, ms=round(ms, 2), calls=n, cat=category(name), name=name[:140])
+
+
+def our_dit(compiled: bool):
+    m = random_dit("1.3B")
+    if compiled:
+        m.compile_blocks()
+    x, t, ctx = inputs()
+    with torch.inference_mode():
+        profiled("ours" + (" compiled" if compiled else " eager"), lambda: m(x, t, ctx))
+    del m
+    torch.cuda.empty_cache()
+
+
+def diffusers_dit():
+    from diffusers import WanTransformer3DModel
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+    m = m.to(torch.bfloat16).eval()
+    x, t, ctx = inputs()
+    with torch.inference_mode():
+        profiled("diffusers eager", lambda: m(hidden_states=x.bfloat16(), timestep=t, encoder_hidden_states=ctx,
+                                              return_dict=False))
+    del m
+    torch.cuda.empty_cache()
+
+
+def vae(ours: bool):
+    z = torch.randn(1, 16, 21, 60, 104, device="cuda", dtype=torch.bfloat16)
+    if ours:
+        v = our_vae()
+        fn = lambda: v.decode(z)  # noqa: E731
+    else:
+        from diffusers import AutoencoderKLWan
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            v = AutoencoderKLWan().to(torch.bfloat16).eval()
+        fn = lambda: v.decode(z, return_dict=False)  # noqa: E731
+    with torch.inference_mode():
+        profiled(("ours" if ours else "diffusers") + " vae decode", fn, top=20)
+    del v
+    torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    ap.add_argument("--parts", default="dit,dit_compile,diffusers_dit,vae,diffusers_vae")
+    args = ap.parse_args()
+    parts = args.parts.split(",")
+    os.makedirs(args.out, exist_ok=True)
+    jobs = {"dit": lambda: our_dit(False), "dit_compile": lambda: our_dit(True), "diffusers_dit": diffusers_dit,
+            "vae": lambda: vae(True), "diffusers_vae": lambda: vae(False)}
+    for p in parts:
+        try:
+            jobs[p]()
+        except Exception as e:  # noqa: BLE001 - keep going, report
+            log(kind=p, error=repr(e)[:400])
+    with open(os.path.join(args.out, "profile.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
