@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speed import RESULTS, inputs, log, our_vae, random_dit  # noqa: E402
+from speed import RESULTS, inputs, log, our_vae, random_dit, to_fp8_matmul  # noqa: E402
 
 CATEGORIES = [  # first match wins
     ("attention", r"cudnn.*(fmha|flash|sdpa|attn)|flash|fmha|attention|sm90.*fprop.*bf16.*h128|sage|_attn_fwd"),
@@ -58,15 +58,37 @@ def profiled(label: str, fn, top: int = 15):
         log(kind="kernel", what=label, ms=round(ms, 2), calls=n, cat=category(name), name=name[:140])
 
 
-def our_dit(compiled: bool):
+def our_dit(compiled: bool, fp8: bool = False, backend: str = "TORCH_SDPA"):
     m = random_dit("1.3B")
+    if fp8:
+        to_fp8_matmul(m)
     if compiled:
         m.compile_blocks()
     x, t, ctx = inputs()
+    label = f"ours {'compiled' if compiled else 'eager'}{' fp8 matmul' if fp8 else ''} {backend}"
     with torch.inference_mode():
-        profiled("ours" + (" compiled" if compiled else " eager"), lambda: m(x, t, ctx))
+        profiled(label, lambda: m(x, t, ctx, attention_backend=backend))
     del m
     torch.cuda.empty_cache()
+
+
+def gemms():
+    """bf16 vs fp8 (_scaled_mm, row-wise scales) at the 1.3B block shapes, 32,760 tokens."""
+    from fastvideo_nodes.models.ops import fp8_linear, quantize_fp8
+    from speed import timeit
+    for k, n in ((1536, 1536), (1536, 8960), (8960, 1536)):
+        x = torch.randn(32760, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        wq, sw = quantize_fp8(w, torch.float8_e4m3fn)
+        sx = torch.ones(32760, 1, device="cuda")
+        xq = x.to(torch.float8_e4m3fn)
+        swr = sw.reshape(1, n).contiguous()
+        flops = 2 * 32760 * k * n
+        t_bf16 = timeit(lambda: x @ w.t(), warm=3, iters=10)
+        t_mm = timeit(lambda: torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=swr, out_dtype=torch.bfloat16), 3, 10)
+        t_all = timeit(lambda: fp8_linear(x, wq, sw, None), warm=3, iters=10)
+        log(kind="gemm", k=k, n=n, bf16_tflops=round(flops / t_bf16 / 1e12), fp8_mm_tflops=round(flops / t_mm / 1e12),
+            fp8_linear_eager_ms=round(t_all * 1e3, 3), bf16_ms=round(t_bf16 * 1e3, 3), fp8_mm_ms=round(t_mm * 1e3, 3))
 
 
 def diffusers_dit():
@@ -105,11 +127,14 @@ def vae(ours: bool):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
-    ap.add_argument("--parts", default="dit,dit_compile,diffusers_dit,vae,diffusers_vae")
+    ap.add_argument("--parts", default="dit,dit_compile,diffusers_dit,vae,diffusers_vae",
+                    help="also: dit_fp8, dit_compile_fp8, dit_compile_sage")
     args = ap.parse_args()
     parts = args.parts.split(",")
     os.makedirs(args.out, exist_ok=True)
     jobs = {"dit": lambda: our_dit(False), "dit_compile": lambda: our_dit(True), "diffusers_dit": diffusers_dit,
+            "dit_fp8": lambda: our_dit(False, fp8=True), "dit_compile_fp8": lambda: our_dit(True, fp8=True),
+            "dit_compile_sage": lambda: our_dit(True, backend="SAGE_ATTN"), "gemm": gemms,
             "vae": lambda: vae(True), "diffusers_vae": lambda: vae(False)}
     for p in parts:
         try:

@@ -61,8 +61,10 @@ def random_dit(size: str) -> WanDiT:
 
 
 def inputs(frames=81, h=480, w=832):
-    x = torch.randn(1, 16, (frames - 1) // 4 + 1, h // 8, w // 8, device="cuda")
-    ctx = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
+    """The same latents and text every call (seeded), so that variants can be compared."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, 16, (frames - 1) // 4 + 1, h // 8, w // 8, device="cuda", generator=g)
+    ctx = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
     return x, torch.tensor([500.0], device="cuda"), ctx
 
 
@@ -121,6 +123,8 @@ def bench_dit_variants(size: str, m: WanDiT | None = None, e2e_vae=None):
     sage = sage_available()
     if sage:
         bench_variant(m, size, "compiled, SageAttention", "SAGE_ATTN", ref, compiled=True)
+        if e2e_vae is not None:
+            bench_e2e(m, "SAGE_ATTN", e2e_vae, fast=False, label="compiled, SageAttention")
     to_fp8_matmul(m)
     bench_variant(m, size, "compiled, fp8 matmul, exact attention", "TORCH_SDPA", ref, compiled=True)
     best = "SAGE_ATTN" if sage else "TORCH_SDPA"

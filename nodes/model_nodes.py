@@ -26,7 +26,9 @@ class LoadFastVideoModel:
             "text_encoder": (["(from diffusers folder)"] + comfy_api.folder_names("text_encoders"),),
             "vae": (["(from diffusers folder)"] + comfy_api.folder_names("vae"),),
             "precision": (PRECISIONS, {"default": "bf16"}),
-            "weight_storage": (WEIGHT_STORAGE, {"default": "as stored"}),
+            "weight_storage": (WEIGHT_STORAGE, {"default": "as stored", "tooltip":
+                               "fp8_e4m3fn: half the memory, dequantised at use. fp8_e4m3fn_fast: also "
+                               "multiplies in fp8 on the tensor cores (RTX 40xx/H100 and newer; faster, lossy)"}),
         }, "optional": {
             "compile": ("BOOLEAN", {"default": False, "tooltip": "torch.compile the DiT blocks (first run warms up)"}),
             "gpu_memory_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
