@@ -1,4 +1,4 @@
-"""The worker path at degree 1 against the in-process path, one GPU, 1.3B at 480×832×81, bf16 (issue 6).
+"""The worker path (degree 1 or more GPUs) against the in-process path on one GPU, 1.3B at 480×832×81, bf16.
 
 Writes a random full-size DiT file (the workers load weights themselves, never by pickling), then
 measures: pool start-up, first-run load, time per sampling step in-process and through the pool,
@@ -53,7 +53,7 @@ def main():
     t_load, dit = timed(lambda: load_dit(args.file, device="cuda", dtype=torch.bfloat16))
     with torch.inference_mode():
         denoise(dit, initial_noise(s1), ctx, None, s1)  # warm-up
-        t_in, _ = timed(lambda: denoise(dit, initial_noise(sn), ctx, None, sn))
+        t_in, z_in = timed(lambda: denoise(dit, initial_noise(sn), ctx, None, sn))
     log(kind="in_process", load_s=round(t_load, 2), s_per_step=round(t_in / args.steps, 4))
     del dit
     torch.cuda.empty_cache()
@@ -63,13 +63,15 @@ def main():
     try:
         t_first, _ = timed(lambda: pool.sample(initial_noise(s1), ctx, None, s1))
         t1, _ = timed(lambda: pool.sample(initial_noise(s1), ctx, None, s1))
-        tn, _ = timed(lambda: pool.sample(initial_noise(sn), ctx, None, sn))
+        tn, z_pool = timed(lambda: pool.sample(initial_noise(sn), ctx, None, sn))
     finally:
         pool.close()
     per_step = (tn - t1) / (args.steps - 1)
     log(kind="worker_path", num_gpus=args.num_gpus, first_run_s=round(t_first, 2), s_per_step=round(per_step, 4),
         run_overhead_s=round(tn - args.steps * per_step, 4),
-        step_cost_vs_in_process=round(per_step / (t_in / args.steps), 4))
+        step_cost_vs_in_process=round(per_step / (t_in / args.steps), 4),
+        latents_rel_err_vs_in_process=round(((z_pool.float().cpu() - z_in.float().cpu()).norm()
+                                             / z_in.float().cpu().norm()).item(), 6))
     with open(os.path.join(args.out, "parallel.json"), "w") as f:
         json.dump(RESULTS, f, indent=1)
 
