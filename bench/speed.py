@@ -229,7 +229,8 @@ def table():
         ours = [r for r in RESULTS if r.get("kind") == "dit_forward" and r.get("size") == size and "s" in r]
         if not ours and not eager:
             continue
-        rows += ["", f"{size} DiT forward, 480×832×81 (diffusers 0.42.1: {eager} s eager, {comp} s compiled)", "",
+        said = lambda v: f"{v} s" if v else "not measured"  # noqa: E731
+        rows += ["", f"{size} DiT forward, 480×832×81 (diffusers 0.42.1: {said(eager)} eager, {said(comp)} compiled)", "",
                  "| ours | s | peak GiB | × diffusers eager | × diffusers compiled | rel. error vs exact |",
                  "|---|---|---|---|---|---|"]
         for r in ours:

@@ -260,6 +260,14 @@ class WanDiT(nn.Module):
     def compile_blocks(self, mode: str | None = None) -> "WanDiT":
         """torch.compile every block: the elementwise work around the matmuls (norms, modulation,
         RoPE, gates) fuses into a few kernels. All blocks share one compiled graph."""
+        device = self.text_embedding[0].weight.device
+        if device.type == "cuda":
+            from torch.utils._triton import has_triton
+            if not has_triton():
+                from ..errors import FastVideoError
+                raise FastVideoError("compile: torch.compile needs Triton for CUDA and it is not installed here; "
+                                     "install it (`pip install triton`, on Windows `pip install triton-windows`) "
+                                     "or turn compile off.")
         for block in self.blocks:
             block.compile(dynamic=False, mode=mode)
         return self
