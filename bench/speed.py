@@ -109,13 +109,15 @@ def bench_variant(m: WanDiT, size: str, label: str, backend: str, ref: torch.Ten
 
 
 def bench_dit_variants(size: str, m: WanDiT | None = None, e2e_vae=None):
-    """exact eager → exact compiled → SageAttention compiled → fp8 matmul (+Sage) compiled.
+    """exact eager (+Sage) → exact compiled → SageAttention compiled → fp8 matmul (+Sage) compiled.
     With e2e_vae: 50-step runs after the exact compiled variant and after the fastest one."""
     m = m or random_dit(size)
     ref = bench_variant(m, size, "eager, exact attention", "TORCH_SDPA")
     if size == "1.3B":
         bench_steps(m, "TORCH_SDPA")
         bench_teacache_step(m, "TORCH_SDPA")
+    if sage_available():
+        bench_variant(m, size, "eager, SageAttention", "SAGE_ATTN", ref)
     m.compile_blocks()
     bench_variant(m, size, "compiled, exact attention", "TORCH_SDPA", ref, compiled=True)
     if e2e_vae is not None:

@@ -265,3 +265,24 @@ def test_compiled_blocks_equal_eager(inputs):
         want = model(x, t, ctx)
         got = model.compile_blocks()(x, t, ctx)
     assert (got - want).abs().max().item() < 1e-5 * want.abs().max().item() + 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA")
+@pytest.mark.parametrize("heads", [2, 12])
+def test_fused_eager_kernels_equal_torch(heads):
+    """One-pass RMSNorm+RoPE and LayerNorm+modulation (eager CUDA) against the plain torch ops."""
+    from fastvideo_nodes.models.kernels import (layer_norm_affine, layer_norm_affine_reference, rms_norm_rope,
+                                                rms_norm_rope_reference)
+    from fastvideo_nodes.models.wan_dit import rope_cos_sin
+    g = torch.Generator(device="cuda").manual_seed(0)
+    grid, d = (3, 4, 5), 128
+    cos, sin = rope_cos_sin(grid, d, 10000.0, "cuda")
+    x = torch.randn(2, 60, heads, d, device="cuda", generator=g).bfloat16()
+    w = torch.rand(heads * d, device="cuda", generator=g) + 0.5
+    want = rms_norm_rope_reference(x.float(), w, cos, sin, 1e-6)
+    got = rms_norm_rope(x, w, cos, sin, 1e-6).float()
+    assert (got - want).abs().max().item() < 0.02 * want.abs().max().item()
+    r = torch.randn(2, 60, heads * d, device="cuda", generator=g) * 3 + 1
+    a, b = torch.randn(2, 1, heads * d, device="cuda", generator=g), torch.randn(1, 1, heads * d, device="cuda", generator=g)
+    want = layer_norm_affine_reference(r, a, b, 1e-6, torch.float32)
+    assert (layer_norm_affine(r, a, b, 1e-6, torch.float32) - want).abs().max().item() < 1e-4 * want.abs().max().item()

@@ -48,7 +48,10 @@ def test_degree_two_equals_one_process(pool, dit_file, kw):
     with torch.no_grad():
         ref = denoise(load_dit(dit_file), initial_noise(s), *PROMPTS, s, stats=ref_stats)
     out = pool.sample(initial_noise(s), *PROMPTS, s, stats=par_stats)
-    assert (out - ref).abs().max().item() <= 1e-5
+    # fp32 on CPU: each worker runs fewer threads than this process, so sums may be added in
+    # another order (seen as ~1e-5 on a 32-core host, where the CFG gate scales the cached δ by g−1).
+    err, scale = (out - ref).abs().max().item(), ref.abs().max().item()
+    assert err <= 2e-5 * scale, (err, scale)
     assert (par_stats.uncond_forwards, par_stats.teacache_skipped) == (ref_stats.uncond_forwards,
                                                                        ref_stats.teacache_skipped)
 

@@ -3,6 +3,9 @@
 rms_norm_silu: the Wan VAE's "L2-normalise over channels × √C × γ, then SiLU", one read and one
 write of a channels-last tensor instead of five elementwise passes (the VAE decoder spends a
 third of its time in them).
+rms_norm_rope and layer_norm_affine: the DiT's q/k "RMSNorm then 3D RoPE" and "LayerNorm then
+modulation, cast to the compute dtype", one pass each. They serve eager runs; compiled blocks get
+the same fusion from torch.compile.
 """
 from __future__ import annotations
 
@@ -47,9 +50,80 @@ def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool
     return y
 
 
+def rms_norm_rope_reference(x, weight, cos, sin, eps):
+    """x [B,S,H,D] → RMSNorm over H·D (weight [H·D]), then rotate pairs (2i, 2i+1) by cos/sin [S, D/2]."""
+    b, s, h, d = x.shape
+    y = F.rms_norm(x.reshape(b, s, h * d), (h * d,), weight.to(x.dtype), eps).view(b, s, h, d)
+    yf = y.float().unflatten(-1, (-1, 2))
+    c, s_ = cos[None, :, None, :], sin[None, :, None, :]
+    y0, y1 = yf[..., 0], yf[..., 1]
+    return torch.stack([y0 * c - y1 * s_, y0 * s_ + y1 * c], dim=-1).flatten(-2).type_as(x)
+
+
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float) -> torch.Tensor:
+    if not (x.is_cuda and triton_ok() and x.is_contiguous() and x.dtype in (torch.bfloat16, torch.float16)):
+        return rms_norm_rope_reference(x, weight, cos, sin, eps)
+    b, s, h, d = x.shape
+    y = torch.empty_like(x)
+    pairs = h * d // 2
+    _rms_norm_rope_kernel[(b * s,)](x, weight, cos.contiguous(), sin.contiguous(), y, s, pairs, d // 2, float(eps),
+                                    BLOCK=max(16, 1 << (pairs - 1).bit_length()), num_warps=4)
+    return y
+
+
+def layer_norm_affine_reference(x, a, b, eps, dtype):
+    """(LayerNorm(x) · a + b) in float32, cast to dtype; a, b broadcast as [B or 1, 1, C]."""
+    return torch.addcmul(b.float(), F.layer_norm(x.float(), (x.shape[-1],), eps=eps), a.float()).to(dtype)
+
+
+def layer_norm_affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """x [B,S,C] (float32 residual stream); a, b: [B,1,C] or [1,1,C] or [C]."""
+    if not (x.is_cuda and triton_ok() and x.is_contiguous() and x.dim() == 3):
+        return layer_norm_affine_reference(x, a, b, eps, dtype)
+    bsz, s, c = x.shape
+    a2, b2 = a.float().reshape(-1, c).contiguous(), b.float().reshape(-1, c).contiguous()
+    y = torch.empty(x.shape, dtype=dtype, device=x.device)
+    _layer_norm_affine_kernel[(bsz * s,)](x, a2, b2, y, s, c, a2.shape[0] > 1, b2.shape[0] > 1, float(eps),
+                                          BLOCK=max(16, 1 << (c - 1).bit_length()), num_warps=4)
+    return y
+
+
 if triton_ok():
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _rms_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, seq_len, n_pairs, half_d, eps,
+                              BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        j = tl.arange(0, BLOCK)
+        mask = j < n_pairs
+        base = row * n_pairs * 2
+        xe = tl.load(x_ptr + base + 2 * j, mask=mask, other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + base + 2 * j + 1, mask=mask, other=0.0).to(tl.float32)
+        r = tl.rsqrt(tl.sum(xe * xe + xo * xo, axis=0) / (2 * n_pairs) + eps)
+        xe = xe * r * tl.load(w_ptr + 2 * j, mask=mask, other=0.0).to(tl.float32)
+        xo = xo * r * tl.load(w_ptr + 2 * j + 1, mask=mask, other=0.0).to(tl.float32)
+        angle = (row % seq_len) * half_d + j % half_d
+        c = tl.load(cos_ptr + angle, mask=mask, other=0.0)
+        s = tl.load(sin_ptr + angle, mask=mask, other=0.0)
+        tl.store(y_ptr + base + 2 * j, (xe * c - xo * s).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + base + 2 * j + 1, (xe * s + xo * c).to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _layer_norm_affine_kernel(x_ptr, a_ptr, b_ptr, y_ptr, seq_len, n_cols, a_per_batch, b_per_batch, eps,
+                                  BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / n_cols
+        xc = tl.where(mask, x - mean, 0.0)
+        y = xc * tl.rsqrt(tl.sum(xc * xc, axis=0) / n_cols + eps)
+        batch = row // seq_len
+        a = tl.load(a_ptr + tl.where(a_per_batch, batch, 0) * n_cols + cols, mask=mask, other=0.0)
+        b = tl.load(b_ptr + tl.where(b_per_batch, batch, 0) * n_cols + cols, mask=mask, other=0.0)
+        tl.store(y_ptr + row * n_cols + cols, (y * a + b).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rms_norm_silu_kernel(x_ptr, g_ptr, y_ptr, n_rows, n_cols, scale, eps,

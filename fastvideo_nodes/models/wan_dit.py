@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import AttentionSpec, resolve_backend
+from .kernels import layer_norm_affine, rms_norm_rope
 from .ops import Linear
 
 
@@ -105,6 +106,18 @@ def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
 
 
+def _fused_eager(x: torch.Tensor) -> bool:
+    """Eager CUDA runs use the one-pass Triton kernels; compiled blocks let torch.compile fuse."""
+    return x.is_cuda and not torch.compiler.is_compiling()
+
+
+def norm_affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """LayerNorm(x)·a + b in float32, cast to the compute dtype (a = 1 + scale, b = shift)."""
+    if _fused_eager(x):
+        return layer_norm_affine(x, a, b, eps, dtype)
+    return torch.addcmul(b, layer_norm(x, eps), a).to(dtype)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the whole feature dim (across heads, as Wan's q/k norm)."""
 
@@ -114,9 +127,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight.to(x.dtype)
+        # One fused kernel (float32 inside) where torch has it; as diffusers' torch.nn.RMSNorm.
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 class AffineLayerNorm(nn.LayerNorm):
@@ -124,6 +136,12 @@ class AffineLayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+
+    def to_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """self(x).to(dtype), one kernel in eager CUDA runs."""
+        if _fused_eager(x):
+            return layer_norm_affine(x, self.weight, self.bias, self.eps, dtype)
+        return self(x).to(dtype)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -138,8 +156,12 @@ class SelfAttention(nn.Module):
     def forward(self, x, rope, attn: AttentionSpec):
         """x [B,S,C] → [B,S,C]."""
         heads = lambda t: t.unflatten(-1, (self.num_heads, -1))  # noqa: E731  [B,S,H,D]
-        q = apply_rope(heads(self.norm_q(self.q(x))), *rope)
-        k = apply_rope(heads(self.norm_k(self.k(x))), *rope)
+        if _fused_eager(x):
+            q = rms_norm_rope(heads(self.q(x)), self.norm_q.weight, *rope, self.norm_q.eps)
+            k = rms_norm_rope(heads(self.k(x)), self.norm_k.weight, *rope, self.norm_k.eps)
+        else:
+            q = apply_rope(heads(self.norm_q(self.q(x))), *rope)
+            k = apply_rope(heads(self.norm_k(self.k(x))), *rope)
         v = heads(self.v(x))
         return self.o(attn.self_attention(q, k, v).flatten(2))
 
@@ -171,10 +193,10 @@ class WanBlock(nn.Module):
         """x: fp32 residual stream [B,S,C]; e0: [B,6,C] fp32; context [B,L,C] compute dtype."""
         dtype = context.dtype
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + e0).unsqueeze(2).unbind(1)
-        h = torch.addcmul(shift_sa, layer_norm(x, self.eps), 1 + scale_sa)
-        x = torch.addcmul(x, self.self_attn(h.to(dtype), rope, attn), gate_sa)
-        x = x + self.cross_attn(self.norm3(x).to(dtype), context, attn)
-        h = torch.addcmul(shift_ff, layer_norm(x, self.eps), 1 + scale_ff).to(dtype)
+        h = norm_affine(x, 1 + scale_sa, shift_sa, self.eps, dtype)
+        x = torch.addcmul(x, self.self_attn(h, rope, attn), gate_sa)
+        x = x + self.cross_attn(self.norm3.to_dtype(x, dtype), context, attn)
+        h = norm_affine(x, 1 + scale_ff, shift_ff, self.eps, dtype)
         return torch.addcmul(x, self.ffn[2](linear_gelu(self.ffn[0], h)), gate_ff)
 
 
