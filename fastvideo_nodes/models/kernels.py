@@ -4,8 +4,8 @@ rms_norm_silu: the Wan VAE's "L2-normalise over channels × √C × γ, then SiL
 write of a channels-last tensor instead of five elementwise passes (the VAE decoder spends a
 third of its time in them).
 rms_norm_rope and layer_norm_affine: the DiT's q/k "RMSNorm then 3D RoPE" and "LayerNorm then
-modulation, cast to the compute dtype", one pass each. They serve eager runs; compiled blocks get
-the same fusion from torch.compile.
+modulation, cast to the compute dtype", one pass each. Eager CUDA runs use both; compiled blocks
+use rms_norm_rope as an opaque op and let torch.compile fuse the rest.
 """
 from __future__ import annotations
 
@@ -69,6 +69,19 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin:
     _rms_norm_rope_kernel[(b * s,)](x, weight, cos.contiguous(), sin.contiguous(), y, s, pairs, d // 2, float(eps),
                                     BLOCK=max(16, 1 << (pairs - 1).bit_length()), num_warps=4)
     return y
+
+
+# Compiled blocks call it as one opaque op: its single pass beat the compiler's fused kernel for the
+# same math (RMSNorm over all heads, then interleaved-pair rotation).
+@torch.library.custom_op("fastvideo::rms_norm_rope", mutates_args=())
+def rms_norm_rope_op(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+    return rms_norm_rope(x.contiguous(), weight, cos, sin, eps)
+
+
+@rms_norm_rope_op.register_fake
+def _(x, weight, cos, sin, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def layer_norm_affine_reference(x, a, b, eps, dtype):

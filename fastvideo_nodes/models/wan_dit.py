@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import AttentionSpec, resolve_backend
-from .kernels import layer_norm_affine, rms_norm_rope
+from .kernels import layer_norm_affine, rms_norm_rope, rms_norm_rope_op
 from .ops import Linear
 
 
@@ -156,9 +156,10 @@ class SelfAttention(nn.Module):
     def forward(self, x, rope, attn: AttentionSpec):
         """x [B,S,C] → [B,S,C]."""
         heads = lambda t: t.unflatten(-1, (self.num_heads, -1))  # noqa: E731  [B,S,H,D]
-        if _fused_eager(x):
-            q = rms_norm_rope(heads(self.q(x)), self.norm_q.weight, *rope, self.norm_q.eps)
-            k = rms_norm_rope(heads(self.k(x)), self.norm_k.weight, *rope, self.norm_k.eps)
+        if x.is_cuda:  # one Triton pass each, eager or compiled
+            norm_rope = rms_norm_rope_op if torch.compiler.is_compiling() else rms_norm_rope
+            q = norm_rope(heads(self.q(x)), self.norm_q.weight, *rope, self.norm_q.eps)
+            k = norm_rope(heads(self.k(x)), self.norm_k.weight, *rope, self.norm_k.eps)
         else:
             q = apply_rope(heads(self.norm_q(self.q(x))), *rope)
             k = apply_rope(heads(self.norm_k(self.k(x))), *rope)
