@@ -239,7 +239,7 @@ def table():
             rows.append(f"| {r['variant']} | {r['s']} | {r['peak_gib']} | {ratio(eager, r['s'])} | {ratio(comp, r['s'])} "
                         f"| {r.get('rel_err_vs_exact', '–')} |")
     vae_o, vae_d = get("vae_decode", impl="ours"), get("wan_vae_decode")
-    if vae_o or vae_d:
+    if vae_o and vae_d:
         rows += ["", "| VAE decode 480×832×81 | ours | diffusers | ratio |", "|---|---|---|---|",
                  f"| s | {(vae_o or {}).get('s')} | {(vae_d or {}).get('s')} | "
                  f"{ratio((vae_d or {}).get('s'), (vae_o or {}).get('s'))} |",
