@@ -270,19 +270,19 @@ def test_compiled_blocks_equal_eager(inputs):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA")
 @pytest.mark.parametrize("heads", [2, 12])
 def test_fused_eager_kernels_equal_torch(heads):
-    """One-pass RMSNorm+RoPE and LayerNorm+modulation (eager CUDA) against the plain torch ops."""
-    from fastvideo_nodes.models.kernels import (layer_norm_affine, layer_norm_affine_reference, rms_norm_rope,
-                                                rms_norm_rope_reference)
-    from fastvideo_nodes.models.wan_dit import rope_cos_sin
+    """One-pass RMSNorm+RoPE and LayerNorm+modulation (eager CUDA) against the model's torch math."""
+    from fastvideo_nodes.models.kernels import layer_norm_affine, rms_norm_rope
+    from fastvideo_nodes.models.wan_dit import RMSNorm, apply_rope, layer_norm, rope_cos_sin
     g = torch.Generator(device="cuda").manual_seed(0)
     grid, d = (3, 4, 5), 128
     cos, sin = rope_cos_sin(grid, d, 10000.0, "cuda")
     x = torch.randn(2, 60, heads, d, device="cuda", generator=g).bfloat16()
-    w = torch.rand(heads * d, device="cuda", generator=g) + 0.5
-    want = rms_norm_rope_reference(x.float(), w, cos, sin, 1e-6)
-    got = rms_norm_rope(x, w, cos, sin, 1e-6).float()
+    norm = RMSNorm(heads * d, 1e-6).cuda()
+    norm.weight.data = torch.rand(heads * d, device="cuda", generator=g) + 0.5
+    want = apply_rope(norm(x.float().flatten(2)).unflatten(-1, (heads, d)), cos, sin)
+    got = rms_norm_rope(x, norm.weight, cos, sin, 1e-6).float()
     assert (got - want).abs().max().item() < 0.02 * want.abs().max().item()
     r = torch.randn(2, 60, heads * d, device="cuda", generator=g) * 3 + 1
     a, b = torch.randn(2, 1, heads * d, device="cuda", generator=g), torch.randn(1, 1, heads * d, device="cuda", generator=g)
-    want = layer_norm_affine_reference(r, a, b, 1e-6, torch.float32)
+    want = torch.addcmul(b, layer_norm(r, 1e-6), a)
     assert (layer_norm_affine(r, a, b, 1e-6, torch.float32) - want).abs().max().item() < 1e-4 * want.abs().max().item()

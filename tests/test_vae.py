@@ -77,15 +77,20 @@ def test_channels_last_decode_equals_contiguous(latents):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA")
 @pytest.mark.parametrize("channels", [96, 192, 384])
 def test_fused_rms_norm_silu_equals_torch(channels):
-    from fastvideo_nodes.models.kernels import rms_norm_silu, rms_norm_silu_reference
+    from fastvideo_nodes.models.kernels import fusable
+    from fastvideo_nodes.models.wan_vae import RMSNorm
+    norm = RMSNorm(channels).cuda()
+    norm.gamma.data.normal_()
     x = torch.randn(1, channels, 3, 17, 23, device="cuda").contiguous(memory_format=torch.channels_last_3d)
-    gamma = torch.randn(channels, 1, 1, 1, device="cuda")
-    want = rms_norm_silu_reference(x, gamma, channels ** 0.5)
-    got = rms_norm_silu(x, gamma, channels ** 0.5)
+    assert fusable(x, layout="channels_last") and not fusable(x.contiguous(), layout="channels_last")
+    want = norm.silu(x.contiguous())  # the plain torch math
+    got = norm.silu(x)
     assert got.is_contiguous(memory_format=torch.channels_last_3d)
     assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
-    xb, wb = x.bfloat16(), rms_norm_silu_reference(x.bfloat16().float(), gamma, channels ** 0.5)
-    assert (rms_norm_silu(xb, gamma.bfloat16(), channels ** 0.5).float() - wb).abs().max().item() < 0.02 * wb.abs().max().item()
+    xb = x.bfloat16()
+    wb = norm.silu(xb.float().contiguous())
+    norm.bfloat16()
+    assert (norm.silu(xb).float() - wb).abs().max().item() < 0.02 * wb.abs().max().item()
 
 
 def test_normalisation_matches_diffusers_convention(ref):

@@ -1,4 +1,5 @@
-"""Triton kernels for the GPU path; each has a plain-torch twin that CPU runs and tests compare with.
+"""Triton kernels for the GPU path. The models keep the plain torch math (CPU, and the reference the
+GPU tests compare with) and call these where `fusable` says they apply.
 
 rms_norm_silu: the Wan VAE's "L2-normalise over channels × √C × γ, then SiLU", one read and one
 write of a channels-last tensor instead of five elementwise passes (the VAE decoder spends a
@@ -12,7 +13,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,15 +30,20 @@ def channels_last(x: torch.Tensor) -> bool:
         x.permute(0, *range(2, x.dim()), 1).is_contiguous()
 
 
-def rms_norm_silu_reference(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool = True) -> torch.Tensor:
-    y = F.normalize(x, dim=1) * scale * gamma
-    return F.silu(y) if silu else y
+HALF = (torch.bfloat16, torch.float16)
+
+
+def fusable(x: torch.Tensor, *, layout: str = "contiguous", dtypes: tuple = ()) -> bool:
+    """Whether the Triton kernels below take x: a CUDA tensor with Triton present, in the layout
+    ("contiguous" or "channels_last") and, if given, one of the dtypes. Callers run their plain
+    torch math otherwise; that math is the reference the GPU tests compare these kernels with."""
+    if not (x.is_cuda and triton_ok()) or (dtypes and x.dtype not in dtypes):
+        return False
+    return channels_last(x) if layout == "channels_last" else x.is_contiguous()
 
 
 def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool = True) -> torch.Tensor:
-    """x [B,C,...] → silu(normalize(x over C) · scale · gamma); gamma has C elements."""
-    if not (x.is_cuda and channels_last(x) and triton_ok()):
-        return rms_norm_silu_reference(x, gamma, scale, silu)
+    """Channels-last x [B,C,...] → silu(normalize(x over C) · scale · gamma); gamma has C elements."""
     c = x.shape[1]
     rows = x.numel() // c
     y = torch.empty_like(x)  # keeps the channels-last layout
@@ -50,19 +55,9 @@ def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool
     return y
 
 
-def rms_norm_rope_reference(x, weight, cos, sin, eps):
-    """x [B,S,H,D] → RMSNorm over H·D (weight [H·D]), then rotate pairs (2i, 2i+1) by cos/sin [S, D/2]."""
-    b, s, h, d = x.shape
-    y = F.rms_norm(x.reshape(b, s, h * d), (h * d,), weight.to(x.dtype), eps).view(b, s, h, d)
-    yf = y.float().unflatten(-1, (-1, 2))
-    c, s_ = cos[None, :, None, :], sin[None, :, None, :]
-    y0, y1 = yf[..., 0], yf[..., 1]
-    return torch.stack([y0 * c - y1 * s_, y0 * s_ + y1 * c], dim=-1).flatten(-2).type_as(x)
-
-
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float) -> torch.Tensor:
-    if not (x.is_cuda and triton_ok() and x.is_contiguous() and x.dtype in (torch.bfloat16, torch.float16)):
-        return rms_norm_rope_reference(x, weight, cos, sin, eps)
+    """Contiguous half-precision x [B,S,H,D] → RMSNorm over H·D (weight [H·D]), then pairs (2i, 2i+1)
+    rotated by cos/sin [S, D/2]; float32 inside, one rounding at the end."""
     b, s, h, d = x.shape
     y = torch.empty_like(x)
     pairs = h * d // 2
@@ -84,15 +79,8 @@ def _(x, weight, cos, sin, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def layer_norm_affine_reference(x, a, b, eps, dtype):
-    """(LayerNorm(x) · a + b) in float32, cast to dtype; a, b broadcast as [B or 1, 1, C]."""
-    return torch.addcmul(b.float(), F.layer_norm(x.float(), (x.shape[-1],), eps=eps), a.float()).to(dtype)
-
-
 def layer_norm_affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """x [B,S,C] (float32 residual stream); a, b: [B,1,C] or [1,1,C] or [C]."""
-    if not (x.is_cuda and triton_ok() and x.is_contiguous() and x.dim() == 3):
-        return layer_norm_affine_reference(x, a, b, eps, dtype)
+    """Contiguous x [B,S,C] → (LayerNorm(x)·a + b) in float32, cast to dtype; a, b: [B or 1, 1, C] or [C]."""
     bsz, s, c = x.shape
     a2, b2 = a.float().reshape(-1, c).contiguous(), b.float().reshape(-1, c).contiguous()
     y = torch.empty(x.shape, dtype=dtype, device=x.device)

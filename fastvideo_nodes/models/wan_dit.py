@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import AttentionSpec, resolve_backend
-from .kernels import layer_norm_affine, rms_norm_rope, rms_norm_rope_op
+from .kernels import HALF, fusable, layer_norm_affine, rms_norm_rope, rms_norm_rope_op
 from .ops import Linear
 
 
@@ -108,7 +108,7 @@ def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _fused_eager(x: torch.Tensor) -> bool:
     """Eager CUDA runs use the one-pass Triton kernels; compiled blocks let torch.compile fuse."""
-    return x.is_cuda and not torch.compiler.is_compiling()
+    return not torch.compiler.is_compiling() and x.dim() == 3 and fusable(x)
 
 
 def norm_affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
@@ -156,14 +156,15 @@ class SelfAttention(nn.Module):
     def forward(self, x, rope, attn: AttentionSpec):
         """x [B,S,C] → [B,S,C]."""
         heads = lambda t: t.unflatten(-1, (self.num_heads, -1))  # noqa: E731  [B,S,H,D]
-        if x.is_cuda:  # one Triton pass each, eager or compiled
-            norm_rope = rms_norm_rope_op if torch.compiler.is_compiling() else rms_norm_rope
-            q = norm_rope(heads(self.q(x)), self.norm_q.weight, *rope, self.norm_q.eps)
-            k = norm_rope(heads(self.k(x)), self.norm_k.weight, *rope, self.norm_k.eps)
+        q, k, v = self.q(x), self.k(x), heads(self.v(x))
+        compiling = torch.compiler.is_compiling()  # (compile_blocks made sure Triton is there)
+        if q.is_cuda and q.dtype in HALF and (compiling or fusable(q)):  # one Triton pass each
+            norm_rope = rms_norm_rope_op if compiling else rms_norm_rope
+            q = norm_rope(heads(q), self.norm_q.weight, *rope, self.norm_q.eps)
+            k = norm_rope(heads(k), self.norm_k.weight, *rope, self.norm_k.eps)
         else:
-            q = apply_rope(heads(self.norm_q(self.q(x))), *rope)
-            k = apply_rope(heads(self.norm_k(self.k(x))), *rope)
-        v = heads(self.v(x))
+            q = apply_rope(heads(self.norm_q(q)), *rope)
+            k = apply_rope(heads(self.norm_k(k)), *rope)
         return self.o(attn.self_attention(q, k, v).flatten(2))
 
 

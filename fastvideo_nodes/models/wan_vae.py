@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import channels_last, rms_norm_silu
+from .kernels import channels_last, fusable, rms_norm_silu
 
 LATENT_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
@@ -109,11 +109,15 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
 
     def forward(self, x):
-        return rms_norm_silu(x, self.gamma, self.scale, silu=False)
+        if fusable(x, layout="channels_last"):
+            return rms_norm_silu(x, self.gamma, self.scale, silu=False)
+        return F.normalize(x, dim=1) * self.scale * self.gamma
 
     def silu(self, x):
         """SiLU(self(x)), one fused kernel on the GPU."""
-        return rms_norm_silu(x, self.gamma, self.scale)
+        if fusable(x, layout="channels_last"):
+            return rms_norm_silu(x, self.gamma, self.scale)
+        return F.silu(self(x))
 
 
 class ResidualBlock(nn.Module):
@@ -195,7 +199,6 @@ class _Head(nn.Sequential):
 
     def forward(self, x):
         return self[2](self[0].silu(x))
-
 
 
 class Encoder(nn.Module):
