@@ -17,7 +17,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {}
 WEB_DIRECTORY = None
 
 try:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 except ImportError as e:  # nodes not importable: keep ComfyUI up and say why
     if "nodes" not in str(e) and "NODE_CLASS_MAPPINGS" not in str(e):
         print(f"[FastVideo Nodes] could not load nodes: {e}")

@@ -21,8 +21,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.speed import RESULTS, log, timeit  # noqa: E402
-from fastvideo_nodes.attention import BACKENDS, attention, backend_module  # noqa: E402
-from fastvideo_nodes.attention import sliding_tile  # noqa: E402
+from fastvideo_nodes.attention import (  # noqa: E402
+    BACKENDS,
+    attention,
+    backend_module,
+    sliding_tile,
+)
 
 GRID = (21, 30, 52)  # 480×832×81 → 32,760 tokens
 def kernels(heads: int):
@@ -40,7 +44,7 @@ def kernels(heads: int):
             log(kind="attn", backend=name, heads=heads, skipped=problem)
             continue
         try:
-            run = lambda: attention(q, k, v, backend=name, grid=GRID, options=opts)  # noqa: E731
+            run = lambda: attention(q, k, v, backend=name, grid=GRID, options=opts)
             out = run()
             t = timeit(run)
             cos = F.cosine_similarity(out.float().flatten(), ref.flatten(), dim=0).item()
@@ -49,7 +53,7 @@ def kernels(heads: int):
             if opts:
                 row.update(window=opts["window"], density=round(sliding_tile.density(GRID, opts["tile"], opts["window"]), 3))
             log(**row)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log(kind="attn", backend=name, heads=heads, error=repr(e)[:300])
     del q, k, v, ref
     torch.cuda.empty_cache()
@@ -67,7 +71,7 @@ def dit_forward():
             with torch.inference_mode():
                 s = timeit(lambda: m(x, t, ctx, attention_backend=name, attention_options=opts), iters=2)
             log(kind="dit_forward_by_backend", size="1.3B", backend=name, window=opts.get("window"), s=round(s, 4))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log(kind="dit_forward_by_backend", backend=name, error=repr(e)[:300])
 
 

@@ -21,9 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.speed import RESULTS, log, random_dit  # noqa: E402
-from fastvideo_nodes.models.offload import enable_block_offload  # noqa: E402
-from fastvideo_nodes.models.ops import Linear  # noqa: E402
+from fastvideo_nodes.memory.offload import enable_block_offload  # noqa: E402
+from fastvideo_nodes.ops.linear import Linear  # noqa: E402
 from fastvideo_nodes.pipeline.sampler import SamplingSettings, denoise, initial_noise  # noqa: E402
+
 
 def measure(name, dit, ref=None):
     ctx = torch.randn(1, 512, 4096, generator=torch.Generator().manual_seed(0))

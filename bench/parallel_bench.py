@@ -20,10 +20,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.speed import RESULTS, log  # noqa: E402
-from fastvideo_nodes.models.dit_loader import load_dit  # noqa: E402
+from fastvideo_nodes.loading.dit import load_dit  # noqa: E402
 from fastvideo_nodes.parallel import WorkerPool  # noqa: E402
 from fastvideo_nodes.pipeline.sampler import SamplingSettings, denoise, initial_noise  # noqa: E402
-from fastvideo_nodes.tiny.dit import save_original  # noqa: E402
+from fastvideo_nodes.testing.dit import save_original  # noqa: E402
 
 
 def timed(fn):

@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speed import RESULTS, inputs, log, our_vae, random_dit, to_fp8_matmul  # noqa: E402
+from speed import RESULTS, inputs, log, our_vae, random_dit, to_fp8_matmul
 
 CATEGORIES = [  # first match wins
     ("attention", r"cudnn.*(fmha|flash|sdpa|attn)|flash|fmha|attention|sm90.*fprop.*bf16.*h128|sage|_attn_fwd"),
@@ -74,8 +74,9 @@ def our_dit(compiled: bool, fp8: bool = False, backend: str = "TORCH_SDPA"):
 
 def gemms():
     """bf16 vs fp8 (_scaled_mm, row-wise scales) at the 1.3B block shapes, 32,760 tokens."""
-    from fastvideo_nodes.models.ops import fp8_linear, quantize_fp8
     from speed import timeit
+
+    from fastvideo_nodes.ops.linear import fp8_linear, quantize_fp8
     for k, n in ((1536, 1536), (1536, 8960), (8960, 1536)):
         x = torch.randn(32760, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -111,13 +112,13 @@ def vae(ours: bool):
     z = torch.randn(1, 16, 21, 60, 104, device="cuda", dtype=torch.bfloat16)
     if ours:
         v = our_vae()
-        fn = lambda: v.decode(z)  # noqa: E731
+        fn = lambda: v.decode(z)
     else:
         from diffusers import AutoencoderKLWan
         torch.manual_seed(0)
         with torch.device("cuda"):
             v = AutoencoderKLWan().to(torch.bfloat16).eval()
-        fn = lambda: v.decode(z, return_dict=False)  # noqa: E731
+        fn = lambda: v.decode(z, return_dict=False)
     with torch.inference_mode():
         profiled(("ours" if ours else "diffusers") + " vae decode", fn, top=20)
     del v
@@ -139,7 +140,7 @@ def main():
     for p in parts:
         try:
             jobs[p]()
-        except Exception as e:  # noqa: BLE001 - keep going, report
+        except Exception as e:
             log(kind=p, error=repr(e)[:400])
     with open(os.path.join(args.out, "profile.json"), "w") as f:
         json.dump(RESULTS, f, indent=1)

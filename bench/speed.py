@@ -70,7 +70,7 @@ def inputs(frames=81, h=480, w=832):
 
 def to_fp8_matmul(m: WanDiT) -> WanDiT:
     """The blocks' linears as load_dit(fp8_matmul=True) leaves them: e4m3fn with per-channel scales."""
-    from fastvideo_nodes.models.ops import Linear, enable_fp8_matmul, quantize_fp8
+    from fastvideo_nodes.ops.linear import Linear, enable_fp8_matmul, quantize_fp8
     for layer in m.blocks.modules():
         if isinstance(layer, Linear):
             w, scale = quantize_fp8(layer.weight.data, torch.float8_e4m3fn)
@@ -143,7 +143,7 @@ def bench_steps(m: WanDiT, backend):
     for g in (5.0, 1.0):
         s = SamplingSettings(steps=3, guidance_scale=g)
         noise = initial_noise(s)
-        run = lambda: denoise(m, noise, ctx, ctx, s, attention_backend=backend)  # noqa: E731
+        run = lambda: denoise(m, noise, ctx, ctx, s, attention_backend=backend)
         with torch.inference_mode():
             t = timeit(run, warm=1, iters=1) / 3
         log(kind="sampling_step", impl="ours", cfg=g > 1, s=round(t, 4))
@@ -183,7 +183,7 @@ def bench_teacache_step(m: WanDiT, backend):
 
 
 def our_vae():
-    from fastvideo_nodes.tiny.vae import random_vae
+    from fastvideo_nodes.testing.vae import random_vae
     return random_vae(base_dim=96, seed=0).to("cuda", torch.bfloat16)
 
 
@@ -231,7 +231,7 @@ def table():
         ours = [r for r in RESULTS if r.get("kind") == "dit_forward" and r.get("size") == size and "s" in r]
         if not ours and not eager:
             continue
-        said = lambda v: f"{v} s" if v else "not measured"  # noqa: E731
+        said = lambda v: f"{v} s" if v else "not measured"
         rows += ["", f"{size} DiT forward, 480×832×81 (diffusers 0.42.1: {said(eager)} eager, {said(comp)} compiled)", "",
                  "| ours | s | peak GiB | × diffusers eager | × diffusers compiled | rel. error vs exact |",
                  "|---|---|---|---|---|---|"]
@@ -274,7 +274,7 @@ def main():
         if name in parts:
             try:
                 return fn()
-            except Exception as e:  # noqa: BLE001 - a bench keeps going and reports
+            except Exception as e:
                 log(kind=name, error=repr(e)[:400])
         return None
 

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            from .tiny.demo import demo_files
+            from .testing.demo import demo_files
             files = demo_files()
             print("Demo: a tiny model with fixed RANDOM weights (no download). It draws noise-like video;\n"
                   "      the point is the whole path (encode → sample → decode → mp4) running on your machine.\n"

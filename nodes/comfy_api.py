@@ -63,6 +63,7 @@ class Progress:
         preview = None
         if x0 is not None:
             from PIL import Image
+
             from fastvideo_nodes.pipeline.preview import latent_to_rgb
             preview = ("JPEG", Image.fromarray(latent_to_rgb(x0).numpy()), 512)
         self.bar.update_absolute(step, total, preview)

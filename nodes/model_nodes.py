@@ -44,6 +44,7 @@ class LoadFastVideoModel:
     def load(self, model, text_encoder, vae, precision, weight_storage, compile=False, gpu_memory_gb=0.0,
              text_encoder_device="gpu"):
         import torch
+
         from fastvideo_nodes.pipeline.generator import VideoGenerator
 
         path = comfy_api.full_path("diffusion_models", model)

@@ -5,8 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastvideo_nodes.attention import BACKENDS, ENV_VAR, UNSUPPORTED, AttentionSpec, attention, resolve_backend
-from fastvideo_nodes.attention import sliding_tile
+from fastvideo_nodes.attention import (
+    BACKENDS,
+    ENV_VAR,
+    UNSUPPORTED,
+    AttentionSpec,
+    attention,
+    resolve_backend,
+    sliding_tile,
+)
 from fastvideo_nodes.errors import FastVideoError
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -95,7 +102,7 @@ def test_sliding_tile_dense_first_steps_and_cross_attention():
 
 
 def test_dit_runs_with_sliding_tiles():
-    from fastvideo_nodes.tiny.dit import random_dit
+    from fastvideo_nodes.testing.dit import random_dit
     dit = random_dit()
     x, t, ctx = torch.randn(1, 16, 3, 8, 8), torch.tensor([500.0]), torch.randn(1, 8, 32)
     with torch.no_grad():

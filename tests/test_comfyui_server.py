@@ -45,8 +45,9 @@ def http(port, path, data=None, timeout=30):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     import torch
-    from fastvideo_nodes.tiny.folders import build_model_set
-    from fastvideo_nodes.tiny.vae import random_vae, save_original
+
+    from fastvideo_nodes.testing.folders import build_model_set
+    from fastvideo_nodes.testing.vae import random_vae, save_original
 
     base = tmp_path_factory.mktemp("comfy")
     files = build_model_set(str(base / "set"), seed=7)["comfy"]

@@ -6,9 +6,15 @@ import torch
 from safetensors.torch import save_file
 
 from fastvideo_nodes.errors import ModelFileError
-from fastvideo_nodes.models.dit_loader import config_from_shapes, load_dit
-from fastvideo_nodes.models.ops import Linear
-from fastvideo_nodes.tiny.dit import TINY_DIT, diffusers_to_original, diffusers_transformer, quantize_fp8, save_original
+from fastvideo_nodes.loading.dit import config_from_shapes, load_dit
+from fastvideo_nodes.ops.linear import Linear
+from fastvideo_nodes.testing.dit import (
+    TINY_DIT,
+    diffusers_to_original,
+    diffusers_transformer,
+    quantize_fp8,
+    save_original,
+)
 
 pytest.importorskip("diffusers")
 
@@ -125,7 +131,7 @@ def test_weight_dtype_fp8_on_load(files, inputs, expected):
     assert model.blocks[0].modulation.dtype == torch.float32  # small tables stay fp32
     err = rel_err(run(model, inputs), expected)
     assert err < 0.05  # fp8 rounding, but the same function
-    from fastvideo_nodes.models.ops import quantize_fp8 as q8
+    from fastvideo_nodes.ops.linear import quantize_fp8 as q8
     for std in (0.01, 0.02):  # Wan-sized weights: a plain cast (ComfyUI's fp8_e4m3fn) loses more
         w = torch.randn(512, 512, generator=torch.Generator().manual_seed(0)) * std
         q, scale = q8(w, torch.float8_e4m3fn)
@@ -137,7 +143,7 @@ def test_weight_dtype_fp8_on_load(files, inputs, expected):
 def test_fp8_matmul_close_to_full_precision(files, inputs, expected):
     """fp8 × fp8 products with per-token activation scales (the CPU runs the same arithmetic as
     torch._scaled_mm in float32); asked for on CPU, loading keeps plain dequantisation."""
-    from fastvideo_nodes.models.ops import enable_fp8_matmul, fp8_linear
+    from fastvideo_nodes.ops.linear import enable_fp8_matmul, fp8_linear
     model = load_dit(files["orig_fp32"], fp8_matmul=True)
     assert not any(getattr(m, "fp8_matmul", False) for m in model.modules())
     assert enable_fp8_matmul(model.blocks) == 2 * 10  # per block: 8 attention linears + 2 FFN linears
@@ -156,7 +162,8 @@ def test_fp8_matmul_close_to_full_precision(files, inputs, expected):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="fp8 tensor cores: compute capability 8.9+")
 def test_fp8_matmul_cuda_equals_emulation():
-    from fastvideo_nodes.models.ops import fp8_linear, quantize_fp8 as q8
+    from fastvideo_nodes.ops.linear import fp8_linear
+    from fastvideo_nodes.ops.linear import quantize_fp8 as q8
     g = torch.Generator().manual_seed(0)
     w, scale = q8(torch.randn(384, 256, generator=g) * 0.02, torch.float8_e4m3fn)
     x, bias = torch.randn(3, 70, 256, generator=g).bfloat16(), torch.randn(384, generator=g).bfloat16()
@@ -258,7 +265,7 @@ def test_folder_with_only_pickle_weights(tmp_path, files):
 
 def test_compiled_blocks_equal_eager(inputs):
     """torch.compile on the blocks, attention as one opaque op: same output as eager (CPU, fp32)."""
-    from fastvideo_nodes.tiny.dit import random_dit
+    from fastvideo_nodes.testing.dit import random_dit
     model = random_dit(seed=3)
     x, t, ctx = inputs
     with torch.inference_mode():
@@ -271,8 +278,8 @@ def test_compiled_blocks_equal_eager(inputs):
 @pytest.mark.parametrize("heads", [2, 12])
 def test_fused_eager_kernels_equal_torch(heads):
     """One-pass RMSNorm+RoPE and LayerNorm+modulation (eager CUDA) against the model's torch math."""
-    from fastvideo_nodes.models.kernels import layer_norm_affine, rms_norm_rope
     from fastvideo_nodes.models.wan_dit import RMSNorm, apply_rope, layer_norm, rope_cos_sin
+    from fastvideo_nodes.ops.triton_kernels import layer_norm_affine, rms_norm_rope
     g = torch.Generator(device="cuda").manual_seed(0)
     grid, d = (3, 4, 5), 128
     cos, sin = rope_cos_sin(grid, d, 10000.0, "cuda")

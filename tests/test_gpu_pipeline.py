@@ -12,7 +12,7 @@ SET = dict(height=32, width=48, num_frames=5, steps=3, seed=4)
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     pytest.importorskip("diffusers")
-    from fastvideo_nodes.tiny.folders import build_model_set
+    from fastvideo_nodes.testing.folders import build_model_set
     return build_model_set(str(tmp_path_factory.mktemp("gpu")), seed=9)["comfy"]
 
 

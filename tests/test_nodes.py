@@ -9,7 +9,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import nodes as fv  # noqa: E402  (the pack's node package; ComfyUI itself is not installed in CI)
-
 from fastvideo_nodes.errors import FastVideoError  # noqa: E402
 from fastvideo_nodes.pipeline.sampler import SamplingSettings  # noqa: E402
 
@@ -23,7 +22,7 @@ def call(cls, **inputs):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from fastvideo_nodes.tiny.folders import build_model_set
+    from fastvideo_nodes.testing.folders import build_model_set
     return build_model_set(str(tmp_path_factory.mktemp("nodes")), seed=5)
 
 

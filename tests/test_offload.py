@@ -1,11 +1,12 @@
 """Block offload bookkeeping (CPU): same outputs, blocks go home, nothing accumulates across runs."""
+from dataclasses import replace
+
 import pytest
 import torch
 
 from fastvideo_nodes.errors import FastVideoError
-from fastvideo_nodes.models.offload import enable_block_offload, out_of_memory_error, plan_blocks
-from fastvideo_nodes.tiny.dit import TINY_DIT, random_dit
-from dataclasses import replace
+from fastvideo_nodes.memory.offload import enable_block_offload, out_of_memory_error, plan_blocks
+from fastvideo_nodes.testing.dit import TINY_DIT, random_dit
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from fastvideo_nodes.errors import CancelledError, FastVideoError
-from fastvideo_nodes.models.dit_loader import load_dit
+from fastvideo_nodes.loading.dit import load_dit
 from fastvideo_nodes.parallel import WorkerPool
 from fastvideo_nodes.pipeline.sampler import SamplingSettings, SamplingStats, denoise, initial_noise
-from fastvideo_nodes.tiny.dit import TINY_DIT, random_dit, save_original
+from fastvideo_nodes.testing.dit import TINY_DIT, random_dit, save_original
 
 
 @pytest.fixture(scope="module")

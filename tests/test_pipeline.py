@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fastvideo_nodes.cli import main as cli_main
-from fastvideo_nodes.pipeline.generator import VideoGenerator
 from fastvideo_nodes.models.wan_vae import raw_to_model
+from fastvideo_nodes.pipeline.generator import VideoGenerator
 from fastvideo_nodes.pipeline.sampler import SamplingSettings
 
 diffusers = pytest.importorskip("diffusers")
@@ -20,7 +20,7 @@ SIZE = dict(height=32, width=48, num_frames=5)
 
 @pytest.fixture(scope="module")
 def model_set(tmp_path_factory):
-    from fastvideo_nodes.tiny.folders import build_model_set
+    from fastvideo_nodes.testing.folders import build_model_set
     return build_model_set(str(tmp_path_factory.mktemp("set")), seed=0)
 
 
@@ -77,7 +77,7 @@ def test_generate_video_writes_mp4(model_set, tmp_path):
     r = gen.generate_video(PROMPT, num_inference_steps=2, seed=1, output_path=out,
                            callback=lambda i, n, x0: steps.append(i), **SIZE)
     assert r.frames.shape == (5, 32, 48, 3) and r.frames.dtype == torch.float32
-    assert 0 <= r.frames.min() and r.frames.max() <= 1
+    assert r.frames.min() >= 0 and r.frames.max() <= 1
     assert r.latents.shape == (1, 16, 2, 4, 6)
     assert steps == [1, 2] and set(r.timings) == {"encode_s", "sample_s", "decode_s"}
     assert read_video_info(out) == (5, 32, 48)
@@ -113,6 +113,7 @@ def test_cli_missing_model_file(capsys, tmp_path):
 
 def test_cli_generate_writes_video_and_latents(model_set, tmp_path):
     from safetensors.torch import load_file
+
     from fastvideo_nodes.video import read_video_info
     c = model_set["comfy"]
     out, lat = str(tmp_path / "o.mp4"), str(tmp_path / "l.safetensors")

@@ -8,7 +8,7 @@ from fastvideo_nodes.errors import CancelledError, FastVideoError
 from fastvideo_nodes.pipeline.sampler import SamplingSettings, SamplingStats, denoise, initial_noise
 from fastvideo_nodes.pipeline.schedulers import make_scheduler
 from fastvideo_nodes.pipeline.teacache import TeaCache, coefficients_for, polyval
-from fastvideo_nodes.tiny.dit import TINY_DIT, random_dit
+from fastvideo_nodes.testing.dit import TINY_DIT, random_dit
 
 SMALL = dict(height=64, width=64, num_frames=5)
 

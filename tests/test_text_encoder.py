@@ -4,8 +4,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastvideo_nodes.errors import ModelFileError
-from fastvideo_nodes.models.text_encoder import DEFAULT_NEGATIVE_PROMPT, clean_prompt, load_text_encoder
-from fastvideo_nodes.tiny.text_encoder import random_umt5, save_comfy, save_diffusers
+from fastvideo_nodes.loading.text_encoder import load_text_encoder
+from fastvideo_nodes.models.text_encoder import DEFAULT_NEGATIVE_PROMPT, clean_prompt
+from fastvideo_nodes.testing.text_encoder import random_umt5, save_comfy, save_diffusers
 
 PROMPTS = ["a small red boat drifting on a calm lake", "  the  fox &amp; the cat\n", DEFAULT_NEGATIVE_PROMPT]
 
@@ -125,8 +126,9 @@ def test_missing_truncated_and_pickle(files, tmp_path):
 def test_embedded_tokenizer_equals_transformers(files):
     """The single-file tokenizer (plain sentencepiece) gives the ids transformers' T5 tokenizer gives."""
     from transformers import AutoTokenizer
+
     from fastvideo_nodes.models.text_encoder import SentencePieceTokenizer
-    from fastvideo_nodes.tiny.tokenizer import spiece_model
+    from fastvideo_nodes.testing.tokenizer import spiece_model
     hf = AutoTokenizer.from_pretrained(f"{files['folder']}/tokenizer")
     ours = SentencePieceTokenizer(spiece_model()[1])
     texts = ["a small red boat", "Über-fast ☃ video, 3 cats!", " ".join(["fox"] * 700), ""]

@@ -18,7 +18,7 @@ _memo: dict[str, str] = {}
 
 
 def _cache_file() -> str:
-    from ..tiny import cache_dir
+    from ..env import cache_dir
     return os.path.join(cache_dir(), "attention_auto.json")
 
 
@@ -75,7 +75,7 @@ def _measure(device, dtype, head_dim, heads, tokens: int) -> str:
                 mod.attend(q, k, v)
             torch.cuda.synchronize(device)
             t = time.perf_counter() - start
-        except Exception:  # noqa: BLE001 - a backend that fails its probe is simply not chosen
+        except Exception:
             continue
         if t < best_t:
             best, best_t = name, t

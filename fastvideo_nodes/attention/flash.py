@@ -10,13 +10,13 @@ INSTALL = ("no FlashAttention package is importable. Install FlashAttention 2 (`
            "--no-build-isolation`, builds from source) or build FlashAttention 3 from its hopper/ folder.")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _impl():
     for module, name in (("flash_attn_interface", "fa3"), ("flash_attn", "fa2"), ("flash_attn.cute", "fa4")):
         try:
             mod = __import__(module, fromlist=["flash_attn_func"])
             return name, mod.flash_attn_func
-        except Exception:  # noqa: BLE001 - any import failure means "not this one"
+        except Exception:
             continue
     return None, None
 

@@ -7,16 +7,16 @@ import functools
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sageattn():
     try:
         import sageattention
         return sageattention.sageattn
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _smooths_k_in_place() -> bool:
     """1.x (Triton, PyPI) subtracts the key mean from k in place; 2.x passes the mean to its kernels."""
     import sageattention

@@ -23,7 +23,7 @@ def available() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _prefers_cudnn(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 

@@ -60,7 +60,7 @@ def _layout(grid, tile, window, device):
     return source, valid, mask, mask_mod
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
@@ -101,7 +101,7 @@ def attend(q, k, v, *, grid=None, step=None, tile=None, window=None, preset=DEFA
     window = tuple(window or PRESETS[preset]["window"])
     source, valid, mask, _ = _layout(tuple(grid), tile, window, str(q.device))
     # Gather into tile-major order (padding slots read token 0; they are masked as keys, dropped as queries).
-    gather = lambda x: x[:, source].transpose(1, 2)  # noqa: E731  [B, H, S_pad, D]
+    gather = lambda x: x[:, source].transpose(1, 2)
     fn = _compiled_flex() if q.is_cuda else flex_attention
     out = fn(gather(q), gather(k), gather(v), block_mask=mask).transpose(1, 2)  # [B, S_pad, H, D]
     result = torch.empty_like(q)

@@ -1,1 +1,1 @@
-"""Wan2.1 models (DiT, VAE, UMT5 text encoder) and their loaders."""
+"""The networks: Wan2.1 DiT, Wan VAE, UMT5 text encoder (loaders live in `loading/`)."""

@@ -13,16 +13,16 @@ Data path of one forward (B batch, S = T'·H'·W'/4 tokens, C = dim):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..attention import AttentionSpec, resolve_backend
-from .kernels import HALF, fusable, layer_norm_affine, rms_norm_rope, rms_norm_rope_op
-from .ops import Linear
+from ..ops.linear import Linear
+from ..ops.triton_kernels import HALF, fusable, layer_norm_affine, rms_norm_rope, rms_norm_rope_op
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, rope, attn: AttentionSpec):
         """x [B,S,C] → [B,S,C]."""
-        heads = lambda t: t.unflatten(-1, (self.num_heads, -1))  # noqa: E731  [B,S,H,D]
+        heads = lambda t: t.unflatten(-1, (self.num_heads, -1))
         q, k, v = self.q(x), self.k(x), heads(self.v(x))
         compiling = torch.compiler.is_compiling()  # (compile_blocks made sure Triton is there)
         if q.is_cuda and q.dtype in HALF and (compiling or fusable(q)):  # one Triton pass each
@@ -171,7 +171,7 @@ class SelfAttention(nn.Module):
 class CrossAttention(SelfAttention):
     def forward(self, x, context, attn: AttentionSpec):
         """x [B,S,C] attends to the text context [B,L,C] → [B,S,C]."""
-        heads = lambda t: t.unflatten(-1, (self.num_heads, -1))  # noqa: E731
+        heads = lambda t: t.unflatten(-1, (self.num_heads, -1))
         q = heads(self.norm_q(self.q(x)))
         k = heads(self.norm_k(self.k(context)))
         v = heads(self.v(context))
@@ -281,7 +281,7 @@ class WanDiT(nn.Module):
                                  self.cfg.num_heads, seq_len)
         return backend
 
-    def compile_blocks(self, mode: str | None = None) -> "WanDiT":
+    def compile_blocks(self, mode: str | None = None) -> WanDiT:
         """torch.compile every block: the elementwise work around the matmuls (norms, modulation,
         RoPE, gates) fuses into a few kernels. All blocks share one compiled graph."""
         device = self.text_embedding[0].weight.device
@@ -324,7 +324,7 @@ class WanDiT(nn.Module):
         rope = self.rope(grid, x.device)
         if parallel is not None:
             tokens, rope, attn = parallel.enter(tokens, rope, attn)
-        run = lambda h: self.run_blocks(h, e0, context, rope, attn)  # noqa: E731
+        run = lambda h: self.run_blocks(h, e0, context, rope, attn)
         tokens = cache(tokens, e, e0, run) if cache is not None else run(tokens)
         if parallel is not None:
             tokens = parallel.exit(tokens)

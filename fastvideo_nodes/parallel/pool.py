@@ -35,7 +35,7 @@ class WorkerPool:
     def __init__(self, model_path: str, *, num_gpus: int, device, dtype: torch.dtype,
                  weight_dtype: torch.dtype | None = None, gpu_ids: list[int] | None = None,
                  start_timeout: float = 600.0, fp8_matmul: bool = False):
-        from ..models.dit_loader import read_dit_config
+        from ..loading.dit import read_dit_config
         from .ulysses import check_degree
         check_degree(read_dit_config(model_path).num_heads, num_gpus)
         device = torch.device(device)
@@ -182,7 +182,7 @@ def _worker_main(rank, world, port, device, model_path, dtype, load_options, con
     try:
         import torch.distributed as dist
 
-        from ..models.dit_loader import load_dit
+        from ..loading.dit import load_dit
         from ..pipeline.sampler import SamplingStats, denoise
         from .ulysses import UlyssesPlan
 
@@ -196,7 +196,7 @@ def _worker_main(rank, world, port, device, model_path, dtype, load_options, con
         dit = load_dit(model_path, device=device, dtype=dtype, **load_options)
         plan = UlyssesPlan()
         conn.send(("ready", None))
-    except BaseException as e:  # noqa: BLE001
+    except BaseException as e:
         conn.send(("error", repr(e), traceback.format_exc()))
         return
     while True:
@@ -224,10 +224,10 @@ def _worker_main(rank, world, port, device, model_path, dtype, load_options, con
             conn.send(("done", (result, counts)))
         except CancelledError as e:
             conn.send(("error", "cancelled", str(e)))
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             conn.send(("error", repr(e)[:500], traceback.format_exc()))
     try:
         import torch.distributed as dist
         dist.destroy_process_group()
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass

@@ -33,7 +33,7 @@ def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
 class UlyssesAttention:
     """Wraps an AttentionSpec: self-attention exchanges heads for sequence, cross-attention is local."""
 
-    def __init__(self, inner: AttentionSpec, plan: "UlyssesPlan"):
+    def __init__(self, inner: AttentionSpec, plan: UlyssesPlan):
         self.inner, self.plan = inner, plan
 
     def self_attention(self, q, k, v):

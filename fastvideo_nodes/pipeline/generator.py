@@ -13,8 +13,8 @@ import contextlib
 import copy
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -55,7 +55,7 @@ def _friendly_oom():
     try:
         yield
     except torch.cuda.OutOfMemoryError as e:
-        from ..models.offload import out_of_memory_error
+        from ..memory.offload import out_of_memory_error
         raise out_of_memory_error(e) from None  # DecodeVAE: a tile_size (e.g. 32) also lowers the peak
 
 
@@ -76,7 +76,7 @@ class ModelFiles:
     vae: str | None = None
 
     @classmethod
-    def resolve(cls, model: str, text_encoder: str | None, vae: str | None) -> "ModelFiles":
+    def resolve(cls, model: str, text_encoder: str | None, vae: str | None) -> ModelFiles:
         model = os.fspath(model)
         if os.path.isdir(model):
             text_encoder = text_encoder or model
@@ -125,7 +125,7 @@ class VideoGenerator:
         self.offload_text_encoder = True
         self._parts = _Components()
 
-    def with_attention_backend(self, name: str | None, options: dict | None = None) -> "VideoGenerator":
+    def with_attention_backend(self, name: str | None, options: dict | None = None) -> VideoGenerator:
         """A generator that shares this one's loaded weights but uses another attention backend."""
         if name is not None:
             from ..attention import resolve_backend
@@ -140,7 +140,7 @@ class VideoGenerator:
                         attention_backend: str | None = None, num_gpus: int = 1, weight_dtype=None,
                         gpu_ids: list[int] | None = None, compile: bool = False,
                         gpu_memory_gb: float | None = None, text_encoder_device=None,
-                        fp8_matmul: bool = False) -> "VideoGenerator":
+                        fp8_matmul: bool = False) -> VideoGenerator:
         """model: a diffusers folder, or a DiT .safetensors with text_encoder= and vae= files.
         compile: torch.compile the DiT blocks (first run of a shape pays the warm-up).
         gpu_memory_gb: GPU memory the DiT may use; blocks beyond it stream from CPU memory
@@ -154,7 +154,7 @@ class VideoGenerator:
                    compile=compile, gpu_memory_gb=gpu_memory_gb, text_encoder_device=text_encoder_device,
                    fp8_matmul=fp8_matmul)
 
-    def with_parallel(self, num_gpus: int, gpu_ids: list[int] | None = None) -> "VideoGenerator":
+    def with_parallel(self, num_gpus: int, gpu_ids: list[int] | None = None) -> VideoGenerator:
         """A generator whose sampling runs on a pool of `num_gpus` sequence-parallel workers; the
         text encoder and VAE stay shared with this one, in this process."""
         other = copy.copy(self)
@@ -167,7 +167,7 @@ class VideoGenerator:
         """The DiT architecture (heads, layers, …), read from the file headers."""
         if self._parts.dit is not None:
             return self._parts.dit.cfg
-        from ..models.dit_loader import read_dit_config
+        from ..loading.dit import read_dit_config
         return read_dit_config(self.files.model)
 
     # -- components, loaded on first use
@@ -175,12 +175,12 @@ class VideoGenerator:
     @property
     def dit(self):
         if self._parts.dit is None:
-            from ..models.dit_loader import load_dit
+            from ..loading.dit import load_dit
             budget = self._offload_budget()
             dit = load_dit(self.files.model, device="cpu" if budget is not None else self.device, dtype=self.dtype,
                            weight_dtype=self.weight_dtype, fp8_matmul=self.fp8_matmul)
             if budget is not None:
-                from ..models.offload import enable_block_offload
+                from ..memory.offload import enable_block_offload
                 self._parts.offload = enable_block_offload(dit, device=self.device, budget_gb=budget)
                 self.offload_note = self._parts.offload.describe()
                 print(f"[FastVideo] {self.offload_note} (GPU memory budget {budget:.1f} GB)")
@@ -193,7 +193,7 @@ class VideoGenerator:
             return None
         if self.gpu_memory_gb:
             return float(self.gpu_memory_gb)
-        from ..models.files import shard_files
+        from ..loading.files import shard_files
         path = self.files.model
         files = shard_files(os.path.join(path, "transformer") if os.path.isdir(os.path.join(path, "transformer"))
                             else path, "model", "diffusion_pytorch_model") if os.path.isdir(path) else [path]
@@ -204,7 +204,7 @@ class VideoGenerator:
     @property
     def text_encoder(self):
         if self._parts.text_encoder is None:
-            from ..models.text_encoder import load_text_encoder
+            from ..loading.text_encoder import load_text_encoder
             # Loaded on CPU and moved for each encoding: the 11 GB encoder never sits next to the DiT.
             on_cpu = (self.text_encoder_device or self.device).type == "cpu"
             self._parts.text_encoder = load_text_encoder(
@@ -216,7 +216,7 @@ class VideoGenerator:
     @property
     def vae(self):
         if self._parts.vae is None:
-            from ..models.vae_loader import load_vae
+            from ..loading.vae import load_vae
             self._parts.vae = load_vae(self.files.require("vae"), device=self.device, dtype=self.dtype)
         return self._parts.vae
 

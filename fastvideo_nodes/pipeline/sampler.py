@@ -6,8 +6,8 @@ The same function runs in-process and inside sequence-parallel workers (`paralle
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 
@@ -34,7 +34,7 @@ class SamplingSettings:
     teacache_mode: str = "default"
     teacache_coefficients: list[float] | None = None
 
-    def validate(self) -> "SamplingSettings":
+    def validate(self) -> SamplingSettings:
         """Raise FastVideoError naming the first bad setting and what would be valid."""
         for name in ("height", "width"):
             v = getattr(self, name)

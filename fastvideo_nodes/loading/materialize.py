@@ -5,13 +5,13 @@ safetensors, cast, moved to its device and assigned before the next one is read.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 from ..errors import ModelFileError
-from .ops import FP8_DTYPES, Linear, quantize_fp8
+from ..ops.linear import FP8_DTYPES, Linear, quantize_fp8
 
 
 def materialize(module: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], *, role: str,

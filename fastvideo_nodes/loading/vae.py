@@ -7,10 +7,10 @@ import re
 import torch
 
 from ..errors import ModelFileError
+from ..models.wan_vae import WanVAE, WanVAEConfig
 from . import detect
 from .files import all_keys, iter_tensors, locate
 from .materialize import materialize
-from .wan_vae import WanVAE, WanVAEConfig
 
 ROLE = "VAE"
 

@@ -15,12 +15,12 @@ import functools
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_ok() -> bool:
     try:
         import triton  # noqa: F401
         return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 

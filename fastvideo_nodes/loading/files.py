@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from safetensors import safe_open

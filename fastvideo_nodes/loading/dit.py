@@ -13,11 +13,11 @@ import re
 import torch
 
 from ..errors import ModelFileError
+from ..models.wan_dit import WanDiT, WanDiTConfig, keep_fp32
+from ..ops.linear import enable_fp8_matmul, fp8_matmul_supported
 from . import detect
 from .files import all_keys, iter_tensors, locate
 from .materialize import materialize
-from .ops import enable_fp8_matmul, fp8_matmul_supported
-from .wan_dit import WanDiT, WanDiTConfig, keep_fp32
 
 ROLE = "Diffusion model"
 
