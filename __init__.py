@@ -3,6 +3,7 @@
 ComfyUI imports this file by path and reads NODE_CLASS_MAPPINGS. The engine lives in
 `fastvideo_nodes/` and imports without ComfyUI; the node classes live in `nodes/`.
 """
+import logging
 import os
 import sys
 
@@ -12,14 +13,15 @@ _here = os.path.dirname(os.path.abspath(__file__))
 if _here not in sys.path:
     sys.path.append(_here)
 
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+NODE_CLASS_MAPPINGS: dict = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 WEB_DIRECTORY = None
 
 try:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-except ImportError as e:  # nodes not importable: keep ComfyUI up and say why
-    if "nodes" not in str(e) and "NODE_CLASS_MAPPINGS" not in str(e):
-        print(f"[FastVideo Nodes] could not load nodes: {e}")
+except Exception:  # keep ComfyUI up, and say exactly why the pack has no nodes
+    logging.getLogger("fastvideo_nodes").exception(
+        "[FastVideo Nodes] the nodes could not be imported, so the pack offers none; the cause is below. "
+        "A missing package is installed with `pip install -r %s`.", os.path.join(_here, "requirements.txt"))
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -6,8 +6,7 @@ Warm-up runs are excluded from every timing; torch.compile warm-up is reported o
     python bench/speed.py --out $OUT                                  # 1.3B, VAE, text, end to end
     python bench/speed.py --out $OUT --parts anchor14,dit14           # 14B
 
-diffusers is measured with ../shared/tools/diffusers_anchor.py (copied to .peer/ for the device
-run). Prints one JSON line per measurement, then a markdown table; writes speed.json to --out.
+diffusers is measured in the same process by bench/diffusers_baseline.py. Prints one JSON line per measurement, then a markdown table; writes speed.json to --out.
 """
 from __future__ import annotations
 
@@ -21,7 +20,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, ".peer"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from fastvideo_nodes.models.wan_dit import WanDiT, WanDiTConfig, keep_fp32  # noqa: E402
 from fastvideo_nodes.pipeline.sampler import SamplingSettings, SamplingStats, denoise, initial_noise  # noqa: E402
@@ -226,8 +225,8 @@ def table():
 
     rows = []
     for size in ("1.3B", "14B"):
-        eager = (get("wan_dit_forward", impl="diffusers-0.42.1", size=size) or {}).get("s_per_forward")
-        comp = (get("wan_dit_forward", impl="diffusers-0.42.1+torch.compile", size=size) or {}).get("s_per_forward")
+        eager = (get("wan_dit_forward", impl="diffusers", size=size) or {}).get("s_per_forward")
+        comp = (get("wan_dit_forward", impl="diffusers+torch.compile", size=size) or {}).get("s_per_forward")
         ours = [r for r in RESULTS if r.get("kind") == "dit_forward" and r.get("size") == size and "s" in r]
         if not ours and not eager:
             continue
@@ -278,11 +277,11 @@ def main():
                 log(kind=name, error=repr(e)[:400])
         return None
 
-    import diffusers_anchor as anchor
-    anchor.log = log
-    attempt("anchor13", lambda: anchor.wan_dit("1.3B", backends=("native",), compile_="no_anchor_compile" not in parts))
-    attempt("anchor13", lambda: anchor.wan_vae())
-    attempt("anchor14", lambda: anchor.wan_dit("14B", backends=("native",)))
+    import diffusers_baseline as baseline
+    baseline.log = log
+    attempt("anchor13", lambda: baseline.wan_dit("1.3B", compile_="no_anchor_compile" not in parts))
+    attempt("anchor13", baseline.wan_vae)
+    attempt("anchor14", lambda: baseline.wan_dit("14B"))
     torch.cuda.empty_cache()
     vae = attempt("vae", our_vae)
     if vae is not None:
