@@ -92,7 +92,7 @@ def test_single_file_model_needs_the_other_files(model_set):
 @pytest.mark.parametrize("flags,needle", [
     (["--height", "100"], "height must be a positive multiple of 16, got 100; nearest valid: 96 or 112"),
     (["--num-frames", "80"], "num_frames must be 4n\\+1"),
-    (["--steps", "0"], "steps must be at least 1"),
+    (["--steps", "0"], "steps must be a whole number from 1 to 1000"),
     (["--cfg-gate", "2"], "cfg_gate must be in \\[0, 1\\]"),
     (["--teacache-threshold", "-1"], "teacache_threshold must be ≥ 0"),
 ])
