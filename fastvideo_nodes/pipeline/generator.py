@@ -64,7 +64,7 @@ def parse_gpu_ids(gpu_ids, name: str = "gpu_ids") -> list[int] | None:
     if gpu_ids is None:
         return None
     if isinstance(gpu_ids, str):
-        parts = [p.strip() for p in gpu_ids.split(",")] if gpu_ids.strip() else []
+        parts = [p.strip() for p in gpu_ids.split(",") if p.strip()]  # "0,1," is fine
         if not all(p.isdigit() for p in parts):
             raise FastVideoError(f"{name} must be comma-separated GPU indices such as 0,1 (or empty), "
                                  f"got {gpu_ids!r}.")
@@ -158,7 +158,8 @@ class VideoGenerator:
                  gpu_memory_gb: float | None = None, text_encoder_device=None, fp8_matmul: bool = False):
         self.files = files
         self.fp8_matmul = bool(fp8_matmul)
-        self.text_encoder_device = torch.device(text_encoder_device) if text_encoder_device else None
+        self.text_encoder_device = (parse_device(text_encoder_device, "text_encoder_device")
+                                    if text_encoder_device else None)
         self.gpu_memory_gb = gpu_memory_gb or None
         self.offload_note = None
         self.attention_options = attention_options or {}
@@ -210,7 +211,7 @@ class VideoGenerator:
         """A generator whose sampling runs on a pool of `num_gpus` sequence-parallel workers; the
         text encoder and VAE stay shared with this one, in this process."""
         other = copy.copy(self)
-        other.num_gpus, other.gpu_ids = int(num_gpus), gpu_ids
+        other.num_gpus, other.gpu_ids = int(num_gpus), parse_gpu_ids(gpu_ids)
         other._parts = _Components(self._parts.lock)  # shares the text encoder and VAE, so their lock too
         other._parts.text_encoder, other._parts.vae = self._parts.text_encoder, self._parts.vae
         return other
