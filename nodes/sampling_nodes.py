@@ -21,7 +21,8 @@ class EncodePrompt:
             "prompt": ("STRING", {"multiline": True, "default": ""}),
             "negative_prompt": ("STRING", {"multiline": True, "default": DEFAULT_NEGATIVE_PROMPT}),
         }, "optional": {
-            "offload_text_encoder": ("BOOLEAN", {"default": True, "tooltip": "move the encoder off the GPU afterwards"}),
+            "offload_text_encoder": ("BOOLEAN", {"default": True,
+                                                 "tooltip": "move the encoder off the GPU afterwards"}),
         }}
 
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING")

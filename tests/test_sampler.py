@@ -53,7 +53,8 @@ def test_cfg_loop_equals_plain_reading(dit, prompts):
     assert (stats.cond_forwards, stats.uncond_forwards) == (4, 4)
 
 
-@pytest.mark.parametrize("gate,steps,expected_uncond", [(0.5, 4, 2), (0.5, 5, 3), (0.25, 8, 2), (0.0, 4, 1), (1.0, 3, 3)])
+@pytest.mark.parametrize("gate,steps,expected_uncond",
+                         [(0.5, 4, 2), (0.5, 5, 3), (0.25, 8, 2), (0.0, 4, 1), (1.0, 3, 3)])
 def test_cfg_gate_counts_unconditional_forwards(dit, prompts, gate, steps, expected_uncond):
     _, stats = run(dit, prompts, steps=steps, cfg_gate=gate)
     assert stats.cond_forwards == steps

@@ -65,7 +65,7 @@ def parse_gpu_ids(gpu_ids, name: str = "gpu_ids") -> list[int] | None:
         return None
     if isinstance(gpu_ids, str):
         parts = [p.strip() for p in gpu_ids.split(",") if p.strip()]  # "0,1," is fine
-        if not all(p.isdigit() for p in parts):
+        if not all(p.isascii() and p.isdigit() for p in parts):
             raise FastVideoError(f"{name} must be comma-separated GPU indices such as 0,1 (or empty), "
                                  f"got {gpu_ids!r}.")
         ids = [int(p) for p in parts]
