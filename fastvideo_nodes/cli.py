@@ -1,27 +1,47 @@
-"""Command line: `python -m fastvideo_nodes generate ...` and `python -m fastvideo_nodes demo`."""
+"""Command line: `python -m fastvideo_nodes generate ...` and `python -m fastvideo_nodes demo`.
+
+Exit codes: 0 done, 2 a bad input (one `error:` line, no traceback), 130 Ctrl-C, 143 SIGTERM.
+"""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 
 from .errors import FastVideoError
 
 
-def _progress(prefix: str):
-    """A one-line terminal progress bar as the sampler's callback."""
-    start = time.perf_counter()
+class _Progress:
+    """A one-line terminal progress bar as the sampler's callback; end_line() before any other output."""
 
-    def callback(step, total, x0=None):
+    def __init__(self, prefix: str):
+        self.prefix, self.start, self.open = prefix, time.perf_counter(), False
+
+    def __call__(self, step, total, x0=None):
         width = 30
         done = int(width * step / total)
-        rate = (time.perf_counter() - start) / step
-        sys.stderr.write(f"\r{prefix} [{'#' * done}{'.' * (width - done)}] {step}/{total} {rate:.2f}s/step")
+        rate = (time.perf_counter() - self.start) / step
+        sys.stderr.write(f"\r{self.prefix} [{'#' * done}{'.' * (width - done)}] {step}/{total} {rate:.2f}s/step")
+        self.open = True
         if step == total:
-            sys.stderr.write("\n")
+            self.end_line()
         sys.stderr.flush()
 
-    return callback
+    def end_line(self):
+        if self.open:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.open = False
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that `finally:` blocks (gen.close()) still run."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
 
 
 def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
@@ -40,7 +60,8 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
     p.add_argument("--shift", type=float, default=None, help="flow shift (default 3.0; 5.0 at 720p)")
     p.add_argument("--scheduler", default="unipc", choices=["unipc", "euler"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg-gate", type=float, default=1.0, help="fraction of steps with the unconditional pass (1 = off)")
+    p.add_argument("--cfg-gate", type=float, default=1.0,
+                   help="fraction of steps with the unconditional pass (1 = off)")
     p.add_argument("--teacache-threshold", type=float, default=0.0, help="0 = off; 0.08 is typical for 1.3B")
     p.add_argument("--teacache-mode", default="default", choices=["default", "ret"])
     p.add_argument("--attention-backend", default=None, help="auto, TORCH_SDPA, FLASH_ATTN, SAGE_ATTN, …")
@@ -54,7 +75,11 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
                    help="as --fp8, and the DiT multiplies on fp8 tensor cores (GPUs of compute capability 8.9+)")
     p.add_argument("--gpu-memory-gb", type=float, default=None,
                    help="GPU memory for the DiT; blocks beyond it stream from CPU memory (default: fit automatically)")
-    p.add_argument("--output", default="fastvideo_demo.mp4" if demo else "output.mp4", help="FILE.mp4")
+    p.add_argument("--fps", type=int, default=16, help="frames per second of the video (Wan 2.1: 16)")
+    p.add_argument("--output", default="fastvideo_demo.mp4" if demo else "output.mp4",
+                   help="FILE.mp4 (or .mkv, .mov, .webm); written to a temporary file and renamed when complete")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output/--latents-out file "
+                   "(refused by default)")
     p.add_argument("--latents-out", default=None, help="also save the raw VAE-space latents (key 'latents')")
 
 
@@ -63,9 +88,23 @@ def _fp8():
     return torch.float8_e4m3fn
 
 
-def _generate(args, model, text_encoder, vae) -> int:
+def _check_outputs(args) -> None:
+    """Output problems are found before the model loads, not after the whole generation."""
+    from .video import check_fps, check_output_path
+    check_output_path(args.output, overwrite=args.overwrite, name="--output")
+    check_fps(args.fps)
+    if args.latents_out:
+        if not args.latents_out.endswith(".safetensors"):
+            raise FastVideoError(f"--latents-out: {args.latents_out!r} must end in .safetensors.")
+        if os.path.lexists(args.latents_out) and not args.overwrite:
+            raise FastVideoError(f"--latents-out: {args.latents_out!r} already exists; choose another name or "
+                                 "add --overwrite.")
+
+
+def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
     from .pipeline.generator import VideoGenerator
 
+    _check_outputs(args)
     gen = VideoGenerator.from_pretrained(model, text_encoder=text_encoder, vae=vae, device=args.device,
                                          dtype=args.dtype, attention_backend=args.attention_backend,
                                          num_gpus=args.num_gpus, compile=args.compile,
@@ -79,12 +118,14 @@ def _generate(args, model, text_encoder, vae) -> int:
             num_frames=args.num_frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
             flow_shift=args.shift, scheduler=args.scheduler, seed=args.seed, cfg_gate=args.cfg_gate,
             teacache_threshold=args.teacache_threshold, teacache_mode=args.teacache_mode,
-            output_path=args.output, callback=_progress("sampling"))
+            output_path=args.output, callback=progress, fps=args.fps, overwrite=args.overwrite)
     finally:
         gen.close()
     if args.latents_out:
         from safetensors.torch import save_file
-        save_file({"latents": result.latents.contiguous()}, args.latents_out)
+        tmp = f"{args.latents_out}.part"
+        save_file({"latents": result.latents.contiguous()}, tmp)
+        os.replace(tmp, args.latents_out)
     t = result.timings
     print(f"wrote {args.output}: {result.frames.shape[0]} frames {result.frames.shape[2]}x{result.frames.shape[1]} "
           f"(encode {t['encode_s']:.1f}s, sample {t['sample_s']:.1f}s, decode {t['decode_s']:.1f}s)")
@@ -98,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_generation_args(sub.add_parser("demo", help="render a short mp4 with a tiny built-in random model (CPU)"),
                          demo=True)
     args = parser.parse_args(argv)
+    progress = _Progress("sampling")
+    # Only the main thread may install handlers; an embedding program keeps its own elsewhere.
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else False
     try:
         if args.command == "demo":
             from .testing.demo import demo_files
@@ -107,14 +151,28 @@ def main(argv: list[str] | None = None) -> int:
                   "      For real video point `generate` at Wan 2.1 files, e.g.\n"
                   "      python -m fastvideo_nodes generate --model wan2.1_t2v_1.3B_fp16.safetensors \\\n"
                   "          --text-encoder umt5_xxl_fp16.safetensors --vae wan_2.1_vae.safetensors --prompt '...'")
-            return _generate(args, files["model"], files["text_encoder"], files["vae"])
-        return _generate(args, args.model, args.text_encoder, args.vae)
+            return _generate(args, files["model"], files["text_encoder"], files["vae"], progress)
+        return _generate(args, args.model, args.text_encoder, args.vae, progress)
     except FastVideoError as e:
+        progress.end_line()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        progress.end_line()
+        print("interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        progress.end_line()
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not False:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

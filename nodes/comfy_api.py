@@ -33,18 +33,40 @@ def diffusers_folders() -> list[str]:
     return found
 
 
+# The node input that names a file of each ComfyUI model folder, for error messages.
+INPUT_NAMES = {"diffusion_models": "model", "text_encoders": "text_encoder", "vae": "vae"}
+
+
 def full_path(kind: str, name: str) -> str:
-    """ComfyUI model-folder name → path; outside ComfyUI the name is the path."""
+    """ComfyUI model-folder name → path; outside ComfyUI (no folder_paths) the name is the path.
+
+    Inside ComfyUI a name must stay inside one of the kind's model folders: an absolute path or a
+    `../` that leaves them is refused, so a workflow cannot make the server open any file it likes.
+    The check is on the name (symlinks a user placed inside a model folder still work)."""
     try:
         import folder_paths
     except ImportError:
         return name
-    if os.path.isabs(name) and os.path.exists(name):
-        return name
-    for root in folder_paths.get_folder_paths(kind):  # diffusers folders are directories
-        if os.path.isdir(os.path.join(root, name)):
-            return os.path.join(root, name)
-    return folder_paths.get_full_path_or_raise(kind, name)
+    from fastvideo_nodes.errors import ModelFileError
+
+    what = INPUT_NAMES.get(kind, kind)
+    roots = [os.path.abspath(r) for r in folder_paths.get_folder_paths(kind)]
+    if not isinstance(name, str) or not name or os.path.isabs(name) or os.path.splitdrive(name)[0]:
+        raise ModelFileError(f"{what}: {name!r} must be a name inside ComfyUI's {kind} folder "
+                             f"({', '.join(roots) or 'none configured'}), not an absolute path.")
+    inside = False
+    for root in roots:
+        path = os.path.normpath(os.path.join(root, name))
+        if os.path.commonpath([root, path]) != root:
+            continue
+        inside = True
+        if os.path.exists(path):
+            return path
+    if not inside:
+        raise ModelFileError(f"{what}: {name!r} leaves ComfyUI's {kind} folder; pick a file from the list "
+                             f"(files in {', '.join(roots) or 'no folder'}).")
+    raise ModelFileError(f"{what}: {name!r} is not in ComfyUI's {kind} folder ({', '.join(roots)}); put the file "
+                         "there and refresh the node, or pick one from the list.")
 
 
 class Progress:

@@ -129,7 +129,9 @@ class FastVideoParallelWorkers:
 
     def launch(self, model, num_gpus, gpu_ids=""):
         import torch
-        ids = [int(x) for x in gpu_ids.split(",") if x.strip()] if gpu_ids.strip() else None
+
+        from fastvideo_nodes.pipeline.generator import parse_gpu_ids
+        ids = parse_gpu_ids(gpu_ids)
         visible = torch.cuda.device_count()
         if model.device.type == "cuda":
             wanted = ids or list(range(num_gpus))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from fastvideo_nodes.errors import FastVideoError
+from fastvideo_nodes.pipeline.generator import check_prompt
 from fastvideo_nodes.pipeline.sampler import SamplingSettings
 from fastvideo_nodes.pipeline.schedulers import SCHEDULERS
 
@@ -20,7 +21,8 @@ class EncodePrompt:
             "prompt": ("STRING", {"multiline": True, "default": ""}),
             "negative_prompt": ("STRING", {"multiline": True, "default": DEFAULT_NEGATIVE_PROMPT}),
         }, "optional": {
-            "offload_text_encoder": ("BOOLEAN", {"default": True, "tooltip": "move the encoder off the GPU afterwards"}),
+            "offload_text_encoder": ("BOOLEAN", {"default": True,
+                                                 "tooltip": "move the encoder off the GPU afterwards"}),
         }}
 
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
@@ -28,7 +30,18 @@ class EncodePrompt:
     FUNCTION = "encode"
     CATEGORY = CATEGORY
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompt="", negative_prompt="", **_):
+        try:
+            check_prompt(prompt, "prompt")
+            check_prompt(negative_prompt, "negative_prompt")
+        except FastVideoError as e:
+            return str(e)
+        return True
+
     def encode(self, model, prompt, negative_prompt, offload_text_encoder=True):
+        check_prompt(prompt, "prompt")  # also when the text came through a link, unseen by VALIDATE_INPUTS
+        check_prompt(negative_prompt, "negative_prompt")
         model.offload_text_encoder = bool(offload_text_encoder)
         pos, neg = model.encode_prompts([prompt, negative_prompt]).split(1)
         return ([[pos, {}]], [[neg, {}]])
@@ -71,24 +84,31 @@ class FastVideoSampler:
     CATEGORY = CATEGORY
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width=832, height=480, num_frames=81, steps=50, cfg_gate=1.0, teacache_threshold=0.0,
-                        **_):
+    def VALIDATE_INPUTS(cls, width=832, height=480, num_frames=81, steps=50, cfg=5.0, shift=3.0, scheduler="unipc",
+                        seed=0, cfg_gate=1.0, teacache_threshold=0.0, **_):
         try:
-            SamplingSettings(width=width, height=height, num_frames=num_frames, steps=steps, cfg_gate=cfg_gate,
-                             teacache_threshold=teacache_threshold).validate()
+            _settings(width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
+                      teacache_threshold).validate()
         except FastVideoError as e:
             return str(e)
         return True
 
     def sample(self, model, positive, width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
                teacache_threshold, negative=None):
-        settings = SamplingSettings(height=height, width=width, num_frames=num_frames, steps=steps,
-                                    guidance_scale=cfg, shift=shift, scheduler=scheduler, seed=seed,
-                                    cfg_gate=cfg_gate, teacache_threshold=teacache_threshold)
+        settings = _settings(width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
+                             teacache_threshold)
         neg = _embedding(negative, "negative") if negative is not None else None
         latents = model.sample(_embedding(positive, "positive"), neg, settings, callback=comfy_api.Progress(steps),
                                cancel=comfy_api.check_interrupted)
         return ({"samples": latents},)
+
+
+def _settings(width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
+              teacache_threshold) -> SamplingSettings:
+    """The node's inputs under the engine's names; the one place both VALIDATE_INPUTS and sample build them."""
+    return SamplingSettings(height=height, width=width, num_frames=num_frames, steps=steps, guidance_scale=cfg,
+                            shift=shift, scheduler=scheduler, seed=seed, cfg_gate=cfg_gate,
+                            teacache_threshold=teacache_threshold)
 
 
 class DecodeVAE:
@@ -109,7 +129,10 @@ class DecodeVAE:
     CATEGORY = CATEGORY
 
     def decode(self, model, samples, tile_size=0):
-        z = samples["samples"]
+        z = samples.get("samples") if isinstance(samples, dict) else None
+        if not hasattr(z, "ndim"):
+            raise FastVideoError("samples: expected a LATENT (a dict with a 'samples' tensor) from FastVideoSampler "
+                                 "or KSampler.")
         if z.ndim != 5 or z.shape[1] != 16:
             raise FastVideoError(f"samples: expected a Wan 2.1 video latent [B,16,T,H,W], got shape {tuple(z.shape)}.")
         return (model.decode(z[:1], tile=tile_size or None),)

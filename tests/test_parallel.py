@@ -78,7 +78,7 @@ def test_degree_must_divide_heads(dit_file):
 def test_killed_worker_is_a_clear_error_and_next_run_works(dit_file):
     from fastvideo_nodes.pipeline.generator import ModelFiles, VideoGenerator
     gen = VideoGenerator(ModelFiles(dit_file), device="cpu", num_gpus=2)
-    s = SamplingSettings(height=32, width=48, num_frames=5, steps=2000)
+    s = SamplingSettings(height=64, width=96, num_frames=9, steps=1000)  # long enough to be killed mid-run
     shm_before = shm_entries()
     victim = gen.pool().procs[1].pid
     threading.Timer(1.0, lambda: os.kill(victim, signal.SIGKILL)).start()

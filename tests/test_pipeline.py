@@ -92,17 +92,34 @@ def test_single_file_model_needs_the_other_files(model_set):
 @pytest.mark.parametrize("flags,needle", [
     (["--height", "100"], "height must be a positive multiple of 16, got 100; nearest valid: 96 or 112"),
     (["--num-frames", "80"], "num_frames must be 4n\\+1"),
-    (["--steps", "0"], "steps must be at least 1"),
+    (["--steps", "0"], "steps must be a whole number from 1 to 1000"),
     (["--cfg-gate", "2"], "cfg_gate must be in \\[0, 1\\]"),
     (["--teacache-threshold", "-1"], "teacache_threshold must be ≥ 0"),
+    (["--steps", "10000000"], "steps must be a whole number from 1 to 1000, got 10000000"),
+    (["--guidance-scale", "nan"], "guidance_scale must be a finite number, got nan"),
+    (["--shift", "inf"], "shift must be a finite number, got inf"),
+    (["--seed", "-1"], "seed must be a whole number from 0 to 2\\^64-1"),
+    (["--seed", str(2**64)], "seed must be a whole number from 0 to 2\\^64-1"),
+    (["--device", "quantum"], "device 'quantum' is not a device this runs on; use cpu, cuda or cuda:N"),
+    (["--output", "video.txt"], "--output: 'video.txt' is not a video file name; end it in one of .mp4"),
+    (["--fps", "0"], "fps must be a whole number from 1 to 240"),
+    (["--prompt", "fox \udcff"], "prompt is not valid UTF-8 text"),
+    (["--negative-prompt", "\udcff"], "negative_prompt is not valid UTF-8 text"),
+    (["--height", "100000"], "needs about .* GB .*; the largest that fits: about \\d+x\\d+ at 81 frames"),
+    (["--num-frames", "100001"], "needs about .* GB .* 256.0 GB is available host RAM; the largest that fits: "
+                                 "\\d+ frames at 832x480 or about"),
 ])
-def test_cli_bad_input_is_one_clear_line(model_set, capsys, flags, needle):
+def test_cli_bad_input_is_one_clear_line(model_set, capsys, tmp_path, monkeypatch, flags, needle):
     import re
+
+    from fastvideo_nodes.pipeline import size_check
+    monkeypatch.setattr(size_check, "available_bytes", lambda device: 256 * 2**30)  # any machine: the same answer
     c = model_set["comfy"]
     code = cli_main(["generate", "--model", c["model"], "--text-encoder", c["text_encoder"], "--vae", c["vae"],
-                     "--prompt", "x", "--device", "cpu", *flags])
+                     "--prompt", "x", "--device", "cpu", "--output", str(tmp_path / "o.mp4"), *flags])
     err = capsys.readouterr().err
-    assert code == 2 and re.search(needle, err) and "Traceback" not in err
+    assert code == 2 and re.search(needle, err) and "Traceback" not in err and len(err.splitlines()) == 1
+    assert os.listdir(tmp_path) == []  # refused before anything was written
 
 
 def test_cli_missing_model_file(capsys, tmp_path):

@@ -53,7 +53,8 @@ def test_cfg_loop_equals_plain_reading(dit, prompts):
     assert (stats.cond_forwards, stats.uncond_forwards) == (4, 4)
 
 
-@pytest.mark.parametrize("gate,steps,expected_uncond", [(0.5, 4, 2), (0.5, 5, 3), (0.25, 8, 2), (0.0, 4, 1), (1.0, 3, 3)])
+@pytest.mark.parametrize("gate,steps,expected_uncond",
+                         [(0.5, 4, 2), (0.5, 5, 3), (0.25, 8, 2), (0.0, 4, 1), (1.0, 3, 3)])
 def test_cfg_gate_counts_unconditional_forwards(dit, prompts, gate, steps, expected_uncond):
     _, stats = run(dit, prompts, steps=steps, cfg_gate=gate)
     assert stats.cond_forwards == steps
@@ -171,7 +172,7 @@ def test_callback_and_cancel(dit, prompts):
     (dict(height=100), "height must be a positive multiple of 16, got 100; nearest valid: 96 or 112"),
     (dict(width=0), "width must be a positive multiple of 16"),
     (dict(num_frames=80), "num_frames must be 4n\\+1.*got 80; nearest valid: 77 or 81"),
-    (dict(steps=0), "steps must be at least 1"),
+    (dict(steps=0), "steps must be a whole number from 1 to 1000, got 0"),
     (dict(cfg_gate=1.5), "cfg_gate must be in \\[0, 1\\]"),
     (dict(teacache_threshold=-0.1), "teacache_threshold must be ≥ 0"),
     (dict(scheduler="ddim"), "scheduler 'ddim' is unknown; use one of unipc, euler"),

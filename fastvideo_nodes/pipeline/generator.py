@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import numbers
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ import torch
 
 from ..errors import FastVideoError, ModelFileError
 from ..models.wan_vae import model_to_raw
-from .sampler import SamplingSettings, SamplingStats, denoise, initial_noise
+from .sampler import SamplingSettings, SamplingStats, check_finite_latents, denoise, initial_noise
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -37,16 +39,60 @@ def parse_dtype(dtype, device: torch.device) -> torch.dtype:
     return DTYPES[str(dtype).lower()]
 
 
-def parse_device(device) -> torch.device:
+def parse_device(device, name: str = "device") -> torch.device:
+    """None → cuda when visible, else cpu; otherwise cpu, cuda or cuda:N (a GPU that is here)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise FastVideoError(f"device {device!r} is not a valid torch device (use cpu, cuda or cuda:N).") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FastVideoError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu.")
-    return device
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise FastVideoError(f"{name} {device!r} is not a device this runs on; use cpu, cuda or cuda:N "
+                             f"(N a GPU index).")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise FastVideoError(f"{name} {device!r} was asked for but no CUDA GPU is visible; use cpu.")
+        if parsed.index is not None and parsed.index >= count:
+            raise FastVideoError(f"{name} {device!r}: only {count} GPU(s) visible; use cuda:0..cuda:{count - 1}.")
+    return parsed
+
+
+def parse_gpu_ids(gpu_ids, name: str = "gpu_ids") -> list[int] | None:
+    """"0,2" / [0, 2] → [0, 2]; None or "" → None (the first num_gpus GPUs)."""
+    if gpu_ids is None:
+        return None
+    if isinstance(gpu_ids, str):
+        parts = [p.strip() for p in gpu_ids.split(",") if p.strip()]  # "0,1," is fine
+        if not all(p.isascii() and p.isdigit() for p in parts):
+            raise FastVideoError(f"{name} must be comma-separated GPU indices such as 0,1 (or empty), "
+                                 f"got {gpu_ids!r}.")
+        ids = [int(p) for p in parts]
+    else:
+        try:
+            ids = list(gpu_ids)
+        except TypeError:
+            ids = None
+        if ids is None or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0
+                                  for i in ids):
+            raise FastVideoError(f"{name} must be a list of GPU indices such as [0, 1], got {gpu_ids!r}.")
+        ids = [int(i) for i in ids]
+    if len(set(ids)) != len(ids):
+        raise FastVideoError(f"{name} names a GPU twice: {ids}; each GPU can run one worker.")
+    return ids or None
+
+
+def check_prompt(text, name: str = "prompt") -> str:
+    """A str the tokenizer can take: text that is valid UTF-8 (no lone surrogates such as '\\udcff')."""
+    if not isinstance(text, str):
+        raise FastVideoError(f"{name} must be text, got {type(text).__name__}.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise FastVideoError(f"{name} is not valid UTF-8 text (character {e.start}: {text[e.start]!r}); "
+                             "remove or retype that character.") from None
+    return text
 
 
 @contextlib.contextmanager
@@ -95,8 +141,14 @@ class ModelFiles:
 
 
 class _Components:
-    """Loaded parts, shared by generators that differ only in run options (attention backend)."""
+    """Loaded parts, shared by generators that differ only in run options (attention backend).
+
+    The lock serialises runs on these parts: the models hold per-run state (the VAE's stream cache,
+    offload hooks), so two threads on one set would corrupt each other's run."""
     dit = text_encoder = vae = pool = offload = None
+
+    def __init__(self, lock: threading.RLock | None = None):
+        self.lock = lock or threading.RLock()
 
 
 class VideoGenerator:
@@ -106,7 +158,8 @@ class VideoGenerator:
                  gpu_memory_gb: float | None = None, text_encoder_device=None, fp8_matmul: bool = False):
         self.files = files
         self.fp8_matmul = bool(fp8_matmul)
-        self.text_encoder_device = torch.device(text_encoder_device) if text_encoder_device else None
+        self.text_encoder_device = (parse_device(text_encoder_device, "text_encoder_device")
+                                    if text_encoder_device else None)
         self.gpu_memory_gb = gpu_memory_gb or None
         self.offload_note = None
         self.attention_options = attention_options or {}
@@ -158,8 +211,8 @@ class VideoGenerator:
         """A generator whose sampling runs on a pool of `num_gpus` sequence-parallel workers; the
         text encoder and VAE stay shared with this one, in this process."""
         other = copy.copy(self)
-        other.num_gpus, other.gpu_ids = int(num_gpus), gpu_ids
-        other._parts = _Components()
+        other.num_gpus, other.gpu_ids = int(num_gpus), parse_gpu_ids(gpu_ids)
+        other._parts = _Components(self._parts.lock)  # shares the text encoder and VAE, so their lock too
         other._parts.text_encoder, other._parts.vae = self._parts.text_encoder, self._parts.vae
         return other
 
@@ -229,36 +282,59 @@ class VideoGenerator:
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompts → [B, 512, dim] float32 on CPU. With offload_text_encoder (default) the encoder
         goes back to CPU afterwards, so that the DiT has the GPU to itself."""
+        prompts = [check_prompt(p, f"prompts[{i}]" if len(prompts) > 1 else "prompt") for i, p in enumerate(prompts)]
         device = self.text_encoder_device or self.device
-        enc = self.text_encoder.to(device)
-        try:
-            with torch.inference_mode(), _friendly_oom():
-                return enc.encode(list(prompts)).float().cpu()
-        finally:
-            if self.offload_text_encoder and device.type != "cpu":
-                enc.to("cpu")
+        with self._parts.lock:
+            enc = self.text_encoder.to(device)
+            try:
+                with torch.inference_mode(), _friendly_oom():
+                    return enc.encode(prompts).float().cpu()
+            finally:
+                if self.offload_text_encoder and device.type != "cpu":
+                    enc.to("cpu")
+
+    def check_settings(self, settings: SamplingSettings) -> SamplingSettings:
+        """Every check that can run before any work: the settings, gpu_ids, and whether the size fits
+        in memory for this DiT (its config comes from the file header when it is not loaded yet)."""
+        from .size_check import check_fits
+        settings.validate()
+        if self.num_gpus > 1:
+            parse_gpu_ids(self.gpu_ids)
+        cfg = self.dit_config()
+        check_fits(settings, cfg.dim, cfg.ffn_dim, self.dtype, self.device, num_gpus=self.num_gpus)
+        return settings
 
     def sample(self, positive: torch.Tensor, negative: torch.Tensor | None, settings: SamplingSettings, *,
                callback: Callable | None = None, cancel: Callable[[], bool] | None = None,
                stats: SamplingStats | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Text embeddings → raw VAE-space latents [1,16,T',H',W'] float32 on CPU."""
-        settings.validate()
+        """Text embeddings → raw VAE-space latents [1,16,T',H',W'] float32 on CPU.
+        Raises FastVideoError for bad settings before any work, and for non-finite results."""
+        self.check_settings(settings)
         noise = initial_noise(settings) if noise is None else noise
-        if self.num_gpus > 1:
-            model_latents = self.pool().sample(noise, positive, negative, settings, callback=callback, cancel=cancel,
-                                               stats=stats, attention_backend=self.attention_backend,
-                                               attention_options=self.attention_options)
-        else:
-            with torch.inference_mode(), _friendly_oom():
-                model_latents = denoise(self.dit, noise, positive, negative, settings,
-                                        attention_backend=self.attention_backend,
-                                        attention_options=self.attention_options, callback=callback, cancel=cancel,
-                                        stats=stats)
-        return model_to_raw(model_latents.float().cpu())
+        with self._parts.lock:
+            if self.num_gpus > 1:
+                model_latents = self.pool().sample(noise, positive, negative, settings, callback=callback,
+                                                   cancel=cancel, stats=stats,
+                                                   attention_backend=self.attention_backend,
+                                                   attention_options=self.attention_options)
+            else:
+                with torch.inference_mode(), _friendly_oom():
+                    model_latents = denoise(self.dit, noise, positive, negative, settings,
+                                            attention_backend=self.attention_backend,
+                                            attention_options=self.attention_options, callback=callback,
+                                            cancel=cancel, stats=stats)
+        return model_to_raw(check_finite_latents(model_latents.float().cpu()))
 
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """Raw VAE-space latents [1,16,T',H',W'] → frames float32 [T,H,W,3] in 0..1 on CPU."""
-        with torch.inference_mode(), _friendly_oom():
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or latents.shape[:2] != (1, 16):
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise FastVideoError(f"latents: expected a Wan 2.1 video latent [1,16,T,H,W], got {shape}.")
+        if tile is not None and (isinstance(tile, bool) or not isinstance(tile, numbers.Integral) or tile < 1):
+            raise FastVideoError(f"tile must be a positive number of latent pixels (or None = whole frame), "
+                                 f"got {tile!r}.")
+        check_finite_latents(latents)
+        with self._parts.lock, torch.inference_mode(), _friendly_oom():
             return self.vae.decode_frames(latents.to(self.device), tile=tile)
 
     def pool(self):
@@ -281,17 +357,35 @@ class VideoGenerator:
                        flow_shift: float | None = None, scheduler: str = "unipc", seed: int = 0,
                        cfg_gate: float = 1.0, teacache_threshold: float = 0.0, teacache_mode: str = "default",
                        output_path: str | None = None, callback: Callable | None = None,
-                       cancel: Callable[[], bool] | None = None, fps: int = 16) -> GenerationResult:
-        """Prompt → video. flow_shift None: 5.0 at 720p and above, else 3.0 (diffusers' presets)."""
-        if flow_shift is None:
+                       cancel: Callable[[], bool] | None = None, fps: int = 16,
+                       overwrite: bool = False) -> GenerationResult:
+        """Prompt → video. flow_shift None: 5.0 at 720p and above, else 3.0 (diffusers' presets).
+        output_path: .mp4, .mkv, .mov or .webm; an existing file is refused unless overwrite=True, and
+        it is replaced only once the new video is complete. Every input is checked before any work.
+        Calls on one generator (and on those sharing its models) run one at a time."""
+        if flow_shift is None and all(isinstance(v, numbers.Real) for v in (height, width)):
             flow_shift = 5.0 if height * width >= 720 * 1280 else 3.0
         settings = SamplingSettings(height=height, width=width, num_frames=num_frames, steps=num_inference_steps,
                                     guidance_scale=guidance_scale, shift=flow_shift, scheduler=scheduler, seed=seed,
                                     cfg_gate=cfg_gate, teacache_threshold=teacache_threshold,
-                                    teacache_mode=teacache_mode).validate()
+                                    teacache_mode=teacache_mode)
+        check_prompt(prompt, "prompt")
+        if negative_prompt is not None:
+            check_prompt(negative_prompt, "negative_prompt")
+        if output_path:
+            from ..video import check_fps, check_output_path
+            check_output_path(output_path, overwrite=overwrite)
+            check_fps(fps)
+        self.check_settings(settings)
         if negative_prompt is None:
             from ..models.text_encoder import DEFAULT_NEGATIVE_PROMPT
             negative_prompt = DEFAULT_NEGATIVE_PROMPT
+        with self._parts.lock:
+            return self._generate(prompt, negative_prompt, settings, output_path, callback, cancel, fps, overwrite)
+
+    def _generate(self, prompt, negative_prompt, settings, output_path, callback, cancel, fps,
+                  overwrite) -> GenerationResult:
+        guidance_scale = settings.guidance_scale
         timings = {}
         t0 = time.perf_counter()
         positive = self.encode_prompt(prompt)
@@ -305,6 +399,6 @@ class VideoGenerator:
         frames = self.decode(latents)
         timings["decode_s"] = time.perf_counter() - t0
         if output_path:
-            from ..video import write_mp4
-            write_mp4(frames, output_path, fps=fps)
+            from ..video import write_video
+            write_video(frames, output_path, fps=fps, overwrite=overwrite)
         return GenerationResult(frames=frames, latents=latents, timings=timings, stats=stats, output_path=output_path)

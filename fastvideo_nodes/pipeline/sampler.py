@@ -6,6 +6,7 @@ The same function runs in-process and inside sequence-parallel workers (`paralle
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -16,6 +17,23 @@ from .schedulers import SCHEDULERS, make_scheduler
 from .teacache import MODES, TeaCache, coefficients_for
 
 VAE_STRIDE_T, VAE_STRIDE_HW, LATENT_CHANNELS = 4, 8, 16
+# Far beyond any useful schedule (Wan uses 50); it keeps the schedulers' arithmetic well away from trouble.
+MAX_STEPS = 1000
+MAX_SEED = 2**64 - 1  # ComfyUI's seed widget range, which torch.Generator.manual_seed also takes
+
+
+def _is_int(v) -> bool:
+    """A whole number: an int (numpy ints too), never a bool or a float such as 1.5."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _floor(v, k: int) -> int:
+    """v rounded down to a multiple of k, for the "nearest valid" hint (0 when v is not a finite number)."""
+    return int(v) // k * k if _is_real(v) and math.isfinite(v) else 0
 
 
 @dataclass
@@ -38,17 +56,23 @@ class SamplingSettings:
         """Raise FastVideoError naming the first bad setting and what would be valid."""
         for name in ("height", "width"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 16 or v % 16:
-                lo = max(16, int(v) // 16 * 16)
-                raise FastVideoError(f"{name} must be a positive multiple of 16, got {v}; "
+            if not _is_int(v) or v < 16 or v % 16:
+                lo = max(16, _floor(v, 16))
+                raise FastVideoError(f"{name} must be a positive multiple of 16, got {v!r}; "
                                      f"nearest valid: {lo} or {lo + 16}.")
         n = self.num_frames
-        if not isinstance(n, int) or n < 1 or (n - 1) % 4:
-            lo = max(1, (int(n) - 1) // 4 * 4 + 1)
-            raise FastVideoError(f"num_frames must be 4n+1 (1, 5, 9, …, 81), got {n}; nearest valid: "
+        if not _is_int(n) or n < 1 or (n - 1) % 4:
+            lo = max(1, _floor(n - 1 if _is_real(n) else 0, 4) + 1)
+            raise FastVideoError(f"num_frames must be 4n+1 (1, 5, 9, …, 81), got {n!r}; nearest valid: "
                                  f"{lo} or {lo + 4}.")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise FastVideoError(f"steps must be at least 1, got {self.steps}.")
+        if not _is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
+            raise FastVideoError(f"steps must be a whole number from 1 to {MAX_STEPS}, got {self.steps!r}.")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise FastVideoError(f"seed must be a whole number from 0 to 2^64-1 ({MAX_SEED}), got {self.seed!r}.")
+        for name in ("guidance_scale", "shift", "cfg_gate", "teacache_threshold"):
+            v = getattr(self, name)
+            if not _is_real(v) or not math.isfinite(v):
+                raise FastVideoError(f"{name} must be a finite number, got {v!r}.")
         if not 0.0 <= self.cfg_gate <= 1.0:
             raise FastVideoError(f"cfg_gate must be in [0, 1] (1 = off), got {self.cfg_gate}.")
         if self.teacache_threshold < 0:
@@ -76,6 +100,16 @@ def initial_noise(settings: SamplingSettings) -> torch.Tensor:
     """The noise diffusers and ComfyUI draw for a seed: float32 on a CPU generator."""
     g = torch.Generator("cpu").manual_seed(int(settings.seed))
     return torch.randn(settings.latent_shape, generator=g, dtype=torch.float32)
+
+
+def check_finite_latents(latents: torch.Tensor) -> torch.Tensor:
+    """One check after sampling: NaN or inf latents would decode to a garbage video with exit code 0."""
+    if not bool(torch.isfinite(latents).all()):
+        bad = (~torch.isfinite(latents)).float().mean().item()
+        raise FastVideoError(f"sampling produced non-finite latents (NaN/inf in {bad:.0%} of values), so no video "
+                             "was written. Likely causes: fp16 overflow (use precision bf16 or fp32), a damaged "
+                             "model file or LoRA, or an extreme guidance_scale/shift.")
+    return latents
 
 
 @dataclass
