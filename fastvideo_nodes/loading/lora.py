@@ -15,8 +15,13 @@ The math (ComfyUI's rule, which diffusers' fuse_lora also computes): W += s·(al
 alpha defaulting to rank; W += s·diff; b += s·diff_b. Every delta of every LoRA on one tensor is
 summed in float32 and added to the float32 base, then rounded once to the stored dtype. fp8 weights
 are dequantised, merged and re-quantised with one scale per output channel (ops.linear.quantize_fp8):
-the merged weight is then within fp8's relative step (2⁻³ for e4m3, 2⁻² for e5m2) of each row's
-largest value away from the exact merge, the same bound as any per-channel fp8 weight.
+each merged element is then within half an fp8 step of the exact float32 merge, |err| ≤ 2⁻⁴·|w|
+for e4m3 (2⁻³ for e5m2) plus the row's subnormal spacing (scale·2⁻⁹ for e4m3), the same bound as
+any per-channel fp8 weight (tests/test_lora.py checks it, and the distance to a bf16 merge).
+
+Merging writes in place, so compiled blocks stay valid; a ComfyUI per-tensor fp8 scale becomes a
+per-channel buffer. Apply LoRAs before attaching block offload (memory/offload.py keeps its own
+references to the tensors it moves).
 """
 from __future__ import annotations
 
