@@ -181,3 +181,61 @@ def test_callback_and_cancel(dit, prompts):
 def test_bad_settings_name_the_input(kw, needle):
     with pytest.raises(FastVideoError, match=needle):
         SamplingSettings(**kw).validate()
+
+
+class VelocityStub(torch.nn.Module):
+    """A stand-in DiT whose velocity is known: v = 0.5·x + t/1000; counts its forwards."""
+
+    dtype = torch.float32
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.timesteps = []
+
+    def forward(self, x, t, context, **kw):
+        self.timesteps.append(float(t))
+        return 0.5 * x + t / 1000
+
+
+def test_cfg_one_is_one_forward_per_step():
+    for negative in (None, torch.zeros(1, 3, 8)):
+        stub = VelocityStub()
+        s = SamplingSettings(**SMALL, steps=4, guidance_scale=1.0, scheduler="lcm", spacing="simple", shift=5.0)
+        stats = SamplingStats()
+        denoise(stub, initial_noise(s), torch.zeros(1, 3, 8), negative, s, stats=stats)
+        assert len(stub.timesteps) == stats.cond_forwards == 4 and stats.uncond_forwards == 0
+        assert stub.timesteps == pytest.approx([1000.0, 937.5, 833.333, 625.0], abs=1e-3)
+
+
+def test_lcm_sigma_list_run_follows_its_definition():
+    """x0 = x − σ·v, then x = (1 − σ')·x0 + σ'·ε with ε from the seed's stream after the initial noise."""
+    sig = (1.0, 0.757, 0.522)
+    s = SamplingSettings(**SMALL, steps=50, guidance_scale=1.0, scheduler="lcm", sigmas=sig, seed=11)
+    stub = VelocityStub()
+    out = denoise(stub, initial_noise(s), torch.zeros(1, 3, 8), None, s)
+    assert stub.timesteps == pytest.approx([1000.0, 757.0, 522.0])
+    g = torch.Generator("cpu").manual_seed(11)
+    x = torch.randn(s.latent_shape, generator=g)
+    assert torch.equal(x, initial_noise(s))
+    for i, sigma in enumerate(sig):
+        x0 = x - sigma * (0.5 * x + sigma)
+        x = x0 if i == len(sig) - 1 else (1 - sig[i + 1]) * x0 + sig[i + 1] * torch.randn(s.latent_shape, generator=g)
+    assert torch.allclose(out, x, atol=1e-6)
+
+
+def test_lcm_run_is_deterministic_per_seed(dit, prompts):
+    a, _ = run(dit, prompts, scheduler="lcm", spacing="simple", guidance_scale=1.0, seed=2)
+    b, _ = run(dit, prompts, scheduler="lcm", spacing="simple", guidance_scale=1.0, seed=2)
+    c, _ = run(dit, prompts, scheduler="lcm", spacing="simple", guidance_scale=1.0, seed=3)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(scheduler="euler", sigmas=(1.0, 1.0)), "sigmas must be strictly descending"),
+    (dict(scheduler="lcm", spacing="linear"), "spacing 'linear' is unknown"),
+    (dict(scheduler="unipc", sigmas=(1.0, 0.5)), "need scheduler 'euler' or 'lcm'"),
+])
+def test_bad_few_step_settings(kw, needle):
+    with pytest.raises(FastVideoError, match=needle):
+        SamplingSettings(**kw).validate()

@@ -63,9 +63,82 @@ def test_reset_repeats_the_same_run():
     assert torch.equal(*runs)
 
 
-@pytest.mark.parametrize("args,needle", [(("ddim", 4, 3.0), "unknown; use one of unipc, euler"),
+@pytest.mark.parametrize("args,needle", [(("ddim", 4, 3.0), "unknown; use one of unipc, euler, lcm"),
                                          (("unipc", 0, 3.0), "steps must be at least 1"),
                                          (("euler", 4, 0.0), "shift must be > 0")])
 def test_bad_arguments(args, needle):
     with pytest.raises(FastVideoError, match=needle):
         make_scheduler(*args)
+
+
+def test_simple_spacing_gives_the_lightning_timesteps():
+    s = make_scheduler("euler", 4, 5.0, spacing="simple")
+    assert torch.allclose(s.timesteps, torch.tensor([1000.0, 937.5, 833.3333, 625.0]))
+    assert s.sigmas[-1] == 0 and len(s.sigmas) == 5
+
+
+@pytest.mark.parametrize("steps", [3, 7])
+def test_simple_spacing_is_every_nth_entry_of_the_shifted_table(steps):
+    """ComfyUI's construction: the 1000 shifted training sigmas, read with a stride of 1000/N."""
+    table = [3.0 * (t / 1000) / (1 + 2.0 * (t / 1000)) for t in range(1, 1001)]
+    want = [table[-(1 + int(i * 1000 / steps))] for i in range(steps)] + [0.0]
+    assert torch.allclose(make_scheduler("lcm", steps, 3.0, spacing="simple").sigmas, torch.tensor(want))
+
+
+def test_sigma_list_is_used_as_given_with_float_timesteps():
+    s = make_scheduler("euler", 99, 5.0, sigmas=(1.0, 0.757, 0.522))
+    assert s.num_steps == 3
+    assert torch.allclose(s.timesteps, torch.tensor([1000.0, 757.0, 522.0]))
+    assert s.timesteps.dtype == torch.float32 and s.sigmas.tolist()[-1] == 0.0
+
+
+def test_euler_on_a_sigma_list_follows_its_definition():
+    sig = [1.0, 0.8, 0.4, 0.1]
+    s = make_scheduler("euler", 4, 1.0, sigmas=sig)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    want = x.clone()
+    for i, t in enumerate(s.timesteps):
+        assert t.item() == pytest.approx(sig[i] * 1000)
+        x = s.step(velocity(x, t), x)
+        nxt = sig[i + 1] if i + 1 < len(sig) else 0.0
+        want = want + (nxt - sig[i]) * velocity(want, torch.tensor(sig[i] * 1000))
+        assert torch.allclose(x, want, atol=1e-6)
+
+
+def test_lcm_predicts_x0_then_renoises_with_the_generators_noise():
+    sig = [1.0, 0.6, 0.25]
+    s = make_scheduler("lcm", 3, 1.0, sigmas=sig, generator=torch.Generator("cpu").manual_seed(5))
+    g = torch.Generator("cpu").manual_seed(5)
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
+    want = x.clone()
+    for i, t in enumerate(s.timesteps):
+        v = velocity(x, t)
+        x = s.step(v, x)
+        x0 = want - sig[i] * velocity(want, t)
+        if i + 1 < len(sig):
+            want = (1 - sig[i + 1]) * x0 + sig[i + 1] * torch.randn(2, 4, generator=g)
+        else:
+            want = x0  # the last step returns the x0 estimate, no noise
+        assert torch.allclose(x, want, atol=1e-6)
+
+
+def test_lcm_default_spacing_is_the_euler_spacing():
+    assert torch.equal(make_scheduler("lcm", 6, 3.0).sigmas, make_scheduler("euler", 6, 3.0).sigmas)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(sigmas=()), "at least one value"),
+    (dict(sigmas=(1.0, 0.5, 0.5)), "strictly descending, got 0.5 then 0.5 at position 3"),
+    (dict(sigmas=(1.2, 0.5)), "must lie in \\(0, 1\\], got 1.2 at position 1"),
+    (dict(sigmas=(1.0, 0.0)), "must lie in \\(0, 1\\], got 0.0 at position 2; the final 0 is added"),
+    (dict(sigmas=(1.0, float("nan"))), "must lie in \\(0, 1\\], got nan"),
+    (dict(spacing="karras"), "spacing 'karras' is unknown; use one of default, simple"),
+])
+def test_bad_sigma_lists_and_spacings(kw, needle):
+    with pytest.raises(FastVideoError, match=needle):
+        make_scheduler("euler", 4, 3.0, **kw)
+
+
+def test_unipc_refuses_few_step_spacings():
+    with pytest.raises(FastVideoError, match="need scheduler 'euler' or 'lcm'"):
+        make_scheduler("unipc", 4, 3.0, spacing="simple")

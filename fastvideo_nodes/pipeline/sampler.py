@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import CancelledError, FastVideoError
-from .schedulers import SCHEDULERS, make_scheduler
+from .schedulers import SCHEDULERS, SPACINGS, check_sigmas, make_scheduler
 from .teacache import MODES, TeaCache, coefficients_for
 
 VAE_STRIDE_T, VAE_STRIDE_HW, LATENT_CHANNELS = 4, 8, 16
@@ -51,6 +51,10 @@ class SamplingSettings:
     teacache_threshold: float = 0.0
     teacache_mode: str = "default"
     teacache_coefficients: list[float] | None = None
+    # Few-step sampling: "simple" = ComfyUI's spacing; sigmas (descending, in (0, 1]) are used as
+    # given, without shift, and decide the step count (steps is then ignored). euler and lcm only.
+    spacing: str = "default"
+    sigmas: tuple[float, ...] | None = None
 
     def validate(self) -> SamplingSettings:
         """Raise FastVideoError naming the first bad setting and what would be valid."""
@@ -85,7 +89,19 @@ class SamplingSettings:
             raise FastVideoError(f"shift must be > 0, got {self.shift}.")
         if self.guidance_scale < 0:
             raise FastVideoError(f"guidance_scale must be ≥ 0, got {self.guidance_scale}.")
+        if self.spacing not in SPACINGS:
+            raise FastVideoError(f"spacing {self.spacing!r} is unknown; use one of {', '.join(SPACINGS)}.")
+        if self.sigmas is not None:
+            check_sigmas(self.sigmas)
+        if self.scheduler == "unipc" and (self.sigmas is not None or self.spacing != "default"):
+            raise FastVideoError("scheduler 'unipc' follows diffusers' own spacing; explicit sigmas and spacing "
+                                 "'simple' need scheduler 'euler' or 'lcm'.")
         return self
+
+    @property
+    def num_steps(self) -> int:
+        """Model steps of the run: the sigma list's length when one is given, else steps."""
+        return len(self.sigmas) if self.sigmas is not None else self.steps
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:
@@ -112,6 +128,14 @@ def check_finite_latents(latents: torch.Tensor) -> torch.Tensor:
     return latents
 
 
+def step_noise_generator(settings: SamplingSettings) -> torch.Generator:
+    """The CPU generator for noise drawn during sampling (LCM): the seed's stream continued past the
+    initial noise, so a seed fixes the whole run and the steps never reuse the initial noise."""
+    g = torch.Generator("cpu").manual_seed(int(settings.seed))
+    torch.randn(settings.latent_shape, generator=g, dtype=torch.float32)
+    return g
+
+
 @dataclass
 class SamplingStats:
     cond_forwards: int = 0
@@ -134,8 +158,10 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
     settings.validate()
     stats = stats if stats is not None else SamplingStats()
     device = next(dit.parameters()).device
-    sched = make_scheduler(settings.scheduler, settings.steps, settings.shift)
-    n = settings.steps
+    generator = step_noise_generator(settings) if settings.scheduler == "lcm" else None
+    sched = make_scheduler(settings.scheduler, settings.steps, settings.shift, spacing=settings.spacing,
+                           sigmas=settings.sigmas, generator=generator)
+    n = settings.num_steps
     g = settings.guidance_scale
     do_cfg = g > 1.0 and negative is not None
     # CFG gate: both passes only for steps i < N·X (at least the first, to have a guidance direction).

@@ -1,23 +1,32 @@
-"""Flow-matching schedulers: UniPC multistep (order 2, bh2, x0-predicting) and Euler.
+"""Flow-matching schedulers: UniPC multistep (order 2, bh2, x0-predicting), Euler and LCM.
 
-Both follow the schedules diffusers uses for Wan, step for step, so seeds reproduce:
+UniPC and Euler follow the schedules diffusers uses for Wan, step for step, so seeds reproduce:
 - "unipc" = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
   flow_shift=shift, solver_order=2, solver_type="bh2", lower_order_final=True, final_sigmas_type="zero").
   The DiT gets *integer* timesteps int(σ·1000) while the update uses the continuous σ.
 - "euler" = FlowMatchEulerDiscreteScheduler(shift=shift): float timesteps σ·1000, x ← x + (σ' − σ)·v.
+- "lcm" (ComfyUI's LCM sampler, for step-distilled LoRAs): x0 = x − σ·v, then re-noise to the next
+  sigma with fresh noise, x' = (1 − σ')·x0 + σ'·ε; the last step returns x0.
+
+Few-step runs choose their sigmas: spacing "simple" (ComfyUI's: every N-th entry of the shifted
+1000-step table, 4 steps at shift 5 → timesteps 1000, 937.5, 833.3, 625) or an explicit list used
+as given (no shift). Both are for euler and lcm, whose DiT timesteps are float σ·1000; UniPC keeps
+diffusers' integer-timestep schedule, so it refuses them rather than silently differ from diffusers.
 
 The model predicts the flow velocity v; with x_σ = (1 − σ)·x0 + σ·noise, x0 = x − σ·v.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from ..errors import FastVideoError
 
-SCHEDULERS = ("unipc", "euler")
+SCHEDULERS = ("unipc", "euler", "lcm")
+SPACINGS = ("default", "simple")
 TRAIN_STEPS = 1000
 
 
@@ -45,14 +54,26 @@ class Scheduler:
         raise NotImplementedError
 
 
+def default_sigmas(num_steps: int, shift: float) -> np.ndarray:
+    """diffusers' FlowMatchEulerDiscreteScheduler spacing (without the final 0)."""
+    # diffusers bounds the schedule by its training sigmas, which are already shifted once.
+    train = shifted(np.linspace(1, TRAIN_STEPS, TRAIN_STEPS, dtype=np.float32)[::-1] / TRAIN_STEPS, shift)
+    sigma_max, sigma_min = float(train[0]), float(train[-1])
+    return shifted(np.linspace(sigma_max * TRAIN_STEPS, sigma_min * TRAIN_STEPS, num_steps) / TRAIN_STEPS, shift)
+
+
+def simple_sigmas(num_steps: int, shift: float) -> np.ndarray:
+    """ComfyUI's "simple" spacing: σ_i = shift(t_i / 1000) with t_i = 1000 − ⌊1000·i/N⌋, i = 0..N−1
+    (= shift(1 − i/N) whenever N divides 1000)."""
+    t = TRAIN_STEPS - np.floor(np.arange(num_steps) * (TRAIN_STEPS / num_steps))
+    return shifted(t / TRAIN_STEPS, shift).astype(np.float32)
+
+
 class FlowEuler(Scheduler):
-    def __init__(self, num_steps: int, shift: float):
+    def __init__(self, num_steps: int, shift: float, sigmas: np.ndarray | None = None):
         super().__init__(num_steps)
-        # diffusers bounds the schedule by its training sigmas, which are already shifted once.
-        train = shifted(np.linspace(1, TRAIN_STEPS, TRAIN_STEPS, dtype=np.float32)[::-1] / TRAIN_STEPS, shift)
-        sigma_max, sigma_min = float(train[0]), float(train[-1])
-        sig = shifted(np.linspace(sigma_max * TRAIN_STEPS, sigma_min * TRAIN_STEPS, num_steps) / TRAIN_STEPS, shift)
-        sig = torch.from_numpy(sig).float()
+        sig = default_sigmas(num_steps, shift) if sigmas is None else sigmas
+        sig = torch.as_tensor(np.asarray(sig, dtype=np.float32))
         self.timesteps = sig * TRAIN_STEPS
         self.sigmas = torch.cat([sig, torch.zeros(1)])
 
@@ -60,6 +81,25 @@ class FlowEuler(Scheduler):
         dt = self.sigmas[self.index + 1] - self.sigmas[self.index]
         self.index += 1
         return sample.float() + dt * velocity.float()
+
+
+class FlowLCM(FlowEuler):
+    """Predict x0, then re-noise it to the next sigma with fresh noise from `generator` (CPU)."""
+
+    def __init__(self, num_steps: int, shift: float, sigmas: np.ndarray | None = None,
+                 generator: torch.Generator | None = None):
+        super().__init__(num_steps, shift, sigmas)
+        self.generator = generator if generator is not None else torch.Generator("cpu").manual_seed(0)
+
+    def step(self, velocity, sample):
+        x0 = sample.float() - float(self.sigmas[self.index]) * velocity.float()
+        self.index += 1
+        s_next = float(self.sigmas[self.index])
+        if s_next == 0:
+            return x0
+        # Drawn on the CPU so that a seed gives the same noise on every device and worker.
+        eps = torch.randn(x0.shape, generator=self.generator, dtype=torch.float32).to(x0.device)
+        return (1 - s_next) * x0 + s_next * eps
 
 
 class FlowUniPC(Scheduler):
@@ -145,11 +185,43 @@ class FlowUniPC(Scheduler):
         return out
 
 
-def make_scheduler(name: str, num_steps: int, shift: float) -> Scheduler:
+def check_sigmas(sigmas: Sequence[float]) -> None:
+    """An explicit sigma list: non-empty, finite, strictly descending, in (0, 1]."""
+    vals = [float(s) for s in sigmas]
+    if not vals:
+        raise FastVideoError("sigmas must hold at least one value (e.g. 1.0, 0.75, 0.5, 0.25); got an empty list.")
+    for i, s in enumerate(vals):
+        if not (0 < s <= 1):  # also refuses NaN
+            raise FastVideoError(f"sigmas must lie in (0, 1], got {s} at position {i + 1}; the final 0 is added "
+                                 "automatically.")
+        if i and s >= vals[i - 1]:
+            raise FastVideoError(f"sigmas must be strictly descending, got {vals[i - 1]} then {s} at position {i + 1}.")
+
+
+def make_scheduler(name: str, num_steps: int, shift: float, *, spacing: str = "default",
+                   sigmas: Sequence[float] | None = None, generator: torch.Generator | None = None) -> Scheduler:
+    """A scheduler for one run. sigmas (descending, in (0, 1]) override num_steps, shift and spacing;
+    generator feeds the LCM re-noising (ignored by the others)."""
     if name not in SCHEDULERS:
         raise FastVideoError(f"scheduler {name!r} is unknown; use one of {', '.join(SCHEDULERS)}.")
+    if spacing not in SPACINGS:
+        raise FastVideoError(f"spacing {spacing!r} is unknown; use one of {', '.join(SPACINGS)}.")
+    if sigmas is not None:
+        check_sigmas(sigmas)
+        num_steps = len(sigmas)
     if not isinstance(num_steps, int) or num_steps < 1:
         raise FastVideoError(f"steps must be at least 1, got {num_steps}.")
     if not shift > 0:
         raise FastVideoError(f"shift must be > 0, got {shift}.")
-    return FlowUniPC(num_steps, shift) if name == "unipc" else FlowEuler(num_steps, shift)
+    if name == "unipc":
+        if sigmas is not None or spacing != "default":
+            raise FastVideoError("scheduler 'unipc' follows diffusers' own spacing; explicit sigmas and spacing "
+                                 "'simple' need scheduler 'euler' or 'lcm'.")
+        return FlowUniPC(num_steps, shift)
+    if sigmas is not None:
+        sig = np.asarray([float(s) for s in sigmas], dtype=np.float32)
+    else:
+        sig = simple_sigmas(num_steps, shift) if spacing == "simple" else None
+    if name == "lcm":
+        return FlowLCM(num_steps, shift, sig, generator)
+    return FlowEuler(num_steps, shift, sig)
