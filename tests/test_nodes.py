@@ -43,8 +43,10 @@ def sampler_inputs(model, pos, neg, **kw):
 
 
 def test_mappings_and_input_types():
-    assert set(fv.NODE_CLASS_MAPPINGS) == {"LoadFastVideoModel", "SetAttentionBackend", "EncodePrompt",
-                                          "FastVideoSampler", "DecodeVAE", "FastVideoParallelWorkers"}
+    # Registry keys are global across installed packs: every one carries the pack's name.
+    assert set(fv.NODE_CLASS_MAPPINGS) == {"LoadFastVideoModel", "FastVideoSetAttentionBackend",
+                                          "FastVideoEncodePrompt", "FastVideoSampler", "FastVideoDecodeVAE",
+                                          "FastVideoParallelWorkers"}
     for name, cls in fv.NODE_CLASS_MAPPINGS.items():
         spec = cls.INPUT_TYPES()
         assert "required" in spec and cls.CATEGORY == "FastVideo" and hasattr(cls, cls.FUNCTION)
