@@ -59,7 +59,7 @@ def resolve_backend(name: str | None) -> str:
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """What one DiT forward needs to know to do attention.
+    """What one DiT forward needs to know to do attention (a models.seams.Attention).
 
     backend: a resolved name or "AUTO". grid: the (t, h, w) token grid of the self-attention
     sequence, for backends that use the video's geometry. step: the sampling step (sparse

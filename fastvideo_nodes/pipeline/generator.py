@@ -22,7 +22,7 @@ import torch
 from ..attention.sliding_tile import SlidingTileOptions
 from ..errors import FastVideoError, ModelFileError
 from ..models.wan_vae import model_to_raw
-from .options import LoadOptions
+from .options import LoadOptions, parse_device  # noqa: F401  (parse_device: moved there, still importable here)
 from .sampler import SamplingSettings, SamplingStats, denoise, initial_noise
 
 logger = logging.getLogger(__name__)

@@ -26,17 +26,24 @@ WEIGHT_STORAGE = ("as_stored", "fp8", "fp8_fast")
 WEIGHT_STORAGE_ALIASES = {"as stored": "as_stored", "fp8_e4m3fn": "fp8", "fp8_e4m3fn_fast": "fp8_fast"}
 
 
-def parse_device(device, field: str = "device") -> torch.device:
-    """None → cuda when a GPU is visible, else cpu. Raises naming `field` for a bad or absent device."""
+def parse_device(device, name: str = "device") -> torch.device:
+    """None → cuda when visible, else cpu; otherwise cpu, cuda or cuda:N (a GPU that is here)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(device)
+        parsed = torch.device(device)
     except (RuntimeError, TypeError):
-        raise FastVideoError(f"{field} {device!r} is not a valid torch device (use cpu, cuda or cuda:N).") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FastVideoError(f"{field} 'cuda' was asked for but no CUDA GPU is visible; use --device cpu.")
-    return device
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise FastVideoError(f"{name} {device!r} is not a device this runs on; use cpu, cuda or cuda:N "
+                             f"(N a GPU index).")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise FastVideoError(f"{name} {device!r} was asked for but no CUDA GPU is visible; use cpu.")
+        if parsed.index is not None and parsed.index >= count:
+            raise FastVideoError(f"{name} {device!r}: only {count} GPU(s) visible; use cuda:0..cuda:{count - 1}.")
+    return parsed
 
 
 def _precision_name(precision) -> str | None:
