@@ -11,6 +11,7 @@ import sys
 import time
 
 from .errors import FastVideoError
+from .pipeline.options import WEIGHT_STORAGE, LoadOptions
 
 
 class _Progress:
@@ -44,6 +45,9 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
+DEMO_OUTPUT = "fastvideo_demo.mp4"
+
+
 def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     if not demo:
         p.add_argument("--model", required=True, help="diffusers folder or Wan2.1 DiT .safetensors")
@@ -66,31 +70,40 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
     p.add_argument("--teacache-mode", default="default", choices=["default", "ret"])
     p.add_argument("--attention-backend", default=None, help="auto, TORCH_SDPA, FLASH_ATTN, SAGE_ATTN, …")
     p.add_argument("--device", default="cpu" if demo else None)
-    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--precision", "--dtype", dest="precision", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="compute dtype (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--num-gpus", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU; warm-up on first run)")
     p.add_argument("--text-encoder-device", default=None, help="encode prompts here (e.g. cpu for small GPUs)")
-    p.add_argument("--fp8", action="store_true", help="store DiT and text-encoder linear weights as fp8 (e4m3fn)")
-    p.add_argument("--fp8-fast", action="store_true",
-                   help="as --fp8, and the DiT multiplies on fp8 tensor cores (GPUs of compute capability 8.9+)")
+    p.add_argument("--weight-storage", default="as_stored", choices=list(WEIGHT_STORAGE),
+                   help="fp8: DiT and text-encoder linear weights stored as e4m3fn, half the memory; fp8_fast: "
+                        "also fp8 tensor-core matmuls in the DiT (compute capability 8.9+)")
+    p.add_argument("--fp8", dest="weight_storage", action="store_const", const="fp8",
+                   help="same as --weight-storage fp8")
+    p.add_argument("--fp8-fast", dest="weight_storage", action="store_const", const="fp8_fast",
+                   help="same as --weight-storage fp8_fast")
     p.add_argument("--gpu-memory-gb", type=float, default=None,
                    help="GPU memory for the DiT; blocks beyond it stream from CPU memory (default: fit automatically)")
     p.add_argument("--fps", type=int, default=16, help="frames per second of the video (Wan 2.1: 16)")
-    p.add_argument("--output", default="fastvideo_demo.mp4" if demo else "output.mp4",
+    p.add_argument("--output", default=DEMO_OUTPUT if demo else "output.mp4",
                    help="FILE.mp4 (or .mkv, .mov, .webm); written to a temporary file and renamed when complete")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output/--latents-out file "
-                   "(refused by default)")
+                   "(refused by default" + ("; the demo always replaces its own fastvideo_demo.mp4)" if demo else ")"))
     p.add_argument("--latents-out", default=None, help="also save the raw VAE-space latents (key 'latents')")
 
 
-def _fp8():
-    import torch
-    return torch.float8_e4m3fn
+def load_options(args):
+    """The parsed load flags → LoadOptions (validated there, like the API's and the node's)."""
+    return LoadOptions(device=args.device, precision=args.precision, weight_storage=args.weight_storage,
+                       compile=args.compile, gpu_memory_gb=args.gpu_memory_gb,
+                       text_encoder_device=args.text_encoder_device)
 
 
 def _check_outputs(args) -> None:
     """Output problems are found before the model loads, not after the whole generation."""
     from .video import check_fps, check_output_path
+    if args.command == "demo" and args.output == DEMO_OUTPUT:
+        args.overwrite = True  # the demo's own file: running the demo twice must just work
     check_output_path(args.output, overwrite=args.overwrite, name="--output")
     check_fps(args.fps)
     if args.latents_out:
@@ -105,13 +118,8 @@ def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
     from .pipeline.generator import VideoGenerator
 
     _check_outputs(args)
-    gen = VideoGenerator.from_pretrained(model, text_encoder=text_encoder, vae=vae, device=args.device,
-                                         dtype=args.dtype, attention_backend=args.attention_backend,
-                                         num_gpus=args.num_gpus, compile=args.compile,
-                                         gpu_memory_gb=args.gpu_memory_gb,
-                                         text_encoder_device=args.text_encoder_device,
-                                         weight_dtype=_fp8() if args.fp8 or args.fp8_fast else None,
-                                         fp8_matmul=args.fp8_fast)
+    gen = VideoGenerator.from_pretrained(model, text_encoder=text_encoder, vae=vae, options=load_options(args),
+                                         attention_backend=args.attention_backend, num_gpus=args.num_gpus)
     try:
         result = gen.generate_video(
             args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,

@@ -1,7 +1,8 @@
 """Every environment variable the engine reads, in one place, with its type and meaning.
 
-Code reads settings through these accessors, never `os.environ` directly, so the README table
-(`python -m fastvideo_nodes env` prints it) cannot drift from what the code does.
+No other module reads `os.environ` for a FASTVIDEO_* variable (a test checks the sources), and
+the README table is `markdown_table()` (`python -m fastvideo_nodes.env` prints it; a test checks
+that the committed copy matches), so neither can drift from what the code does.
 """
 from __future__ import annotations
 
@@ -12,20 +13,22 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Variable:
     name: str
-    kind: str      # "str", "path", "choice"
+    kind: str      # "path" or "choice"
     default: str
     meaning: str
+    choices: tuple[str, ...] = ()  # kind "choice": the values that mean something (case-insensitive)
 
 
 VARIABLES = {v.name: v for v in (
     Variable("FASTVIDEO_ATTENTION_BACKEND", "choice", "auto",
-             "attention backend when none is given explicitly (auto, TORCH_SDPA, FLASH_ATTN, SAGE_ATTN, "
-             "SLIDING_TILE_ATTN)"),
+             "attention backend when none is given explicitly (an unknown name is an error)",
+             ("auto", "TORCH_SDPA", "FLASH_ATTN", "SAGE_ATTN", "SLIDING_TILE_ATTN")),
     Variable("FASTVIDEO_SDPA_KERNEL", "choice", "",
-             "pin torch SDPA to one kernel: cudnn, flash, efficient or math (empty: cuDNN on Hopper+, "
-             "else torch's choice)"),
+             "pin torch SDPA to one kernel (empty or another value: cuDNN on Hopper+, else torch's choice)",
+             ("cudnn", "flash", "efficient", "math")),
     Variable("FASTVIDEO_CACHE", "path", "~/.cache/fastvideo_nodes",
-             "where the attention probe results, the demo model and test tokenizers are kept"),
+             "where the attention probe results, the demo model and test tokenizers are kept "
+             "(unset: $XDG_CACHE_HOME/fastvideo_nodes when XDG_CACHE_HOME is set)"),
 )}
 
 
@@ -44,6 +47,13 @@ def cache_dir() -> str:
 
 
 def markdown_table() -> str:
-    rows = ["| variable | default | meaning |", "|---|---|---|"]
-    rows += [f"| `{v.name}` | {v.default or '(unset)'} | {v.meaning} |" for v in VARIABLES.values()]
+    rows = ["| variable | type | default | meaning |", "|---|---|---|---|"]
+    for v in VARIABLES.values():
+        kind = f"one of {', '.join(f'`{c}`' for c in v.choices)}" if v.choices else v.kind
+        rows.append(f"| `{v.name}` | {kind} | {v.default or '(unset)'} | {v.meaning} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import sys
+    sys.stdout.write(markdown_table() + "\n")

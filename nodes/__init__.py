@@ -1,20 +1,24 @@
-"""ComfyUI node classes: thin faces over the fastvideo_nodes engine (no math here)."""
+"""ComfyUI node classes: thin faces over the fastvideo_nodes engine (no math here).
+
+Registry keys are global across every installed pack, so each one starts with FastVideo (or
+LoadFastVideo); the class names stay short.
+"""
 from .model_nodes import FastVideoParallelWorkers, LoadFastVideoModel, SetAttentionBackend
 from .sampling_nodes import DecodeVAE, EncodePrompt, FastVideoSampler
 
 NODE_CLASS_MAPPINGS = {
     "LoadFastVideoModel": LoadFastVideoModel,
-    "SetAttentionBackend": SetAttentionBackend,
-    "EncodePrompt": EncodePrompt,
+    "FastVideoSetAttentionBackend": SetAttentionBackend,
+    "FastVideoEncodePrompt": EncodePrompt,
     "FastVideoSampler": FastVideoSampler,
-    "DecodeVAE": DecodeVAE,
+    "FastVideoDecodeVAE": DecodeVAE,
     "FastVideoParallelWorkers": FastVideoParallelWorkers,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoadFastVideoModel": "Load FastVideo Model (Wan2.1)",
-    "SetAttentionBackend": "FastVideo Attention Backend",
-    "EncodePrompt": "FastVideo Encode Prompt",
+    "FastVideoSetAttentionBackend": "FastVideo Attention Backend",
+    "FastVideoEncodePrompt": "FastVideo Encode Prompt",
     "FastVideoSampler": "FastVideo Sampler",
-    "DecodeVAE": "FastVideo Decode VAE",
+    "FastVideoDecodeVAE": "FastVideo Decode VAE",
     "FastVideoParallelWorkers": "FastVideo Parallel Workers",
 }

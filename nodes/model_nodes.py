@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from fastvideo_nodes.attention import BACKENDS, resolve_backend
+from fastvideo_nodes.attention.sliding_tile import SlidingTileOptions
 from fastvideo_nodes.errors import FastVideoError
+from fastvideo_nodes.pipeline.options import PRECISIONS, WEIGHT_STORAGE, LoadOptions
 
 from . import comfy_api
 
 CATEGORY = "FastVideo"
 MODEL = "FASTVIDEO_MODEL"
-PRECISIONS = ["bf16", "fp16", "fp32"]
-WEIGHT_STORAGE = ["as stored", "fp8_e4m3fn", "fp8_e4m3fn_fast"]
 
 # One loaded model set at a time: choosing other files frees the previous one.
 _loaded: dict = {}
@@ -22,13 +22,14 @@ class LoadFastVideoModel:
     def INPUT_TYPES(cls):
         models = comfy_api.diffusers_folders() + comfy_api.folder_names("diffusion_models")
         return {"required": {
-            "model": (models or ["wan2.1_t2v_1.3B_fp16.safetensors"], {"tooltip": "Wan2.1 T2V DiT file, or a diffusers folder"}),
+            "model": (models or ["wan2.1_t2v_1.3B_fp16.safetensors"],
+                      {"tooltip": "Wan2.1 T2V DiT file, or a diffusers folder"}),
             "text_encoder": (["(from diffusers folder)"] + comfy_api.folder_names("text_encoders"),),
             "vae": (["(from diffusers folder)"] + comfy_api.folder_names("vae"),),
-            "precision": (PRECISIONS, {"default": "bf16"}),
-            "weight_storage": (WEIGHT_STORAGE, {"default": "as stored", "tooltip":
-                               "fp8_e4m3fn: half the memory, dequantised at use. fp8_e4m3fn_fast: also "
-                               "multiplies in fp8 on the tensor cores (RTX 40xx/H100 and newer; faster, lossy)"}),
+            "precision": (list(PRECISIONS), {"default": "bf16"}),
+            "weight_storage": (list(WEIGHT_STORAGE), {"default": "as_stored", "tooltip":
+                               "fp8: half the memory, dequantised at use. fp8_fast: also multiplies in fp8 "
+                               "on the tensor cores (RTX 40xx/H100 and newer; faster, lossy)"}),
         }, "optional": {
             "compile": ("BOOLEAN", {"default": False, "tooltip": "torch.compile the DiT blocks (first run warms up)"}),
             "gpu_memory_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
@@ -41,28 +42,38 @@ class LoadFastVideoModel:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, weight_storage):
+        # Naming weight_storage here makes ComfyUI leave its list check to us, so that workflows saved
+        # with the older words ("as stored", "fp8_e4m3fn", "fp8_e4m3fn_fast") still run.
+        try:
+            LoadOptions(weight_storage=weight_storage)
+        except FastVideoError as e:
+            return str(e)
+        return True
+
+    @staticmethod
+    def options(precision, weight_storage, compile=False, gpu_memory_gb=0.0, text_encoder_device="gpu"):
+        """The node's widgets → LoadOptions (the same object the API and the CLI build)."""
+        return LoadOptions(precision=precision, weight_storage=weight_storage, compile=bool(compile),
+                           gpu_memory_gb=float(gpu_memory_gb),
+                           text_encoder_device="cpu" if text_encoder_device == "cpu" else None)
+
     def load(self, model, text_encoder, vae, precision, weight_storage, compile=False, gpu_memory_gb=0.0,
              text_encoder_device="gpu"):
-        import torch
-
         from fastvideo_nodes.pipeline.generator import VideoGenerator
 
         path = comfy_api.full_path("diffusion_models", model)
         te = None if text_encoder.startswith("(") else comfy_api.full_path("text_encoders", text_encoder)
         va = None if vae.startswith("(") else comfy_api.full_path("vae", vae)
-        key = (path, te, va, precision, weight_storage, bool(compile), float(gpu_memory_gb), text_encoder_device)
+        options = self.options(precision, weight_storage, compile, gpu_memory_gb, text_encoder_device)
+        key = (path, te, va, options)
         if key not in _loaded:
             for old in _loaded.values():
                 old.close()
             _loaded.clear()
             comfy_api.free_memory()
-            wd = torch.float8_e4m3fn if weight_storage.startswith("fp8_e4m3fn") else None
-            _loaded[key] = VideoGenerator.from_pretrained(path, text_encoder=te, vae=va, dtype=precision,
-                                                          weight_dtype=wd, compile=bool(compile),
-                                                          fp8_matmul=weight_storage == "fp8_e4m3fn_fast",
-                                                          gpu_memory_gb=float(gpu_memory_gb) or None,
-                                                          text_encoder_device="cpu" if text_encoder_device == "cpu"
-                                                          else None)
+            _loaded[key] = VideoGenerator.from_pretrained(path, text_encoder=te, vae=va, options=options)
         return (_loaded[key],)
 
 
@@ -94,9 +105,9 @@ class SetAttentionBackend:
         return True
 
     def apply(self, model, backend, sta_window="3,3,5", sta_dense_steps=0):
-        options = {}
+        options = None
         if backend == "SLIDING_TILE_ATTN":
-            options = {"window": _parse_window(sta_window), "dense_steps": int(sta_dense_steps)}
+            options = SlidingTileOptions(window=_parse_window(sta_window), dense_steps=int(sta_dense_steps))
         return (model.with_attention_backend(None if backend == "auto" else backend, options),)
 
 
@@ -107,7 +118,8 @@ def _parse_window(text: str) -> tuple[int, int, int]:
             raise ValueError
         return w
     except ValueError:
-        raise FastVideoError(f"sta_window must be three positive integers 't,h,w' (e.g. 3,3,5), got {text!r}.") from None
+        raise FastVideoError(f"sta_window must be three positive integers 't,h,w' (e.g. 3,3,5), "
+                             f"got {text!r}.") from None
 
 
 class FastVideoParallelWorkers:

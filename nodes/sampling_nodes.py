@@ -52,7 +52,7 @@ def _embedding(conditioning, name: str):
     try:
         return conditioning[0][0]
     except (TypeError, IndexError, KeyError):
-        raise FastVideoError(f"{name}: expected a CONDITIONING from EncodePrompt or CLIPTextEncode.") from None
+        raise FastVideoError(f"{name}: expected a CONDITIONING from FastVideoEncodePrompt or CLIPTextEncode.") from None
 
 
 class FastVideoSampler:

@@ -6,7 +6,7 @@ Skipped otherwise, e.g. in CI.
 
 Note on the mixed workflow: ComfyUI's CLIPLoader (type wan) always builds the full-size UMT5-XXL,
 so a tiny test encoder cannot load there. In this test that workflow's text nodes are replaced by
-our EncodePrompt, whose outputs are native CONDITIONING; the native VAELoader → VAEDecode part is
+our FastVideoEncodePrompt, whose outputs are native CONDITIONING; the native VAELoader → VAEDecode part is
 kept (with a random full-width VAE, since ComfyUI's Wan VAE is fixed at width 96).
 """
 import copy
@@ -121,15 +121,15 @@ test_copy.__test__ = False  # a helper, not a test
 
 
 def _native_text_to_encode_prompt(wf):
-    """Swap CLIPLoader + CLIPTextEncode for our EncodePrompt (see the module docstring)."""
+    """Swap CLIPLoader + CLIPTextEncode for our FastVideoEncodePrompt (see the module docstring)."""
     wf = copy.deepcopy(wf)
     ids = {n["type"]: n["id"] for n in wf["nodes"]}
     loader = next(n for n in wf["nodes"] if n["type"] == "LoadFastVideoModel")
     loader["widgets_values"][1] = "umt5_tiny.safetensors"
     texts = [n for n in wf["nodes"] if n["type"] == "CLIPTextEncode"]
     enc_id = max(n["id"] for n in wf["nodes"]) + 1
-    enc = {"id": enc_id, "type": "EncodePrompt", "pos": [380, 200], "size": [320, 200], "flags": {}, "order": 0,
-           "mode": 0, "inputs": [{"name": "model", "type": "FASTVIDEO_MODEL", "link": None}],
+    enc = {"id": enc_id, "type": "FastVideoEncodePrompt", "pos": [380, 200], "size": [320, 200], "flags": {},
+           "order": 0, "mode": 0, "inputs": [{"name": "model", "type": "FASTVIDEO_MODEL", "link": None}],
            "outputs": [{"name": "positive", "type": "CONDITIONING", "links": [], "slot_index": 0},
                        {"name": "negative", "type": "CONDITIONING", "links": [], "slot_index": 1}],
            "properties": {}, "widgets_values": [texts[0]["widgets_values"][0], texts[1]["widgets_values"][0], True]}

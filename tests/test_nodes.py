@@ -9,7 +9,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import nodes as fv  # noqa: E402  (the pack's node package; ComfyUI itself is not installed in CI)
+from fastvideo_nodes.attention.sliding_tile import SlidingTileOptions  # noqa: E402
 from fastvideo_nodes.errors import FastVideoError  # noqa: E402
+from fastvideo_nodes.pipeline.options import LoadOptions  # noqa: E402
 from fastvideo_nodes.pipeline.sampler import SamplingSettings  # noqa: E402
 
 SIZE = dict(width=48, height=32, num_frames=5)
@@ -30,7 +32,7 @@ def files(tmp_path_factory):
 def model(files):
     c = files["comfy"]
     (m,) = call(fv.LoadFastVideoModel, model=c["model"], text_encoder=c["text_encoder"], vae=c["vae"],
-                precision="fp32", weight_storage="as stored")
+                precision="fp32", weight_storage="as_stored")
     return m
 
 
@@ -41,8 +43,10 @@ def sampler_inputs(model, pos, neg, **kw):
 
 
 def test_mappings_and_input_types():
-    assert set(fv.NODE_CLASS_MAPPINGS) == {"LoadFastVideoModel", "SetAttentionBackend", "EncodePrompt",
-                                          "FastVideoSampler", "DecodeVAE", "FastVideoParallelWorkers"}
+    # Registry keys are global across installed packs: every one carries the pack's name.
+    assert set(fv.NODE_CLASS_MAPPINGS) == {"LoadFastVideoModel", "FastVideoSetAttentionBackend",
+                                          "FastVideoEncodePrompt", "FastVideoSampler", "FastVideoDecodeVAE",
+                                          "FastVideoParallelWorkers"}
     for name, cls in fv.NODE_CLASS_MAPPINGS.items():
         spec = cls.INPUT_TYPES()
         assert "required" in spec and cls.CATEGORY == "FastVideo" and hasattr(cls, cls.FUNCTION)
@@ -52,10 +56,10 @@ def test_mappings_and_input_types():
 def test_load_is_cached_and_replaced(files, model):
     c = files["comfy"]
     (again,) = call(fv.LoadFastVideoModel, model=c["model"], text_encoder=c["text_encoder"], vae=c["vae"],
-                    precision="fp32", weight_storage="as stored")
+                    precision="fp32", weight_storage="as_stored")
     assert again is model
     (other,) = call(fv.LoadFastVideoModel, model=files["folder"], text_encoder="(from diffusers folder)",
-                    vae="(from diffusers folder)", precision="fp32", weight_storage="as stored")
+                    vae="(from diffusers folder)", precision="fp32", weight_storage="as_stored")
     assert other is not model and other.files.text_encoder == files["folder"]
     from nodes.model_nodes import _loaded
     assert list(_loaded.values()) == [other]  # the previous choice was let go
@@ -99,10 +103,32 @@ def test_validate_inputs_rejects_bad_sizes():
     assert "cfg_gate" in v(cfg_gate=1.5)
 
 
+def test_load_node_builds_load_options_and_takes_old_words(files, model):
+    """The node's widgets become the same LoadOptions as the API's; workflows saved with the older
+    weight_storage words still validate and load the same options."""
+    assert model.options == LoadOptions(precision="fp32", weight_storage="as_stored")
+    v = fv.LoadFastVideoModel.VALIDATE_INPUTS
+    for old, new in (("as stored", "as_stored"), ("fp8_e4m3fn", "fp8"), ("fp8_e4m3fn_fast", "fp8_fast")):
+        assert v(weight_storage=old) is True and v(weight_storage=new) is True
+        assert fv.LoadFastVideoModel.options("bf16", old) == fv.LoadFastVideoModel.options("bf16", new)
+    msg = v(weight_storage="int4")
+    assert "weight_storage 'int4' is unknown" in msg and "as_stored, fp8, fp8_fast" in msg
+    opts = fv.LoadFastVideoModel.options("fp16", "fp8_fast", compile=True, gpu_memory_gb=0.0, text_encoder_device="cpu")
+    assert (opts.precision, opts.weight_storage, opts.compile, opts.gpu_memory_gb, opts.text_encoder_device) == (
+        "fp16", "fp8_fast", True, None, "cpu")
+    c = files["comfy"]
+    load = lambda word: call(fv.LoadFastVideoModel, model=c["model"], text_encoder=c["text_encoder"], vae=c["vae"],
+                             precision="fp32", weight_storage=word)[0]
+    assert load("as stored") is load("as_stored")  # the old word is the same options: the same loaded model
+
+
 def test_set_attention_backend_shares_weights(model):
     (sta,) = call(fv.SetAttentionBackend, model=model, backend="SLIDING_TILE_ATTN", sta_window="3,3,3")
     assert sta is not model and sta._parts is model._parts
-    assert sta.attention_backend == "SLIDING_TILE_ATTN" and sta.attention_options["window"] == (3, 3, 3)
+    assert sta.attention_backend == "SLIDING_TILE_ATTN"
+    assert sta.attention_options == SlidingTileOptions(window=(3, 3, 3))
+    (dense,) = call(fv.SetAttentionBackend, model=model, backend="TORCH_SDPA", sta_window="3,3,3")
+    assert dense.attention_options is None
     assert fv.SetAttentionBackend.VALIDATE_INPUTS(backend="auto") is True
     assert "sta_window must be three positive integers" in fv.SetAttentionBackend.VALIDATE_INPUTS(
         backend="SLIDING_TILE_ATTN", sta_window="3,3")

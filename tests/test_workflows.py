@@ -63,8 +63,12 @@ def test_workflow_matches_definitions(path):
             for i in n["inputs"]:
                 assert conns.get(i["name"]) == i["type"], (n["type"], i)
             assert [o["type"] for o in n["outputs"]] == outs
+            values = dict(zip([w[0] for w in widgets], n["widgets_values"]))
             if n["type"] == "FastVideoSampler":
-                assert fv.FastVideoSampler.VALIDATE_INPUTS(**dict(zip([w[0] for w in widgets], n["widgets_values"]))) is True
+                assert fv.FastVideoSampler.VALIDATE_INPUTS(**values) is True
+            if n["type"] == "LoadFastVideoModel":
+                assert fv.LoadFastVideoModel.VALIDATE_INPUTS(weight_storage=values["weight_storage"]) is True
+            assert n.get("properties", {}).get("Node name for S&R", n["type"]) == n["type"]
         else:
             count, conns, outs = NATIVE[n["type"]]
             assert len(n["widgets_values"]) == count

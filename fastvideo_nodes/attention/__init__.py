@@ -5,16 +5,19 @@ an explicit name (SetAttentionBackend node, `attention_backend=`, `--attention-b
 environment variable FASTVIDEO_ATTENTION_BACKEND, then "auto" (the fastest available backend as
 measured on this GPU, dtype and head size; see `auto.py`). One module per backend, each with
 `available() -> str | None` (None when usable, else how to install) and `attend(q, k, v, ...)`.
+Backend settings travel typed: `SlidingTileOptions` for SLIDING_TILE_ATTN (the only backend with any).
 """
 from __future__ import annotations
 
 import importlib
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
+from .. import env
 from ..errors import FastVideoError
+from .sliding_tile import SlidingTileOptions
 
 ENV_VAR = "FASTVIDEO_ATTENTION_BACKEND"
 BACKENDS = {  # name → module in this package
@@ -40,7 +43,7 @@ def backend_module(name: str):
 
 def resolve_backend(name: str | None) -> str:
     """Explicit name > FASTVIDEO_ATTENTION_BACKEND > "AUTO". Raises for unknown or unusable names."""
-    chosen = (name or os.environ.get(ENV_VAR) or "auto").strip().upper()
+    chosen = (name or env.get(ENV_VAR)).strip().upper()
     if chosen == "AUTO":
         return chosen
     if chosen in UNSUPPORTED:
@@ -56,16 +59,19 @@ def resolve_backend(name: str | None) -> str:
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """What one DiT forward needs to know to do attention.
+    """What one DiT forward needs to know to do attention (a models.seams.Attention).
 
     backend: a resolved name or "AUTO". grid: the (t, h, w) token grid of the self-attention
     sequence, for backends that use the video's geometry. step: the sampling step (sparse
-    backends may stay dense for the first steps). options: backend settings (e.g. STA windows).
+    backends may stay dense for the first steps). options: sliding-tile settings, None = defaults.
     """
     backend: str = "AUTO"
     grid: tuple[int, int, int] | None = None
     step: int | None = None
-    options: dict = field(default_factory=dict, hash=False, compare=False)
+    options: SlidingTileOptions | None = field(default=None, hash=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "options", as_options(self.options))  # frozen
 
     def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return attention(q, k, v, backend=self.backend, grid=self.grid, step=self.step, options=self.options)
@@ -76,16 +82,26 @@ class AttentionSpec:
         return attention(q, k, v, backend=backend)
 
 
+def as_options(options) -> SlidingTileOptions | None:
+    """SlidingTileOptions as given; None or an empty mapping → None (defaults); a mapping of its
+    fields (older callers, the DiT's `attention_options or {}`) → validated SlidingTileOptions."""
+    if options is None or isinstance(options, SlidingTileOptions):
+        return options
+    if isinstance(options, Mapping):
+        return SlidingTileOptions(**options) if options else None
+    raise FastVideoError(f"attention options must be SlidingTileOptions, got {type(options).__name__}.")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None,
               grid: tuple[int, int, int] | None = None, step: int | None = None,
-              options: dict | None = None) -> torch.Tensor:
+              options: SlidingTileOptions | None = None) -> torch.Tensor:
     """Non-causal attention. q: [B, Sq, H, D], k/v: [B, Sk, H, D] → [B, Sq, H, D]."""
     name = resolve_backend(backend) if backend is None or backend not in BACKENDS else backend
     if name == "AUTO":
         from .auto import choose
         name = choose(q)
     if name == "SLIDING_TILE_ATTN":  # FlexAttention: torch.compile should see (and fuse) it
-        return backend_module(name).attend(q, k, v, grid=grid, step=step, **(options or {}))
+        return backend_module(name).attend(q, k, v, grid=grid, step=step, options=as_options(options))
     if torch.compiler.is_compiling():
         return torch.ops.fastvideo.dense_attention(q, k, v, name)
     return backend_module(name).attend(q, k, v)

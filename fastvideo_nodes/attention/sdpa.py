@@ -8,11 +8,12 @@ ComfyUI's own nodes included). FASTVIDEO_SDPA_KERNEL (cudnn, flash, efficient, m
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .. import env
 
 _NAMED = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
           "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -33,7 +34,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-    pinned = os.environ.get("FASTVIDEO_SDPA_KERNEL", "").lower()
+    pinned = env.get("FASTVIDEO_SDPA_KERNEL").lower()
     if pinned in _NAMED:
         with sdpa_kernel([_NAMED[pinned]]):
             return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)

@@ -4,21 +4,51 @@ The token grid (t, h, w) is cut into tiles of `tile` tokens; tokens are reordere
 contiguous, and a query tile attends only to the key tiles within `window` tiles of it (in t, h
 and w). With tile volumes a multiple of 128, FlexAttention's block mask skips whole blocks, so the
 work falls with the window. Masks are built once per shape. `dense_steps` keeps the first sampling
-steps dense, where the layout of the video is decided.
+steps dense, where the layout of the video is decided. `SlidingTileOptions` carries the three,
+validated once, from the node or API down to `attend`.
 """
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-# Tile sizes in tokens (t, h, w) and window sizes in tiles (odd: centred on the query's tile).
+from ..errors import FastVideoError
+
+
+def _triple(name: str, value) -> tuple[int, int, int]:
+    try:
+        t = tuple(value)
+    except TypeError:
+        t = ()
+    if len(t) != 3 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in t):
+        raise FastVideoError(f"sliding-tile {name} must be three positive integers (t, h, w), got {value!r}.")
+    return t
+
+
+@dataclass(frozen=True)
+class SlidingTileOptions:
+    """tile: tokens per tile (t, h, w). window: tiles attended around the query's tile (t, h, w;
+    odd sizes are centred, an even size w reaches w // 2 tiles each way). dense_steps: the first
+    sampling steps that stay dense."""
+    tile: tuple[int, int, int] = (4, 8, 8)
+    window: tuple[int, int, int] = (3, 3, 5)
+    dense_steps: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "tile", _triple("tile", self.tile))  # frozen: lists become tuples once
+        object.__setattr__(self, "window", _triple("window", self.window))
+        if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int) or self.dense_steps < 0:
+            raise FastVideoError(f"sliding-tile dense_steps must be an integer ≥ 0, got {self.dense_steps!r}.")
+
+
 PRESETS = {
-    "wan-480p": dict(tile=(4, 8, 8), window=(3, 3, 5)),
-    "wan-720p": dict(tile=(4, 8, 8), window=(3, 3, 5)),
-    "wide": dict(tile=(4, 8, 8), window=(5, 5, 7)),
+    "wan-480p": SlidingTileOptions(tile=(4, 8, 8), window=(3, 3, 5)),
+    "wan-720p": SlidingTileOptions(tile=(4, 8, 8), window=(3, 3, 5)),
+    "wide": SlidingTileOptions(tile=(4, 8, 8), window=(5, 5, 7)),
 }
 DEFAULT = "wan-480p"
 
@@ -65,7 +95,7 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def dense_mask(grid, tile=PRESETS[DEFAULT]["tile"], window=PRESETS[DEFAULT]["window"], device="cpu"):
+def dense_mask(grid, tile=PRESETS[DEFAULT].tile, window=PRESETS[DEFAULT].window, device="cpu"):
     """The [S, S] boolean mask STA applies, in the original token order (for tests)."""
     source, valid, _, mask_mod = _layout(tuple(grid), tuple(tile), tuple(window), str(device))
     n = source.numel()
@@ -78,7 +108,7 @@ def dense_mask(grid, tile=PRESETS[DEFAULT]["tile"], window=PRESETS[DEFAULT]["win
     return out
 
 
-def density(grid, tile=PRESETS[DEFAULT]["tile"], window=PRESETS[DEFAULT]["window"]) -> float:
+def density(grid, tile=PRESETS[DEFAULT].tile, window=PRESETS[DEFAULT].window) -> float:
     """Fraction of the dense query·key pairs that STA computes, counted per tile pair."""
     tiles = [math.ceil(n / s) for n, s in zip(grid, tile)]
     counts = []  # real tokens per tile along each axis
@@ -92,14 +122,13 @@ def density(grid, tile=PRESETS[DEFAULT]["tile"], window=PRESETS[DEFAULT]["window
     return total / float(math.prod(grid)) ** 2
 
 
-def attend(q, k, v, *, grid=None, step=None, tile=None, window=None, preset=DEFAULT, dense_steps: int = 0):
-    """q, k, v: [B, S, H, D] with S = t·h·w of `grid` → [B, S, H, D]."""
-    if grid is None or math.prod(grid) != q.shape[1] or (step is not None and step < dense_steps):
+def attend(q, k, v, *, grid=None, step=None, options: SlidingTileOptions | None = None):
+    """q, k, v: [B, S, H, D] with S = t·h·w of `grid` → [B, S, H, D]. options: None = the default preset."""
+    options = options or PRESETS[DEFAULT]
+    if grid is None or math.prod(grid) != q.shape[1] or (step is not None and step < options.dense_steps):
         from . import sdpa
         return sdpa.attend(q, k, v)
-    tile = tuple(tile or PRESETS[preset]["tile"])
-    window = tuple(window or PRESETS[preset]["window"])
-    source, valid, mask, _ = _layout(tuple(grid), tile, window, str(q.device))
+    source, valid, mask, _ = _layout(tuple(grid), options.tile, options.window, str(q.device))
     # Gather into tile-major order (padding slots read token 0; they are masked as keys, dropped as queries).
     gather = lambda x: x[:, source].transpose(1, 2)
     fn = _compiled_flex() if q.is_cuda else flex_attention

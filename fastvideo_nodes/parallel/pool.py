@@ -15,11 +15,15 @@ import threading
 import time
 import traceback
 from multiprocessing.connection import wait
+from typing import TYPE_CHECKING
 
 import torch
 import torch.multiprocessing as mp
 
 from ..errors import CancelledError, FastVideoError
+
+if TYPE_CHECKING:
+    from ..pipeline.options import LoadOptions
 
 # NVLink multicast stays off in every worker (it can take shared GPUs out of service).
 WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -32,13 +36,16 @@ def _free_port() -> int:
 
 
 class WorkerPool:
-    def __init__(self, model_path: str, *, num_gpus: int, device, dtype: torch.dtype,
-                 weight_dtype: torch.dtype | None = None, gpu_ids: list[int] | None = None,
-                 start_timeout: float = 600.0, fp8_matmul: bool = False):
+    def __init__(self, model_path: str, *, num_gpus: int, options: LoadOptions | None = None,
+                 gpu_ids: list[int] | None = None, start_timeout: float = 600.0, **load_keywords):
+        """options: how each worker loads the DiT (device, precision, weight_storage); its fields,
+        and the older dtype=/weight_dtype=/fp8_matmul=, may also be given as keywords."""
         from ..loading.dit import read_dit_config
+        from ..pipeline.options import LoadOptions
         from .ulysses import check_degree
+        options = LoadOptions.from_keywords(options, **load_keywords)
         check_degree(read_dit_config(model_path).num_heads, num_gpus)
-        device = torch.device(device)
+        device = options.torch_device
         if device.type == "cuda":
             ids = gpu_ids if gpu_ids is not None else list(range(num_gpus))
             if len(ids) != num_gpus or max(ids, default=0) >= torch.cuda.device_count():
@@ -54,8 +61,7 @@ class WorkerPool:
         for rank, dev in enumerate(devices):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker_main, name=f"fastvideo-worker-{rank}", daemon=True,
-                            args=(rank, num_gpus, port, dev, model_path, dtype,
-                                  dict(weight_dtype=weight_dtype, fp8_matmul=fp8_matmul), child, os.getpid(),
+                            args=(rank, num_gpus, port, dev, model_path, options, child, os.getpid(),
                                   self.cancel_flag))
             p.start()
             child.close()
@@ -176,7 +182,7 @@ def _watch_parent(parent_pid: int):
             os._exit(0)
 
 
-def _worker_main(rank, world, port, device, model_path, dtype, load_options, conn, parent_pid, flag):
+def _worker_main(rank, world, port, device, model_path, options, conn, parent_pid, flag):
     os.environ.update(WORKER_ENV)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     try:
@@ -193,7 +199,8 @@ def _worker_main(rank, world, port, device, model_path, dtype, load_options, con
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                                 rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
-        dit = load_dit(model_path, device=device, dtype=dtype, **load_options)
+        dit = load_dit(model_path, device=device, dtype=options.dtype, weight_dtype=options.weight_dtype,
+                       fp8_matmul=options.fp8_matmul)
         plan = UlyssesPlan()
         conn.send(("ready", None))
     except BaseException as e:

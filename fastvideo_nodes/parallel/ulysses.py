@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..attention import AttentionSpec
 from ..errors import FastVideoError
+from ..models.seams import Attention, Rope
 
 
 def check_degree(num_heads: int, degree: int) -> None:
@@ -31,12 +31,12 @@ def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
 
 
 class UlyssesAttention:
-    """Wraps an AttentionSpec: self-attention exchanges heads for sequence, cross-attention is local."""
+    """Wraps an Attention (seams.py): self-attention exchanges heads for sequence, cross-attention is local."""
 
-    def __init__(self, inner: AttentionSpec, plan: UlyssesPlan):
+    def __init__(self, inner: Attention, plan: UlyssesPlan):
         self.inner, self.plan = inner, plan
 
-    def self_attention(self, q, k, v):
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v [B, S/N, H, D] (sequence-sharded) → [B, S/N, H, D]."""
         s = self.plan.seq_len
         full = [self._to_heads(t)[:, :s] for t in (q, k, v)]  # [B, S, H/N, D], padding dropped
@@ -44,7 +44,7 @@ class UlyssesAttention:
         out = F.pad(out, (0, 0, 0, 0, 0, self.plan.padded - s))
         return self._to_tokens(out, q.shape[2])
 
-    def cross_attention(self, q, k, v):
+    def cross_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.inner.cross_attention(q, k, v)
 
     def _to_heads(self, x):
@@ -63,14 +63,15 @@ class UlyssesAttention:
 
 
 class UlyssesPlan:
-    """The DiT's `parallel=` hook: enter() shards tokens and RoPE, exit() gathers the sequence."""
+    """The DiT's `parallel=` hook (a seams.ParallelPlan): enter() shards tokens and RoPE, exit()
+    gathers the sequence."""
 
     def __init__(self, group=None):
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
 
-    def enter(self, tokens, rope, attn: AttentionSpec):
+    def enter(self, tokens: torch.Tensor, rope: Rope, attn: Attention) -> tuple[torch.Tensor, Rope, Attention]:
         self.seq_len = tokens.shape[1]
         self.padded = -(-self.seq_len // self.world) * self.world
         pad = self.padded - self.seq_len
@@ -80,7 +81,7 @@ class UlyssesPlan:
         cos, sin = rope
         return shard(tokens), (shard(cos), shard(sin)), UlyssesAttention(attn, self)
 
-    def exit(self, tokens):
+    def exit(self, tokens: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(tokens) for _ in range(self.world)]
         dist.all_gather(parts, tokens.contiguous(), group=self.group)
         return torch.cat(parts, dim=1)[:, : self.seq_len]

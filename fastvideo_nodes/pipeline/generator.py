@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import numbers
 import os
 import threading
@@ -20,44 +21,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..attention.sliding_tile import SlidingTileOptions
 from ..errors import FastVideoError, ModelFileError
 from ..models.wan_vae import model_to_raw
+from .options import LoadOptions, parse_device
 from .sampler import SamplingSettings, SamplingStats, check_finite_latents, denoise, initial_noise
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
-
-
-def parse_dtype(dtype, device: torch.device) -> torch.dtype:
-    """None → bf16 on GPU, fp32 on CPU; strings as DTYPES."""
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if str(dtype).lower() not in DTYPES:
-        raise FastVideoError(f"dtype {dtype!r} is unknown; use bf16, fp16 or fp32.")
-    return DTYPES[str(dtype).lower()]
-
-
-def parse_device(device, name: str = "device") -> torch.device:
-    """None → cuda when visible, else cpu; otherwise cpu, cuda or cuda:N (a GPU that is here)."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        parsed = None
-    if parsed is None or parsed.type not in ("cpu", "cuda"):
-        raise FastVideoError(f"{name} {device!r} is not a device this runs on; use cpu, cuda or cuda:N "
-                             f"(N a GPU index).")
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise FastVideoError(f"{name} {device!r} was asked for but no CUDA GPU is visible; use cpu.")
-        if parsed.index is not None and parsed.index >= count:
-            raise FastVideoError(f"{name} {device!r}: only {count} GPU(s) visible; use cuda:0..cuda:{count - 1}.")
-    return parsed
-
+logger = logging.getLogger(__name__)
 
 def parse_gpu_ids(gpu_ids, name: str = "gpu_ids") -> list[int] | None:
     """"0,2" / [0, 2] → [0, 2]; None or "" → None (the first num_gpus GPUs)."""
@@ -128,7 +98,8 @@ class ModelFiles:
             text_encoder = text_encoder or model
             vae = vae or model
         elif not os.path.exists(model):
-            raise ModelFileError(f"model: {model!r} does not exist. Give a Wan2.1 .safetensors file or a diffusers folder.")
+            raise ModelFileError(f"model: {model!r} does not exist. Give a Wan2.1 .safetensors file or a "
+                                 "diffusers folder.")
         return cls(model, text_encoder, vae)
 
     def require(self, what: str) -> str:
@@ -152,21 +123,18 @@ class _Components:
 
 
 class VideoGenerator:
-    def __init__(self, files: ModelFiles, *, device=None, dtype=None, attention_backend: str | None = None,
-                 num_gpus: int = 1, weight_dtype: torch.dtype | None = None, gpu_ids: list[int] | None = None,
-                 compile: bool = False, attention_options: dict | None = None,
-                 gpu_memory_gb: float | None = None, text_encoder_device=None, fp8_matmul: bool = False):
+    def __init__(self, files: ModelFiles, options: LoadOptions | None = None, *,
+                 attention_backend: str | None = None, attention_options: SlidingTileOptions | None = None,
+                 num_gpus: int = 1, gpu_ids: list[int] | None = None, **load_keywords):
+        """options: how the models load (see LoadOptions); load_keywords as in from_pretrained."""
         self.files = files
-        self.fp8_matmul = bool(fp8_matmul)
-        self.text_encoder_device = (parse_device(text_encoder_device, "text_encoder_device")
-                                    if text_encoder_device else None)
-        self.gpu_memory_gb = gpu_memory_gb or None
+        self.options = LoadOptions.from_keywords(options, **load_keywords)
+        self.device = self.options.torch_device
+        self.dtype = self.options.dtype
+        self.text_encoder_device = (parse_device(self.options.text_encoder_device, "text_encoder_device")
+                                    if self.options.text_encoder_device else None)
         self.offload_note = None
-        self.attention_options = attention_options or {}
-        self.compile = compile
-        self.device = parse_device(device)
-        self.dtype = parse_dtype(dtype, self.device)
-        self.weight_dtype = weight_dtype
+        self.attention_options = attention_options
         if attention_backend is not None:
             from ..attention import resolve_backend
             resolve_backend(attention_backend)  # fail early on an unknown or unavailable name
@@ -178,34 +146,30 @@ class VideoGenerator:
         self.offload_text_encoder = True
         self._parts = _Components()
 
-    def with_attention_backend(self, name: str | None, options: dict | None = None) -> VideoGenerator:
+    def with_attention_backend(self, name: str | None,
+                               options: SlidingTileOptions | None = None) -> VideoGenerator:
         """A generator that shares this one's loaded weights but uses another attention backend."""
         if name is not None:
             from ..attention import resolve_backend
             resolve_backend(name)
+        if options is not None and not isinstance(options, SlidingTileOptions):
+            raise FastVideoError(f"attention options must be SlidingTileOptions, got {type(options).__name__}.")
         other = copy.copy(self)
         other.attention_backend = name
-        other.attention_options = dict(options or {})
+        other.attention_options = options
         return other
 
     @classmethod
-    def from_pretrained(cls, model, *, text_encoder=None, vae=None, device=None, dtype=None,
-                        attention_backend: str | None = None, num_gpus: int = 1, weight_dtype=None,
-                        gpu_ids: list[int] | None = None, compile: bool = False,
-                        gpu_memory_gb: float | None = None, text_encoder_device=None,
-                        fp8_matmul: bool = False) -> VideoGenerator:
+    def from_pretrained(cls, model, *, text_encoder=None, vae=None, options: LoadOptions | None = None,
+                        attention_backend: str | None = None, num_gpus: int = 1,
+                        gpu_ids: list[int] | None = None, **load_keywords) -> VideoGenerator:
         """model: a diffusers folder, or a DiT .safetensors with text_encoder= and vae= files.
-        compile: torch.compile the DiT blocks (first run of a shape pays the warm-up).
-        gpu_memory_gb: GPU memory the DiT may use; blocks beyond it stream from CPU memory
-        (None/0: all resident when it fits the free memory, else fit it automatically).
-        text_encoder_device: where prompts are encoded ("cpu" for cards too small for UMT5-XXL);
-        default the main device, with the encoder moved back to CPU after each encoding.
-        fp8_matmul: the DiT's block linears store e4m3fn weights (one scale per channel) and multiply
-        on fp8 tensor cores with per-token activation scales (compute capability 8.9+; lossy, faster)."""
-        return cls(ModelFiles.resolve(model, text_encoder, vae), device=device, dtype=dtype,
-                   attention_backend=attention_backend, num_gpus=num_gpus, weight_dtype=weight_dtype, gpu_ids=gpu_ids,
-                   compile=compile, gpu_memory_gb=gpu_memory_gb, text_encoder_device=text_encoder_device,
-                   fp8_matmul=fp8_matmul)
+        options: a LoadOptions (device, precision, weight_storage, compile, gpu_memory_gb,
+        text_encoder_device). Those fields may also be given as keywords (they replace the ones of
+        `options`), as may the older dtype=, weight_dtype=torch.float8_e4m3fn and fp8_matmul=True."""
+        options = LoadOptions.from_keywords(options, **load_keywords)
+        return cls(ModelFiles.resolve(model, text_encoder, vae), options, attention_backend=attention_backend,
+                   num_gpus=num_gpus, gpu_ids=gpu_ids)
 
     def with_parallel(self, num_gpus: int, gpu_ids: list[int] | None = None) -> VideoGenerator:
         """A generator whose sampling runs on a pool of `num_gpus` sequence-parallel workers; the
@@ -230,27 +194,28 @@ class VideoGenerator:
         if self._parts.dit is None:
             from ..loading.dit import load_dit
             budget = self._offload_budget()
+            opts = self.options
             dit = load_dit(self.files.model, device="cpu" if budget is not None else self.device, dtype=self.dtype,
-                           weight_dtype=self.weight_dtype, fp8_matmul=self.fp8_matmul)
+                           weight_dtype=opts.weight_dtype, fp8_matmul=opts.fp8_matmul)
             if budget is not None:
                 from ..memory.offload import enable_block_offload
                 self._parts.offload = enable_block_offload(dit, device=self.device, budget_gb=budget)
                 self.offload_note = self._parts.offload.describe()
-                print(f"[FastVideo] {self.offload_note} (GPU memory budget {budget:.1f} GB)")
-            self._parts.dit = dit.compile_blocks() if self.compile else dit
+                logger.info("%s (GPU memory budget %.1f GB)", self.offload_note, budget)
+            self._parts.dit = dit.compile_blocks() if opts.compile else dit
         return self._parts.dit
 
     def _offload_budget(self) -> float | None:
         """GB for the DiT when blocks must be offloaded, else None (all resident)."""
         if self.device.type != "cuda":
             return None
-        if self.gpu_memory_gb:
-            return float(self.gpu_memory_gb)
+        if self.options.gpu_memory_gb:
+            return self.options.gpu_memory_gb
         from ..loading.files import shard_files
         path = self.files.model
         files = shard_files(os.path.join(path, "transformer") if os.path.isdir(os.path.join(path, "transformer"))
                             else path, "model", "diffusion_pytorch_model") if os.path.isdir(path) else [path]
-        weights = sum(os.path.getsize(f) for f in files) * (2 if self.weight_dtype is None and not self.fp8_matmul else 1)
+        weights = sum(os.path.getsize(f) for f in files) * (2 if self.options.weight_storage == "as_stored" else 1)
         free = torch.cuda.mem_get_info(self.device)[0]
         return None if weights < 0.7 * free else 0.9 * free / 2**30
 
@@ -263,7 +228,7 @@ class VideoGenerator:
             self._parts.text_encoder = load_text_encoder(
                 self.files.require("text_encoder"), device="cpu",
                 dtype=torch.bfloat16 if on_cpu and self.device.type == "cuda" else self.dtype,
-                weight_dtype=self.weight_dtype)
+                weight_dtype=self.options.weight_dtype)
         return self._parts.text_encoder
 
     @property
@@ -341,9 +306,8 @@ class VideoGenerator:
         """The sequence-parallel worker pool (started on first use, kept across runs)."""
         if self._parts.pool is None or not self._parts.pool.alive:  # a failed pool is replaced
             from ..parallel import WorkerPool
-            self._parts.pool = WorkerPool(self.files.model, num_gpus=self.num_gpus, device=self.device,
-                                          dtype=self.dtype, weight_dtype=self.weight_dtype, gpu_ids=self.gpu_ids,
-                                          fp8_matmul=self.fp8_matmul)
+            self._parts.pool = WorkerPool(self.files.model, num_gpus=self.num_gpus, options=self.options,
+                                          gpu_ids=self.gpu_ids)
         return self._parts.pool
 
     def close(self):
