@@ -3,7 +3,8 @@
 INT8_ATTN first: every block-size config of `int8_kernel.CONFIGS` at 32,760 tokens × 12 heads × 128
 (480p, 1.3B), then the default config at 75,600 tokens (720p), 40 heads (14B), head dim 64 and
 Ulysses-split heads; for each the kernel alone and with its quantisation passes, and its error
-(cosine, relative L2) against fp32 exact attention on plain noise and on Wan-like inputs. Then every
+(cosine, relative L2) against fp32 exact attention on plain noise and on Wan-like inputs (noise is
+e4m3's worst case: ~4.7 % L2 at 32K on the H200, against 0.35 % Wan-like). Then every
 backend: effective TFLOP/s (4·S²·H·D per call; sparse backends counted as dense, so their figure
 is the speed-up in dense terms), cosine to an fp32 reference, optionally the whole 1.3B DiT forward
 at 480×832×81. Sliding-tile windows: density vs speed. Short tables are printed last.

@@ -23,6 +23,7 @@ BACKENDS = {  # name → module in this package
     "SAGE_ATTN": "sage",
     "SLIDING_TILE_ATTN": "sliding_tile",
     "INT8_ATTN": "int8",
+    "KITCHEN_INT8": "kitchen",
 }
 # Recognised names we cannot run: they need trained checkpoints or hardware we do not target.
 UNSUPPORTED = {
