@@ -12,6 +12,7 @@ generation result and the attention node). On CPU the answer is TORCH_SDPA witho
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -109,6 +110,7 @@ def wan_like_inputs(tokens: int, heads: int, head_dim: int, device, dtype: torch
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
+@functools.cache  # choose_for runs on every auto attention call
 def _versions() -> str:
     found = []
     for dists in _PACKAGES.values():
