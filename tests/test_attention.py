@@ -124,3 +124,20 @@ def test_gpu_backend_close_to_exact(name):
     out = attention(q, k, v, backend=name, grid=grid, options=dict(window=(99, 99, 99)))
     cos = F.cosine_similarity(out.float().flatten(), exact(q, k, v).flatten(), dim=0).item()
     assert cos > 0.999
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU it may run")
+def test_int8_backend_registered_and_says_why_not_here():
+    assert "INT8_ATTN" in BACKENDS
+    with pytest.raises(FastVideoError, match="cannot run here: INT8_ATTN needs a CUDA GPU"):
+        resolve_backend("int8_attn")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU it may run")
+def test_kitchen_backend_registered_and_says_why_not_here():
+    from fastvideo_nodes.attention import kitchen
+    assert "KITCHEN_INT8" in BACKENDS
+    with pytest.raises(FastVideoError, match="cannot run here: comfy-kitchen"):
+        resolve_backend("KITCHEN_INT8")
+    q, k, v = qkv(s=20, d=16)
+    assert torch.allclose(kitchen.attend(q, k, v), exact(q, k, v), atol=1e-5)  # CPU: exact SDPA

@@ -25,6 +25,8 @@ BACKENDS = {  # name → module in this package
     "FLASH_ATTN": "flash",
     "SAGE_ATTN": "sage",
     "SLIDING_TILE_ATTN": "sliding_tile",
+    "INT8_ATTN": "int8",
+    "KITCHEN_INT8": "kitchen",
 }
 # Recognised names we cannot run: they need trained checkpoints or hardware we do not target.
 UNSUPPORTED = {

@@ -1,0 +1,226 @@
+"""INT8_ATTN: the quantised algorithm against exact attention (CPU, torch emulation), the Triton kernel
+under the interpreter, the auto accuracy guard with fake backends, and the kernel on a GPU."""
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvideo_nodes.attention import auto, int8
+from fastvideo_nodes.attention.auto import wan_like_inputs
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def exact(q, k, v):
+    return F.scaled_dot_product_attention(*(x.transpose(1, 2).double() for x in (q, k, v))).transpose(1, 2).float()
+
+
+def errors(out, ref):
+    out, ref = out.float().flatten(), ref.float().flatten()
+    return F.cosine_similarity(out, ref, dim=0).item(), ((out - ref).norm() / ref.norm()).item()
+
+
+# ----------------------------------------------------------------------------- emulation (CPU)
+
+@pytest.mark.parametrize("tokens,head_dim", [(520, 64), (600, 128), (333, 128)])  # none a multiple of 64
+def test_emulation_within_bounds_on_wan_like_inputs(tokens, head_dim):
+    q, k, v = wan_like_inputs(tokens, 2, head_dim, "cpu", torch.float32, seed=tokens)
+    cos, rel = errors(int8.emulate(q, k, v), exact(q, k, v))
+    assert cos >= 0.999 and rel <= 0.03, (cos, rel)
+
+
+def test_emulation_on_plain_noise_meets_cosine_but_not_always_l2():
+    """Zero-mean i.i.d. noise is the worst case for e4m3 P·V (3 mantissa bits, ~2.4 % per product):
+    the cosine bound holds, the relative L2 error sits near 4 %. This is why the guard asks both."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 600, 2, 128, generator=g) for _ in range(3))
+    cos, rel = errors(int8.emulate(q, k, v), exact(q, k, v))
+    assert cos >= 0.999
+    assert 0.02 < rel < 0.05
+    assert auto.guard(cos, rel) is not None  # cosine alone would have let this through
+
+
+def test_k_smoothing_is_invariant_and_needed():
+    q, k, v = wan_like_inputs(384, 2, 64, "cpu", torch.float32, seed=3)
+    ref = exact(q, k, v)
+    shifted = k + 20.0 * torch.randn(1, 1, 2, 64, generator=torch.Generator().manual_seed(4))
+    assert errors(exact(q, shifted, v), ref)[1] < 1e-5  # softmax ignores a per-row constant
+    smooth, shifted_smooth = int8.emulate(q, k, v), int8.emulate(q, shifted, v)
+    assert errors(shifted_smooth, smooth)[1] < 2e-3  # the same int8 keys after smoothing, bar rounding
+    _, rel_raw = errors(int8.emulate(q, shifted, v, smooth_k=False), ref)
+    _, rel_smooth = errors(shifted_smooth, ref)
+    assert rel_raw > 3 * rel_smooth  # without smoothing the offset eats int8's range
+
+
+def test_tail_keys_count_once():
+    """Sequence lengths that are not a multiple of the blocks: equal to exact, and a padded key
+    sequence (zeros beyond S) would differ: the tail must be cut, not padded."""
+    q, k, v = wan_like_inputs(130, 2, 64, "cpu", torch.float32, seed=5)
+    out = int8.emulate(q, k, v, block_m=128, block_n=64)
+    cos, rel = errors(out, exact(q, k, v))
+    assert cos >= 0.999 and rel <= 0.03
+    pad = lambda x: F.pad(x, (0, 0, 0, 0, 0, 62))
+    assert errors(exact(q, pad(k), pad(v)), exact(q, k, v))[1] > 0.05
+
+
+def test_cross_attention_shapes_and_fallback_on_cpu():
+    q, _, _ = wan_like_inputs(200, 2, 64, "cpu", torch.float32, seed=6)
+    _, k, v = wan_like_inputs(77, 2, 64, "cpu", torch.float32, seed=7)
+    cos, rel = errors(int8.emulate(q, k, v), exact(q, k, v))
+    assert cos >= 0.999 and rel <= 0.03
+    assert torch.allclose(int8.attend(q, k, v), exact(q, k, v), atol=1e-5)  # CPU: exact SDPA, no failure
+    if not torch.cuda.is_available():
+        assert "CUDA" in int8.available()
+
+
+# ----------------------------------------------------------------------------- Triton interpreter (CPU)
+
+INTERPRETED = r"""
+import json, torch
+from fastvideo_nodes.attention import int8, int8_kernel as K
+from fastvideo_nodes.attention.auto import wan_like_inputs
+cfg = K.Config(64, 32, 4, 2)
+res = {}
+for name, sq, sk, d in (("self", 150, 150, 64), ("cross", 70, 45, 128)):
+    q, _, _ = wan_like_inputs(sq, 2, d, "cpu", torch.bfloat16, seed=1)
+    _, k, v = wan_like_inputs(sk, 2, d, "cpu", torch.bfloat16, seed=2)
+    q8, qs, k8, ks, v8, vs, vm = K.quantize(q, k, v, cfg)
+    qe, qse = int8._block_int8(q.transpose(1, 2).float(), 64)
+    kc = k.transpose(1, 2).float()
+    ke, _ = int8._block_int8(kc - kc.mean(2, keepdim=True), 32)
+    out = K.attention(q, k, v, cfg).float()
+    ref = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2).float() for x in (q, k, v)))
+    ref = ref.transpose(1, 2)
+    res[name] = dict(q8=(q8[:, :, :sq].float() - qe).abs().max().item(),
+                     q8_pad=q8[:, :, sq:].abs().max().item() if q8.shape[2] > sq else 0,
+                     k8=(k8[:, :, :sk].float() - ke).abs().max().item(),
+                     v8_pad=v8.float()[..., sk:].abs().max().item() if v8.shape[-1] > sk else 0,
+                     cos=torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item(),
+                     finite=bool(out.isfinite().all()), shape=list(out.shape))
+print(json.dumps(res))
+"""
+
+
+def test_triton_kernel_under_interpreter():
+    """The kernels' indexing, padding and tail masks, run by Triton's CPU interpreter. Triton 3.9's
+    interpreter rounds fp32 → e4m3 wrongly when rounding carries into the exponent (127.7 → 64
+    instead of 128), so the fp8 half is checked loosely here and exactly on the GPU."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, sq, d in (("self", 150, 64), ("cross", 70, 128)):
+        r = res[name]
+        assert r["q8"] == 0 and r["k8"] == 0 and r["q8_pad"] == 0 and r["v8_pad"] == 0, r
+        assert r["finite"] and r["shape"] == [1, sq, 2, d]
+        assert r["cos"] > 0.99, r  # a wrong mask or index lands far below this
+
+
+# ----------------------------------------------------------------------------- accuracy guard (CPU)
+
+def fake_backend(rel_noise: float, delay: float = 0.0):
+    """A backend whose output is exact attention plus noise of the given relative L2 size."""
+    def attend(q, k, v):
+        if delay:
+            time.sleep(delay)
+        ref = exact(q, k, v)
+        noise = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0))
+        return (ref + rel_noise * noise * (ref.norm() / noise.norm())).to(q.dtype)
+    return types.SimpleNamespace(available=lambda: None, attend=attend)
+
+
+def test_guard_bounds():
+    assert auto.guard(0.9995, 0.02) is None
+    assert "cosine" in auto.guard(0.998, 0.02)
+    assert "L2" in auto.guard(0.9995, 0.031)
+    assert auto.guard(float("nan"), 0.0) is not None
+
+
+def test_noisy_backends_are_never_chosen():
+    modules = {"NOISY_COS": fake_backend(0.10), "NOISY_L2": fake_backend(0.04),
+               "GOOD_SLOW": fake_backend(0.005, delay=0.02)}
+    rec = auto.probe("cpu", torch.float32, 32, 2, 1024, modules=modules)
+    figures = rec["backends"]
+    assert figures["NOISY_COS"]["cosine"] < 0.999 and "cosine" in figures["NOISY_COS"]["rejected"]
+    assert figures["NOISY_L2"]["cosine"] >= 0.999 and "L2" in figures["NOISY_L2"]["rejected"]
+    assert "ms" not in figures["NOISY_L2"] and figures["GOOD_SLOW"]["ms"] >= 20
+    assert rec["choice"] == "GOOD_SLOW" and "fastest of 1" in rec["why"]
+    rec = auto.probe("cpu", torch.float32, 32, 2, 1024, modules={k: modules[k] for k in ("NOISY_COS", "NOISY_L2")})
+    assert rec["choice"] == "TORCH_SDPA" and "no backend passed" in rec["why"]
+
+
+def test_record_is_persisted_and_reloaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTVIDEO_CACHE", str(tmp_path))
+    monkeypatch.setattr(auto, "_memo", {})
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return auto.probe("cpu", torch.float32, 16, 2, 1024, modules={"GOOD": fake_backend(0.001)})
+
+    first = auto.decide("H200|bf16|128|32768|torchX|probe2|triton3.6", measure)
+    assert first["choice"] == "GOOD" and auto.last_choice() == first
+    saved = json.loads((tmp_path / "attention_auto.json").read_text())
+    assert saved[first["key"]]["backends"]["GOOD"]["cosine"] > 0.999
+    monkeypatch.setattr(auto, "_memo", {})  # a new process: read back, not measured again
+    again = auto.decide(first["key"], measure)
+    assert again == first and len(calls) == 1
+    other = auto.decide(first["key"].replace("triton3.6", "triton3.7"), measure)  # new versions: measured
+    assert len(calls) == 2 and other["key"] != first["key"]
+
+
+def test_key_names_versions_and_old_cache_entries_are_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTVIDEO_CACHE", str(tmp_path))
+    monkeypatch.setattr(auto, "_memo", {})
+    (tmp_path / "attention_auto.json").write_text(json.dumps({"old|key": "SAGE_ATTN"}))  # the earlier format
+    rec = auto.decide("old|key", lambda: {"choice": "TORCH_SDPA", "why": "test"})
+    assert rec["choice"] == "TORCH_SDPA"
+    assert auto._versions().startswith(f"probe{auto.PROBE_VERSION}|")
+
+
+# ----------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("tokens,heads,head_dim", [(1000, 2, 64), (4100, 4, 128), (32760, 2, 128)])
+@pytest.mark.parametrize("kind", ["noise", "wan"])
+def test_gpu_kernel_matches_emulation_and_exact(tokens, heads, head_dim, kind):
+    if int8.available():
+        pytest.skip(int8.available())
+    from fastvideo_nodes.attention import int8_kernel
+    if kind == "wan":
+        q, k, v = wan_like_inputs(tokens, heads, head_dim, "cuda", torch.bfloat16, seed=0)
+    else:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(1, tokens, heads, head_dim, device="cuda", generator=g).bfloat16() for _ in range(3))
+    cfg = int8_kernel.DEFAULT
+    out = int8.attend(q, k, v)
+    emu = int8.emulate(q, k, v, cfg.block_m, cfg.block_n)
+    ref = F.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    assert errors(out, emu)[1] < 0.01  # the same algorithm: bf16 output rounding and accumulation order
+    cos, rel = errors(out, ref)
+    if kind == "wan":
+        assert cos >= 0.999 and rel <= 0.03
+    else:  # zero-mean noise is e4m3's worst case; on the H200 cosine fell to 0.9989 at 32,760 × 12 heads
+        assert cos >= 0.998
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_dispatch_eager_and_compiled():
+    if int8.available():
+        pytest.skip(int8.available())
+    from fastvideo_nodes.attention import attention
+    q, k, v = wan_like_inputs(2000, 4, 128, "cuda", torch.bfloat16, seed=1)
+    eager = attention(q, k, v, backend="INT8_ATTN")
+    compiled = torch.compile(lambda a, b, c: attention(a, b, c, backend="INT8_ATTN") * 1.0)(q, k, v)
+    assert torch.equal(eager, compiled)
+    cos, rel = errors(eager, exact(q, k, v))
+    assert cos >= 0.999 and rel <= 0.03
