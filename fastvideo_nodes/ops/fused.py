@@ -90,7 +90,7 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin:
 
 def layer_norm_impl(x: torch.Tensor) -> str:
     """"triton" or "torch": what layer_norm_modulate / layer_norm_affine run for x."""
-    return "triton" if x.dim() == 3 and x.is_contiguous() and _triton_eager(x) else "torch"
+    return "triton" if _triton_eager(x) and x.dim() == 3 and x.is_contiguous() else "torch"
 
 
 def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -119,7 +119,7 @@ def layer_norm_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
 def rms_norm_channels_impl(x: torch.Tensor) -> str:
     """"triton" or "torch": the kernel reads channels-last tensors only."""
-    return "triton" if channels_last(x) and _triton_eager(x) else "torch"
+    return "triton" if _triton_eager(x) and channels_last(x) else "torch"
 
 
 def rms_norm_channels(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False) -> torch.Tensor:
