@@ -244,6 +244,55 @@ def test_models_import_without_building_kernels():
     assert out == ["False"]
 
 
+# ----------------------------------------------------------------------------- Triton paths
+
+INTERPRETED = r"""
+import json, os
+os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: kernels run on CPU tensors
+import torch
+from fastvideo_nodes.ops import fused, triton_kernels as tk
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+g = torch.Generator().manual_seed(0)
+x = (torch.randn(2, 6, 3, 8, generator=g) * 3).bfloat16()
+w, ang = torch.rand(24, generator=g) + 0.5, torch.rand(6, 4, generator=g) * 6.28
+r = torch.randn(2, 5, 40, generator=g) * 3 + 1
+shift, scale = torch.randn(2, 1, 40, generator=g), torch.randn(1, 1, 40, generator=g)
+wb, bb = torch.randn(40, generator=g), torch.randn(40, generator=g)
+v = torch.randn(1, 12, 2, 3, 5, generator=g).contiguous(memory_format=torch.channels_last_3d)
+gamma = torch.randn(12, 1, 1, 1, generator=g)
+ops = {
+    "rms_norm_rope": lambda: fused.rms_norm_rope(x, w, ang.cos(), ang.sin(), 1e-6),
+    "layer_norm_modulate": lambda: fused.layer_norm_modulate(r, shift, scale, 1e-6, torch.float32),
+    "layer_norm_affine": lambda: fused.layer_norm_affine(r, wb, bb, 1e-6, torch.float32),
+    "rms_norm_channels": lambda: fused.rms_norm_channels(v, gamma, silu=True),
+}
+want = {k: f() for k, f in ops.items()}
+tk.triton_available = lambda: True
+fused._cuda = lambda t: True  # CPU tensors now take the CUDA branch, i.e. the Triton kernels
+impls = [fused.rms_norm_rope_impl(x), fused.layer_norm_impl(r), fused.rms_norm_channels_impl(v)]
+got = {k: f() for k, f in ops.items()}
+print(json.dumps({"impls": impls, "err": {k: rel(got[k], want[k]) for k in ops},
+                  "layout": got["rms_norm_channels"].is_contiguous(memory_format=torch.channels_last_3d)}))
+"""
+
+
+def test_triton_kernels_in_interpreter():
+    """Triton's interpreter runs the real kernels on CPU tensors: each public op on its Triton path
+    against its torch path, so the kernels are checked where there is no GPU (skipped without Triton)."""
+    pytest.importorskip("triton")
+    import json
+    out = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["impls"] == ["triton"] * 3 and res["layout"]
+    assert res["err"]["rms_norm_rope"] < 0.02  # bf16: the torch path rounds once more
+    for name in ("layer_norm_modulate", "layer_norm_affine", "rms_norm_channels"):
+        assert res["err"][name] < 1e-5, name
+
+
 # ----------------------------------------------------------------------------- Triton paths (GPU)
 
 needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() and tk.triton_available()),
