@@ -10,7 +10,7 @@ it is the CPU path and the reference the GPU tests compare the kernels with.
   rms_norm_channels    the VAE's RMSNorm over channels, optionally followed by SiLU
   linear_gelu          GELU(tanh)(Linear(x)), fused into the matmul epilogue on CUDA
 
-Choices (measured on H100/H200): eager CUDA runs take the one-pass Triton kernels; inside a
+Choices (measured earlier, kept as they were): eager CUDA runs take the one-pass Triton kernels; inside a
 torch.compile region the RoPE op stays one opaque custom op (its single pass beat Inductor's
 kernel) and the LayerNorms fall back to torch math, which Inductor fuses with its neighbours.
 """
@@ -36,8 +36,8 @@ def _compiling() -> bool:
 
 
 def _triton_eager(x: torch.Tensor) -> bool:
-    """An eager CUDA call where the Triton kernels can run. Compiling is checked first, so traced
-    code never reaches the (cached, importing) Triton check."""
+    """An eager CUDA call where the Triton kernels can run. Compiling is checked before Triton, so
+    traced code never reaches the (cached, importing) Triton check."""
     return _cuda(x) and not _compiling() and tk.triton_available()
 
 
