@@ -74,23 +74,25 @@ def test_channels_last_decode_equals_contiguous(latents):
     assert (got - want).abs().max().item() < 1e-5
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA")
-@pytest.mark.parametrize("channels", [96, 192, 384])
-def test_fused_rms_norm_silu_equals_torch(channels):
-    from fastvideo_nodes.models.wan_vae import RMSNorm
-    from fastvideo_nodes.ops.triton_kernels import fusable
-    norm = RMSNorm(channels).cuda()
-    norm.gamma.data.normal_()
-    x = torch.randn(1, channels, 3, 17, 23, device="cuda").contiguous(memory_format=torch.channels_last_3d)
-    assert fusable(x, layout="channels_last") and not fusable(x.contiguous(), layout="channels_last")
-    want = norm.silu(x.contiguous())  # the plain torch math
-    got = norm.silu(x)
-    assert got.is_contiguous(memory_format=torch.channels_last_3d)
-    assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
-    xb = x.bfloat16()
-    wb = norm.silu(xb.float().contiguous())
-    norm.bfloat16()
-    assert (norm.silu(xb).float() - wb).abs().max().item() < 0.02 * wb.abs().max().item()
+def test_fused_norm_decode_equals_torch_path(latents):
+    """The CUDA decode (channels-last, each RMSNorm+SiLU one Triton pass) against the same decode
+    with the norms on their torch math (tests/test_ops.py checks the kernel alone)."""
+    from fastvideo_nodes.ops import fused
+    from fastvideo_nodes.ops.triton_kernels import triton_available
+    if not triton_available():
+        pytest.skip("the Triton kernel needs Triton")
+    vae = random_vae(base_dim=8, seed=2).cuda()
+    z = latents.cuda()
+    with torch.no_grad():
+        assert fused.rms_norm_channels_impl(z.contiguous(memory_format=torch.channels_last_3d)) == "triton"
+        got = vae.decode(z)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fused, "_cuda", lambda x: False)
+            want = vae.decode(z)
+    assert got.shape == want.shape == (1, 3, 9, 32, 48)
+    assert (got - want).abs().max().item() < 1e-4
 
 
 def test_normalisation_matches_diffusers_convention(ref):

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import AttentionSpec, resolve_backend
-from ..ops.linear import Linear
-from ..ops.triton_kernels import HALF, fusable, layer_norm_affine, rms_norm_rope, rms_norm_rope_op
+from ..ops import Linear, layer_norm_affine, layer_norm_modulate, linear_gelu, rms_norm, rms_norm_rope
 
 
 @dataclass(frozen=True)
@@ -82,42 +81,6 @@ def rope_cos_sin(grid, head_dim, theta, device) -> tuple[torch.Tensor, torch.Ten
     return ang.cos().float(), ang.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B,S,H,D] by angles cos/sin [S, D/2]."""
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    if not torch.compiler.is_compiling():  # eager: one complex multiply instead of six passes
-        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-        return torch.view_as_real(xc * torch.complex(c, s)).flatten(-2).type_as(x)
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).type_as(x)
-
-
-def linear_gelu(layer: Linear, x: torch.Tensor) -> torch.Tensor:
-    """GELU(tanh)(layer(x)); on CUDA fused into the matmul's epilogue (cuBLASLt)."""
-    if x.is_cuda and layer.weight.dtype == x.dtype and layer.scale_weight is None and layer.bias is not None:
-        out = torch._addmm_activation(layer.bias, x.reshape(-1, x.shape[-1]), layer.weight.t(), use_gelu=True)
-        return out.view(*x.shape[:-1], -1)
-    return F.gelu(layer(x), approximate="tanh")
-
-
-def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm without affine, in float32."""
-    return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
-
-
-def _fused_eager(x: torch.Tensor) -> bool:
-    """Eager CUDA runs use the one-pass Triton kernels; compiled blocks let torch.compile fuse."""
-    return not torch.compiler.is_compiling() and x.dim() == 3 and fusable(x)
-
-
-def norm_affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """LayerNorm(x)·a + b in float32, cast to the compute dtype (a = 1 + scale, b = shift)."""
-    if _fused_eager(x):
-        return layer_norm_affine(x, a, b, eps, dtype)
-    return torch.addcmul(b, layer_norm(x, eps), a).to(dtype)
-
-
 class RMSNorm(nn.Module):
     """RMSNorm over the whole feature dim (across heads, as Wan's q/k norm)."""
 
@@ -127,21 +90,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused kernel (float32 inside) where torch has it; as diffusers' torch.nn.RMSNorm.
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class AffineLayerNorm(nn.LayerNorm):
-    """The cross-attention input norm (affine), computed in float32."""
+    """The cross-attention input norm (affine): float32 math, the result in the compute dtype."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
-
-    def to_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """self(x).to(dtype), one kernel in eager CUDA runs."""
-        if _fused_eager(x):
-            return layer_norm_affine(x, self.weight, self.bias, self.eps, dtype)
-        return self(x).to(dtype)
+    def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return layer_norm_affine(x, self.weight, self.bias, self.eps, dtype)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -156,15 +112,9 @@ class SelfAttention(nn.Module):
     def forward(self, x, rope, attn: AttentionSpec):
         """x [B,S,C] → [B,S,C]."""
         heads = lambda t: t.unflatten(-1, (self.num_heads, -1))
-        q, k, v = self.q(x), self.k(x), heads(self.v(x))
-        compiling = torch.compiler.is_compiling()  # (compile_blocks made sure Triton is there)
-        if q.is_cuda and q.dtype in HALF and (compiling or fusable(q)):  # one Triton pass each
-            norm_rope = rms_norm_rope_op if compiling else rms_norm_rope
-            q = norm_rope(heads(q), self.norm_q.weight, *rope, self.norm_q.eps)
-            k = norm_rope(heads(k), self.norm_k.weight, *rope, self.norm_k.eps)
-        else:
-            q = apply_rope(heads(self.norm_q(q)), *rope)
-            k = apply_rope(heads(self.norm_k(k)), *rope)
+        q = rms_norm_rope(heads(self.q(x)), self.norm_q.weight, *rope, self.norm_q.eps)
+        k = rms_norm_rope(heads(self.k(x)), self.norm_k.weight, *rope, self.norm_k.eps)
+        v = heads(self.v(x))
         return self.o(attn.self_attention(q, k, v).flatten(2))
 
 
@@ -187,7 +137,8 @@ class WanBlock(nn.Module):
         self.self_attn = SelfAttention(cfg.dim, cfg.num_heads, cfg.eps)
         self.norm3 = AffineLayerNorm(cfg.dim, eps=cfg.eps)  # cross-attn input norm (diffusers: norm2)
         self.cross_attn = CrossAttention(cfg.dim, cfg.num_heads, cfg.eps)
-        self.ffn = nn.Sequential(Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, cfg.dim))
+        self.ffn = nn.Sequential(Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 Linear(cfg.ffn_dim, cfg.dim))
         # shift, scale, gate for self-attn; shift, scale, gate for the FFN (added to e0).
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
 
@@ -195,10 +146,10 @@ class WanBlock(nn.Module):
         """x: fp32 residual stream [B,S,C]; e0: [B,6,C] fp32; context [B,L,C] compute dtype."""
         dtype = context.dtype
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + e0).unsqueeze(2).unbind(1)
-        h = norm_affine(x, 1 + scale_sa, shift_sa, self.eps, dtype)
+        h = layer_norm_modulate(x, shift_sa, scale_sa, self.eps, dtype)
         x = torch.addcmul(x, self.self_attn(h, rope, attn), gate_sa)
-        x = x + self.cross_attn(self.norm3.to_dtype(x, dtype), context, attn)
-        h = norm_affine(x, 1 + scale_ff, shift_ff, self.eps, dtype)
+        x = x + self.cross_attn(self.norm3(x, dtype), context, attn)
+        h = layer_norm_modulate(x, shift_ff, scale_ff, self.eps, dtype)
         return torch.addcmul(x, self.ffn[2](linear_gelu(self.ffn[0], h)), gate_ff)
 
 
@@ -211,7 +162,7 @@ class Head(nn.Module):
 
     def forward(self, x, e, dtype):
         shift, scale = (self.modulation + e.unsqueeze(1)).unsqueeze(2).unbind(1)
-        return self.head(torch.addcmul(shift, layer_norm(x, self.eps), 1 + scale).to(dtype))
+        return self.head(layer_norm_modulate(x, shift, scale, self.eps, dtype))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -227,7 +178,8 @@ class WanDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.text_embedding = nn.Sequential(Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), Linear(cfg.dim, cfg.dim))
+        self.text_embedding = nn.Sequential(Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                            Linear(cfg.dim, cfg.dim))
         self.time_embedding = nn.Sequential(Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), Linear(cfg.dim, cfg.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), Linear(cfg.dim, 6 * cfg.dim))
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))

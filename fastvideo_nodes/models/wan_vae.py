@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.triton_kernels import channels_last, fusable, rms_norm_silu
+from ..ops import channels_last, rms_norm_channels
 
 LATENT_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
@@ -101,23 +101,15 @@ class CausalConv3d(nn.Conv3d):
 
 
 class RMSNorm(nn.Module):
-    """L2-normalise over channels, times sqrt(C)·gamma. images=True for [N,C,H,W] inputs."""
+    """L2-normalise over channels, times sqrt(C)·gamma, then SiLU if asked (the norm and the SiLU
+    after it are one pass on the GPU). images=True for [N,C,H,W] inputs."""
 
     def __init__(self, dim: int, images: bool = False):
         super().__init__()
-        self.scale = dim ** 0.5
         self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
 
-    def forward(self, x):
-        if fusable(x, layout="channels_last"):
-            return rms_norm_silu(x, self.gamma, self.scale, silu=False)
-        return F.normalize(x, dim=1) * self.scale * self.gamma
-
-    def silu(self, x):
-        """SiLU(self(x)), one fused kernel on the GPU."""
-        if fusable(x, layout="channels_last"):
-            return rms_norm_silu(x, self.gamma, self.scale)
-        return F.silu(self(x))
+    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+        return rms_norm_channels(x, self.gamma, silu=silu)
 
 
 class ResidualBlock(nn.Module):
@@ -130,8 +122,8 @@ class ResidualBlock(nn.Module):
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x):
-        r = self.residual
-        h = r[6](r[3].silu(r[2](r[0].silu(x))))
+        r = self.residual  # norm, SiLU, conv, norm, SiLU, dropout (0), conv; each SiLU runs inside its norm
+        h = r[6](r[3](r[2](r[0](x, silu=True)), silu=True))
         return h.add_(self.shortcut(x))
 
 
@@ -198,7 +190,7 @@ class _Head(nn.Sequential):
         super().__init__(RMSNorm(dim), nn.SiLU(), CausalConv3d(dim, out, 3, padding=1))
 
     def forward(self, x):
-        return self[2](self[0].silu(x))
+        return self[2](self[0](x, silu=True))  # the SiLU runs inside the norm
 
 
 class Encoder(nn.Module):

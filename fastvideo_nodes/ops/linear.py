@@ -28,7 +28,8 @@ def fp8_matmul_supported(device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None,
+               bias: torch.Tensor | None) -> torch.Tensor:
     """x [...,K] @ w[N,K]ᵀ with w float8_e4m3fn: x is quantised to e4m3 with one scale per token.
 
     CUDA runs torch._scaled_mm (fp8 tensor cores); elsewhere the same arithmetic in float32, which
