@@ -26,6 +26,9 @@ VARIABLES = {v.name: v for v in (
              "else torch's choice)"),
     Variable("FASTVIDEO_CACHE", "path", "~/.cache/fastvideo_nodes",
              "where the attention probe results, the demo model and test tokenizers are kept"),
+    Variable("FASTVIDEO_STEP_TIMEOUT", "str", "600",
+             "seconds a sequence-parallel worker may spend on one sampling step before the run fails with "
+             "an error naming it and the worker pool is stopped (0: no limit)"),
 )}
 
 
