@@ -227,20 +227,27 @@ def test_killed_parent_leaves_nothing_behind(dit_file, how):
     runs. Workers must exit by themselves, without a traceback on stderr."""
     proc = subprocess.Popen([sys.executable, "-c", PARENT, dit_file], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": os.getcwd()}, start_new_session=True)
-    workers = [int(x) for x in proc.stdout.readline().split()]
-    assert len(workers) == 2, proc.stderr.read()
-    assert proc.stdout.readline().strip() == "running"
-    ours = mapped_shm([proc.pid, *workers])
-    assert not ours  # nothing named exists while it runs: nothing can outlive a kill
-    if how == "SIGTERM":
-        proc.send_signal(signal.SIGTERM)
-    elif how == "SIGKILL":
-        proc.send_signal(signal.SIGKILL)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-    _, err = proc.communicate(timeout=30)  # EOF once the workers (holding stderr too) have exited
-    deadline = time.monotonic() + 10
-    while not all(gone(w) for w in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert all(gone(w) for w in workers)
-    assert "Traceback" not in err and "BrokenPipe" not in err and "leaked" not in err, err
+    try:
+        workers = [int(x) for x in proc.stdout.readline().split()]
+        assert len(workers) == 2
+        assert proc.stdout.readline().strip() == "running"
+        ours = mapped_shm([proc.pid, *workers])
+        assert not ours  # nothing named exists while it runs: nothing can outlive a kill
+        if how == "SIGTERM":
+            proc.send_signal(signal.SIGTERM)
+        elif how == "SIGKILL":
+            proc.send_signal(signal.SIGKILL)
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)  # EOF once the workers (holding stderr too) have exited
+        deadline = time.monotonic() + 10
+        while not all(gone(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(gone(w) for w in workers)
+        assert "Traceback" not in err and "BrokenPipe" not in err and "leaked" not in err, err
+    finally:  # a failed check must not leave the run going (it has its own session, hence its own group)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
