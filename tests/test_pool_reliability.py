@@ -72,11 +72,12 @@ def raise_at(step, exc):
     return callback
 
 
-@pytest.mark.parametrize("abort", ["callback", "keyboard", "cancel", "cancel_raises"])
+@pytest.mark.parametrize("abort", ["callback", "callback_fastvideo_error", "keyboard", "cancel", "cancel_raises"])
 def test_aborted_job_never_answers_a_later_request(pool, reference, abort):
     seeds = [11, 12, 13]
     kw, expected = {
         "callback": (dict(callback=raise_at(2, Boom("preview failed"))), Boom),
+        "callback_fastvideo_error": (dict(callback=raise_at(2, FastVideoError("a node's own check"))), FastVideoError),
         "keyboard": (dict(callback=raise_at(2, KeyboardInterrupt())), KeyboardInterrupt),
         "cancel": (dict(cancel=lambda: True), CancelledError),
         "cancel_raises": (dict(cancel=lambda: (_ for _ in ()).throw(Boom("interrupted"))), Boom),

@@ -171,12 +171,11 @@ class WorkerPool:
             self._send_all(("sample", job_id, job))
             try:
                 latents, counts = self._wait_job(job_id, self.step_timeout, on_progress=callback, cancel=cancel)
-            except CancelledError:
-                raise
-            except FastVideoError:
-                raise  # a failed rank: the pool is already stopped
-            except BaseException:  # the caller's callback or cancel raised, or Ctrl-C: end the job first
-                self._abandon(job_id)
+            except BaseException:
+                # Still running (the caller's callback or cancel raised, or Ctrl-C): end the job first.
+                # A job the ranks cancelled is over already; a failed one stopped the pool.
+                if self.procs and self._unfinished == job_id:
+                    self._abandon(job_id)
                 raise
         if stats is not None:
             for k, v in counts.items():
