@@ -29,6 +29,9 @@ VARIABLES = {v.name: v for v in (
     Variable("FASTVIDEO_CACHE", "path", "~/.cache/fastvideo_nodes",
              "where the attention probe results, the demo model and test tokenizers are kept "
              "(unset: $XDG_CACHE_HOME/fastvideo_nodes when XDG_CACHE_HOME is set)"),
+    Variable("FASTVIDEO_STEP_TIMEOUT", "float", "600",
+             "seconds a sequence-parallel worker may spend on one sampling step before the run fails with "
+             "an error naming it and the worker pool is stopped (0: no limit)"),
 )}
 
 

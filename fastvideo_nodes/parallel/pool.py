@@ -3,30 +3,55 @@
 One process per GPU (gloo workers on CPU, for tests), started once and kept across prompts. Each
 loads the DiT itself from the same file; the text encoder and VAE stay in the caller's process.
 Tensors (noise, text embeddings, result latents) travel as torch shared-memory tensors; control
-messages are small. Rank 0 reports progress; a cancel flag is agreed on by all ranks every step;
-a worker that raises or dies becomes a FastVideoError naming its rank, and the pool is torn down
-so the next run starts fresh. Workers exit when their parent goes away.
+messages are small.
+
+Why it is built this way:
+- Every message carries its job id. A job the caller abandoned (its callback raised, Ctrl-C) is
+  cancelled and its late messages are dropped, so a result can never reach the wrong request.
+- One lock: two threads calling `sample` take turns instead of mixing their messages.
+- Cancel travels as a message that each rank reads at its step boundary; all ranks then agree on it
+  with one all-reduce. No multiprocessing Event, Lock or Queue is used: under the spawn context those
+  are named semaphores in /dev/shm that outlive a killed parent.
+- Each rank says what it is doing (loading, step i of n) and a side thread beats while it is busy.
+  A rank that makes no progress for `step_timeout` seconds ends the job with an error naming it,
+  and the pool is stopped; the beat tells a frozen rank from one waiting on a frozen peer.
+- A worker that raises becomes one line (rank, what it was doing, cause); its traceback goes to a log
+  file under cache_dir()/logs whose path the message gives. Workers ignore Ctrl-C (the parent
+  decides), and exit quietly when the parent goes away.
 """
 from __future__ import annotations
 
+import atexit
+import collections
+import itertools
+import logging
 import os
+import signal
 import socket
 import threading
 import time
 import traceback
+import weakref
 from multiprocessing.connection import wait
 from typing import TYPE_CHECKING
 
 import torch
 import torch.multiprocessing as mp
 
+from .. import env
 from ..errors import CancelledError, FastVideoError
 
 if TYPE_CHECKING:
     from ..pipeline.options import LoadOptions
 
+log = logging.getLogger(__name__)
+
 # NVLink multicast stays off in every worker (it can take shared GPUs out of service).
 WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+HEARTBEAT_S = 0.25  # a busy worker's side thread beats this often
+KEEP_LOGS = 20      # newest worker traceback files kept under cache_dir()/logs
+
+_live_pools: weakref.WeakSet = weakref.WeakSet()
 
 
 def _free_port() -> int:
@@ -35,16 +60,69 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _default_step_timeout() -> float | None:
+    raw = env.get("FASTVIDEO_STEP_TIMEOUT")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise FastVideoError(f"FASTVIDEO_STEP_TIMEOUT must be a number of seconds (0: no limit), "
+                             f"got {raw!r}.") from None
+    return value if value > 0 else None
+
+
+def _exit_status(proc) -> str:
+    proc.join(timeout=2.0)  # the sentinel fires at exit; reap it so the exit code is known
+    code = proc.exitcode
+    if code is None:
+        return "it stopped answering"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _write_traceback(rank: int, text: str) -> str | None:
+    """Keep a worker's traceback in a file; returns its path (None if it could not be written)."""
+    try:
+        folder = os.path.join(env.cache_dir(), "logs")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"worker-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-rank{rank}.log")
+        with open(path, "w") as f:
+            f.write(text)
+        old = sorted((e for e in os.scandir(folder) if e.name.startswith("worker-")), key=lambda e: e.stat().st_mtime)
+        for e in old[:-KEEP_LOGS]:
+            os.remove(e.path)
+        return path
+    except OSError:
+        log.exception("could not write the worker traceback file")
+        return None
+
+
+class _Rank:
+    """What the parent knows about one worker: what it last said it was doing, and when."""
+
+    def __init__(self, now: float):
+        self.doing = "while starting"
+        self.seen = self.moved = now  # last message of any kind / last progress
+
+
 class WorkerPool:
     def __init__(self, model_path: str, *, num_gpus: int, options: LoadOptions | None = None,
-                 gpu_ids: list[int] | None = None, start_timeout: float = 600.0, **load_keywords):
+                 gpu_ids: list[int] | None = None, start_timeout: float = 600.0, step_timeout: float | None = None,
+                 **load_keywords):
         """options: how each worker loads the DiT (device, precision, weight_storage); its fields,
-        and the older dtype=/weight_dtype=/fp8_matmul=, may also be given as keywords."""
+        and the older dtype=/weight_dtype=/fp8_matmul=, may also be given as keywords.
+        step_timeout: seconds a rank may spend on one step before the job fails and the pool stops
+        (None: FASTVIDEO_STEP_TIMEOUT; 0: no limit). start_timeout: the same for starting and loading."""
         from ..loading.dit import read_dit_config
         from ..pipeline.options import LoadOptions
         from .ulysses import check_degree
         options = LoadOptions.from_keywords(options, **load_keywords)
         check_degree(read_dit_config(model_path).num_heads, num_gpus)
+        self.step_timeout = _default_step_timeout() if step_timeout is None else (step_timeout or None)
+        self.start_timeout = start_timeout
         device = options.torch_device
         if device.type == "cuda":
             ids = gpu_ids if gpu_ids is not None else list(range(num_gpus))
@@ -54,142 +132,290 @@ class WorkerPool:
             devices = [f"cuda:{i}" for i in ids]
         else:
             devices = ["cpu"] * num_gpus
+        self._lock = threading.RLock()
+        self._jobs = itertools.count(1)
+        self._unfinished: int | None = None  # an abandoned job whose end was not seen yet
+        self.last_traceback: dict[int, str] = {}
         ctx = mp.get_context("spawn")
         port = _free_port()
-        self.cancel_flag = ctx.Event()  # shared at start: events cannot travel in messages
         self.conns, self.procs = [], []
         for rank, dev in enumerate(devices):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker_main, name=f"fastvideo-worker-{rank}", daemon=True,
-                            args=(rank, num_gpus, port, dev, model_path, options, child, os.getpid(),
-                                  self.cancel_flag))
+                            args=(rank, num_gpus, port, dev, model_path, options, child, os.getpid()))
             p.start()
             child.close()
             self.conns.append(parent)
             self.procs.append(p)
-        self.last_traceback: dict[int, str] = {}
-        try:
-            self._collect("ready", timeout=start_timeout)
-        except BaseException:
-            self.close()
-            raise
+        _live_pools.add(self)
+        with self._lock:
+            try:
+                self._wait_job(0, start_timeout)
+            except BaseException:
+                self._stop(graceful=False)
+                raise
 
     @property
     def alive(self) -> bool:
         return bool(self.procs) and all(p.is_alive() for p in self.procs)
 
-    def _collect(self, kind: str, timeout: float | None = None, on_progress=None, cancel=None):
-        """Wait until every rank sent `kind`; returns rank 0's payload. Raises on error or death."""
-        pending = set(range(len(self.conns)))
-        result = interrupt = None
-        deadline = None if timeout is None else time.time() + timeout
-        sentinels = {p.sentinel: r for r, p in enumerate(self.procs)}
-        while pending:
-            ready = wait([self.conns[r] for r in pending] + list(sentinels), timeout=0.2)
-            for obj in ready:
-                if obj in sentinels:
-                    r = sentinels[obj]
-                    if r in pending or kind == "ready":
-                        self._fail(r, f"worker rank {r} died (exit code {self.procs[r].exitcode})")
-                    continue
-                r = self.conns.index(obj)
-                try:
-                    msg = obj.recv()
-                except EOFError:  # usually the process just died: say so, with its exit code
-                    self.procs[r].join(timeout=1.0)
-                    self._fail(r, f"worker rank {r} died (exit code {self.procs[r].exitcode})")
-                if msg[0] == "progress":
-                    if on_progress is not None:
-                        on_progress(*msg[1:])
-                elif msg[0] == "error":
-                    self.last_traceback[r] = msg[2]
-                    if msg[1] == "cancelled":
-                        pending.discard(r)
-                        result = CancelledError(msg[2])
-                    else:
-                        self._fail(r, f"worker rank {r} failed: {msg[1]}\n{msg[2]}")
-                elif msg[0] == kind:
-                    pending.discard(r)
-                    if r == 0:
-                        result = msg[1]
-            if cancel is not None and not self.cancel_flag.is_set():  # after this round's progress callbacks
-                try:
-                    if cancel():
-                        self.cancel_flag.set()
-                except BaseException as e:  # ComfyUI's interrupt raises: stop the ranks, re-raise after
-                    interrupt = e
-                    self.cancel_flag.set()
-            if deadline is not None and time.time() > deadline:
-                self._fail(min(pending), f"worker rank {min(pending)} did not answer within {timeout:.0f} s")
-        if interrupt is not None:
-            raise interrupt
-        if isinstance(result, CancelledError):
-            raise result
-        return result
-
-    def _fail(self, rank: int, message: str):
-        for p in self.procs:  # a rank stuck in a collective will not stop by itself
-            p.kill()
-        self.close()
-        raise FastVideoError(message + " (the worker pool was stopped; the next run starts a new one)")
+    # ------------------------------------------------------------------ running a job
 
     def sample(self, noise, positive, negative, settings, *, callback=None, cancel=None, stats=None,
                attention_backend=None, attention_options=None):
         """Run the sampler on every rank; returns model-space latents [1,16,T',H',W'] float32 (CPU)."""
-        if not self.alive:
-            raise FastVideoError("the worker pool is not running; create a new one.")
-        self.cancel_flag.clear()
-        shared = [t.detach().float().contiguous().share_memory_() if t is not None else None
-                  for t in (noise, positive, negative)]
-        job = dict(settings=settings, noise=shared[0], positive=shared[1], negative=shared[2],
-                   attention_backend=attention_backend, attention_options=attention_options or {})
-        for c in self.conns:
-            c.send(("sample", job))
-        latents, counts = self._collect("done", on_progress=callback, cancel=cancel)
+        with self._lock:  # one job at a time: messages of two callers must not mix
+            if self._unfinished is not None:
+                self._drain()
+            if not self.alive:
+                raise FastVideoError("the worker pool is not running; create a new one.")
+            shared = [t.detach().float().contiguous().share_memory_() if t is not None else None
+                      for t in (noise, positive, negative)]
+            job_id = next(self._jobs)
+            job = dict(settings=settings, noise=shared[0], positive=shared[1], negative=shared[2],
+                       attention_backend=attention_backend, attention_options=attention_options or {})
+            self._unfinished = job_id
+            self._send_all(("sample", job_id, job))
+            try:
+                latents, counts = self._wait_job(job_id, self.step_timeout, on_progress=callback, cancel=cancel)
+            except BaseException:
+                # Still running (the caller's callback or cancel raised, or Ctrl-C): end the job first.
+                # A job the ranks cancelled is over already; a failed one stopped the pool.
+                if self.procs and self._unfinished == job_id:
+                    self._abandon(job_id)
+                raise
         if stats is not None:
             for k, v in counts.items():
                 setattr(stats, k, v)
         return latents.clone()
 
-    def close(self):
-        for c in self.conns:
+    def _send_all(self, msg):
+        for r, c in enumerate(self.conns):
             try:
-                c.send(("stop", None))
-            except (OSError, BrokenPipeError):
-                pass
-        for p in self.procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-        for c in self.conns:
-            c.close()
+                c.send(msg)
+            except (OSError, ValueError):
+                self._fail(r, f"worker rank {r} died ({_exit_status(self.procs[r])})")
+            except BaseException:  # interrupted half-way through a message: the pipe cannot be trusted
+                self._stop(graceful=False)
+                raise
+
+    def _abandon(self, job_id: int):
+        """Ask every rank to cancel `job_id` and wait for its end, so nothing of it is left behind."""
+        if not self.procs:
+            return
+        log.info("job %d abandoned by the caller: cancelling it on the workers", job_id)
+        try:
+            self._send_all(("cancel", job_id))
+            self._drain()
+        except FastVideoError as e:  # the caller's own exception is the one to raise
+            log.warning("while cancelling an abandoned job: %s", e)
+
+    def _drain(self):
+        """Wait for the abandoned job's last messages and drop them (a second Ctrl-C leaves it for later)."""
+        try:
+            self._wait_job(self._unfinished, self.step_timeout)
+        except CancelledError:
+            pass
+
+    def _wait_job(self, job_id: int, timeout: float | None, on_progress=None, cancel=None):
+        """Wait until every rank ended `job_id` (0: start-up); returns rank 0's payload.
+
+        Raises CancelledError when the ranks cancelled, FastVideoError (pool stopped) when a rank
+        failed, died or made no progress for `timeout` seconds."""
+        n = len(self.procs)
+        now = time.monotonic()
+        ranks = [_Rank(now) for _ in range(n)]
+        pending = set(range(n))
+        result, cancelled, cancel_sent = None, None, False
+        sentinels = {p.sentinel: r for r, p in enumerate(self.procs)}
+        conns = {c: r for r, c in enumerate(self.conns)}
+        while pending:
+            for obj in wait(list(conns) + list(sentinels), timeout=0.1):
+                if obj in sentinels:
+                    r = sentinels[obj]
+                    if not self.conns[r].poll():  # read its last words (an error) before calling it dead
+                        self._fail(r, f"worker rank {r} died {ranks[r].doing} ({_exit_status(self.procs[r])})")
+                    continue
+                r = conns[obj]
+                while self.procs and self.conns[r].poll():
+                    msg = self._recv(r, ranks[r])
+                    now = ranks[r].seen = time.monotonic()
+                    if msg[1] != job_id:
+                        continue  # a late message of an abandoned job (or a beat): dropped
+                    kind = msg[0]
+                    if kind == "doing":
+                        ranks[r].doing, ranks[r].moved = msg[2], now
+                    elif kind == "progress":
+                        ranks[r].moved = now
+                        if on_progress is not None:
+                            on_progress(msg[2], msg[3], None)
+                    elif kind in ("ready", "done"):
+                        pending.discard(r)
+                        if r == 0:
+                            result = msg[2]
+                    elif kind == "error":
+                        _, _, what, text, tb = msg
+                        self.last_traceback[r] = tb
+                        if what == "cancelled":
+                            pending.discard(r)
+                            cancelled = CancelledError(text)
+                        else:
+                            where = _write_traceback(r, f"worker rank {r} {ranks[r].doing}: {text}\n\n{tb}")
+                            seen = f"traceback in {where}" if where else "traceback in this process's log"
+                            if not where:
+                                log.error("worker rank %d traceback:\n%s", r, tb)
+                            self._fail(r, f"worker rank {r} failed {ranks[r].doing}: {text} ({seen})")
+            if cancel is not None and not cancel_sent and pending and cancel():  # after this round's callbacks
+                self._send_all(("cancel", job_id))
+                cancel_sent = True
+            if timeout is not None and pending:
+                self._check_deadline(ranks, pending, timeout)
+        if job_id == self._unfinished:
+            self._unfinished = None
+        if cancelled is not None:
+            raise cancelled
+        return result
+
+    def _recv(self, r: int, rank: _Rank):
+        try:
+            return self.conns[r].recv()
+        except EOFError:
+            self._fail(r, f"worker rank {r} died {rank.doing} ({_exit_status(self.procs[r])})")
+        except Exception as e:  # e.g. a shared tensor whose sender died before it was fetched
+            self._fail(r, f"worker rank {r} sent a message that could not be read {rank.doing}: {e!r}")
+        except BaseException:  # Ctrl-C half-way through a message: the pipe cannot be trusted
+            self._stop(graceful=False)
+            raise
+
+    def _check_deadline(self, ranks: list[_Rank], pending: set[int], timeout: float):
+        now = time.monotonic()
+        late = [r for r in sorted(pending) if now - ranks[r].moved > timeout]
+        if not late:
+            return
+        # A frozen rank (SIGSTOP, swapped out, a hung driver call holding the GIL) stops beating; its
+        # peers keep beating while they wait for it in a collective. Blame the silent one.
+        silent_after = min(3.0, max(4 * HEARTBEAT_S, timeout / 2))
+        silent = [r for r in sorted(pending) if now - ranks[r].seen > silent_after]
+        if silent:
+            r = silent[0]
+            self._fail(r, f"worker rank {r} stopped responding {ranks[r].doing}: no sign of life for "
+                          f"{now - ranks[r].seen:.1f} s (the step limit is {timeout:g} s)")
+        states = ", ".join(f"rank {r} {ranks[r].doing}" for r in range(len(ranks)))
+        self._fail(late[0], f"worker rank {late[0]} made no progress for {timeout:g} s {ranks[late[0]].doing} "
+                            f"({states}): a deadlock or a collective that never completes? The step limit is "
+                            "WorkerPool(step_timeout=...) or FASTVIDEO_STEP_TIMEOUT")
+
+    def _fail(self, rank: int, message: str):
+        self._stop(graceful=False)  # a rank stuck in a collective will not stop by itself
+        raise FastVideoError(message + " (the worker pool was stopped; the next run starts a new one)")
+
+    # ------------------------------------------------------------------ stopping
+
+    def close(self):
+        """Stop the workers (waits for a running job of another thread to end first)."""
+        with self._lock:
+            self._stop(graceful=True)
+
+    def _stop(self, graceful: bool):
+        procs, conns = self.procs, self.conns
         self.conns, self.procs = [], []
-        self.cancel_flag = None  # releases its named semaphores in /dev/shm
+        self._unfinished = None
+        if graceful:
+            for c in conns:
+                try:
+                    c.send(("stop", None))
+                except (OSError, ValueError):
+                    pass
+        for p in procs:
+            if graceful:
+                p.join(timeout=5)
+            if p.is_alive():
+                p.kill()  # also ends a SIGSTOPped process
+        for p in procs:
+            p.join(timeout=5)
+        for c in conns:
+            c.close()
+        _live_pools.discard(self)
 
     def __del__(self):
         if getattr(self, "procs", None):
-            self.close()
+            self._stop(graceful=True)
+
+
+@atexit.register
+def _close_all():
+    """At interpreter exit: let the workers leave their process group cleanly."""
+    for pool in list(_live_pools):
+        pool._stop(graceful=True)
 
 
 # ----------------------------------------------------------------------------- worker side
 
-def _watch_parent(parent_pid: int):
-    """Exit when the parent (ComfyUI) is gone, even if it was killed."""
-    while True:
-        time.sleep(1.0)
-        if os.getppid() != parent_pid:
+class _Link:
+    """The worker's end of the pipe: sends are serialised (main thread and beat thread share it) and
+    a parent that went away ends the worker quietly instead of with a BrokenPipe traceback."""
+
+    def __init__(self, conn, parent_pid: int):
+        self.conn, self.parent_pid = conn, parent_pid
+        self.lock = threading.Lock()
+        self.inbox: collections.deque = collections.deque()
+        self.job: int | None = 0  # the job being worked on (0: start-up), None when idle
+
+    def send(self, msg):
+        try:
+            with self.lock:
+                self.conn.send(msg)
+        except (OSError, EOFError, ValueError):
             os._exit(0)
 
+    def recv(self):
+        if self.inbox:
+            return self.inbox.popleft()
+        try:
+            return self.conn.recv()  # idle workers block here: no spinning
+        except (OSError, EOFError):
+            os._exit(0)
 
-def _worker_main(rank, world, port, device, model_path, options, conn, parent_pid, flag):
+    def cancel_requested(self) -> bool:
+        """Read what arrived during the job; True if it asked this job (or the worker) to stop."""
+        stop = False
+        try:
+            while self.conn.poll():
+                msg = self.conn.recv()
+                if msg[0] == "cancel":
+                    stop = stop or msg[1] == self.job
+                else:
+                    self.inbox.append(msg)
+                    stop = stop or msg[0] == "stop"
+        except (OSError, EOFError):
+            os._exit(0)
+        return stop
+
+    def beat_forever(self):
+        """Side thread: a heartbeat while busy; exit when the parent is gone, even if it was killed."""
+        while True:
+            time.sleep(HEARTBEAT_S)
+            if os.getppid() != self.parent_pid:
+                os._exit(0)
+            job = self.job
+            if job is not None:
+                self.send(("beat", job))
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e) if isinstance(e, FastVideoError) else f"{type(e).__name__}: {e}"
+    return text if len(text) <= 500 else text[:500] + "…"
+
+
+def _worker_main(rank, world, port, device, model_path, options, conn, parent_pid):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     os.environ.update(WORKER_ENV)
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    link = _Link(conn, parent_pid)
+    threading.Thread(target=link.beat_forever, name="fastvideo-beat", daemon=True).start()
     try:
         import torch.distributed as dist
 
         from ..loading.dit import load_dit
-        from ..pipeline.sampler import SamplingStats, denoise
         from .ulysses import UlyssesPlan
 
         device = torch.device(device)
@@ -197,44 +423,63 @@ def _worker_main(rank, world, port, device, model_path, options, conn, parent_pi
             torch.cuda.set_device(device)
         else:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        link.send(("doing", 0, "while joining the process group"))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                                 rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
+        link.send(("doing", 0, "while loading the DiT"))
         dit = load_dit(model_path, device=device, dtype=options.dtype, weight_dtype=options.weight_dtype,
                        fp8_matmul=options.fp8_matmul)
         plan = UlyssesPlan()
-        conn.send(("ready", None))
+        link.send(("ready", 0, None))
     except BaseException as e:
-        conn.send(("error", repr(e), traceback.format_exc()))
+        link.send(("error", 0, "failed", _describe(e), traceback.format_exc()))
         return
+    link.job = None
     while True:
-        try:
-            cmd, job = conn.recv()  # idle workers block here: no spinning
-        except (EOFError, OSError):
+        msg = link.recv()
+        if msg[0] == "stop":
             break
-        if cmd == "stop":
-            break
-        try:
-            def cancel():  # all ranks take the same decision, or the next collective would hang
-                t = torch.tensor([1.0 if flag.is_set() else 0.0], device=device)
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                return bool(t.item())
-
-            progress = (lambda i, n, x0: conn.send(("progress", i, n, None))) if rank == 0 else None
-            stats = SamplingStats()
-            with torch.inference_mode():
-                out = denoise(dit, job["noise"], job["positive"], job["negative"], job["settings"],
-                              attention_backend=job["attention_backend"], attention_options=job["attention_options"],
-                              callback=progress, cancel=cancel, parallel=plan, stats=stats)
-            result = out.float().cpu().share_memory_() if rank == 0 else None
-            counts = dict(cond_forwards=stats.cond_forwards, uncond_forwards=stats.uncond_forwards,
-                          teacache_skipped=stats.teacache_skipped)
-            conn.send(("done", (result, counts)))
-        except CancelledError as e:
-            conn.send(("error", "cancelled", str(e)))
-        except BaseException as e:
-            conn.send(("error", repr(e)[:500], traceback.format_exc()))
+        if msg[0] != "sample":
+            continue  # a cancel for a job that already ended
+        link.job = msg[1]
+        _run_job(link, rank, device, dit, plan, msg[1], msg[2])
+        link.job = None
     try:
         import torch.distributed as dist
         dist.destroy_process_group()
     except Exception:
         pass
+
+
+def _run_job(link: _Link, rank: int, device, dit, plan, job_id: int, job: dict):
+    """One sampling job on this rank; every outcome is one message (its tensors die on return)."""
+    import torch.distributed as dist
+
+    from ..pipeline.sampler import SamplingStats, denoise
+    n = job["settings"].steps
+    steps_begun = 0
+
+    def cancel():  # all ranks take the same decision, or the next collective would hang
+        nonlocal steps_begun
+        steps_begun += 1
+        link.send(("doing", job_id, f"at step {steps_begun} of {n}"))
+        t = torch.tensor([1.0 if link.cancel_requested() else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    try:
+        progress = (lambda i, total, x0: link.send(("progress", job_id, i, total))) if rank == 0 else None
+        stats = SamplingStats()
+        with torch.inference_mode():
+            out = denoise(dit, job["noise"], job["positive"], job["negative"], job["settings"],
+                          attention_backend=job["attention_backend"], attention_options=job["attention_options"],
+                          callback=progress, cancel=cancel, parallel=plan, stats=stats)
+        link.send(("doing", job_id, "while sending the result"))
+        result = out.float().cpu().share_memory_() if rank == 0 else None
+        counts = dict(cond_forwards=stats.cond_forwards, uncond_forwards=stats.uncond_forwards,
+                      teacache_skipped=stats.teacache_skipped)
+        link.send(("done", job_id, (result, counts)))
+    except CancelledError as e:
+        link.send(("error", job_id, "cancelled", str(e), ""))
+    except BaseException as e:
+        link.send(("error", job_id, "failed", _describe(e), traceback.format_exc()))
