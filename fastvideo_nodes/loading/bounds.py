@@ -28,7 +28,7 @@ def bounded(role: str, **values) -> None:
 def need(shapes: dict[str, tuple], name: str, role: str, part: str) -> tuple:
     """The shape of `name`, or an error saying which part of the model the file lacks."""
     if name not in shapes:
-        raise ModelFileError(f"{role}: the file lacks {part} (no tensor {name!r}); it may be incomplete, or "
+        raise ModelFileError(f"{role}: the file lacks {part}: no tensor {name!r}; it may be incomplete or "
                              "hold only part of the model.")
     return shapes[name]
 

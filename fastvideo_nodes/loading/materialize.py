@@ -111,7 +111,7 @@ def _check(module: nn.Module, entries: dict, expected: dict[str, torch.Tensor], 
     missing = sorted(set(expected) - weights - aliases)
     if missing:
         raise ModelFileError(f"{role}: the file {_describe_missing(missing)}; it may be incomplete "
-                             "(e.g. a decoder-only or partial download) or of another model kind.")
+                             "(a partial download) or of another model kind.")
     for n in sorted(weights):
         entry, want = entries[n][1], expected[n]
         if tuple(entry["shape"]) != tuple(want.shape):
@@ -139,6 +139,24 @@ def _stored(t: torch.Tensor, name: str, linear: bool, scale: torch.Tensor | None
     return (t.to(dtype) if t.is_floating_point() else t), None
 
 
+def _expected(module: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(module.named_parameters()) | {n: b for n, b in module.named_buffers() if b is not None}
+
+
+def check_header(module: nn.Module, source: Source, *, role: str, rules: Rules = Rules()) -> tuple[dict, set]:
+    """Compare `source`'s header with `module` (built on meta); no tensor data is read.
+
+    Returns (weight entries by model name, tied names to alias); `materialize` calls it first, a
+    loader may call it earlier to fail before reading non-weight tensors."""
+    expected = _expected(module)
+    entries = source.entries(rules)
+    for a, b in rules.tied:  # a model that shares one module lists only one of the tied names
+        for have, lack in ((a, b), (b, a)):
+            if have in entries and have not in expected and lack in expected and lack not in entries:
+                entries[lack] = entries.pop(have)
+    return entries, _check(module, entries, expected, rules, role)
+
+
 def materialize(module: nn.Module, source: Source, *, role: str, dtype: torch.dtype, device: torch.device | str,
                 rules: Rules = Rules(), weight_dtype: torch.dtype | None = None) -> None:
     """Assign every parameter/buffer of `module` (built on meta) from `source`.
@@ -146,13 +164,8 @@ def materialize(module: nn.Module, source: Source, *, role: str, dtype: torch.dt
     dtype: compute dtype for ordinary floating tensors. weight_dtype: storage dtype asked for the
     Linear weights (fp8 → per-channel scaled e4m3fn/e5m2; others a plain cast).
     """
-    expected = dict(module.named_parameters()) | {n: b for n, b in module.named_buffers() if b is not None}
-    entries = source.entries(rules)
-    for a, b in rules.tied:  # a model that shares one module lists only one of the tied names
-        for have, lack in ((a, b), (b, a)):
-            if have in entries and have not in expected and lack in expected and lack not in entries:
-                entries[lack] = entries.pop(have)
-    aliases = _check(module, entries, expected, rules, role)
+    expected = _expected(module)
+    entries, aliases = check_header(module, source, role=role, rules=rules)
     names = {k: n for n, (k, _) in entries.items()}
     # Scales are tiny and may come after their weights in a file: read them all first.
     scales = {names[k][: -len(SCALE)] + ".weight": t.float()

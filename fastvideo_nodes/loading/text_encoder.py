@@ -18,7 +18,7 @@ from . import detect
 from .bounds import bounded, layer_count, need
 from .files import read_json
 from .locate import locate
-from .materialize import Rules, Source, materialize, role_of
+from .materialize import Rules, Source, check_header, materialize, role_of
 
 ROLE = "Text encoder"
 SPIECE = "spiece_model"
@@ -136,13 +136,13 @@ def load_text_encoder(path: str, *, device="cpu", dtype: torch.dtype = torch.flo
     if where.config is not None:
         cfg = _config_from_json(where.config, role)
         layer_count(shapes, r"^encoder\.block\.(\d+)\.", role)
-        tokenizer = _folder_tokenizer(where.tokenizer, role)
     else:
-        tokenizer = _embedded_tokenizer(source, role)
         cfg = _config_from_shapes(shapes, role)
-
     with torch.device("meta"):
         model = UMT5EncoderModel(cfg)
         _use_our_linears(model)  # fp8 weights can then stay fp8, dequantised at use
+    check_header(model, source, role=role, rules=RULES)  # the weights are right before the tokenizer is read
+    tokenizer = _folder_tokenizer(where.tokenizer, role) if where.config is not None else \
+        _embedded_tokenizer(source, role)
     materialize(model, source, role=role, dtype=dtype, device=device, rules=RULES, weight_dtype=weight_dtype)
     return TextEncoder(model, tokenizer)
