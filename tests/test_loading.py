@@ -357,3 +357,14 @@ def test_umt5_config_json_wrong_types(tiny, tmp_path, no_data_read):
     with pytest.raises(ModelFileError, match="dim = '32'") as e:
         load_text_encoder(_te_config_folder(tiny, tmp_path, {"d_model": "32", "num_layers": 2}))
     one_line(e)
+
+
+def test_tied_embedding_stored_under_either_name(tiny, tmp_path):
+    """ComfyUI files store `shared.weight`; a file storing only `encoder.embed_tokens.weight` is the same model."""
+    sd = load_file(tiny["te"])
+    sd["encoder.embed_tokens.weight"] = sd.pop("shared.weight")
+    p = str(tmp_path / "embed_tokens.safetensors")
+    save_file(sd, p)
+    a, b = load_text_encoder(tiny["te"]), load_text_encoder(p)
+    assert b.model.encoder.embed_tokens.weight is b.model.shared.weight
+    assert torch.equal(a.encode(PROMPTS), b.encode(PROMPTS))
