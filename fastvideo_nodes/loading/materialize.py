@@ -94,7 +94,7 @@ def _describe_missing(missing: list[str]) -> str:
     return f"lacks {len(missing)} tensors of: {listed}, e.g. {missing[:3]}"
 
 
-def _check(module: nn.Module, entries: dict, expected: dict[str, torch.Tensor], rules: Rules, role: str) -> set:
+def _check(entries: dict, expected: dict[str, torch.Tensor], rules: Rules, role: str) -> set:
     """Compare the header with the model before reading data; return the tied names to alias."""
     weights = {n for n in entries if not n.endswith(SCALE)}
     unexpected = sorted(n for n in weights if n not in expected)
@@ -154,7 +154,7 @@ def check_header(module: nn.Module, source: Source, *, role: str, rules: Rules =
         for have, lack in ((a, b), (b, a)):
             if have in entries and have not in expected and lack in expected and lack not in entries:
                 entries[lack] = entries.pop(have)
-    return entries, _check(module, entries, expected, rules, role)
+    return entries, _check(entries, expected, rules, role)
 
 
 def materialize(module: nn.Module, source: Source, *, role: str, dtype: torch.dtype, device: torch.device | str,
