@@ -22,19 +22,23 @@ def kind_of(keys) -> str:
     """One of: wan_dit, wan_dit_diffusers, wan_i2v, wan_vae, wan22_vae, umt5, sd, unknown."""
     _, ks = strip_prefix(keys)
     s = set(ks)
-    if any(k.startswith(("img_emb.", "condition_embedder.image_embedder.")) or ".k_img." in k or ".add_k_proj." in k for k in s):
+    if any(k.startswith(("img_emb.", "condition_embedder.image_embedder.")) or ".k_img." in k or ".add_k_proj." in k
+           for k in s):
         return "wan_i2v"
-    if "head.modulation" in s:
+    # Wan is recognised by its head (as ComfyUI does) or, for a file that lacks the head, by its
+    # first layers, so that the loader can say which part is missing.
+    if "head.modulation" in s or {"patch_embedding.weight", "blocks.0.self_attn.q.weight"} <= s:
         return "wan_dit"
-    if "scale_shift_table" in s and "proj_out.weight" in s and any(k.startswith("condition_embedder.") for k in s):
+    if "patch_embedding.weight" in s and any(k.startswith("condition_embedder.") for k in s):
         return "wan_dit_diffusers"
     if "decoder.upsamples.0.upsamples.0.residual.2.weight" in s:
         return "wan22_vae"
     if "decoder.middle.0.residual.0.gamma" in s or "decoder.mid_block.resnets.0.norm1.gamma" in s:
         return "wan_vae"
-    if "shared.weight" in s or "encoder.block.0.layer.0.SelfAttention.q.weight" in s or "encoder.embed_tokens.weight" in s:
+    if s & {"shared.weight", "encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.embed_tokens.weight"}:
         return "umt5"
-    if any(k.startswith(("input_blocks.", "first_stage_model.", "cond_stage_model.", "conditioner.", "down_blocks.", "double_blocks.")) for k in s) \
+    if any(k.startswith(("input_blocks.", "first_stage_model.", "cond_stage_model.", "conditioner.", "down_blocks.",
+                         "double_blocks.")) for k in s) \
             or any(k.startswith("model.diffusion_model.input_blocks") for k in keys):
         return "sd"
     return "unknown"
@@ -56,5 +60,6 @@ def expect_kind(keys, wanted: tuple[str, ...], role: str, path: str) -> str:
     """Return the detected kind if it is one of `wanted`, else raise a clear error."""
     k = kind_of(keys)
     if k not in wanted:
-        raise ModelFileError(f"{role}: {path!r} is {DESCRIPTIONS[k]}; expected {DESCRIPTIONS[wanted[0]].split(' (')[0]}.")
+        want = DESCRIPTIONS[wanted[0]].split(" (")[0]
+        raise ModelFileError(f"{role}: {path!r} is {DESCRIPTIONS[k]}; expected {want}.")
     return k

@@ -3,12 +3,12 @@
 Accepted: a diffusers folder (`transformer/config.json` + sharded safetensors and index), a
 diffusers-named single file, and an original/ComfyUI single file (optionally with the
 `model.diffusion_model.` prefix). Stored fp32/bf16/fp16/fp8 and ComfyUI scaled fp8.
+Steps: locate → header → config from shapes (bounded) → materialize.
 """
 from __future__ import annotations
 
 import math
 import os
-import re
 
 import torch
 
@@ -16,74 +16,80 @@ from ..errors import ModelFileError
 from ..models.wan_dit import WanDiT, WanDiTConfig, keep_fp32
 from ..ops.linear import enable_fp8_matmul, fp8_matmul_supported
 from . import detect
-from .files import all_keys, iter_tensors, locate
-from .materialize import materialize
+from .bounds import bounded, layer_count, need
+from .keymaps import dit_name
+from .locate import locate
+from .materialize import Rules, Source, materialize, role_of
 
 ROLE = "Diffusion model"
-
-# diffusers name → original Wan name (regex, replacement), applied in order.
-_DIFFUSERS_TO_WAN = [
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"\.attn1\.", ".self_attn."),
-    (r"\.attn2\.", ".cross_attn."),
-    (r"\.to_q\.", ".q."), (r"\.to_k\.", ".k."), (r"\.to_v\.", ".v."), (r"\.to_out\.0\.", ".o."),
-    (r"^(blocks\.\d+)\.norm2\.", r"\1.norm3."),
-    (r"\.ffn\.net\.0\.proj\.", ".ffn.0."), (r"\.ffn\.net\.2\.", ".ffn.2."),
-    (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
-    (r"^scale_shift_table$", "head.modulation"),
-    (r"^proj_out\.", "head.head."),
-]
-# Tensors in files that are markers, not weights.
-_SKIP = re.compile(r"(^|\.)scaled_fp8$|\.scale_input$")
+RULES = Rules(keep_fp32=keep_fp32)
 
 
-def diffusers_to_wan_name(name: str) -> str:
-    for pat, rep in _DIFFUSERS_TO_WAN:
-        name = re.sub(pat, rep, name)
-    return name
-
-
-def config_from_shapes(shapes: dict[str, tuple], num_heads: int | None = None) -> WanDiTConfig:
+def config_from_shapes(shapes: dict[str, tuple], num_heads: int | None = None, role: str = ROLE) -> WanDiTConfig:
     """Read the architecture off original-named tensor shapes (as ComfyUI does)."""
-    pe = shapes["patch_embedding.weight"]
+    pe = need(shapes, "patch_embedding.weight", role, "the patch embedding")
+    if len(pe) != 5:
+        raise ModelFileError(f"{role}: patch_embedding.weight has shape {pe}; a Wan DiT has a 5-D Conv3d there.")
     dim, in_ch, patch = pe[0], pe[1], tuple(pe[2:])
-    layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("blocks."))
+    layers = 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("blocks.")), default=-1)
+    bounded(role, layers=layers, dim=dim, channels=in_ch)
+    for p in patch:
+        bounded(role, patch=p)
     if num_heads is None:
         if dim % 128:
-            raise ModelFileError(f"{ROLE}: width {dim} is not a multiple of the Wan head size 128, and a single "
+            raise ModelFileError(f"{role}: width {dim} is not a multiple of the Wan head size 128, and a single "
                                  "file does not state the head count; use a diffusers folder with config.json.")
         num_heads = dim // 128
-    return WanDiTConfig(
+    bounded(role, heads=num_heads)
+    if dim % num_heads:
+        raise ModelFileError(f"{role}: width {dim} does not divide into {num_heads} heads; check config.json.")
+    head = need(shapes, "head.head.weight", role, "the output head (head.head)")
+    cfg = WanDiTConfig(
         dim=dim, in_channels=in_ch, patch_size=patch, num_heads=num_heads, num_layers=layers,
-        ffn_dim=shapes["blocks.0.ffn.0.weight"][0], text_dim=shapes["text_embedding.0.weight"][1],
-        freq_dim=shapes["time_embedding.0.weight"][1], out_channels=shapes["head.head.weight"][0] // math.prod(patch))
+        ffn_dim=need(shapes, "blocks.0.ffn.0.weight", role, "the feed-forward of block 0")[0],
+        text_dim=need(shapes, "text_embedding.0.weight", role, "the text embedding")[1],
+        freq_dim=need(shapes, "time_embedding.0.weight", role, "the time embedding")[1],
+        out_channels=head[0] // math.prod(patch))
+    bounded(role, ffn=cfg.ffn_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, channels=cfg.out_channels)
+    return cfg
 
 
-def _locate(path: str) -> tuple[list[str], dict | None]:
-    return locate(path, ROLE, "transformer", "diffusion_pytorch_model", "a Wan2.1 .safetensors file")
-
-
-def _check_diffusers_config(config: dict, path: str) -> None:
+def _check_diffusers_config(config: dict, role: str) -> int | None:
+    """The head count a diffusers config.json states (None if absent), after checking what it is."""
     cls = config.get("_class_name", "WanTransformer3DModel")
     if cls != "WanTransformer3DModel":
-        raise ModelFileError(f"{ROLE}: {path!r} holds a {cls}, not a WanTransformer3DModel.")
+        raise ModelFileError(f"{role}: config.json describes a {cls}, not a WanTransformer3DModel.")
     if config.get("image_dim") or config.get("added_kv_proj_dim"):
-        raise ModelFileError(f"{ROLE}: {path!r} is a Wan image-to-video model; only text-to-video is supported yet.")
+        raise ModelFileError(f"{role}: this is a Wan image-to-video model; only text-to-video is supported yet.")
+    heads = config.get("num_attention_heads")
+    if heads is not None:
+        bounded(f"{role} config.json", heads=heads)
+    if config.get("attention_head_dim") is not None:
+        bounded(f"{role} config.json", head_dim=config["attention_head_dim"])
+    return heads
+
+
+def _read(path: str) -> tuple[Source, WanDiTConfig, str]:
+    """Locate, read the headers and the architecture; no tensor data, no model."""
+    where = locate(path, "transformer")
+    role = role_of(ROLE, path)
+    source = Source(where.files, role)
+    prefix, names = detect.strip_prefix(source.header)
+    kind = detect.expect_kind(source.header, ("wan_dit", "wan_dit_diffusers"), ROLE, path)
+    source.prefix, source.rename = prefix, (dit_name if kind == "wan_dit_diffusers" else source.rename)
+    num_heads = _check_diffusers_config(where.config, role) if where.config is not None else None
+    shapes = source.shapes(RULES)
+    layer_count(shapes, r"^blocks\.(\d+)\.", role)
+    cfg = config_from_shapes(shapes, num_heads, role)
+    if where.config is not None and where.config.get("attention_head_dim") not in (None, cfg.head_dim):
+        raise ModelFileError(f"{role}: config.json says head_dim {where.config['attention_head_dim']} but the "
+                             f"weights imply {cfg.head_dim}.")
+    return source, cfg, role
 
 
 def read_dit_config(path: str) -> WanDiTConfig:
     """The architecture of a DiT file or folder, read from headers only (no weights)."""
-    files, config = _locate(path)
-    header = all_keys(files, ROLE)
-    prefix, names = detect.strip_prefix(header)
-    kind = detect.expect_kind(header, ("wan_dit", "wan_dit_diffusers"), ROLE, path)
-    rename = diffusers_to_wan_name if kind == "wan_dit_diffusers" else (lambda n: n)
-    shapes = {rename(n): tuple(header[prefix + n]["shape"]) for n in names if not _SKIP.search(n)}
-    return config_from_shapes(shapes, (config or {}).get("num_attention_heads"))
+    return _read(os.fspath(path))[1]
 
 
 def load_dit(path: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -97,40 +103,18 @@ def load_dit(path: str, *, device: torch.device | str = "cpu", dtype: torch.dtyp
     """
     if fp8_matmul and weight_dtype is None:
         weight_dtype = torch.float8_e4m3fn
-    files, config = _locate(path)
-    header = all_keys(files, ROLE)
-    prefix, names = detect.strip_prefix(header)
-    kind = detect.expect_kind(header, ("wan_dit", "wan_dit_diffusers"), ROLE, path)
-    rename = (lambda n: diffusers_to_wan_name(n)) if kind == "wan_dit_diffusers" else (lambda n: n)
-    shapes = {rename(n): tuple(header[prefix + n]["shape"]) for n in names if not _SKIP.search(n)}
-
-    num_heads = None
-    if config is not None:
-        _check_diffusers_config(config, path)
-        num_heads = config.get("num_attention_heads")
-    if shapes["patch_embedding.weight"][1] != 16:
-        raise ModelFileError(f"{ROLE}: {path!r} takes {shapes['patch_embedding.weight'][1]} input channels; "
-                             "Wan2.1 text-to-video takes 16 (Wan2.2 and image-to-video models are not supported yet).")
-    cfg = config_from_shapes(shapes, num_heads)
-    if config is not None and config.get("attention_head_dim") not in (None, cfg.head_dim):
-        raise ModelFileError(f"{ROLE}: config.json says head_dim {config['attention_head_dim']} but the weights "
-                             f"imply {cfg.head_dim}.")
-
+    source, cfg, role = _read(os.fspath(path))
+    if cfg.in_channels != 16:
+        raise ModelFileError(f"{role} takes {cfg.in_channels} input channels; Wan2.1 text-to-video takes 16 "
+                             "(Wan2.2 and image-to-video models are not supported yet).")
     with torch.device("meta"):
         model = WanDiT(cfg)
-
-    def tensors():
-        for name, t in iter_tensors(files, ROLE):
-            n = name[len(prefix):] if prefix and name.startswith(prefix) else name
-            if not _SKIP.search(n):
-                yield rename(n), t
-
-    materialize(model, tensors(), role=f"{ROLE} {os.path.basename(path)!r}", dtype=dtype, device=device,
-                keep_fp32=keep_fp32, weight_dtype=weight_dtype)
+    materialize(model, source, role=role, dtype=dtype, device=device, rules=RULES, weight_dtype=weight_dtype)
     if fp8_matmul:
         if fp8_matmul_supported(device):
             enable_fp8_matmul(model.blocks)
         else:
+            # A user-facing note on stdout as before (tests/test_pipeline.py reads it there).
             print(f"[FastVideo] fp8 matmul needs an NVIDIA GPU of compute capability 8.9 or newer; on {device} "
                   "the fp8 weights are dequantised at use instead.")
     return model

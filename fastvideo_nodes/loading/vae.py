@@ -1,71 +1,57 @@
-"""Load the Wan 2.1 VAE from `wan_2.1_vae.safetensors` (original names) or a diffusers `vae/` folder."""
+"""Load the Wan 2.1 VAE from `wan_2.1_vae.safetensors` (original names) or a diffusers `vae/` folder.
+
+Steps: locate → header → config from shapes (bounded) → materialize.
+"""
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 
 from ..errors import ModelFileError
 from ..models.wan_vae import WanVAE, WanVAEConfig
 from . import detect
-from .files import all_keys, iter_tensors, locate
-from .materialize import materialize
+from .bounds import bounded, need
+from .keymaps import is_diffusers_vae, vae_name
+from .locate import locate
+from .materialize import Source, materialize, role_of
 
 ROLE = "VAE"
 
-# diffusers AutoencoderKLWan name → original Wan name. Residual-block parts first: in diffusers
-# names conv1/conv2 only occur inside blocks (the top-level convs are conv_in, quant_conv, …).
-_DIFFUSERS_TO_WAN = [
-    (r"\.norm1\.", ".residual.0."), (r"\.conv1\.", ".residual.2."),
-    (r"\.norm2\.", ".residual.3."), (r"\.conv2\.", ".residual.6."),
-    (r"\.conv_shortcut\.", ".shortcut."),
-    (r"^(encoder|decoder)\.conv_in\.", r"\1.conv1."),
-    (r"^(encoder|decoder)\.conv_out\.", r"\1.head.2."),
-    (r"^(encoder|decoder)\.norm_out\.", r"\1.head.0."),
-    (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.middle.0."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.middle.1."),
-    (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.middle.2."),
-    (r"^encoder\.down_blocks\.", "encoder.downsamples."),
-    (r"^quant_conv\.", "conv1."),
-    (r"^post_quant_conv\.", "conv2."),
-]
+
+def _check_diffusers_config(config: dict, role: str) -> None:
+    z_dim = config.get("z_dim", 16)
+    if config.get("is_residual") or z_dim != 16 or config.get("patch_size"):
+        raise ModelFileError(f"{role} is a Wan2.2 VAE (or not a Wan VAE: z_dim {z_dim!r}), which is not supported "
+                             "yet; use the Wan 2.1 VAE (wan_2.1_vae.safetensors).")
 
 
-def diffusers_to_wan_name(name: str, num_res_blocks: int = 2) -> str:
-    m = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.(.*)$", name)
-    if m:  # each up block is (num_res_blocks + 1) resnets then one upsampler, flattened
-        j = int(m.group(3)) if m.group(3) is not None else num_res_blocks + 1
-        name = f"decoder.upsamples.{int(m.group(1)) * (num_res_blocks + 2) + j}.{m.group(4)}"
-    for pat, rep in _DIFFUSERS_TO_WAN:
-        name = re.sub(pat, rep, name)
-    return name
-
-
-def _locate(path: str):
-    return locate(path, ROLE, "vae", "diffusion_pytorch_model", "wan_2.1_vae.safetensors")
+def config_from_shapes(shapes: dict[str, tuple], role: str = ROLE) -> WanVAEConfig:
+    """Base width and latent channels; both halves must be there (a decoder-only file is refused)."""
+    for part in ("encoder", "decoder"):
+        if not any(n.startswith(part + ".") for n in shapes):
+            raise ModelFileError(f"{role}: the file has no {part} (no tensor named {part}.*); the VAE needs both "
+                                 "halves, encoder and decoder. Use the full wan_2.1_vae.safetensors.")
+    cfg = WanVAEConfig(base_dim=need(shapes, "encoder.conv1.weight", role, "the encoder's first convolution")[0],
+                       z_dim=need(shapes, "conv2.weight", role, "the post-quantisation convolution (conv2)")[0])
+    bounded(role, channels=cfg.base_dim)
+    bounded(role, channels=cfg.z_dim)
+    return cfg
 
 
 def load_vae(path: str, *, device="cpu", dtype: torch.dtype = torch.float32) -> WanVAE:
-    files, config = _locate(os.fspath(path))
-    header = all_keys(files, ROLE)
-    detect.expect_kind(header, ("wan_vae",), ROLE, path)
-    prefix, names = detect.strip_prefix(header)
-    diffusers_names = any(n.startswith(("decoder.up_blocks.", "encoder.down_blocks.")) for n in names)
-    if config is not None:
-        if config.get("is_residual") or config.get("z_dim", 16) != 16 or config.get("patch_size"):
-            raise ModelFileError(f"{ROLE}: {path!r} is a Wan2.2 VAE, which is not supported yet; "
-                                 "use the Wan 2.1 VAE (wan_2.1_vae.safetensors).")
-    rename = diffusers_to_wan_name if diffusers_names else (lambda n: n)
-    shapes = {rename(n): tuple(header[prefix + n]["shape"]) for n in names}
-    cfg = WanVAEConfig(base_dim=shapes["encoder.conv1.weight"][0], z_dim=shapes["conv2.weight"][0])
-
+    path = os.fspath(path)
+    where = locate(path, "vae")
+    role = role_of(ROLE, path)
+    source = Source(where.files, role)
+    detect.expect_kind(source.header, ("wan_vae",), ROLE, path)
+    source.prefix, names = detect.strip_prefix(source.header)
+    if where.config is not None:
+        _check_diffusers_config(where.config, role)
+    if is_diffusers_vae(names):
+        source.rename = vae_name
+    cfg = config_from_shapes(source.shapes(), role)
     with torch.device("meta"):
         vae = WanVAE(cfg)
-
-    def tensors():
-        for k, t in iter_tensors(files, ROLE):
-            yield rename(k[len(prefix):] if prefix and k.startswith(prefix) else k), t
-
-    materialize(vae, tensors(), role=f"{ROLE} {os.path.basename(path)!r}", dtype=dtype, device=device)
+    materialize(vae, source, role=role, dtype=dtype, device=device)
     return vae

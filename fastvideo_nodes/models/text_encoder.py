@@ -67,8 +67,12 @@ class SentencePieceTokenizer:
     transformers tokenizer for the arguments we use; needs no protobuf or conversion."""
 
     def __init__(self, data: bytes):
+        """Raises ValueError when `data` is not a sentencepiece model (ImportError without the package)."""
         import sentencepiece as spm
-        self.sp = spm.SentencePieceProcessor(model_proto=data)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=data)
+        except RuntimeError:  # sentencepiece's parse failure; its own text is an internal source location
+            raise ValueError(f"{len(data)} bytes that sentencepiece cannot parse as a model") from None
         self.eos, self.pad = self.sp.eos_id(), max(self.sp.pad_id(), 0)
 
     def __call__(self, prompts, *, max_length: int, **_):

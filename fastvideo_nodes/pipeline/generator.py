@@ -211,10 +211,8 @@ class VideoGenerator:
             return None
         if self.options.gpu_memory_gb:
             return self.options.gpu_memory_gb
-        from ..loading.files import shard_files
-        path = self.files.model
-        files = shard_files(os.path.join(path, "transformer") if os.path.isdir(os.path.join(path, "transformer"))
-                            else path, "model", "diffusion_pytorch_model") if os.path.isdir(path) else [path]
+        from ..loading.locate import locate
+        files = locate(self.files.model, "transformer").files
         weights = sum(os.path.getsize(f) for f in files) * (2 if self.options.weight_storage == "as_stored" else 1)
         free = torch.cuda.mem_get_info(self.device)[0]
         return None if weights < 0.7 * free else 0.9 * free / 2**30

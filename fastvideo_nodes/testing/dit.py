@@ -10,7 +10,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from ..loading.dit import diffusers_to_wan_name
+from ..loading.keymaps import dit_name as diffusers_to_wan_name
 from ..models.wan_dit import WanDiT, WanDiTConfig
 
 TINY_DIT = WanDiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=32)

@@ -6,7 +6,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from ..loading.vae import diffusers_to_wan_name
+from ..loading.keymaps import vae_name as diffusers_to_wan_name
 from ..models.wan_vae import WanVAE, WanVAEConfig
 from .dit import randomize_
 

@@ -1,0 +1,66 @@
+"""diffusers → original Wan tensor names, for the DiT and the VAE.
+
+The models use the original Wan names (as ComfyUI files do), so a diffusers file is renamed
+tensor by tensor while it streams in; the test helpers use the same maps to write files.
+"""
+from __future__ import annotations
+
+import re
+
+# DiT: (regex, replacement), applied in order.
+DIT_DIFFUSERS_TO_WAN = [
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"\.attn1\.", ".self_attn."),
+    (r"\.attn2\.", ".cross_attn."),
+    (r"\.to_q\.", ".q."), (r"\.to_k\.", ".k."), (r"\.to_v\.", ".v."), (r"\.to_out\.0\.", ".o."),
+    (r"^(blocks\.\d+)\.norm2\.", r"\1.norm3."),  # diffusers' norm2 is the affine cross-attn norm
+    (r"\.ffn\.net\.0\.proj\.", ".ffn.0."), (r"\.ffn\.net\.2\.", ".ffn.2."),
+    (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
+    (r"^scale_shift_table$", "head.modulation"),
+    (r"^proj_out\.", "head.head."),
+]
+
+# VAE (AutoencoderKLWan). Residual-block parts first: in diffusers names conv1/conv2 only occur
+# inside blocks (the top-level convs are conv_in, quant_conv, …).
+VAE_DIFFUSERS_TO_WAN = [
+    (r"\.norm1\.", ".residual.0."), (r"\.conv1\.", ".residual.2."),
+    (r"\.norm2\.", ".residual.3."), (r"\.conv2\.", ".residual.6."),
+    (r"\.conv_shortcut\.", ".shortcut."),
+    (r"^(encoder|decoder)\.conv_in\.", r"\1.conv1."),
+    (r"^(encoder|decoder)\.conv_out\.", r"\1.head.2."),
+    (r"^(encoder|decoder)\.norm_out\.", r"\1.head.0."),
+    (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.middle.0."),
+    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.middle.1."),
+    (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.middle.2."),
+    (r"^encoder\.down_blocks\.", "encoder.downsamples."),
+    (r"^quant_conv\.", "conv1."),
+    (r"^post_quant_conv\.", "conv2."),
+]
+
+
+def _apply(rules, name: str) -> str:
+    for pat, rep in rules:
+        name = re.sub(pat, rep, name)
+    return name
+
+
+def dit_name(name: str) -> str:
+    """A diffusers WanTransformer3DModel tensor name in original Wan naming."""
+    return _apply(DIT_DIFFUSERS_TO_WAN, name)
+
+
+def vae_name(name: str, num_res_blocks: int = 2) -> str:
+    """A diffusers AutoencoderKLWan tensor name in original Wan naming."""
+    m = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.(.*)$", name)
+    if m:  # each up block is (num_res_blocks + 1) resnets then one upsampler, flattened
+        j = int(m.group(3)) if m.group(3) is not None else num_res_blocks + 1
+        name = f"decoder.upsamples.{int(m.group(1)) * (num_res_blocks + 2) + j}.{m.group(4)}"
+    return _apply(VAE_DIFFUSERS_TO_WAN, name)
+
+
+def is_diffusers_vae(names) -> bool:
+    return any(n.startswith(("decoder.up_blocks.", "encoder.down_blocks.")) for n in names)
