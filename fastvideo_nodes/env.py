@@ -35,6 +35,15 @@ VARIABLES = {v.name: v for v in (
 )}
 
 
+# Set, not read: every sequence-parallel worker runs with NVLink multicast off (a program that uses
+# it can take a host's shared GPUs out of service).
+WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def apply_worker_env() -> None:
+    os.environ.update(WORKER_ENV)
+
+
 def get(name: str) -> str:
     """The variable's value, or its default when unset or empty."""
     var = VARIABLES[name]

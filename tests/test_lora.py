@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from fastvideo_nodes.errors import FastVideoError, ModelFileError
-from fastvideo_nodes.loading.dit import diffusers_to_wan_name, load_dit
+from fastvideo_nodes.loading.dit import load_dit
+from fastvideo_nodes.loading.keymaps import dit_name as diffusers_to_wan_name
 from fastvideo_nodes.loading.lora import restore, set_loras
 from fastvideo_nodes.testing.dit import (
     TINY_DIT,

@@ -83,7 +83,7 @@ def test_killed_worker_is_a_clear_error_and_next_run_works(dit_file):
     victim = gen.pool().procs[1].pid
     threading.Timer(1.0, lambda: os.kill(victim, signal.SIGKILL)).start()
     start = time.time()
-    with pytest.raises(FastVideoError, match=r"worker rank 1 died at step \d+ of 2000 \(killed by SIGKILL\)"):
+    with pytest.raises(FastVideoError, match=r"worker rank 1 died at step \d+ of 1000 \(killed by SIGKILL\)"):
         gen.sample(*PROMPTS, s)
     assert time.time() - start < 1.0 + 5.0
     assert shm_entries() <= shm_before

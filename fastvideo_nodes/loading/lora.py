@@ -38,8 +38,8 @@ from torch import nn
 
 from ..errors import FastVideoError, ModelFileError
 from ..ops.linear import FP8_DTYPES, Linear, quantize_fp8
-from .dit import diffusers_to_wan_name  # the one import of the diffusers→Wan name map
 from .files import check_safetensors, iter_tensors
+from .keymaps import dit_name as diffusers_to_wan_name
 
 logger = logging.getLogger(__name__)
 

@@ -46,8 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# NVLink multicast stays off in every worker (it can take shared GPUs out of service).
-WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 HEARTBEAT_S = 0.25  # a busy worker's side thread beats this often
 KEEP_LOGS = 20      # newest worker traceback files kept under cache_dir()/logs
 
@@ -409,7 +407,7 @@ def _describe(e: BaseException) -> str:
 
 def _worker_main(rank, world, port, device, model_path, options, conn, parent_pid):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
-    os.environ.update(WORKER_ENV)
+    env.apply_worker_env()
     link = _Link(conn, parent_pid)
     threading.Thread(target=link.beat_forever, name="fastvideo-beat", daemon=True).start()
     try:
