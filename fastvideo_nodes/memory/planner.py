@@ -279,8 +279,9 @@ class PinnedHome:
 
     @staticmethod
     def _set(owner: nn.Module, name: str, t: torch.Tensor) -> None:
-        if name in owner._parameters:
-            owner._parameters[name].data = t
+        param = owner._parameters.get(name)
+        if param is not None:
+            param.data = t
         else:
             owner._buffers[name] = t
 
