@@ -1,0 +1,304 @@
+"""The memory planner: one place that decides what lives on the GPU.
+
+Measured on an H200, moving the 10.6 GiB UMT5-XXL to the GPU and back for every prompt cost 19 s
+a call, and a 14B run on a 24 GiB budget died inside prompt encoding because the encoder was moved
+next to the resident DiT blocks. Both came from each component deciding for itself. Here the
+decision is made once per load, from sizes alone (bytes), so it is tested on CPU:
+
+- everything fits (weights plus the largest phase's activations): everything stays resident and
+  nothing moves between calls;
+- otherwise residency goes by priority: the DiT first (as many blocks as fit, the rest streamed
+  from pinned memory by memory/offload.py), then the VAE (else moved in for decoding), then the text
+  encoder (else moved in from pinned memory for encoding, else run on the CPU);
+- a set that does not fit even with every DiT block streamed is a FastVideoError naming settings
+  that would fit.
+
+The plans form one ladder ordered by GPU use, and the planner takes the highest rung that fits, so
+every decision is monotone in the budget. The module also holds `PinnedHome`, which moves a
+module's weights between pinned host memory and the GPU (the "on demand" placement).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..errors import FastVideoError
+from .offload import activation_bytes, block_bytes
+
+log = logging.getLogger(__name__)
+
+GiB = 2**30
+Placement = Literal["resident", "on_demand", "cpu"]
+_RANK = {"cpu": 0, "on_demand": 1, "resident": 2}
+
+# Headroom for what the estimates leave out: allocator fragmentation, cuBLAS/attention workspaces.
+DEFAULT_RESERVE = GiB // 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: sizes of the components and of the requested video
+
+
+@dataclass(frozen=True)
+class DitSizes:
+    block_bytes: int  # one transformer block (all blocks are alike)
+    num_blocks: int
+    other_bytes: int  # embeddings, head: always resident when the DiT is on the GPU
+    dim: int
+    ffn_dim: int
+
+    @property
+    def total(self) -> int:
+        return self.other_bytes + self.num_blocks * self.block_bytes
+
+    @classmethod
+    def of(cls, dit) -> DitSizes:
+        """Sizes of a built DiT (any device, meta included)."""
+        per_block = block_bytes(dit.blocks[0])
+        total = sum(t.numel() * t.element_size() for t in list(dit.parameters()) + list(dit.buffers()))
+        return cls(per_block, len(dit.blocks), total - per_block * len(dit.blocks), dit.cfg.dim, dit.cfg.ffn_dim)
+
+    def fp8(self) -> DitSizes:
+        """The same DiT with its block weights stored as fp8 (half of bf16)."""
+        return replace(self, block_bytes=self.block_bytes // 2)
+
+
+@dataclass(frozen=True)
+class Components:
+    dit: DitSizes
+    vae_bytes: int
+    text_encoder_bytes: int
+    text_dim: int = 4096  # UMT5-XXL d_model
+    vae_base_dim: int = 96
+
+
+@dataclass(frozen=True)
+class VideoShape:
+    height: int = 480
+    width: int = 832
+    num_frames: int = 81
+
+    @property
+    def tokens(self) -> int:
+        """DiT tokens: latent (T'=(F-1)/4+1, H/8, W/8), patched by (1, 2, 2)."""
+        return ((self.num_frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16)
+
+
+def sampling_activation_bytes(c: Components, shape: VideoShape) -> int:
+    """One DiT forward's peak (offload.activation_bytes: one block at bf16, fp32 residual) plus the
+    sampler's fp32 latents (x, noise prediction, CFG delta and scheduler history: ~8 copies)."""
+    latent = 16 * ((shape.num_frames - 1) // 4 + 1) * (shape.height // 8) * (shape.width // 8) * 4
+    return activation_bytes(c.dit.dim, c.dit.ffn_dim, shape.tokens) + 8 * latent
+
+
+def decode_activation_bytes(c: Components, shape: VideoShape, tile: int | None = None) -> int:
+    """The VAE decodes one latent frame (4 video frames) at a time; the peak is about 14 live
+    feature maps of base_dim channels at 2 bytes for that chunk at full resolution (or one tile of
+    `tile` latent pixels; calibrated on diffusers' 4.65 GiB peak at 480x832 with weights and
+    output), plus the whole decoded video in fp32."""
+    pixels = shape.height * shape.width
+    work = pixels if tile is None else min(shape.height, 8 * tile) * min(shape.width, 8 * tile)
+    return 14 * 4 * work * c.vae_base_dim * 2 + shape.num_frames * 3 * pixels * 4
+
+
+def encode_activation_bytes(c: Components, text_len: int = 512, heads: int = 64) -> int:
+    """UMT5 on one prompt of 512 tokens: a few fp32 hidden states and one layer's attention scores."""
+    return 16 * text_len * c.text_dim * 4 + heads * text_len * text_len * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int
+    dit_blocks_resident: int
+    dit_blocks: int
+    vae: Placement  # "resident" or "on_demand"
+    text_encoder: Placement
+    peak: int  # expected peak GPU bytes over encode / sample / decode
+
+    @property
+    def all_resident(self) -> bool:
+        return (self.dit_blocks_resident == self.dit_blocks and self.vae == "resident"
+                and self.text_encoder == "resident")
+
+    @property
+    def dit_blocks_streamed(self) -> int:
+        return self.dit_blocks - self.dit_blocks_resident
+
+    def describe(self) -> str:
+        """One line for the log."""
+        if self.all_resident:
+            what = "everything resident"
+        else:
+            te = {"resident": "resident", "on_demand": "moved in from pinned memory to encode",
+                  "cpu": "on the CPU"}[self.text_encoder]
+            what = (f"DiT {self.dit_blocks_resident}/{self.dit_blocks} blocks resident"
+                    f"{f', {self.dit_blocks_streamed} streamed' if self.dit_blocks_streamed else ''}; "
+                    f"VAE {'resident' if self.vae == 'resident' else 'moved in to decode'}; text encoder {te}")
+        return f"memory plan: {what}; expected peak {self.peak / GiB:.1f} of {self.budget / GiB:.1f} GiB"
+
+
+def _peak(c: Components, shape: VideoShape, k: int, vae: Placement, te: Placement, tile: int | None = None) -> int:
+    """Largest GPU use over the three phases for one configuration."""
+    d = c.dit
+    streaming = k < d.num_blocks
+    resident = d.other_bytes + k * d.block_bytes + (c.vae_bytes if vae == "resident" else 0)
+    resident += c.text_encoder_bytes if te == "resident" else 0
+    encode = resident + (c.text_encoder_bytes if te == "on_demand" else 0) + (
+        encode_activation_bytes(c) if te != "cpu" else 0)
+    # Two streamed blocks in flight while sampling; one may stay prefetched after the last step.
+    sample = resident + (2 * d.block_bytes if streaming else 0) + sampling_activation_bytes(c, shape)
+    decode = resident + (d.block_bytes if streaming else 0) + (c.vae_bytes if vae != "resident" else 0) + (
+        decode_activation_bytes(c, shape, tile))
+    return max(encode, sample, decode)
+
+
+def _ladder(c: Components, shape: VideoShape, tile: int | None):
+    """Configurations from least to most GPU use, peaks non-decreasing: DiT blocks one by one, then
+    the VAE, then the text encoder on demand, then resident. The text encoder is on demand from the
+    first rung when it fits in the room the other phases need anyway (it is gone before sampling)."""
+    free_te = encode_activation_bytes(c) + c.text_encoder_bytes <= max(
+        sampling_activation_bytes(c, shape), decode_activation_bytes(c, shape, tile))
+    low: Placement = "on_demand" if free_te else "cpu"
+    for k in range(c.dit.num_blocks + 1):
+        yield k, "on_demand", low
+    yield c.dit.num_blocks, "resident", low
+    yield c.dit.num_blocks, "resident", "on_demand"
+    yield c.dit.num_blocks, "resident", "resident"
+
+
+def plan_memory(c: Components, shape: VideoShape, budget: int, *, reserve: int = DEFAULT_RESERVE,
+                text_encoder_on_cpu: bool = False, decode_tile: int | None = None) -> MemoryPlan:
+    """The most resident plan whose expected peak plus `reserve` fits in `budget` bytes.
+
+    text_encoder_on_cpu: the user asked for CPU encoding; the encoder then never takes GPU memory.
+    decode_tile: the VAE's spatial tile size in latent pixels, when decoding in tiles.
+    """
+    best = None
+    for k, vae, te in _ladder(c, shape, decode_tile):
+        if text_encoder_on_cpu:
+            te = "cpu"
+        peak = _peak(c, shape, k, vae, te, decode_tile)
+        if peak + reserve > budget:
+            break
+        best = MemoryPlan(budget, k, c.dit.num_blocks, vae, te, peak)
+    if best is None:
+        raise _does_not_fit(c, shape, budget, reserve, decode_tile)
+    return best
+
+
+def _does_not_fit(c: Components, shape: VideoShape, budget: int, reserve: int, tile: int | None) -> FastVideoError:
+    def fits(c: Components = c, shape: VideoShape = shape, tile: int | None = tile) -> bool:
+        return _peak(c, shape, 0, "on_demand", "cpu", tile) + reserve <= budget
+
+    need = _peak(c, shape, 0, "on_demand", "cpu", tile) + reserve
+    ideas = [f"a budget of at least {need / GiB:.1f} GiB (gpu_memory_gb)"]
+    for t in (64, 32, 16):
+        if (tile is None or t < tile) and fits(tile=t):
+            ideas.append(f"decoding in tiles (tile_size={t})")
+            break
+    frames = next((f for f in range(shape.num_frames - 4, 0, -4) if fits(shape=replace(shape, num_frames=f))), None)
+    if frames is not None:
+        ideas.append(f"num_frames={frames} at this size")
+    for scale in (0.75, 0.5):  # same aspect, multiples of 16
+        h, w = int(shape.height * scale) // 16 * 16, int(shape.width * scale) // 16 * 16
+        if h and w and fits(shape=VideoShape(h, w, shape.num_frames)):
+            ideas.append(f"{w}x{h}")
+            break
+    if fits(c=replace(c, dit=c.dit.fp8())):
+        ideas.append("fp8_e4m3fn weight storage")
+    return FastVideoError(
+        f"the GPU memory budget of {budget / GiB:.1f} GiB is too small for a {shape.width}x{shape.height}, "
+        f"{shape.num_frames}-frame video even with every DiT block streamed from CPU memory and the text "
+        f"encoder on the CPU (needs about {need / GiB:.1f} GiB). What would fit: " + "; ".join(ideas) + ".")
+
+
+def budget_bytes(device, *, gpu_memory_gb: float | None = None, free_bytes: int | None = None) -> int:
+    """The budget to plan for: the user's gpu_memory_gb, else what the caller measured free (e.g.
+    ComfyUI's view), else the device's free memory now."""
+    if gpu_memory_gb is not None:
+        if gpu_memory_gb <= 0:
+            raise FastVideoError(f"gpu_memory_gb must be positive (got {gpu_memory_gb}); leave it unset to use "
+                                 "the GPU's free memory.")
+        return int(gpu_memory_gb * GiB)
+    if free_bytes is not None:
+        return int(free_bytes)
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise FastVideoError(f"memory planning needs a CUDA device or gpu_memory_gb (device is {device}).")
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def placement_rank(p: Placement) -> int:
+    """cpu < on_demand < resident: more GPU use ranks higher (for monotonicity checks)."""
+    return _RANK[p]
+
+
+# ---------------------------------------------------------------------------------------------
+# Moving a module between pinned host memory and the GPU
+
+
+class PinnedHome:
+    """Keeps a module's weights in (pinned, when CUDA is present) host memory and swaps device
+    copies in and out. Weights are only read during inference, so going home drops the device
+    copies instead of copying back: `to_host()` is free and `to_device()` is one non-blocking
+    host-to-device copy per tensor."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        pin = torch.cuda.is_available()
+        # (owner, name, key, host tensor); key groups tied weights so they stay one tensor.
+        self.home: list[tuple[nn.Module, str, int, torch.Tensor]] = []
+        seen: dict[int, torch.Tensor] = {}
+        for owner in module.modules():
+            for table in (owner._parameters, owner._buffers):
+                for name, t in table.items():
+                    if t is not None:
+                        if id(t) not in seen:
+                            seen[id(t)] = self._host(t.data, pin)
+                        self.home.append((owner, name, id(t), seen[id(t)]))
+        self.device = torch.device("cpu")
+        self.to_host()
+
+    @staticmethod
+    def _host(t: torch.Tensor, pin: bool) -> torch.Tensor:
+        t = t.detach().to("cpu")
+        return t.pin_memory() if pin and not t.is_pinned() else t
+
+    @property
+    def nbytes(self) -> int:
+        unique = {key: t for _, _, key, t in self.home}
+        return sum(t.numel() * t.element_size() for t in unique.values())
+
+    @staticmethod
+    def _set(owner: nn.Module, name: str, t: torch.Tensor) -> None:
+        param = owner._parameters.get(name)
+        if param is not None:
+            param.data = t
+        else:
+            owner._buffers[name] = t
+
+    def to_device(self, device) -> None:
+        """Copy the weights to `device` (non-blocking from pinned memory; the copies are ordered on
+        the current stream, so kernels launched after this see them). Always fresh copies, on CPU
+        too, so the home tensors are never written through the module."""
+        device = torch.device(device)
+        copies: dict[int, torch.Tensor] = {}
+        for owner, name, key, host in self.home:
+            if key not in copies:
+                copies[key] = host.to(device, non_blocking=host.is_pinned(), copy=True)
+            self._set(owner, name, copies[key])
+        self.device = device
+
+    def to_host(self) -> None:
+        """Point the module back at its host copies; the device copies are freed."""
+        for owner, name, _, host in self.home:
+            self._set(owner, name, host)
+        self.device = torch.device("cpu")
