@@ -13,7 +13,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Variable:
     name: str
-    kind: str      # "path" or "choice"
+    kind: str      # "path", "choice" or "seconds"
     default: str
     meaning: str
     choices: tuple[str, ...] = ()  # kind "choice": the values that mean something (case-insensitive)
@@ -29,7 +29,7 @@ VARIABLES = {v.name: v for v in (
     Variable("FASTVIDEO_CACHE", "path", "~/.cache/fastvideo_nodes",
              "where the attention probe results, the demo model and test tokenizers are kept "
              "(unset: $XDG_CACHE_HOME/fastvideo_nodes when XDG_CACHE_HOME is set)"),
-    Variable("FASTVIDEO_STEP_TIMEOUT", "float", "600",
+    Variable("FASTVIDEO_STEP_TIMEOUT", "seconds", "600",
              "seconds a sequence-parallel worker may spend on one sampling step before the run fails with "
              "an error naming it and the worker pool is stopped (0: no limit)"),
 )}

@@ -160,7 +160,7 @@ def test_env_get_and_readme_table(monkeypatch):
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     assert env.markdown_table() in readme, "README's table is stale: paste `python -m fastvideo_nodes.env`"
     for v in env.VARIABLES.values():
-        assert v.kind in ("path", "choice") and v.meaning and (v.kind != "choice" or v.choices)
+        assert v.kind in ("path", "choice", "seconds") and v.meaning and (v.kind != "choice" or v.choices)
 
 
 # -- seams
