@@ -76,7 +76,7 @@ def wan_dit(size: str = "1.3B", frames: int = 81, h: int = 480, w: int = 832, co
             t = event_time(lambda: call(mc))
         log(kind="wan_dit_forward", impl="diffusers+torch.compile", size=size, frames=frames, h=h, w=w,
             attn="native", s_per_forward=round(t, 3))
-    del m
+    m = None  # frees it before the next measurement
     torch.cuda.empty_cache()
 
 
@@ -92,7 +92,7 @@ def wan_vae(frames: int = 81, h: int = 480, w: int = 832) -> None:
         t = event_time(lambda: vae.decode(z, return_dict=False), warm=1, iters=2)
     log(kind="wan_vae_decode", impl="diffusers", frames=frames, h=h, w=w, s=round(t, 3),
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
-    del vae
+    vae = None
     torch.cuda.empty_cache()
 
 

@@ -59,6 +59,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     # (size, cap GiB, fp8 storage); every model is rebuilt with the same seed, so weights are identical.
+    ref = t_res = None  # the fp8 case compares with the bf16 run just before it
     for size, cap, fp8 in (("1.3B", 8.0, False), ("14B", 24.0, False), ("14B", 24.0, True)):
         dit = random_dit(size)
         ref, t_res = measure(f"{size} resident bf16", dit) if not fp8 else (ref, t_res)

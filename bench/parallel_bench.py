@@ -55,7 +55,7 @@ def main():
         denoise(dit, initial_noise(s1), ctx, None, s1)  # warm-up
         t_in, z_in = timed(lambda: denoise(dit, initial_noise(sn), ctx, None, sn))
     log(kind="in_process", load_s=round(t_load, 2), s_per_step=round(t_in / args.steps, 4))
-    del dit
+    dit = None
     torch.cuda.empty_cache()
 
     t_start, pool = timed(lambda: WorkerPool(args.file, num_gpus=args.num_gpus, device="cuda", dtype=torch.bfloat16))

@@ -68,7 +68,7 @@ def our_dit(compiled: bool, fp8: bool = False, backend: str = "TORCH_SDPA"):
     label = f"ours {'compiled' if compiled else 'eager'}{' fp8 matmul' if fp8 else ''} {backend}"
     with torch.inference_mode():
         profiled(label, lambda: m(x, t, ctx, attention_backend=backend))
-    del m
+    m = None
     torch.cuda.empty_cache()
 
 
@@ -104,7 +104,7 @@ def diffusers_dit():
     with torch.inference_mode():
         profiled("diffusers eager", lambda: m(hidden_states=x.bfloat16(), timestep=t, encoder_hidden_states=ctx,
                                               return_dict=False))
-    del m
+    m = None
     torch.cuda.empty_cache()
 
 
@@ -121,7 +121,7 @@ def vae(ours: bool):
         fn = lambda: v.decode(z, return_dict=False)
     with torch.inference_mode():
         profiled(("ours" if ours else "diffusers") + " vae decode", fn, top=20)
-    del v
+    v = fn = None
     torch.cuda.empty_cache()
 
 

@@ -51,7 +51,7 @@ def check_output_path(path: str, *, overwrite: bool = False, name: str = "output
 
 
 def check_fps(fps) -> int:
-    if not isinstance(fps, numbers.Integral) or isinstance(fps, bool) or not 1 <= fps <= 240:
+    if not isinstance(fps, numbers.Integral) or isinstance(fps, bool) or not 1 <= int(fps) <= 240:
         raise FastVideoError(f"fps must be a whole number from 1 to 240 (Wan 2.1 renders at 16), got {fps!r}.")
     return int(fps)
 

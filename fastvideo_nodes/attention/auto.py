@@ -160,7 +160,7 @@ def probe(device, dtype: torch.dtype, head_dim: int, heads: int, tokens: int, mo
                     name, dtype, head_dim, tokens, heads, row)
     timed = {n: r["ms"] for n, r in figures.items() if "ms" in r}
     if timed:
-        choice = min(timed, key=timed.get)
+        choice = min(timed, key=lambda n: timed[n])
         why = f"fastest of {len(timed)} backends within cosine ≥ {MIN_COSINE} and L2 ≤ {MAX_REL_L2}"
     else:
         choice, why = "TORCH_SDPA", "no backend passed the accuracy guard; exact SDPA"

@@ -103,7 +103,7 @@ class _Patch:
         out = torch.zeros(shape, dtype=torch.float32, device=device)
         if self.diff is not None:
             out += self.diff.to(device, torch.float32).reshape(shape)
-        if self.up is not None:
+        if self.up is not None and self.down is not None:
             rank = self.down.shape[0]
             scale = (self.alpha if self.alpha is not None else rank) / rank
             up = self.up.to(device, torch.float32).flatten(1)
@@ -183,7 +183,7 @@ def read_lora(path: str, dit: nn.Module, strength: float = 1.0) -> tuple[dict[st
                              f"got {strength!r}; 1.0 is the LoRA as trained, 0 turns it off.")
     check_safetensors(path, ROLE)
     names, shapes = _lookup(dit)
-    width = dit.cfg.dim if hasattr(dit, "cfg") else None
+    width: int | None = getattr(getattr(dit, "cfg", None), "dim", None)
     tensors = dict(iter_tensors([path], ROLE))
     keys = list(tensors)
     patches: dict[str, _Patch] = {}
@@ -191,7 +191,7 @@ def read_lora(path: str, dit: nn.Module, strength: float = 1.0) -> tuple[dict[st
     for key, t in tensors.items():
         split = _split(key)
         target = _resolve(split[0], names) if split else None
-        if target is None:
+        if target is None or split is None:
             unmatched.append(key)
             continue
         base, role, param = split
@@ -222,7 +222,7 @@ def _check_patch(name: str, p: _Patch, shape: torch.Size, path: str, width: int 
         raise ModelFileError(f"{ROLE}: {file!r} has only one half of the LoRA pair for {name!r} ({p.keys}); "
                              "each layer needs both the down (A) and the up (B) matrix.")
     problems = []
-    if p.up is not None:
+    if p.up is not None and p.down is not None:
         rank = p.down.shape[0]
         if p.up.ndim < 2 or p.up.shape[1] != rank:
             problems.append(f"up {tuple(p.up.shape)} does not fit down {tuple(p.down.shape)} (rank {rank})")
@@ -232,7 +232,7 @@ def _check_patch(name: str, p: _Patch, shape: torch.Size, path: str, width: int 
     if p.diff is not None and p.diff.numel() != math.prod(shape):
         problems.append(f"delta {tuple(p.diff.shape)} against the weight {tuple(shape)}")
     if problems:
-        lora_width = p.up.shape[0] if p.up is not None else p.diff.shape[-1]
+        lora_width = p.up.shape[0] if p.up is not None else p.diff.shape[-1] if p.diff is not None else 0
         hint = _width_hint(lora_width, width) if width and lora_width != width else "the shapes do not agree"
         raise ModelFileError(f"{ROLE}: {file!r} does not fit this DiT at {name!r}: {problems[0]}; {hint}.")
 
@@ -264,7 +264,7 @@ def restore(dit: nn.Module) -> int:
             owner, attr, current, _ = _stored(dit, name)
             _write(owner, attr, value.to(current.device), scale)
     count = len(backup)
-    dit.lora_backup, dit.loras = {}, []
+    vars(dit).update(lora_backup={}, loras=[])  # plain attributes, not parameters or buffers
     return count
 
 
@@ -292,8 +292,8 @@ def set_loras(dit: nn.Module, loras: Sequence[tuple[str, float]]) -> MergeReport
                 _write(owner, attr, value.reshape(stored.shape), new_scale)
             else:
                 _write(owner, attr, w.to(stored.dtype), scale)
-    dit.lora_backup = backup  # plain attributes: restore() and the next set_loras() start from them
-    dit.loras = [(path, float(s)) for path, s in loras]
+    # Plain attributes (not parameters or buffers): restore() and the next set_loras() start from them.
+    vars(dit).update(lora_backup=backup, loras=[(path, float(s)) for path, s in loras])
     result = MergeReport([r for _, r in parsed], len(targets), time.perf_counter() - start)
     for r in result.loras:
         (logger.warning if r.unmatched else logger.info)(r.summary())

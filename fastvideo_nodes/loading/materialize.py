@@ -43,7 +43,7 @@ class Rules:
     """
     keep_fp32: Callable[[str], bool] = _never
     keep_dequantized: Callable[[str], bool] = _never
-    skip: Callable[[str], bool] = _markers.search
+    skip: Callable[[str], object] = _markers.search  # truthy for a marker
     extra: frozenset[str] = frozenset()
     tied: tuple[tuple[str, str], ...] = ()
 
@@ -132,7 +132,7 @@ def _stored(t: torch.Tensor, name: str, linear: bool, scale: torch.Tensor | None
         t = t.float() * scale
     if rules.keep_fp32(name):
         return t.to(torch.float32), None
-    if linear and weight_dtype in FP8_DTYPES:
+    if linear and weight_dtype is not None and weight_dtype in FP8_DTYPES:
         return quantize_fp8(t, weight_dtype)  # one scale per output channel
     if linear and weight_dtype is not None:
         return t.to(dtype).to(weight_dtype), None

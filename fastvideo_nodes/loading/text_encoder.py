@@ -8,6 +8,7 @@ Steps: locate → header → config (from shapes, or the folder's config.json; b
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -45,9 +46,10 @@ def _config_from_shapes(shapes: dict[str, tuple], role: str):
     bounded(role, vocab=vocab, dim=d_model, heads=heads, buckets=buckets, ffn=d_ff, layers=layers)
     if q % heads:
         raise ModelFileError(f"{role}: the attention width {q} does not divide into {heads} heads.")
-    return UMT5Config(vocab_size=vocab, d_model=d_model, num_layers=layers, num_heads=heads, d_kv=q // heads,
-                      d_ff=d_ff, relative_attention_num_buckets=buckets, feed_forward_proj="gated-gelu",
-                      tie_word_embeddings=False, is_encoder_decoder=False)
+    fields: dict[str, Any] = dict(vocab_size=vocab, d_model=d_model, num_layers=layers, num_heads=heads,
+                                  d_kv=q // heads, d_ff=d_ff, relative_attention_num_buckets=buckets,
+                                  feed_forward_proj="gated-gelu", tie_word_embeddings=False, is_encoder_decoder=False)
+    return UMT5Config(**fields)
 
 
 def _config_from_json(config: dict, role: str):
@@ -142,7 +144,10 @@ def load_text_encoder(path: str, *, device="cpu", dtype: torch.dtype = torch.flo
         model = UMT5EncoderModel(cfg)
         _use_our_linears(model)  # fp8 weights can then stay fp8, dequantised at use
     check_header(model, source, role=role, rules=RULES)  # the weights are right before the tokenizer is read
-    tokenizer = _folder_tokenizer(where.tokenizer, role) if where.config is not None else \
-        _embedded_tokenizer(source, role)
+    if where.config is not None:
+        assert where.tokenizer is not None  # locate() finds a diffusers folder's tokenizer or refuses it
+        tokenizer = _folder_tokenizer(where.tokenizer, role)
+    else:
+        tokenizer = _embedded_tokenizer(source, role)
     materialize(model, source, role=role, dtype=dtype, device=device, rules=RULES, weight_dtype=weight_dtype)
     return TextEncoder(model, tokenizer)

@@ -13,15 +13,17 @@ Data path of one forward (B batch, S = T'·H'·W'/4 tokens, C = dim):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..attention import AttentionSpec, resolve_backend
+from ..attention.sliding_tile import SlidingTileOptions
 from ..ops import Linear, layer_norm_affine, layer_norm_modulate, linear_gelu, rms_norm, rms_norm_rope
+from .seams import Attention, BlockCache, ParallelPlan
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,14 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-class AffineLayerNorm(nn.LayerNorm):
+class AffineLayerNorm(nn.Module):
     """The cross-attention input norm (affine): float32 math, the result in the compute dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return layer_norm_affine(x, self.weight, self.bias, self.eps, dtype)
@@ -109,17 +117,18 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def forward(self, x, rope, attn: AttentionSpec):
+    def forward(self, x, rope, attn: Attention):
         """x [B,S,C] → [B,S,C]."""
         heads = lambda t: t.unflatten(-1, (self.num_heads, -1))
-        q = rms_norm_rope(heads(self.q(x)), self.norm_q.weight, *rope, self.norm_q.eps)
-        k = rms_norm_rope(heads(self.k(x)), self.norm_k.weight, *rope, self.norm_k.eps)
+        cos, sin = rope
+        q = rms_norm_rope(heads(self.q(x)), self.norm_q.weight, cos, sin, self.norm_q.eps)
+        k = rms_norm_rope(heads(self.k(x)), self.norm_k.weight, cos, sin, self.norm_k.eps)
         v = heads(self.v(x))
         return self.o(attn.self_attention(q, k, v).flatten(2))
 
 
 class CrossAttention(SelfAttention):
-    def forward(self, x, context, attn: AttentionSpec):
+    def forward(self, x, context, attn: Attention):
         """x [B,S,C] attends to the text context [B,L,C] → [B,S,C]."""
         heads = lambda t: t.unflatten(-1, (self.num_heads, -1))
         q = heads(self.norm_q(self.q(x)))
@@ -142,7 +151,7 @@ class WanBlock(nn.Module):
         # shift, scale, gate for self-attn; shift, scale, gate for the FFN (added to e0).
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
 
-    def forward(self, x, e0, context, rope, attn: AttentionSpec):
+    def forward(self, x, e0, context, rope, attn: Attention):
         """x: fp32 residual stream [B,S,C]; e0: [B,6,C] fp32; context [B,L,C] compute dtype."""
         dtype = context.dtype
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + e0).unsqueeze(2).unbind(1)
@@ -150,7 +159,7 @@ class WanBlock(nn.Module):
         x = torch.addcmul(x, self.self_attn(h, rope, attn), gate_sa)
         x = x + self.cross_attn(self.norm3(x, dtype), context, attn)
         h = layer_norm_modulate(x, shift_ff, scale_ff, self.eps, dtype)
-        return torch.addcmul(x, self.ffn[2](linear_gelu(self.ffn[0], h)), gate_ff)
+        return torch.addcmul(x, self.ffn[2](linear_gelu(cast(Linear, self.ffn[0]), h)), gate_ff)
 
 
 class Head(nn.Module):
@@ -188,7 +197,7 @@ class WanDiT(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.text_embedding[0].bias.dtype
+        return cast(torch.Tensor, self.text_embedding[0].bias).dtype  # the weight may be stored as fp8
 
     # -- stages, public so that caches (TeaCache) and parallel wrappers can compose them
 
@@ -208,7 +217,7 @@ class WanDiT(nn.Module):
     def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """[B,16,T',H',W'] → tokens [B,S,C] float32 and the token grid (t, h, w)."""
         x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
-        grid = tuple(x.shape[2:])
+        grid = (x.shape[2], x.shape[3], x.shape[4])
         return x.flatten(2).transpose(1, 2).float(), grid
 
     def unpatchify(self, x: torch.Tensor, grid) -> torch.Tensor:
@@ -248,14 +257,15 @@ class WanDiT(nn.Module):
             block.compile(dynamic=False, mode=mode)
         return self
 
-    def run_blocks(self, x, e0, context, rope, attn: AttentionSpec) -> torch.Tensor:
+    def run_blocks(self, x, e0, context, rope, attn: Attention) -> torch.Tensor:
         for block in self.blocks:
             x = block(x, e0, context, rope, attn)
         return x
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *,
-                attention_backend: str | None = None, attention_options: dict | None = None,
-                step: int | None = None, cache: Callable | None = None, parallel=None) -> torch.Tensor:
+                attention_backend: str | None = None, attention_options: SlidingTileOptions | None = None,
+                step: int | None = None, cache: BlockCache | None = None,
+                parallel: ParallelPlan | None = None) -> torch.Tensor:
         """Velocity prediction.
 
         x: latents in model space [B,16,T',H',W']; timestep: [B] in 0..1000; context: text
@@ -272,11 +282,12 @@ class WanDiT(nn.Module):
         backend = self.attention_backend_for(attention_backend, math.prod(grid))
         # Only sparse backends look at the step; elsewhere it would make compiled blocks recompile per step.
         attn = AttentionSpec(backend=backend, grid=grid, step=step if backend == "SLIDING_TILE_ATTN" else None,
-                             options=attention_options or {})
+                             options=attention_options)
         rope = self.rope(grid, x.device)
+        spec: Attention = attn
         if parallel is not None:
-            tokens, rope, attn = parallel.enter(tokens, rope, attn)
-        run = lambda h: self.run_blocks(h, e0, context, rope, attn)
+            tokens, rope, spec = parallel.enter(tokens, rope, attn)
+        run = lambda h: self.run_blocks(h, e0, context, rope, spec)
         tokens = cache(tokens, e, e0, run) if cache is not None else run(tokens)
         if parallel is not None:
             tokens = parallel.exit(tokens)

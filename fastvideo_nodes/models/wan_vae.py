@@ -94,7 +94,7 @@ class CausalConv3d(nn.Conv3d):
         n_past = 0 if past is None else past.shape[2]
         if tp > n_past:
             inner[:, :, : tp - n_past].zero_()
-        if n_past:
+        if past is not None and n_past:
             inner[:, :, tp - n_past: tp].copy_(past)
         inner[:, :, tp:].copy_(x)
         return buf
@@ -198,7 +198,7 @@ class Encoder(nn.Module):
         super().__init__()
         dims = [cfg.base_dim * m for m in (1,) + tuple(cfg.dim_mult)]
         self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
-        layers = []
+        layers: list[nn.Module] = []
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
             for _ in range(cfg.num_res_blocks):
                 layers.append(ResidualBlock(d_in, d_out))
@@ -223,7 +223,7 @@ class Decoder(nn.Module):
         self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
         self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
                                     ResidualBlock(dims[0], dims[0]))
-        layers = []
+        layers: list[nn.Module] = []
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
             if i > 0:
                 d_in //= 2  # the previous upsample's conv halves the channels
@@ -263,10 +263,10 @@ class WanVAE(nn.Module):
         resamples = [m for m in part.modules() if isinstance(m, Resample)]
 
         def clear(streaming: bool):
-            for m in convs:
-                m.cache, m.streaming = None, streaming
-            for m in resamples:
-                m.reset()
+            for conv in convs:
+                conv.cache, conv.streaming = None, streaming
+            for r in resamples:
+                r.reset()
         clear(True)
         try:
             yield
@@ -315,19 +315,21 @@ class WanVAE(nn.Module):
         overlap = max(1, tile // 4)
         step = tile - overlap
         b, _, t, h, w = z.shape
-        out = weight = None
+        out: torch.Tensor | None = None
+        weight: torch.Tensor | None = None
         for y0 in range(0, max(h - overlap, 1), step):
             for x0 in range(0, max(w - overlap, 1), step):
                 y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
                 y0, x0 = max(0, y1 - tile), max(0, x1 - tile)
                 piece = self.decode(z[..., y0:y1, x0:x1])
-                if out is None:
+                if out is None or weight is None:
                     out = torch.zeros(b, 3, piece.shape[2], 8 * h, 8 * w, device=piece.device)
                     weight = torch.zeros(1, 1, 1, 8 * h, 8 * w, device=piece.device)
                 ramp = _ramp2d(piece.shape[-2], piece.shape[-1], 8 * overlap, y0 > 0, y1 < h, x0 > 0, x1 < w,
                                piece.device)
                 out[..., 8 * y0:8 * y1, 8 * x0:8 * x1] += piece * ramp
                 weight[..., 8 * y0:8 * y1, 8 * x0:8 * x1] += ramp
+        assert out is not None and weight is not None  # the loops cover at least one tile
         return (out / weight).clamp_(-1, 1)
 
     def decode_frames(self, z_raw: torch.Tensor, tile: int | None = None) -> torch.Tensor:

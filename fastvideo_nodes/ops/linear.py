@@ -53,6 +53,7 @@ class Linear(nn.Linear):
     """nn.Linear that dequantises a low-precision weight at use: w.float() * scale_weight."""
 
     fp8_matmul = False  # set per layer by enable_fp8_matmul
+    scale_weight: torch.Tensor | None  # a buffer: fp8 weights' scale (per tensor or per output channel)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **kw):
         super().__init__(in_features, out_features, bias=bias, **kw)
@@ -67,7 +68,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8_matmul and x.dtype in (torch.bfloat16, torch.float16):
             return fp8_linear(x, self.weight, self.scale_weight, self.bias)
-        b = self.bias
+        b: torch.Tensor | None = self.bias
         if b is not None and b.dtype != x.dtype:
             b = b.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), b)

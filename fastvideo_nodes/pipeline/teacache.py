@@ -77,4 +77,5 @@ class TeaCache:
             self.computed += 1
             return out
         self.skipped += 1
+        assert self.residual is not None  # decide() computes when there is none
         return tokens + self.residual

@@ -6,6 +6,7 @@ Wan's convention is head_dim 128; everything else is shrunk.
 from __future__ import annotations
 
 import os
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -16,7 +17,10 @@ from ..models.wan_dit import WanDiT, WanDiTConfig
 TINY_DIT = WanDiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=32)
 
 
-def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def randomize_(module: M, seed: int = 0, scale: float = 0.05) -> M:
     """Fill every parameter with seeded noise; norm weights around 1 so the network stays tame."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -68,7 +72,7 @@ def diffusers_transformer(cfg: WanDiTConfig = TINY_DIT, seed: int = 0):
     """
     from diffusers import WanTransformer3DModel
 
-    m = WanTransformer3DModel(
+    m: Any = WanTransformer3DModel(  # diffusers' classes are not typed as nn.Module
         patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
         in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
         ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",

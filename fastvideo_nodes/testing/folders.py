@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import torch
 
@@ -44,7 +45,7 @@ def build_model_set(root: str, seed: int = 0) -> dict:
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(MODEL_INDEX, f, indent=1)
 
-    out = {"folder": folder}
+    out: dict[str, Any] = {"folder": folder}
     for name, dtype in (("comfy", torch.float16), ("comfy_fp32", torch.float32)):
         d = os.path.join(root, name)
         out[name] = {

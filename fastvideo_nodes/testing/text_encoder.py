@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -14,9 +15,10 @@ from .tokenizer import VOCAB_SIZE, spiece_model
 def random_umt5(d_model: int = 32, seed: int = 0):
     """transformers UMT5EncoderModel, 2 layers, 4 heads of 8, seeded random weights (fp32)."""
     from transformers import UMT5Config, UMT5EncoderModel
-    cfg = UMT5Config(vocab_size=VOCAB_SIZE, d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model, num_layers=2,
-                     num_heads=4, relative_attention_num_buckets=32, feed_forward_proj="gated-gelu",
-                     tie_word_embeddings=False, is_encoder_decoder=False)
+    fields: dict[str, Any] = dict(vocab_size=VOCAB_SIZE, d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model,
+                                  num_layers=2, num_heads=4, relative_attention_num_buckets=32,
+                                  feed_forward_proj="gated-gelu", tie_word_embeddings=False, is_encoder_decoder=False)
+    cfg = UMT5Config(**fields)
     torch.manual_seed(seed)
     model = UMT5EncoderModel(cfg).eval()
     return randomize_(model, seed, scale=0.3)

@@ -20,7 +20,8 @@ def _corpus(seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     syllables = ["ka", "to", "ri", "ne", "mo", "su", "la", "vi", "de", "po", "zu", "fe", "ga", "hi", "jo", "we"]
     words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(400)]
-    words += ["a", "the", "red", "fox", "snow", "boat", "lake", "sunset", "cat", "dog", "runs", "bright", "static", "blurred", "video", "slow", "camera", "small", "calm", "drifting", "on", "at", "of", "in", "and", "with"]
+    words += ("a the red fox snow boat lake sunset cat dog runs bright static blurred video slow camera "
+              "small calm drifting on at of in and with").split()
     lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + rng.choice([".", ",", "!", ""])
              for _ in range(3000)]
     return lines + [string.ascii_letters + string.digits + string.punctuation]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -26,7 +27,8 @@ def save_original(state_dict: dict, path: str, dtype: torch.dtype | None = None)
 def diffusers_vae(base_dim: int = 8, seed: int = 0):
     """diffusers AutoencoderKLWan of the same architecture with seeded random weights. Test-only."""
     from diffusers import AutoencoderKLWan
-    return randomize_(AutoencoderKLWan(base_dim=base_dim, z_dim=16), seed, scale=0.1).eval()
+    vae: Any = AutoencoderKLWan(base_dim=base_dim, z_dim=16)  # diffusers' classes are not typed as nn.Module
+    return randomize_(vae, seed, scale=0.1).eval()
 
 
 def diffusers_to_original(state_dict: dict) -> dict:
