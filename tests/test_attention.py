@@ -16,7 +16,7 @@ from fastvideo_nodes.attention import (
 )
 from fastvideo_nodes.errors import FastVideoError
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+cuda = pytest.mark.gpu  # conftest skips it without CUDA
 
 
 def exact(q, k, v, mask=None):

@@ -159,6 +159,7 @@ def test_fp8_matmul_close_to_full_precision(files, inputs, expected):
     assert rel_err(fp8_linear(x, layer.weight, layer.scale_weight, layer.bias).float(), want) < 0.05
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="fp8 tensor cores: compute capability 8.9+")
 def test_fp8_matmul_cuda_equals_emulation():

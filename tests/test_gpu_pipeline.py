@@ -5,7 +5,7 @@ import torch
 from fastvideo_nodes.pipeline.generator import VideoGenerator
 from fastvideo_nodes.pipeline.sampler import SamplingSettings
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = pytest.mark.gpu  # conftest skips these without CUDA
 SET = dict(height=32, width=48, num_frames=5, steps=3, seed=4)
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fastvideo_nodes.attention import auto, int8
 from fastvideo_nodes.attention.auto import wan_like_inputs
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+cuda = pytest.mark.gpu  # conftest skips it without CUDA
 
 
 def exact(q, k, v):
