@@ -48,14 +48,8 @@ def _errors(out, ref):
 
 
 def _event_time(fn, iters=10) -> float:
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / iters
+    from bench.diffusers_baseline import event_time
+    return event_time(fn, warm=1, iters=iters)
 
 
 def int8_kernels():

@@ -154,13 +154,8 @@ def build_folder(root: str, size: str) -> str:
     del vae
     release()
     os.symlink(te_dir, os.path.join(folder, "text_encoder"))
-    tok = os.path.join(folder, "tokenizer")
-    os.makedirs(tok, exist_ok=True)
-    from fastvideo_nodes.testing.tokenizer import spiece_model  # a small tokenizer trained on the spot
-    with open(os.path.join(tok, "spiece.model"), "wb") as f:
-        f.write(spiece_model()[1])
-    with open(os.path.join(tok, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 512}, f)
+    from fastvideo_nodes.testing.text_encoder import save_tokenizer  # a small tokenizer trained on the spot
+    save_tokenizer(os.path.join(folder, "tokenizer"))
     UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
                             solver_order=2).save_pretrained(os.path.join(folder, "scheduler"))
     with open(os.path.join(folder, "model_index.json"), "w") as f:

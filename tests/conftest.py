@@ -22,6 +22,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_comfy)
 
 
+@pytest.fixture(scope="module")
+def dit_file(tmp_path_factory):
+    """A tiny random DiT as an original-layout fp32 single file (for the worker-pool tests)."""
+    from fastvideo_nodes.testing.dit import TINY_DIT, random_dit, save_original
+    return save_original(random_dit(TINY_DIT, seed=1).state_dict(),
+                         str(tmp_path_factory.mktemp("dit") / "dit.safetensors"), dtype=None)
+
+
+@pytest.fixture(scope="module")
+def pool(dit_file):
+    """Two CPU (gloo) sequence-parallel workers over `dit_file`, closed after the module."""
+    from fastvideo_nodes.parallel import WorkerPool
+    p = WorkerPool(dit_file, num_gpus=2, device="cpu", dtype=torch.float32)
+    yield p
+    p.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_set(tmp_path_factory):
     """One tiny model set (seed 0) for the whole run: a diffusers folder and the same weights as

@@ -11,21 +11,6 @@ from fastvideo_nodes.errors import CancelledError, FastVideoError
 from fastvideo_nodes.loading.dit import load_dit
 from fastvideo_nodes.parallel import WorkerPool
 from fastvideo_nodes.pipeline.sampler import SamplingSettings, SamplingStats, denoise, initial_noise
-from fastvideo_nodes.testing.dit import TINY_DIT, random_dit, save_original
-
-
-@pytest.fixture(scope="module")
-def dit_file(tmp_path_factory):
-    return save_original(random_dit(TINY_DIT, seed=1).state_dict(),
-                         str(tmp_path_factory.mktemp("par") / "dit.safetensors"), dtype=None)
-
-
-@pytest.fixture(scope="module")
-def pool(dit_file):
-    p = WorkerPool(dit_file, num_gpus=2, device="cpu", dtype=torch.float32)
-    yield p
-    p.close()
-
 
 PROMPTS = (torch.randn(1, 12, 32, generator=torch.Generator().manual_seed(0)),
            torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1)))

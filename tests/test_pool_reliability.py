@@ -24,19 +24,6 @@ PROMPTS = (torch.randn(1, 12, 32, generator=torch.Generator().manual_seed(0)),
 LONG = SamplingSettings(height=32, width=48, num_frames=5, steps=400)  # still running when aborted
 
 
-@pytest.fixture(scope="module")
-def dit_file(tmp_path_factory):
-    return save_original(random_dit(TINY_DIT, seed=2).state_dict(),
-                         str(tmp_path_factory.mktemp("rel") / "dit.safetensors"), dtype=None)
-
-
-@pytest.fixture(scope="module")
-def pool(dit_file):
-    p = WorkerPool(dit_file, num_gpus=2, device="cpu", dtype=torch.float32)
-    yield p
-    p.close()
-
-
 def settings(seed: int) -> SamplingSettings:
     return SamplingSettings(height=32, width=48, num_frames=5, steps=3, seed=seed)
 

@@ -39,13 +39,18 @@ def save_comfy(model, path: str, *, dtype=torch.float16, scaled_fp8: bool = Fals
     return path
 
 
+def save_tokenizer(folder: str) -> str:
+    """A diffusers `tokenizer/` folder: the tiny sentencepiece model and a T5Tokenizer config."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "spiece.model"), "wb") as f:
+        f.write(spiece_model()[1])
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 512}, f)
+    return folder
+
+
 def save_diffusers(model, root: str) -> str:
     """root/text_encoder (save_pretrained) and root/tokenizer (spiece.model + config)."""
     model.save_pretrained(os.path.join(root, "text_encoder"))
-    tok = os.path.join(root, "tokenizer")
-    os.makedirs(tok, exist_ok=True)
-    with open(os.path.join(tok, "spiece.model"), "wb") as f:
-        f.write(spiece_model()[1])
-    with open(os.path.join(tok, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 512}, f)
+    save_tokenizer(os.path.join(root, "tokenizer"))
     return root
