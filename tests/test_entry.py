@@ -39,3 +39,23 @@ def test_the_real_pack_registers_every_node():
     assert {"LoadFastVideoModel", "FastVideoSampler", "FastVideoEncodePrompt", "FastVideoDecodeVAE",
             "FastVideoSetAttentionBackend", "FastVideoParallelWorkers"} <= set(module.NODE_CLASS_MAPPINGS)
     assert set(module.NODE_DISPLAY_NAME_MAPPINGS) == set(module.NODE_CLASS_MAPPINGS)
+
+
+def test_production_code_never_imports_the_test_fixtures():
+    """fastvideo_nodes/testing/ builds random models for tests and the demo; only the CLI's `demo`
+    command may reach it (lazily), so nothing a user loads depends on test code."""
+    import re
+    allowed = {os.path.join("fastvideo_nodes", "cli.py")}
+    offenders = []
+    for top in ("fastvideo_nodes", "nodes"):
+        for folder, _, names in os.walk(os.path.join(ROOT, top)):
+            rel = os.path.relpath(folder, ROOT)
+            if rel.startswith(os.path.join("fastvideo_nodes", "testing")):
+                continue
+            for name in names:
+                path = os.path.join(rel, name)
+                if name.endswith(".py") and path not in allowed:
+                    with open(os.path.join(ROOT, path)) as f:
+                        if re.search(r"^\s*(from|import)\s+(\.+|fastvideo_nodes\.)testing\b", f.read(), re.M):
+                            offenders.append(path)
+    assert offenders == []
