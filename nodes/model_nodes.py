@@ -131,7 +131,8 @@ class FastVideoParallelWorkers:
             "model": (MODEL,),
             "num_gpus": ("INT", {"default": 2, "min": 1, "max": 8}),
         }, "optional": {
-            "gpu_ids": ("STRING", {"default": "", "tooltip": "comma-separated CUDA device ids; empty = the first num_gpus"}),
+            "gpu_ids": ("STRING", {"default": "",
+                                   "tooltip": "comma-separated CUDA device ids; empty = the first num_gpus"}),
         }}
 
     RETURN_TYPES = (MODEL,)
