@@ -101,6 +101,44 @@ def check_interrupted() -> bool:
     return False
 
 
+def vram_mode() -> str | None:
+    """ComfyUI's memory mode from its flags: "novram", "lowvram", "highvram" (also --gpu-only),
+    "normal"; None outside ComfyUI."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return None
+    from comfy.cli_args import args
+    if getattr(args, "gpu_only", False):
+        return "highvram"
+    state = getattr(mm.vram_state, "name", "NORMAL_VRAM")
+    return {"NO_VRAM": "novram", "LOW_VRAM": "lowvram", "HIGH_VRAM": "highvram"}.get(state, "normal")
+
+
+def memory_host(options):
+    """(options, host) for a model loaded inside ComfyUI, following its memory flags; outside
+    ComfyUI (options, None). The user's gpu_memory_gb and text_encoder_device still win:
+    novram: text encoder on the CPU, the DiT streamed with the least GPU memory;
+    lowvram / normal: plan for the memory ComfyUI reports free;
+    highvram / --gpu-only: plan for the whole card (everything resident when it fits)."""
+    mode = vram_mode()
+    if mode is None:
+        return options, None
+    import comfy.model_management as mm
+
+    from .comfy_memory import ComfyHost
+    device = mm.get_torch_device()
+    if device.type != "cuda":
+        return options, None
+    if mode == "novram":
+        if options.text_encoder_device is None:
+            options = options.replace(text_encoder_device="cpu")
+        return options, ComfyHost(budget=0, minimal=True)
+    if mode == "highvram":
+        return options, ComfyHost(budget=int(mm.get_total_memory(device)))
+    return options, ComfyHost(budget=int(mm.get_free_memory(device)))
+
+
 def free_memory() -> None:
     import gc
     gc.collect()

@@ -113,3 +113,42 @@ def ensure_loaded(adapters: list[ComfyModel], memory_required: int = 0) -> None:
     import comfy.model_management as mm
 
     mm.load_models_gpu(adapters, memory_required=memory_required)
+
+
+class ComfyHost:
+    """The generator's memory host inside ComfyUI (VideoGenerator.set_memory_host): the text
+    encoder and VAE become ComfyModels that ComfyUI loads before their phase and may evict for its
+    own models; before sampling, ComfyUI frees room for the DiT's working memory.
+
+    The DiT is not handed over: LoRAs are merged into its weights in place (loading/lora.py), and
+    an evicted copy would come back without them. It stays ours (resident or block-streamed).
+
+    budget: bytes to plan for (None: the generator measures free memory). minimal: the user asked
+    ComfyUI for the least GPU memory (--novram); the least plan is then taken without a warning."""
+
+    def __init__(self, budget: int | None = None, minimal: bool = False):
+        self._budget = budget
+        self.minimal = minimal
+
+    def budget(self, device) -> int | None:
+        return self._budget
+
+    def use(self, module: nn.Module, device, name: str, memory_required: int) -> None:
+        ensure_loaded([adapter_for(module, device, name)], memory_required=memory_required)
+
+    def before_sampling(self, device, memory_required: int) -> None:
+        import comfy.model_management as mm
+
+        mm.free_memory(memory_required, torch.device(device))
+
+    def release(self, module: nn.Module) -> None:
+        """Out of ComfyUI's list and back to host memory; the adapter leaves the module (no cycle)."""
+        adapter = module.__dict__.pop(_ATTR, None)
+        if adapter is None:
+            return
+        adapter.detach()
+        try:
+            import comfy.model_management as mm
+        except ImportError:
+            return
+        mm.current_loaded_models[:] = [lm for lm in mm.current_loaded_models if lm.model is not adapter]

@@ -1,6 +1,8 @@
 """Loading the model, choosing the attention backend, and the parallel launcher."""
 from __future__ import annotations
 
+import weakref
+
 from fastvideo_nodes.attention import BACKENDS, resolve_backend
 from fastvideo_nodes.attention.sliding_tile import SlidingTileOptions
 from fastvideo_nodes.errors import FastVideoError
@@ -11,12 +13,15 @@ from . import comfy_api
 CATEGORY = "FastVideo"
 MODEL = "FASTVIDEO_MODEL"
 
-# One loaded model set at a time: choosing other files frees the previous one.
-_loaded: dict = {}
-
-
 class LoadFastVideoModel:
-    """Wan 2.1 text-to-video files → a FastVideo model. Components load when first used."""
+    """Wan 2.1 text-to-video files → a FastVideo model, loaded now (placed by the memory plan).
+
+    Nothing here holds the weights: the returned generator does (ComfyUI keeps it as this node's
+    output), and generators of the same files and options share one loaded set. When this node
+    loads other files, it first closes the model it returned before, so the two never sit in
+    memory side by side."""
+
+    _previous = None  # weakref to the generator this node returned last
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -66,15 +71,18 @@ class LoadFastVideoModel:
         path = comfy_api.full_path("diffusion_models", model)
         te = None if text_encoder.startswith("(") else comfy_api.full_path("text_encoders", text_encoder)
         va = None if vae.startswith("(") else comfy_api.full_path("vae", vae)
-        options = self.options(precision, weight_storage, compile, gpu_memory_gb, text_encoder_device)
-        key = (path, te, va, options)
-        if key not in _loaded:
-            for old in _loaded.values():
-                old.close()
-            _loaded.clear()
+        options, host = comfy_api.memory_host(
+            self.options(precision, weight_storage, compile, gpu_memory_gb, text_encoder_device))
+        gen = VideoGenerator.from_pretrained(path, text_encoder=te, vae=va, options=options)
+        previous = self._previous() if self._previous is not None else None
+        if previous is not None and previous._parts is not gen._parts:
+            previous.close()  # its weights leave before the new ones come in
             comfy_api.free_memory()
-            _loaded[key] = VideoGenerator.from_pretrained(path, text_encoder=te, vae=va, options=options)
-        return (_loaded[key],)
+        if host is not None:
+            gen.set_memory_host(host)
+        gen.load()
+        self._previous = weakref.ref(gen)
+        return (gen,)
 
 
 class SetAttentionBackend:

@@ -20,9 +20,6 @@ class EncodePrompt:
             "model": (MODEL,),
             "prompt": ("STRING", {"multiline": True, "default": ""}),
             "negative_prompt": ("STRING", {"multiline": True, "default": DEFAULT_NEGATIVE_PROMPT}),
-        }, "optional": {
-            "offload_text_encoder": ("BOOLEAN", {"default": True,
-                                                 "tooltip": "move the encoder off the GPU afterwards"}),
         }}
 
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
@@ -39,10 +36,10 @@ class EncodePrompt:
             return str(e)
         return True
 
-    def encode(self, model, prompt, negative_prompt, offload_text_encoder=True):
+    def encode(self, model, prompt, negative_prompt, **_):
+        # **_: workflows saved with the former offload_text_encoder input (the memory plan decides now).
         check_prompt(prompt, "prompt")  # also when the text came through a link, unseen by VALIDATE_INPUTS
         check_prompt(negative_prompt, "negative_prompt")
-        model.offload_text_encoder = bool(offload_text_encoder)
         pos, neg = model.encode_prompts([prompt, negative_prompt]).split(1)
         return ([[pos, {}]], [[neg, {}]])
 

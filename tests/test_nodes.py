@@ -53,20 +53,33 @@ def test_mappings_and_input_types():
         assert name in fv.NODE_DISPLAY_NAME_MAPPINGS
 
 
-def test_load_is_cached_and_replaced(files, model):
+def test_load_shares_parts_and_replacing_frees_the_previous(files, model):
+    import gc
+    import weakref
     c = files["comfy"]
     (again,) = call(fv.LoadFastVideoModel, model=c["model"], text_encoder=c["text_encoder"], vae=c["vae"],
                     precision="fp32", weight_storage="as_stored")
-    assert again is model
-    (other,) = call(fv.LoadFastVideoModel, model=files["folder"], text_encoder="(from diffusers folder)",
-                    vae="(from diffusers folder)", precision="fp32", weight_storage="as_stored")
-    assert other is not model and other.files.text_encoder == files["folder"]
-    from nodes.model_nodes import _loaded
-    assert list(_loaded.values()) == [other]  # the previous choice was let go
+    assert again._parts is model._parts and again.dit is model.dit  # loaded once, shared
+    node = fv.LoadFastVideoModel()  # ComfyUI keeps one instance per node of the graph
+    kw = dict(text_encoder="(from diffusers folder)", vae="(from diffusers folder)", precision="fp16",
+              weight_storage="as_stored")
+    (first,) = node.load(model=files["folder"], **kw)
+    assert first._parts.dit is not None and first._parts.vae is not None  # loaded by the node, not later
+    dit = weakref.ref(first._parts.dit)
+    (other,) = node.load(model=c["model"], text_encoder=c["text_encoder"], vae=c["vae"], precision="fp16",
+                         weight_storage="as_stored")
+    assert other._parts is not first._parts
+    gc.collect()
+    assert dit() is None  # the node's previous model was closed before the new one loaded
+    import nodes.model_nodes as mn
+    assert not hasattr(mn, "_loaded")  # no module-level cache of weights
 
 
 def test_encode_sample_decode_chain(model):
-    pos, neg = call(fv.EncodePrompt, model=model, prompt="a boat on a lake", negative_prompt="blurry")
+    before = dict(vars(model))
+    pos, neg = call(fv.EncodePrompt, model=model, prompt="a boat on a lake", negative_prompt="blurry",
+                    offload_text_encoder=True)  # the former input, from a saved workflow: accepted, ignored
+    assert vars(model) == before  # no node mutates its input
     assert pos[0][0].shape == (1, 512, 32) and pos[0][1] == {}
     (latent,) = call(fv.FastVideoSampler, **sampler_inputs(model, pos, neg))
     assert set(latent) == {"samples"} and latent["samples"].shape == (1, 16, 2, 4, 6)
@@ -119,7 +132,7 @@ def test_load_node_builds_load_options_and_takes_old_words(files, model):
     c = files["comfy"]
     load = lambda word: call(fv.LoadFastVideoModel, model=c["model"], text_encoder=c["text_encoder"], vae=c["vae"],
                              precision="fp32", weight_storage=word)[0]
-    assert load("as stored") is load("as_stored")  # the old word is the same options: the same loaded model
+    assert load("as stored")._parts is load("as_stored")._parts  # the same options: the same loaded parts
 
 
 def test_set_attention_backend_shares_weights(model):

@@ -50,4 +50,6 @@ def test_cpu_needs_an_explicit_count(dit):
 
 def test_out_of_memory_message_names_settings():
     msg = str(out_of_memory_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")))
-    assert "gpu_memory_gb" in msg and "fp8_e4m3fn" in msg and "num_frames" in msg
+    assert "gpu_memory_gb" in msg and "weight_storage fp8" in msg and "num_frames" in msg
+    assert "fp8_e4m3fn" not in msg and "text_encoder_device cpu" in msg and "tile_size" in msg
+    assert "while decoding" in str(out_of_memory_error(RuntimeError("x"), "decoding"))

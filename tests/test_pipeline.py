@@ -79,7 +79,7 @@ def test_generate_video_writes_mp4(model_set, tmp_path):
     assert r.frames.shape == (5, 32, 48, 3) and r.frames.dtype == torch.float32
     assert r.frames.min() >= 0 and r.frames.max() <= 1
     assert r.latents.shape == (1, 16, 2, 4, 6)
-    assert steps == [1, 2] and set(r.timings) == {"encode_s", "sample_s", "decode_s"}
+    assert steps == [1, 2] and set(r.timings) == {"load_s", "encode_s", "sample_s", "decode_s"}
     assert read_video_info(out) == (5, 32, 48)
 
 

@@ -8,6 +8,8 @@ model code is untouched: this works through forward hooks on the blocks.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -57,11 +59,14 @@ class BlockOffload:
             for name, b in mod._buffers.items():
                 if b is not None:
                     mod._buffers[name] = b.to(self.device)
-        self.in_flight: dict[int, tuple[list[torch.Tensor], object]] = {}
-        self.hooks = []
+        self.in_flight: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
+        self.hooks: list = []
+        # The hooks hold this object weakly: blocks → hook → offload → blocks would be a cycle that
+        # keeps every weight alive until the garbage collector runs, after the owner let go.
+        me = weakref.ref(self)
         for i, block in enumerate(self.offloaded):
-            self.hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: self._before(i)))
-            self.hooks.append(block.register_forward_hook(lambda m, a, o, i=i: self._after(i)))
+            self.hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: _call(me, "_before", i)))
+            self.hooks.append(block.register_forward_hook(lambda m, a, o, i=i: _call(me, "_after", i)))
 
     def describe(self) -> str:
         return (f"block offload: {self.resident} of {len(self.blocks)} DiT blocks on {self.device}, "
@@ -96,16 +101,24 @@ class BlockOffload:
         for p, cpu in self.home[i]:
             p.data = cpu
 
-    def disable(self) -> None:
-        """Remove the hooks and put every block back on the device."""
+    def disable(self, to=None) -> None:
+        """Remove the hooks and put every offloaded block on `to` (default: the device); to="cpu"
+        leaves them in host memory, e.g. before planning again or releasing the model."""
         for h in self.hooks:
             h.remove()
         self.hooks = []
         self.in_flight.clear()
+        to = self.device if to is None else torch.device(to)
         for i in self.home:
             for p, cpu in self.home[i]:
-                p.data = cpu.to(self.device)
+                p.data = cpu if to.type == "cpu" else cpu.to(to)
         self.home = {}
+
+
+def _call(ref: weakref.ref, method: str, i: int) -> None:
+    offload = ref()
+    if offload is not None and offload.hooks:
+        getattr(offload, method)(i)
 
 
 def enable_block_offload(dit, *, device, blocks_on_gpu: int | None = None, budget_gb: float | None = None,
@@ -121,11 +134,15 @@ def enable_block_offload(dit, *, device, blocks_on_gpu: int | None = None, budge
     return BlockOffload(dit, device, blocks_on_gpu)
 
 
-def out_of_memory_error(e: BaseException) -> FastVideoError:
-    """A CUDA out-of-memory error as a message that names the settings to change."""
+def out_of_memory_error(e: BaseException, phase: str | None = None) -> FastVideoError:
+    """A CUDA out-of-memory error as a message that names the settings to change; phase: what was
+    running ("loading", "encoding the prompts", "sampling", "decoding")."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return FastVideoError("the GPU ran out of memory. Lower gpu_memory_gb (offload more DiT blocks), store "
-                          "weights as fp8_e4m3fn, encode prompts on the CPU, decode in tiles (tile_size), or "
-                          "reduce the resolution or num_frames. "
-                          f"({str(e).splitlines()[0][:200]})")
+    first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    where = f" while {phase}" if phase else ""
+    return FastVideoError(f"the GPU ran out of memory{where}. Settings that lower the peak: a smaller "
+                          "gpu_memory_gb (more DiT blocks streamed from CPU memory), weight_storage fp8 (half "
+                          "the DiT's memory), text_encoder_device cpu (encode prompts on the CPU), decoding in "
+                          "tiles (tile_size 32), or a lower resolution or num_frames. "
+                          f"({first})")

@@ -194,6 +194,18 @@ def plan_memory(c: Components, shape: VideoShape, budget: int, *, reserve: int =
     return best
 
 
+def lowest_plan(c: Components, shape: VideoShape, budget: int, *, decode_tile: int | None = None) -> MemoryPlan:
+    """The plan with the least GPU use (every DiT block streamed, VAE moved in to decode, text
+    encoder on the CPU), for a budget the estimates say is too small: the run is tried anyway."""
+    return MemoryPlan(budget, 0, c.dit.num_blocks, "on_demand", "cpu",
+                      _peak(c, shape, 0, "on_demand", "cpu", decode_tile))
+
+
+def peak_of(plan: MemoryPlan, c: Components, shape: VideoShape, decode_tile: int | None = None) -> int:
+    """The expected peak of an existing plan's placement for another video shape."""
+    return _peak(c, shape, plan.dit_blocks_resident, plan.vae, plan.text_encoder, decode_tile)
+
+
 def _does_not_fit(c: Components, shape: VideoShape, budget: int, reserve: int, tile: int | None) -> FastVideoError:
     def fits(c: Components = c, shape: VideoShape = shape, tile: int | None = tile) -> bool:
         return _peak(c, shape, 0, "on_demand", "cpu", tile) + reserve <= budget
@@ -213,7 +225,7 @@ def _does_not_fit(c: Components, shape: VideoShape, budget: int, reserve: int, t
             ideas.append(f"{w}x{h}")
             break
     if fits(c=replace(c, dit=c.dit.fp8())):
-        ideas.append("fp8_e4m3fn weight storage")
+        ideas.append("weight_storage fp8")
     return FastVideoError(
         f"the GPU memory budget of {budget / GiB:.1f} GiB is too small for a {shape.width}x{shape.height}, "
         f"{shape.num_frames}-frame video even with every DiT block streamed from CPU memory and the text "

@@ -5,7 +5,14 @@
                                          text_encoder="umt5_xxl_fp16.safetensors", vae="wan_2.1_vae.safetensors")
     result = gen.generate_video("a red fox in the snow", seed=42, output_path="fox.mp4")
 
-Components load lazily on first use and stay loaded.
+    with VideoGenerator.from_pretrained(...) as gen:                          # close() frees it all
+        gen.load()                                                             # optional: load now
+
+Components load on first use (or all at once in `load()`, timed apart) and stay where the memory
+plan put them (memory/planner.py): with room for everything, nothing moves between calls; else DiT
+blocks stream and the VAE or text encoder move in from pinned memory only for their phase. Loaded
+parts are shared by every generator made from the same files and options (a weak registry: the
+last generator to go frees them), and so are their cached prompt embeddings.
 """
 from __future__ import annotations
 
@@ -16,15 +23,19 @@ import numbers
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..attention.sliding_tile import SlidingTileOptions
 from ..errors import FastVideoError, ModelFileError
+from ..memory.planner import VideoShape
 from ..models.wan_vae import model_to_raw
 from .options import LoadOptions, parse_device
+from .prompt_cache import PromptCache
 from .sampler import SamplingSettings, SamplingStats, check_finite_latents, denoise, initial_noise
 
 logger = logging.getLogger(__name__)
@@ -41,13 +52,13 @@ def parse_gpu_ids(gpu_ids, name: str = "gpu_ids") -> list[int] | None:
         ids = [int(p) for p in parts]
     else:
         try:
-            ids = list(gpu_ids)
+            given = list(gpu_ids)
         except TypeError:
-            ids = None
-        if ids is None or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0
-                                  for i in ids):
+            given = None
+        if given is None or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and int(i) >= 0
+                                    for i in given):
             raise FastVideoError(f"{name} must be a list of GPU indices such as [0, 1], got {gpu_ids!r}.")
-        ids = [int(i) for i in ids]
+        ids = [int(i) for i in given]
     if len(set(ids)) != len(ids):
         raise FastVideoError(f"{name} names a GPU twice: {ids}; each GPU can run one worker.")
     return ids or None
@@ -66,13 +77,13 @@ def check_prompt(text, name: str = "prompt") -> str:
 
 
 @contextlib.contextmanager
-def _friendly_oom():
+def _friendly_oom(phase: str | None = None):
     """CUDA out-of-memory → a FastVideoError naming the settings to change; the process stays usable."""
     try:
         yield
     except torch.cuda.OutOfMemoryError as e:
         from ..memory.offload import out_of_memory_error
-        raise out_of_memory_error(e) from None  # DecodeVAE: a tile_size (e.g. 32) also lowers the peak
+        raise out_of_memory_error(e, phase) from None
 
 
 @dataclass
@@ -112,14 +123,125 @@ class ModelFiles:
 
 
 class _Components:
-    """Loaded parts, shared by generators that differ only in run options (attention backend).
+    """Loaded parts, shared by generators made from the same files and load options.
 
     The lock serialises runs on these parts: the models hold per-run state (the VAE's stream cache,
-    offload hooks), so two threads on one set would corrupt each other's run."""
-    dit = text_encoder = vae = pool = offload = None
+    offload hooks), so two threads on one set would corrupt each other's run. `plan` is the memory
+    plan the parts are placed by; `homes` the pinned host copies of parts moved in for their phase."""
 
     def __init__(self, lock: threading.RLock | None = None):
         self.lock = lock or threading.RLock()
+        self.dit: Any = None
+        self.text_encoder: Any = None
+        self.vae: Any = None
+        self.offload: Any = None
+        self.pools: dict[tuple, Any] = {}
+        self.plan: Any = None
+        self.sizes: Any = None
+        self.budget: int | None = None
+        self.homes: dict[str, Any] = {}
+        self.host: Any = None  # a memory host (ComfyUI's model management), see set_memory_host
+        self.prompts = PromptCache()
+        self.load_s = 0.0
+
+    def release(self) -> None:
+        """Drop every loaded part and stop every pool; using them again loads them again."""
+        for pool in self.pools.values():
+            pool.close()
+        self.pools.clear()
+        if self.offload is not None:
+            self.offload.disable(to="cpu")  # hooks off, blocks to host memory (then dropped)
+        if self.host is not None:
+            for part in (self.text_encoder and self.text_encoder.model, self.vae):
+                if part is not None:
+                    self.host.release(part)
+        if self.text_encoder is not None:
+            self.prompts.forget(self.text_encoder)
+        self.dit = self.text_encoder = self.vae = self.offload = self.plan = None
+        self.homes.clear()
+
+
+# Parts by (files, options), held weakly: the registry never keeps weights no generator uses.
+_SHARED: weakref.WeakValueDictionary[tuple, _Components] = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared_parts(files: ModelFiles, options: LoadOptions) -> _Components:
+    def norm(p):
+        return None if p is None else os.path.abspath(os.fspath(p))
+    key = (norm(files.model), norm(files.text_encoder), norm(files.vae), options)
+    with _SHARED_LOCK:
+        parts = _SHARED.get(key)
+        if parts is None:
+            parts = _SHARED[key] = _Components()
+        return parts
+
+
+class _Timer:
+    """Adds the seconds spent inside to parts.load_s."""
+
+    def __init__(self, parts: _Components):
+        self.parts = parts
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.parts.load_s += time.perf_counter() - self.t0
+
+
+def _estimate_components(files: ModelFiles, options: LoadOptions, cfg):
+    """memory/planner.Components from the file headers: each tensor at the compute dtype's size,
+    fp8 (one byte) where it will be stored as fp8 (2-D linear weights with fp8 storage, and
+    tensors already fp8 in the file). A part without a file counts as zero."""
+    import re
+
+    from ..loading.files import all_keys
+    from ..loading.locate import locate
+    from ..memory.planner import Components, DitSizes
+    itemsize = torch.empty((), dtype=options.dtype).element_size()
+    fp8 = options.weight_storage != "as_stored"
+
+    def sizes(path, component):
+        if path is None:
+            return {}
+        out = {}
+        for name, entry in all_keys(locate(path, component).files, component).items():
+            if name == "__metadata__" or not isinstance(entry, dict):
+                continue
+            shape = entry.get("shape", [])
+            n = 1
+            for d in shape:
+                n *= int(d)
+            stored_fp8 = str(entry.get("dtype", "")).startswith("F8")
+            linear = len(shape) == 2 and name.endswith(".weight") and "embed" not in name and "shared" not in name
+            out[name] = n * (1 if stored_fp8 or (fp8 and linear) else itemsize)
+        return out
+
+    dit = sizes(files.model, "transformer")
+    block = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+    per_block: dict[int, int] = {}
+    other = 0
+    for name, n in dit.items():
+        m = block.search(name)
+        if m:
+            per_block[int(m.group(1))] = per_block.get(int(m.group(1)), 0) + n
+        else:
+            other += n
+    num_blocks = max(len(per_block), 1)
+    te = sizes(files.text_encoder, "text_encoder")
+    text_dim = 4096  # UMT5-XXL; else read from the embedding's width
+    if files.text_encoder is not None:
+        header = all_keys(locate(files.text_encoder, "text_encoder").files, "text_encoder")
+        text_dim = next((int(header[k]["shape"][1]) for k in te if k.endswith("shared.weight")), text_dim)
+    return Components(DitSizes(max(per_block.values(), default=0), num_blocks, other, cfg.dim, cfg.ffn_dim),
+                      vae_bytes=sum(sizes(files.vae, "vae").values()), text_encoder_bytes=sum(te.values()),
+                      text_dim=text_dim)
+
+
+def _latent_shape(latents: torch.Tensor) -> VideoShape:
+    t, h, w = latents.shape[2:]
+    return VideoShape(h * 8, w * 8, (t - 1) * 4 + 1)
 
 
 class VideoGenerator:
@@ -133,7 +255,6 @@ class VideoGenerator:
         self.dtype = self.options.dtype
         self.text_encoder_device = (parse_device(self.options.text_encoder_device, "text_encoder_device")
                                     if self.options.text_encoder_device else None)
-        self.offload_note = None
         self.attention_options = attention_options
         if attention_backend is not None:
             from ..attention import resolve_backend
@@ -143,8 +264,7 @@ class VideoGenerator:
         if self.num_gpus < 1:
             raise FastVideoError(f"num_gpus must be at least 1, got {num_gpus}.")
         self.gpu_ids = gpu_ids
-        self.offload_text_encoder = True
-        self._parts = _Components()
+        self._parts = _shared_parts(files, self.options)
 
     def with_attention_backend(self, name: str | None,
                                options: SlidingTileOptions | None = None) -> VideoGenerator:
@@ -174,10 +294,8 @@ class VideoGenerator:
     def with_parallel(self, num_gpus: int, gpu_ids: list[int] | None = None) -> VideoGenerator:
         """A generator whose sampling runs on a pool of `num_gpus` sequence-parallel workers; the
         text encoder and VAE stay shared with this one, in this process."""
-        other = copy.copy(self)
+        other = copy.copy(self)  # the same parts: text encoder, VAE, lock; pools are kept per GPU set
         other.num_gpus, other.gpu_ids = int(num_gpus), parse_gpu_ids(gpu_ids)
-        other._parts = _Components(self._parts.lock)  # shares the text encoder and VAE, so their lock too
-        other._parts.text_encoder, other._parts.vae = self._parts.text_encoder, self._parts.vae
         return other
 
     def dit_config(self):
@@ -187,54 +305,218 @@ class VideoGenerator:
         from ..loading.dit import read_dit_config
         return read_dit_config(self.files.model)
 
-    # -- components, loaded on first use
+    # -- memory: where each part lives
+
+    def set_memory_host(self, host) -> None:
+        """Hand the placement of whole parts on the GPU to `host` (ComfyUI's model management, see
+        nodes/comfy_memory.py): it moves them in before each phase and may move them out for other
+        models. Call before loading; parts already loaded keep their placement."""
+        self._parts.host = host
+
+    def _sizes(self):
+        """Sizes of the three parts from their file headers (no weights read), as the loaders will
+        store them: compute dtype, fp8 linears with fp8 storage (and in files already fp8)."""
+        if self._parts.sizes is None:
+            self._parts.sizes = _estimate_components(self.files, self.options, self.dit_config())
+        return self._parts.sizes
+
+    def _budget(self) -> int | None:
+        """GPU bytes to plan for (the user's gpu_memory_gb, else the host's view, else free memory),
+        measured once per load; None on a CPU device without gpu_memory_gb (nothing to plan)."""
+        from ..memory.planner import budget_bytes
+        parts = self._parts
+        if parts.budget is None:
+            if self.options.gpu_memory_gb is None and self.device.type != "cuda":
+                return None
+            free = parts.host.budget(self.device) if parts.host is not None else None
+            parts.budget = budget_bytes(self.device, gpu_memory_gb=self.options.gpu_memory_gb, free_bytes=free)
+        return parts.budget
+
+    def _text_encoder_elsewhere(self) -> bool:
+        """The user put the encoder on another device than the main one (cpu, or another GPU)."""
+        return self.text_encoder_device is not None and self.text_encoder_device != self.device
+
+    def _make_plan(self, shape: VideoShape, tile: int | None = None):
+        from ..memory.planner import lowest_plan, plan_memory
+        budget = self._budget()
+        if budget is None:
+            return None
+        sizes = self._sizes()
+        on_cpu = self._text_encoder_elsewhere() or self.files.text_encoder is None
+        try:
+            return plan_memory(sizes, shape, budget, text_encoder_on_cpu=on_cpu, decode_tile=tile)
+        except FastVideoError as e:
+            if self._parts.host is None or not self._parts.host.minimal:
+                logger.warning("%s Trying with the least GPU memory anyway.", e)
+            return lowest_plan(sizes, shape, budget, decode_tile=tile)
+
+    def _prepare(self, shape: VideoShape, tile: int | None = None) -> None:
+        """Plan (once per load) and place; plan again when this shape does not fit the current plan."""
+        from ..memory.planner import DEFAULT_RESERVE, peak_of
+        parts = self._parts
+        if parts.plan is None:
+            parts.plan = self._make_plan(shape, tile)
+            if parts.plan is not None:
+                logger.info("%s (for %dx%d, %d frames)", parts.plan.describe(), shape.width, shape.height,
+                            shape.num_frames)
+            return
+        if peak_of(parts.plan, self._sizes(), shape, tile) + DEFAULT_RESERVE <= parts.plan.budget:
+            return
+        plan = self._make_plan(shape, tile)
+        if plan is not None and plan != parts.plan:
+            logger.info("%s (planned again for %dx%d, %d frames)", plan.describe(), shape.width, shape.height,
+                        shape.num_frames)
+            self._replace(plan)
+
+    def _replace(self, plan) -> None:
+        """Move loaded parts to a new plan's places."""
+        parts, old = self._parts, self._parts.plan
+        parts.plan = plan
+        if parts.dit is not None and plan.dit_blocks_resident != old.dit_blocks_resident:
+            if parts.offload is not None:
+                parts.offload.disable(to="cpu")
+                parts.offload = None
+            parts.dit.to("cpu")
+            self._place_dit(parts.dit)
+        for name, module in (("vae", parts.vae), ("text_encoder", parts.text_encoder and parts.text_encoder.model)):
+            if module is not None and getattr(plan, name) != getattr(old, name):
+                home = parts.homes.pop(name, None)
+                if home is not None:
+                    home.to_host()
+                module.to("cpu")
+                self._place(name, module)
+
+    def _where(self, name: str) -> str:
+        """Placement of the text encoder or VAE: resident | on_demand | cpu (no plan: resident)."""
+        plan = self._parts.plan
+        if name == "text_encoder" and self._text_encoder_elsewhere():
+            return "elsewhere"
+        return "resident" if plan is None else getattr(plan, name)
+
+    def _load_device(self, name: str) -> torch.device:
+        where = self._where(name)
+        if where == "elsewhere":
+            return self.text_encoder_device or self.device
+        if where == "resident" and self._parts.host is None:
+            return self.device
+        return torch.device("cpu")
+
+    def _place(self, name: str, module) -> None:
+        """After loading on _load_device: keep pinned host copies for a part moved in per phase."""
+        from ..memory.planner import PinnedHome
+        if self.device.type == "cpu" or self._parts.host is not None:
+            return  # nothing to move on a CPU; the host makes its own copies
+        if self._where(name) == "on_demand":
+            self._parts.homes[name] = PinnedHome(module)
+        elif self._where(name) == "resident":
+            module.to(self.device)
+
+    def _place_dit(self, dit) -> None:
+        plan = self._parts.plan
+        if plan is not None and plan.dit_blocks_streamed:
+            from ..memory.offload import enable_block_offload
+            self._parts.offload = enable_block_offload(dit, device=self.device, blocks_on_gpu=plan.dit_blocks_resident)
+            logger.info("%s", self._parts.offload.describe())
+        else:
+            dit.to(self.device)
+
+    @contextlib.contextmanager
+    def _on_device(self, name: str, module, memory_required: int):
+        """The part is on its compute device for the block: the host loads it, or its pinned home
+        is copied in and dropped afterwards; a resident part is already there."""
+        parts = self._parts
+        if parts.host is not None and self._where(name) in ("resident", "on_demand") and self.device.type != "cpu":
+            parts.host.use(module, self.device, name, memory_required)
+            yield
+            return
+        home = parts.homes.get(name)
+        if home is None:
+            yield
+            return
+        home.to_device(self.device)
+        try:
+            yield
+        finally:
+            home.to_host()
+
+    # -- components, loaded on first use (or all at once by load())
+
+    def load(self, *, height: int = 480, width: int = 832, num_frames: int = 81) -> float:
+        """Load every part whose files are known now, placed by the memory plan for this video
+        shape (a later call of another shape plans again only when it must). Returns the seconds
+        spent, also kept in `load_s` and reported in each result's timings."""
+        t0 = time.perf_counter()
+        with self._parts.lock, _friendly_oom("loading"):
+            self._prepare(VideoShape(height, width, num_frames))
+            if self.num_gpus == 1:
+                self.dit  # noqa: B018  (loads)
+            if self.files.text_encoder is not None:
+                self.text_encoder  # noqa: B018
+            if self.files.vae is not None:
+                self.vae  # noqa: B018
+        return time.perf_counter() - t0
+
+    @property
+    def load_s(self) -> float:
+        """Seconds spent loading the parts this generator uses (by load() or on first use)."""
+        return self._parts.load_s
+
+    @property
+    def memory_plan(self):
+        """The memory plan the parts are placed by (memory/planner.MemoryPlan; None on a CPU)."""
+        return self._parts.plan
+
+    def _loading(self):
+        parts = self._parts
+        if parts.plan is None:
+            self._prepare(VideoShape())
+        return _Timer(parts)
 
     @property
     def dit(self):
-        if self._parts.dit is None:
-            from ..loading.dit import load_dit
-            budget = self._offload_budget()
-            opts = self.options
-            dit = load_dit(self.files.model, device="cpu" if budget is not None else self.device, dtype=self.dtype,
-                           weight_dtype=opts.weight_dtype, fp8_matmul=opts.fp8_matmul)
-            if budget is not None:
-                from ..memory.offload import enable_block_offload
-                self._parts.offload = enable_block_offload(dit, device=self.device, budget_gb=budget)
-                self.offload_note = self._parts.offload.describe()
-                logger.info("%s (GPU memory budget %.1f GB)", self.offload_note, budget)
-            self._parts.dit = dit.compile_blocks() if opts.compile else dit
-        return self._parts.dit
+        parts = self._parts
+        if parts.dit is None:
+            with parts.lock, _friendly_oom("loading the DiT"), self._loading():
+                from ..loading.dit import load_dit
+                plan, opts = parts.plan, self.options
+                device = self.device if plan is None or not plan.dit_blocks_streamed else torch.device("cpu")
+                dit = load_dit(self.files.model, device=device, dtype=self.dtype, weight_dtype=opts.weight_dtype,
+                               fp8_matmul=opts.fp8_matmul)
+                self._place_dit(dit)
+                parts.dit = dit.compile_blocks() if opts.compile else dit
+        return parts.dit
 
-    def _offload_budget(self) -> float | None:
-        """GB for the DiT when blocks must be offloaded, else None (all resident)."""
-        if self.device.type != "cuda":
-            return None
-        if self.options.gpu_memory_gb:
-            return self.options.gpu_memory_gb
-        from ..loading.locate import locate
-        files = locate(self.files.model, "transformer").files
-        weights = sum(os.path.getsize(f) for f in files) * (2 if self.options.weight_storage == "as_stored" else 1)
-        free = torch.cuda.mem_get_info(self.device)[0]
-        return None if weights < 0.7 * free else 0.9 * free / 2**30
+    @property
+    def offload_note(self) -> str | None:
+        return self._parts.offload.describe() if self._parts.offload is not None else None
 
     @property
     def text_encoder(self):
-        if self._parts.text_encoder is None:
-            from ..loading.text_encoder import load_text_encoder
-            # Loaded on CPU and moved for each encoding: the 11 GB encoder never sits next to the DiT.
-            on_cpu = (self.text_encoder_device or self.device).type == "cpu"
-            self._parts.text_encoder = load_text_encoder(
-                self.files.require("text_encoder"), device="cpu",
-                dtype=torch.bfloat16 if on_cpu and self.device.type == "cuda" else self.dtype,
-                weight_dtype=self.options.weight_dtype)
-        return self._parts.text_encoder
+        parts = self._parts
+        if parts.text_encoder is None:
+            path = self.files.require("text_encoder")
+            with parts.lock, _friendly_oom("loading the text encoder"), self._loading():
+                from ..loading.text_encoder import load_text_encoder
+                device = self._load_device("text_encoder")
+                # On a CPU next to a GPU, in bf16: half the host memory of fp32, at bf16's accuracy.
+                runs_on_cpu = self._where("text_encoder") == "cpu" or device.type == "cpu"
+                dtype = torch.bfloat16 if runs_on_cpu and self.device.type == "cuda" else self.dtype
+                te = load_text_encoder(path, device=device, dtype=dtype, weight_dtype=self.options.weight_dtype)
+                self._place("text_encoder", te.model)
+                parts.text_encoder = te
+        return parts.text_encoder
 
     @property
     def vae(self):
-        if self._parts.vae is None:
-            from ..loading.vae import load_vae
-            self._parts.vae = load_vae(self.files.require("vae"), device=self.device, dtype=self.dtype)
-        return self._parts.vae
+        parts = self._parts
+        if parts.vae is None:
+            path = self.files.require("vae")
+            with parts.lock, _friendly_oom("loading the VAE"), self._loading():
+                from ..loading.vae import load_vae
+                vae = load_vae(path, device=self._load_device("vae"), dtype=self.dtype)
+                self._place("vae", vae)
+                parts.vae = vae
+        return parts.vae
 
     # -- the three stages
 
@@ -243,18 +525,20 @@ class VideoGenerator:
         return self.encode_prompts([prompt])
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts → [B, 512, dim] float32 on CPU. With offload_text_encoder (default) the encoder
-        goes back to CPU afterwards, so that the DiT has the GPU to itself."""
+        """Prompts → [B, 512, dim] float32 on CPU. Each (encoder, prompt) is encoded once and kept
+        (pipeline/prompt_cache.py); the encoder is wherever the memory plan put it."""
         prompts = [check_prompt(p, f"prompts[{i}]" if len(prompts) > 1 else "prompt") for i, p in enumerate(prompts)]
-        device = self.text_encoder_device or self.device
         with self._parts.lock:
-            enc = self.text_encoder.to(device)
-            try:
-                with torch.inference_mode(), _friendly_oom():
-                    return enc.encode(prompts).float().cpu()
-            finally:
-                if self.offload_text_encoder and device.type != "cpu":
-                    enc.to("cpu")
+            enc = self.text_encoder
+            return self._parts.prompts.encode(enc, prompts, self._encode_uncached)
+
+    def _encode_uncached(self, prompts: list[str]) -> torch.Tensor:
+        from ..memory.planner import encode_activation_bytes
+        enc = self._parts.text_encoder
+        need = encode_activation_bytes(self._sizes()) if self._parts.plan is not None else 0
+        with torch.inference_mode(), _friendly_oom("encoding the prompts"), \
+                self._on_device("text_encoder", enc.model, need):
+            return enc.encode(prompts).float().cpu()
 
     def check_settings(self, settings: SamplingSettings) -> SamplingSettings:
         """Every check that can run before any work: the settings, gpu_ids, and whether the size fits
@@ -275,6 +559,7 @@ class VideoGenerator:
         self.check_settings(settings)
         noise = initial_noise(settings) if noise is None else noise
         with self._parts.lock:
+            self._ready_to_sample(settings)
             if self.num_gpus > 1:
                 model_latents = self.pool().sample(noise, positive, negative, settings, callback=callback,
                                                    cancel=cancel, stats=stats,
@@ -297,22 +582,58 @@ class VideoGenerator:
             raise FastVideoError(f"tile must be a positive number of latent pixels (or None = whole frame), "
                                  f"got {tile!r}.")
         check_finite_latents(latents)
-        with self._parts.lock, torch.inference_mode(), _friendly_oom():
-            return self.vae.decode_frames(latents.to(self.device), tile=tile)
+        from ..memory.planner import decode_activation_bytes
+        with self._parts.lock, torch.inference_mode(), _friendly_oom("decoding"):
+            video = _latent_shape(latents)
+            with _friendly_oom("loading"):
+                self._prepare(video, tile)
+                vae = self.vae
+            need = decode_activation_bytes(self._sizes(), video, tile) if self._parts.plan is not None else 0
+            with self._on_device("vae", vae, need):
+                return vae.decode_frames(latents.to(self.device), tile=tile)
+
+    def _ready_to_sample(self, settings: SamplingSettings) -> None:
+        """Plan for this shape (again only if it must) and let the host make room for sampling."""
+        from ..memory.planner import sampling_activation_bytes
+        shape = VideoShape(settings.height, settings.width, settings.num_frames)
+        with _friendly_oom("loading"):
+            self._prepare(shape)
+            if self.num_gpus == 1:
+                self.dit  # noqa: B018  (loaded before the host is asked for room)
+        plan, host = self._parts.plan, self._parts.host
+        if host is not None and plan is not None:
+            streamed = 2 * self._sizes().dit.block_bytes if plan.dit_blocks_streamed else 0
+            host.before_sampling(self.device, sampling_activation_bytes(self._sizes(), shape) + streamed)
 
     def pool(self):
-        """The sequence-parallel worker pool (started on first use, kept across runs)."""
-        if self._parts.pool is None or not self._parts.pool.alive:  # a failed pool is replaced
+        """The sequence-parallel worker pool for this generator's GPUs (started on first use, kept
+        across runs, shared by generators on the same parts and GPUs)."""
+        key = (self.num_gpus, tuple(self.gpu_ids or ()))
+        pool = self._parts.pools.get(key)
+        if pool is None or not pool.alive:  # a failed pool is replaced
             from ..parallel import WorkerPool
-            self._parts.pool = WorkerPool(self.files.model, num_gpus=self.num_gpus, options=self.options,
-                                          gpu_ids=self.gpu_ids)
-        return self._parts.pool
+            pool = self._parts.pools[key] = WorkerPool(self.files.model, num_gpus=self.num_gpus,
+                                                       options=self.options, gpu_ids=self.gpu_ids)
+        return pool
 
-    def close(self):
-        """Stop the worker pool, if any (loaded in-process models are freed with the object)."""
-        if self._parts.pool is not None:
-            self._parts.pool.close()
-            self._parts.pool = None
+    def close(self) -> None:
+        """Free every loaded part (DiT, text encoder, VAE and their GPU memory), stop the worker
+        pools and forget the cached prompts. Generators sharing these parts (with_attention_backend,
+        with_parallel, the same files and options) lose them too; any use afterwards loads again."""
+        with self._parts.lock:
+            self._parts.release()
+            self._parts.budget = None
+            self._parts.load_s = 0.0
+        import gc
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> VideoGenerator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate_video(self, prompt: str, *, negative_prompt: str | None = None, height: int = 480, width: int = 832,
                        num_frames: int = 81, num_inference_steps: int = 50, guidance_scale: float = 5.0,
@@ -348,7 +669,8 @@ class VideoGenerator:
     def _generate(self, prompt, negative_prompt, settings, output_path, callback, cancel, fps,
                   overwrite) -> GenerationResult:
         guidance_scale = settings.guidance_scale
-        timings = {}
+        timings = {"load_s": self.load(height=settings.height, width=settings.width, num_frames=settings.num_frames)
+                   if self._parts.dit is None and self.num_gpus == 1 else 0.0}
         t0 = time.perf_counter()
         positive = self.encode_prompt(prompt)
         negative = self.encode_prompt(negative_prompt) if guidance_scale > 1.0 else None
