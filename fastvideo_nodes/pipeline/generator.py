@@ -454,7 +454,8 @@ class VideoGenerator:
         stats = SamplingStats()
         latents = self.sample(positive, negative, settings, callback=callback, cancel=cancel, stats=stats)
         timings["sample_s"] = time.perf_counter() - t0  # includes lora_s
-        timings["lora_s"] = stats.extra.get("lora_s", 0.0)
+        if self.loras or "lora_s" in stats.extra:  # a merge ran, or the LoRAs were merged already (0)
+            timings["lora_s"] = stats.extra.get("lora_s", 0.0)
         t0 = time.perf_counter()
         frames = self.decode(latents)
         timings["decode_s"] = time.perf_counter() - t0
