@@ -12,6 +12,7 @@ import time
 
 from .errors import FastVideoError
 from .pipeline.options import WEIGHT_STORAGE, LoadOptions
+from .pipeline.schedulers import SCHEDULERS, SPACINGS
 
 
 class _Progress:
@@ -62,7 +63,14 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
     p.add_argument("--steps", type=int, default=8 if demo else 50)
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--shift", type=float, default=None, help="flow shift (default 3.0; 5.0 at 720p)")
-    p.add_argument("--scheduler", default="unipc", choices=["unipc", "euler"])
+    p.add_argument("--scheduler", default="unipc", choices=list(SCHEDULERS),
+                   help="lcm or euler for few-step (distilled) models")
+    p.add_argument("--spacing", default="default", choices=list(SPACINGS),
+                   help="simple: ComfyUI's spacing, what 4-step distill LoRAs expect (euler/lcm)")
+    p.add_argument("--sigmas", default=None, metavar="LIST",
+                   help="explicit sigmas such as 1,0.9375,0.8333,0.625 (used as given, no shift; replaces --steps)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="a LoRA .safetensors merged into the DiT (strength default 1.0); repeat to stack")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cfg-gate", type=float, default=1.0,
                    help="fraction of steps with the unconditional pass (1 = off)")
@@ -92,6 +100,26 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
     p.add_argument("--latents-out", default=None, help="also save the raw VAE-space latents (key 'latents')")
 
 
+def parse_lora(text: str) -> tuple[str, float]:
+    """FILE[:STRENGTH] → (FILE, strength). A name that exists as given is a file even with a colon
+    in it (C:\\loras\\x.safetensors); otherwise the text after the last colon is the strength."""
+    path, strength = text, 1.0
+    if not os.path.exists(text) and ":" in text:
+        path, _, tail = text.rpartition(":")
+        try:
+            strength = float(tail)
+        except ValueError:
+            raise FastVideoError(f"--lora {text!r}: the strength after the colon must be a number "
+                                 f"(FILE or FILE:0.8), got {tail!r}.") from None
+        if not path:
+            raise FastVideoError(f"--lora {text!r}: no file name before the strength.")
+    if strength != strength or strength in (float("inf"), float("-inf")):
+        raise FastVideoError(f"--lora {text!r}: the strength must be a finite number, got {strength}.")
+    if not os.path.isfile(path):
+        raise FastVideoError(f"--lora: file not found: {path!r}.")
+    return path, strength
+
+
 def load_options(args):
     """The parsed load flags → LoadOptions (validated there, like the API's and the node's)."""
     return LoadOptions(device=args.device, precision=args.precision, weight_storage=args.weight_storage,
@@ -115,16 +143,20 @@ def _check_outputs(args) -> None:
 
 
 def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
-    from .pipeline.generator import VideoGenerator
+    from .pipeline.generator import VideoGenerator, parse_sigmas
 
     _check_outputs(args)
+    loras = [parse_lora(text) for text in args.lora]
+    sigmas = parse_sigmas(args.sigmas, "--sigmas")
     gen = VideoGenerator.from_pretrained(model, text_encoder=text_encoder, vae=vae, options=load_options(args),
-                                         attention_backend=args.attention_backend, num_gpus=args.num_gpus)
+                                         attention_backend=args.attention_backend, num_gpus=args.num_gpus,
+                                         loras=loras)
     try:
         result = gen.generate_video(
             args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
             num_frames=args.num_frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-            flow_shift=args.shift, scheduler=args.scheduler, seed=args.seed, cfg_gate=args.cfg_gate,
+            flow_shift=args.shift, scheduler=args.scheduler, seed=args.seed, sigmas=sigmas, spacing=args.spacing,
+            cfg_gate=args.cfg_gate,
             teacache_threshold=args.teacache_threshold, teacache_mode=args.teacache_mode,
             output_path=args.output, callback=progress, fps=args.fps, overwrite=args.overwrite)
     finally:
@@ -136,7 +168,8 @@ def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
         os.replace(tmp, args.latents_out)
     t = result.timings
     print(f"wrote {args.output}: {result.frames.shape[0]} frames {result.frames.shape[2]}x{result.frames.shape[1]} "
-          f"(encode {t['encode_s']:.1f}s, sample {t['sample_s']:.1f}s, decode {t['decode_s']:.1f}s)")
+          f"(encode {t['encode_s']:.1f}s, sample {t['sample_s']:.1f}s, decode {t['decode_s']:.1f}s"
+          + (f", LoRA merge {t['lora_s']:.1f}s" if loras else "") + ")")
     return 0
 
 

@@ -3,6 +3,7 @@
 Registry keys are global across every installed pack, so each one starts with FastVideo (or
 LoadFastVideo); the class names stay short.
 """
+from .lora_nodes import FastVideoLoRA
 from .model_nodes import FastVideoParallelWorkers, LoadFastVideoModel, SetAttentionBackend
 from .sampling_nodes import DecodeVAE, EncodePrompt, FastVideoSampler
 
@@ -13,6 +14,7 @@ NODE_CLASS_MAPPINGS = {
     "FastVideoSampler": FastVideoSampler,
     "FastVideoDecodeVAE": DecodeVAE,
     "FastVideoParallelWorkers": FastVideoParallelWorkers,
+    "FastVideoLoRA": FastVideoLoRA,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoadFastVideoModel": "Load FastVideo Model (Wan2.1)",
@@ -21,4 +23,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FastVideoSampler": "FastVideo Sampler",
     "FastVideoDecodeVAE": "FastVideo Decode VAE",
     "FastVideoParallelWorkers": "FastVideo Parallel Workers",
+    "FastVideoLoRA": "FastVideo LoRA",
 }

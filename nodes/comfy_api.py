@@ -9,7 +9,7 @@ import os
 
 
 def folder_names(kind: str) -> list[str]:
-    """File names in one of ComfyUI's model folders ("diffusion_models", "text_encoders", "vae")."""
+    """File names in one of ComfyUI's model folders ("diffusion_models", "text_encoders", "vae", "loras")."""
     try:
         import folder_paths
         return list(folder_paths.get_filename_list(kind))
@@ -34,7 +34,7 @@ def diffusers_folders() -> list[str]:
 
 
 # The node input that names a file of each ComfyUI model folder, for error messages.
-INPUT_NAMES = {"diffusion_models": "model", "text_encoders": "text_encoder", "vae": "vae"}
+INPUT_NAMES = {"diffusion_models": "model", "text_encoders": "text_encoder", "vae": "vae", "loras": "lora_name"}
 
 
 def full_path(kind: str, name: str) -> str:

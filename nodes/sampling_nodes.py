@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from fastvideo_nodes.errors import FastVideoError
-from fastvideo_nodes.pipeline.generator import check_prompt
+from fastvideo_nodes.pipeline.generator import check_prompt, parse_sigmas
 from fastvideo_nodes.pipeline.sampler import SamplingSettings
-from fastvideo_nodes.pipeline.schedulers import SCHEDULERS
+from fastvideo_nodes.pipeline.schedulers import SCHEDULERS, SPACINGS
 
 from . import comfy_api
 from .model_nodes import CATEGORY, MODEL
@@ -53,7 +53,8 @@ def _embedding(conditioning, name: str):
 
 
 class FastVideoSampler:
-    """Wan 2.1 flow-matching sampler with CFG gate and TeaCache → native LATENT (raw VAE space)."""
+    """Wan 2.1 flow-matching sampler with CFG gate and TeaCache → native LATENT (raw VAE space).
+    Few-step LoRAs: cfg 1, euler or lcm, spacing simple (or an explicit sigmas list)."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -74,6 +75,10 @@ class FastVideoSampler:
                                              "tooltip": "0 = off; 0.08 for 1.3B, 0.2 for 14B"}),
         }, "optional": {
             "negative": ("CONDITIONING",),
+            "spacing": (list(SPACINGS), {"default": "default", "tooltip":
+                        "simple: ComfyUI's spacing, what 4-step distill LoRAs expect (euler and lcm only)"}),
+            "sigmas": ("STRING", {"default": "", "tooltip": "e.g. 1, 0.9375, 0.8333, 0.625: used as given (no "
+                                  "shift), replaces steps; empty = use steps and shift"}),
         }}
 
     RETURN_TYPES = ("LATENT",)
@@ -82,30 +87,31 @@ class FastVideoSampler:
 
     @classmethod
     def VALIDATE_INPUTS(cls, width=832, height=480, num_frames=81, steps=50, cfg=5.0, shift=3.0, scheduler="unipc",
-                        seed=0, cfg_gate=1.0, teacache_threshold=0.0, **_):
+                        seed=0, cfg_gate=1.0, teacache_threshold=0.0, spacing="default", sigmas="", **_):
         try:
             _settings(width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
-                      teacache_threshold).validate()
+                      teacache_threshold, spacing, sigmas).validate()
         except FastVideoError as e:
             return str(e)
         return True
 
     def sample(self, model, positive, width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
-               teacache_threshold, negative=None):
+               teacache_threshold, negative=None, spacing="default", sigmas=""):
         settings = _settings(width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
-                             teacache_threshold)
+                             teacache_threshold, spacing, sigmas)
         neg = _embedding(negative, "negative") if negative is not None else None
-        latents = model.sample(_embedding(positive, "positive"), neg, settings, callback=comfy_api.Progress(steps),
+        latents = model.sample(_embedding(positive, "positive"), neg, settings,
+                               callback=comfy_api.Progress(settings.num_steps),
                                cancel=comfy_api.check_interrupted)
         return ({"samples": latents},)
 
 
 def _settings(width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
-              teacache_threshold) -> SamplingSettings:
+              teacache_threshold, spacing="default", sigmas="") -> SamplingSettings:
     """The node's inputs under the engine's names; the one place both VALIDATE_INPUTS and sample build them."""
     return SamplingSettings(height=height, width=width, num_frames=num_frames, steps=steps, guidance_scale=cfg,
                             shift=shift, scheduler=scheduler, seed=seed, cfg_gate=cfg_gate,
-                            teacache_threshold=teacache_threshold)
+                            teacache_threshold=teacache_threshold, spacing=spacing, sigmas=parse_sigmas(sigmas))
 
 
 class DecodeVAE:

@@ -46,7 +46,9 @@ def http(port, path, data=None, timeout=30):
 def server(tmp_path_factory):
     import torch
 
+    from fastvideo_nodes.testing.dit import TINY_DIT
     from fastvideo_nodes.testing.folders import build_model_set
+    from fastvideo_nodes.testing.lora import save_random_lora
     from fastvideo_nodes.testing.vae import random_vae, save_original
 
     base = tmp_path_factory.mktemp("comfy")
@@ -56,10 +58,13 @@ def server(tmp_path_factory):
         os.makedirs(base / "models" / kind, exist_ok=True)
         shutil.copy(path, base / "models" / kind)
     os.makedirs(base / "models" / "vae", exist_ok=True)
-    save_original(random_vae(base_dim=96, seed=3).state_dict(), str(base / "models" / "vae" / "wan_vae_w96.safetensors"),
-                  dtype=torch.float16)
-    (base / "extra.yaml").write_text("fastvideo_test:\n    base_path: %s\n    diffusion_models: models/diffusion_models\n"
-                                     "    text_encoders: models/text_encoders\n    vae: models/vae\n" % base)
+    save_original(random_vae(base_dim=96, seed=3).state_dict(),
+                  str(base / "models" / "vae" / "wan_vae_w96.safetensors"), dtype=torch.float16)
+    save_random_lora(TINY_DIT, str(base / "models" / "loras" / "lora_tiny.safetensors"), seed=5)
+    (base / "extra.yaml").write_text(f"fastvideo_test:\n    base_path: {base}\n"
+                                     "    diffusion_models: models/diffusion_models\n"
+                                     "    text_encoders: models/text_encoders\n    vae: models/vae\n"
+                                     "    loras: models/loras\n")
     link = os.path.join(COMFY, "custom_nodes", "fastvideo_nodes_under_test")
     if os.path.lexists(link):
         os.remove(link)
@@ -89,7 +94,7 @@ def server(tmp_path_factory):
         assert "FastVideoSampler" in info, open(base / "server.log").read()[-3000:]
         yield dict(port=port, base=base, out=out, info=info, files={
             "model": os.path.basename(files["model"]), "text_encoder": os.path.basename(files["text_encoder"]),
-            "vae": "wan_vae_w96.safetensors"})
+            "vae": "wan_vae_w96.safetensors", "lora": "lora_tiny.safetensors"})
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -108,6 +113,8 @@ def test_copy(server, name, prefix):
                 w[1], w[2] = f["text_encoder"], f["vae"]
         elif n["type"] == "FastVideoSampler":
             w[0], w[1], w[2], w[3] = SMALL["width"], SMALL["height"], SMALL["num_frames"], SMALL["steps"]
+        elif n["type"] == "FastVideoLoRA":
+            w[0] = f["lora"]
         elif n["type"] == "VAELoader":
             w[0] = f["vae"]
         elif n["type"] == "SaveVideo":
@@ -194,7 +201,7 @@ def saved_video(out, prefix):
 
 
 @pytest.mark.parametrize("name", ["wan2.1_t2v_1.3B_fastvideo.json", "wan2.1_t2v_1.3B_fastvideo_fast.json",
-                                  "wan2.1_t2v_1.3B_mixed_native.json"])
+                                  "wan2.1_t2v_1.3B_mixed_native.json", "wan2.1_t2v_14B_4step_lora.json"])
 def test_workflow_through_comfy_cli_and_api(server, name, tmp_path):
     stem = name.replace(".json", "")
     wf = test_copy(server, name, f"cli_{stem}")

@@ -46,7 +46,7 @@ def test_mappings_and_input_types():
     # Registry keys are global across installed packs: every one carries the pack's name.
     assert set(fv.NODE_CLASS_MAPPINGS) == {"LoadFastVideoModel", "FastVideoSetAttentionBackend",
                                           "FastVideoEncodePrompt", "FastVideoSampler", "FastVideoDecodeVAE",
-                                          "FastVideoParallelWorkers"}
+                                          "FastVideoParallelWorkers", "FastVideoLoRA"}
     for name, cls in fv.NODE_CLASS_MAPPINGS.items():
         spec = cls.INPUT_TYPES()
         assert "required" in spec and cls.CATEGORY == "FastVideo" and hasattr(cls, cls.FUNCTION)

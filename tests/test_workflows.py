@@ -23,11 +23,11 @@ NATIVE = {
 }
 
 
-def spec_of(cls):
+def spec_of(cls, groups=("required", "optional")):
     """(widgets [(name, type, options)], connections {name: type}) in ComfyUI's order."""
     widgets, conns = [], {}
     spec = cls.INPUT_TYPES()
-    for group in ("required", "optional"):
+    for group in groups:
         for name, entry in spec.get(group, {}).items():
             kind, opts = entry[0], (entry[1] if len(entry) > 1 else {})
             if isinstance(kind, list) or kind in WIDGET_TYPES:
@@ -39,9 +39,35 @@ def spec_of(cls):
     return widgets, conns
 
 
-def test_there_are_three_workflows():
+def required_widget_count(cls) -> int:
+    """Widgets that come from required inputs: a saved workflow holds at least these. Optional
+    widgets added later (the sampler's spacing and sigmas) may be missing from workflows saved
+    before them; ComfyUI fills in their defaults."""
+    return len(spec_of(cls, groups=("required",))[0])
+
+
+def test_there_are_four_workflows():
     names = [os.path.basename(p) for p in WORKFLOWS]
-    assert len(names) == 3 and any("fast" in n for n in names) and any("mixed_native" in n for n in names)
+    assert len(names) == 4 and any("fast" in n for n in names) and any("mixed_native" in n for n in names)
+    assert "wan2.1_t2v_14B_4step_lora.json" in names
+
+
+def test_4step_lora_workflow_is_the_distilled_recipe():
+    """loader → LoRA → sampler at 4 steps, CFG 1, simple spacing, shift 5; download links for every file."""
+    wf = json.load(open(os.path.join(ROOT, "workflows", "wan2.1_t2v_14B_4step_lora.json")))
+    by_type = {n["type"]: n for n in wf["nodes"]}
+    lora = by_type["FastVideoLoRA"]
+    widgets, _ = spec_of(fv.FastVideoSampler)
+    values = dict(zip([w[0] for w in widgets], by_type["FastVideoSampler"]["widgets_values"]))
+    assert values["steps"] == 4 and values["cfg"] == 1.0 and values["shift"] == 5.0
+    assert values["spacing"] == "simple" and values["scheduler"] in ("euler", "lcm") and values["sigmas"] == ""
+    assert lora["widgets_values"][0] == "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors"
+    loader_id = by_type["LoadFastVideoModel"]["id"]
+    assert any(l[1] == loader_id and l[3] == lora["id"] for l in wf["links"])
+    assert any(l[1] == lora["id"] and l[3] == by_type["FastVideoSampler"]["id"] for l in wf["links"])
+    linked = {m["name"] for n in wf["nodes"] for m in n.get("properties", {}).get("models", [])}
+    assert {"umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan_2.1_vae.safetensors",
+            lora["widgets_values"][0], by_type["LoadFastVideoModel"]["widgets_values"][0]} <= linked
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
@@ -52,9 +78,11 @@ def test_workflow_matches_definitions(path):
         if n["type"] in fv.NODE_CLASS_MAPPINGS:
             widgets, conns = spec_of(fv.NODE_CLASS_MAPPINGS[n["type"]])
             outs = list(fv.NODE_CLASS_MAPPINGS[n["type"]].RETURN_TYPES)
-            assert len(n["widgets_values"]) == len(widgets), (n["type"], n["widgets_values"], widgets)
+            cls = fv.NODE_CLASS_MAPPINGS[n["type"]]
+            assert required_widget_count(cls) <= len(n["widgets_values"]) <= len(widgets), \
+                (n["type"], n["widgets_values"], widgets)
             for value, (name, kind, opts) in zip(n["widgets_values"], widgets):
-                if isinstance(kind, list) and name not in ("model", "text_encoder", "vae"):  # file lists vary
+                if isinstance(kind, list) and name not in ("model", "text_encoder", "vae", "lora_name"):  # files vary
                     assert value in kind, (n["type"], name, value)
                 if kind in ("INT", "FLOAT"):
                     assert opts.get("min", value) <= value <= opts.get("max", value), (n["type"], name, value)
@@ -66,6 +94,8 @@ def test_workflow_matches_definitions(path):
             values = dict(zip([w[0] for w in widgets], n["widgets_values"]))
             if n["type"] == "FastVideoSampler":
                 assert fv.FastVideoSampler.VALIDATE_INPUTS(**values) is True
+            if n["type"] == "FastVideoLoRA":
+                assert fv.FastVideoLoRA.VALIDATE_INPUTS(**values) is True
             if n["type"] == "LoadFastVideoModel":
                 assert fv.LoadFastVideoModel.VALIDATE_INPUTS(weight_storage=values["weight_storage"]) is True
             assert n.get("properties", {}).get("Node name for S&R", n["type"]) == n["type"]
@@ -76,7 +106,7 @@ def test_workflow_matches_definitions(path):
             assert [o["type"] for o in n["outputs"]] == outs
         for m in n.get("properties", {}).get("models", []):
             assert m["url"].startswith("https://") and m["url"].endswith(m["name"])
-            assert m["directory"] in ("diffusion_models", "text_encoders", "vae")
+            assert m["directory"] in ("diffusion_models", "text_encoders", "vae", "loras")
     for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
         assert by_id[src]["outputs"][src_slot]["type"] == kind and link_id in by_id[src]["outputs"][src_slot]["links"]
         assert by_id[dst]["inputs"][dst_slot]["type"] == kind and by_id[dst]["inputs"][dst_slot]["link"] == link_id

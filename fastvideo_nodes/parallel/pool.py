@@ -15,6 +15,10 @@ Why it is built this way:
 - Each rank says what it is doing (loading, step i of n) and a side thread beats while it is busy.
   A rank that makes no progress for `step_timeout` seconds ends the job with an error naming it,
   and the pool is stopped; the beat tells a frozen rank from one waiting on a frozen peer.
+- LoRAs travel with each job as a list of (path, strength); a rank whose DiT carries another list
+  merges this one (loading/lora.py, in place, base kept) before sampling. The ranks agree with one
+  all-reduce whether every merge worked, so a LoRA that does not fit is an error for this job only
+  and the pool stays up.
 - A worker that raises becomes one line (rank, what it was doing, cause); its traceback goes to a log
   file under cache_dir()/logs whose path the message gives. Workers ignore Ctrl-C (the parent
   decides), and exit quietly when the parent goes away.
@@ -160,8 +164,9 @@ class WorkerPool:
     # ------------------------------------------------------------------ running a job
 
     def sample(self, noise, positive, negative, settings, *, callback=None, cancel=None, stats=None,
-               attention_backend=None, attention_options=None):
-        """Run the sampler on every rank; returns model-space latents [1,16,T',H',W'] float32 (CPU)."""
+               attention_backend=None, attention_options=None, loras=()):
+        """Run the sampler on every rank with these (path, strength) LoRAs merged into each rank's
+        DiT; returns model-space latents [1,16,T',H',W'] float32 (CPU)."""
         with self._lock:  # one job at a time: messages of two callers must not mix
             if self._unfinished is not None:
                 self._drain()
@@ -171,7 +176,8 @@ class WorkerPool:
                       for t in (noise, positive, negative)]
             job_id = next(self._jobs)
             job = dict(settings=settings, noise=shared[0], positive=shared[1], negative=shared[2],
-                       attention_backend=attention_backend, attention_options=attention_options or {})
+                       attention_backend=attention_backend, attention_options=attention_options or {},
+                       loras=[(str(p), float(s)) for p, s in loras])
             self._unfinished = job_id
             self._send_all(("sample", job_id, job))
             try:
@@ -183,8 +189,11 @@ class WorkerPool:
                     self._abandon(job_id)
                 raise
         if stats is not None:
+            lora_s = counts.pop("lora_s", None)
             for k, v in counts.items():
                 setattr(stats, k, v)
+            if lora_s is not None:
+                stats.extra["lora_s"] = lora_s
         return latents.clone()
 
     def _send_all(self, msg):
@@ -225,6 +234,7 @@ class WorkerPool:
         ranks = [_Rank(now) for _ in range(n)]
         pending = set(range(n))
         result, cancelled, cancel_sent = None, None, False
+        rejected: dict[int, str] = {}
         sentinels = {p.sentinel: r for r, p in enumerate(self.procs)}
         conns = {c: r for r, c in enumerate(self.conns)}
         while pending:
@@ -257,6 +267,9 @@ class WorkerPool:
                         if what == "cancelled":
                             pending.discard(r)
                             cancelled = CancelledError(text)
+                        elif what == "rejected":  # every rank refused the job's inputs; the pool is fine
+                            pending.discard(r)
+                            rejected[r] = text
                         else:
                             where = _write_traceback(r, f"worker rank {r} {ranks[r].doing}: {text}\n\n{tb}")
                             seen = f"traceback in {where}" if where else "traceback in this process's log"
@@ -270,6 +283,9 @@ class WorkerPool:
                 self._check_deadline(ranks, pending, timeout)
         if job_id == self._unfinished:
             self._unfinished = None
+        if rejected:
+            own = [t for t in rejected.values() if t != _PEER_REJECTED]
+            raise FastVideoError(own[0] if own else next(iter(rejected.values())))
         if cancelled is not None:
             raise cancelled
         return result
@@ -449,12 +465,44 @@ def _worker_main(rank, world, port, device, model_path, options, conn, parent_pi
         pass
 
 
+_PEER_REJECTED = "another worker rank could not apply the job's LoRAs"
+
+
+def _apply_loras(link: _Link, device, dit, job_id: int, loras: list) -> float | None:
+    """Make this rank's DiT carry exactly `loras`; every rank learns whether all of them could.
+
+    Returns the merge seconds (0 when nothing changed), or None when the job is refused (the
+    message is sent). A FastVideoError (a LoRA that does not fit) refuses the job; anything else
+    is raised after the agreement, as a worker failure."""
+    import torch.distributed as dist
+
+    from ..loading.lora import set_loras
+    error: Exception | None = None
+    seconds = 0.0
+    if list(getattr(dit, "loras", [])) != list(loras):
+        link.send(("doing", job_id, "while merging LoRAs"))
+        try:
+            seconds = set_loras(dit, loras).seconds
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        except Exception as e:
+            error = e
+    failed = torch.tensor([0.0 if error is None else 1.0], device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None and not isinstance(error, FastVideoError):
+        raise error
+    if bool(failed.item()):
+        link.send(("error", job_id, "rejected", _describe(error) if error is not None else _PEER_REJECTED, ""))
+        return None
+    return seconds
+
+
 def _run_job(link: _Link, rank: int, device, dit, plan, job_id: int, job: dict):
     """One sampling job on this rank; every outcome is one message (its tensors die on return)."""
     import torch.distributed as dist
 
     from ..pipeline.sampler import SamplingStats, denoise
-    n = job["settings"].steps
+    n = job["settings"].num_steps
     steps_begun = 0
 
     def cancel():  # all ranks take the same decision, or the next collective would hang
@@ -466,6 +514,9 @@ def _run_job(link: _Link, rank: int, device, dit, plan, job_id: int, job: dict):
         return bool(t.item())
 
     try:
+        lora_s = _apply_loras(link, device, dit, job_id, job.get("loras", []))
+        if lora_s is None:
+            return
         progress = (lambda i, total, x0: link.send(("progress", job_id, i, total))) if rank == 0 else None
         stats = SamplingStats()
         with torch.inference_mode():
@@ -475,7 +526,7 @@ def _run_job(link: _Link, rank: int, device, dit, plan, job_id: int, job: dict):
         link.send(("doing", job_id, "while sending the result"))
         result = out.float().cpu().share_memory_() if rank == 0 else None
         counts = dict(cond_forwards=stats.cond_forwards, uncond_forwards=stats.uncond_forwards,
-                      teacache_skipped=stats.teacache_skipped)
+                      teacache_skipped=stats.teacache_skipped, lora_s=lora_s)
         link.send(("done", job_id, (result, counts)))
     except CancelledError as e:
         link.send(("error", job_id, "cancelled", str(e), ""))

@@ -13,12 +13,19 @@ plan put them (memory/planner.py): with room for everything, nothing moves betwe
 blocks stream and the VAE or text encoder move in from pinned memory only for their phase. Loaded
 parts are shared by every generator made from the same files and options (a weak registry: the
 last generator to go frees them), and so are their cached prompt embeddings.
+
+LoRAs belong to a generator, not to the weights: `from_pretrained(..., loras=[(path, strength)])`,
+`gen.with_loras([...])` (another generator on the same loaded weights) or `gen.set_loras([...])`.
+The shared DiT is patched to the list of whichever generator samples, just before it samples and
+under the shared lock (loading/lora.py merges in place and keeps the base, so a change never
+reloads anything from disk); worker pools get the list with each job and patch their own DiTs.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import logging
+import math
 import numbers
 import os
 import threading
@@ -62,6 +69,59 @@ def parse_gpu_ids(gpu_ids, name: str = "gpu_ids") -> list[int] | None:
     if len(set(ids)) != len(ids):
         raise FastVideoError(f"{name} names a GPU twice: {ids}; each GPU can run one worker.")
     return ids or None
+
+
+def parse_sigmas(value, name: str = "sigmas") -> tuple[float, ...] | None:
+    """None, "" → None (steps and shift decide); "1, 0.9375, 0.8333" or a list of numbers → a tuple
+    (the range and order are checked with the other sampling settings)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    parts = [p.strip() for p in value.replace(";", ",").split(",") if p.strip()] if isinstance(value, str) else value
+    try:
+        out = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise FastVideoError(f"{name} must be numbers separated by commas, from 1 down towards 0 "
+                             f"(e.g. 1, 0.9375, 0.8333, 0.625), got {value!r}.") from None
+    if any(isinstance(p, bool) for p in parts):
+        raise FastVideoError(f"{name} must be numbers, got {value!r}.")
+    return out
+
+
+def check_loras(loras, name: str = "loras") -> tuple[tuple[str, float], ...]:
+    """[(path, strength), ...] → a checked tuple of (absolute path, float strength).
+
+    Only what can be checked without a model: each file is a readable .safetensors (not a pickle)
+    and each strength a finite number. Whether the LoRA fits the DiT is checked when it is merged."""
+    from ..loading.files import check_safetensors
+    from ..loading.lora import ROLE
+    if loras is None:
+        return ()
+    if isinstance(loras, (str, os.PathLike)) or not isinstance(loras, (list, tuple)):
+        raise FastVideoError(f"{name} must be a list of (path, strength) pairs such as "
+                             f"[('lightx2v_lora.safetensors', 1.0)], got {loras!r}.")
+    out = []
+    for i, item in enumerate(loras):
+        if not (isinstance(item, (list, tuple)) and len(item) == 2):
+            raise FastVideoError(f"{name}[{i}] must be a (path, strength) pair, got {item!r}.")
+        path, strength = item
+        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength):
+            raise FastVideoError(f"{name}[{i}]: the strength must be a finite number (1.0 = as trained, "
+                                 f"0 = off), got {strength!r}.")
+        if not isinstance(path, (str, os.PathLike)):
+            raise FastVideoError(f"{name}[{i}]: the path must be a file name, got {path!r}.")
+        path = os.path.abspath(os.fspath(path))
+        check_safetensors(path, ROLE)
+        out.append((path, float(strength)))
+    return tuple(out)
+
+
+def _buffers_to(dit, device: torch.device) -> None:
+    """Buffers live on the compute device, also in blocks whose weights stream from CPU memory; a
+    LoRA merge may register a new fp8 scale next to a weight that rests in CPU memory."""
+    for mod in dit.modules():
+        for key, b in mod._buffers.items():
+            if b is not None and b.device != device:
+                mod._buffers[key] = b.to(device)
 
 
 def check_prompt(text, name: str = "prompt") -> str:
@@ -247,9 +307,10 @@ def _latent_shape(latents: torch.Tensor) -> VideoShape:
 class VideoGenerator:
     def __init__(self, files: ModelFiles, options: LoadOptions | None = None, *,
                  attention_backend: str | None = None, attention_options: SlidingTileOptions | None = None,
-                 num_gpus: int = 1, gpu_ids: list[int] | None = None, **load_keywords):
-        """options: how the models load (see LoadOptions); load_keywords as in from_pretrained."""
+                 num_gpus: int = 1, gpu_ids: list[int] | None = None, loras=None, **load_keywords):
+        """options: how the models load (see LoadOptions); loras and load_keywords as in from_pretrained."""
         self.files = files
+        self.loras = check_loras(loras)
         self.options = LoadOptions.from_keywords(options, **load_keywords)
         self.device = self.options.torch_device
         self.dtype = self.options.dtype
@@ -279,17 +340,43 @@ class VideoGenerator:
         other.attention_options = options
         return other
 
+    def with_loras(self, loras) -> VideoGenerator:
+        """A generator that shares this one's loaded weights (nothing is read again from disk) but
+        samples with these [(path, strength), ...] LoRAs; [] is the base model."""
+        other = copy.copy(self)
+        other.loras = check_loras(loras)
+        return other
+
+    def set_loras(self, loras):
+        """Replace this generator's LoRA list. Applied at once when the DiT is loaded in this
+        process (returns loading.lora's MergeReport), else at the next sampling (returns None)."""
+        self.loras = check_loras(loras)
+        with self._parts.lock:
+            return self._sync_loras() if self._parts.dit is not None and self.num_gpus == 1 else None
+
+    def _sync_loras(self):
+        """Patch the in-process DiT (maybe shared with other generators) to this generator's LoRAs;
+        returns the MergeReport, or None when it already carries exactly them. Call under the lock."""
+        dit = self.dit
+        if list(getattr(dit, "loras", [])) == list(self.loras):
+            return None
+        from ..loading.lora import set_loras
+        report = set_loras(dit, self.loras)
+        _buffers_to(dit, dit.text_embedding[0].weight.device)  # the device compile_blocks uses too
+        return report
+
     @classmethod
     def from_pretrained(cls, model, *, text_encoder=None, vae=None, options: LoadOptions | None = None,
                         attention_backend: str | None = None, num_gpus: int = 1,
-                        gpu_ids: list[int] | None = None, **load_keywords) -> VideoGenerator:
+                        gpu_ids: list[int] | None = None, loras=None, **load_keywords) -> VideoGenerator:
         """model: a diffusers folder, or a DiT .safetensors with text_encoder= and vae= files.
+        loras: [(path, strength), ...] merged into the DiT before it samples (see with_loras).
         options: a LoadOptions (device, precision, weight_storage, compile, gpu_memory_gb,
         text_encoder_device). Those fields may also be given as keywords (they replace the ones of
         `options`), as may the older dtype=, weight_dtype=torch.float8_e4m3fn and fp8_matmul=True."""
         options = LoadOptions.from_keywords(options, **load_keywords)
         return cls(ModelFiles.resolve(model, text_encoder, vae), options, attention_backend=attention_backend,
-                   num_gpus=num_gpus, gpu_ids=gpu_ids)
+                   num_gpus=num_gpus, gpu_ids=gpu_ids, loras=loras)
 
     def with_parallel(self, num_gpus: int, gpu_ids: list[int] | None = None) -> VideoGenerator:
         """A generator whose sampling runs on a pool of `num_gpus` sequence-parallel workers; the
@@ -554,7 +641,8 @@ class VideoGenerator:
     def sample(self, positive: torch.Tensor, negative: torch.Tensor | None, settings: SamplingSettings, *,
                callback: Callable | None = None, cancel: Callable[[], bool] | None = None,
                stats: SamplingStats | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Text embeddings → raw VAE-space latents [1,16,T',H',W'] float32 on CPU.
+        """Text embeddings → raw VAE-space latents [1,16,T',H',W'] float32 on CPU, with this
+        generator's LoRAs (merge seconds in stats.extra["lora_s"] when a merge ran).
         Raises FastVideoError for bad settings before any work, and for non-finite results."""
         self.check_settings(settings)
         noise = initial_noise(settings) if noise is None else noise
@@ -564,8 +652,12 @@ class VideoGenerator:
                 model_latents = self.pool().sample(noise, positive, negative, settings, callback=callback,
                                                    cancel=cancel, stats=stats,
                                                    attention_backend=self.attention_backend,
-                                                   attention_options=self.attention_options)
+                                                   attention_options=self.attention_options, loras=self.loras)
             else:
+                with _friendly_oom():
+                    report = self._sync_loras()
+                if report is not None and stats is not None:
+                    stats.extra["lora_s"] = report.seconds
                 with torch.inference_mode(), _friendly_oom():
                     model_latents = denoise(self.dit, noise, positive, negative, settings,
                                             attention_backend=self.attention_backend,
@@ -638,11 +730,16 @@ class VideoGenerator:
     def generate_video(self, prompt: str, *, negative_prompt: str | None = None, height: int = 480, width: int = 832,
                        num_frames: int = 81, num_inference_steps: int = 50, guidance_scale: float = 5.0,
                        flow_shift: float | None = None, scheduler: str = "unipc", seed: int = 0,
+                       sigmas=None, spacing: str = "default",
                        cfg_gate: float = 1.0, teacache_threshold: float = 0.0, teacache_mode: str = "default",
                        output_path: str | None = None, callback: Callable | None = None,
                        cancel: Callable[[], bool] | None = None, fps: int = 16,
                        overwrite: bool = False) -> GenerationResult:
         """Prompt → video. flow_shift None: 5.0 at 720p and above, else 3.0 (diffusers' presets).
+        Few-step (distilled) models: scheduler "euler" or "lcm" with spacing="simple" (ComfyUI's,
+        what the 4-step distill LoRAs were trained for), or sigmas=[1, 0.9375, 0.8333, 0.625] used as
+        given (no shift; their count is the step count). guidance_scale 1 runs one forward per step
+        and encodes no negative prompt.
         output_path: .mp4, .mkv, .mov or .webm; an existing file is refused unless overwrite=True, and
         it is replaced only once the new video is complete. Every input is checked before any work.
         Calls on one generator (and on those sharing its models) run one at a time."""
@@ -651,7 +748,7 @@ class VideoGenerator:
         settings = SamplingSettings(height=height, width=width, num_frames=num_frames, steps=num_inference_steps,
                                     guidance_scale=guidance_scale, shift=flow_shift, scheduler=scheduler, seed=seed,
                                     cfg_gate=cfg_gate, teacache_threshold=teacache_threshold,
-                                    teacache_mode=teacache_mode)
+                                    teacache_mode=teacache_mode, spacing=spacing, sigmas=parse_sigmas(sigmas))
         check_prompt(prompt, "prompt")
         if negative_prompt is not None:
             check_prompt(negative_prompt, "negative_prompt")
@@ -678,7 +775,9 @@ class VideoGenerator:
         t0 = time.perf_counter()
         stats = SamplingStats()
         latents = self.sample(positive, negative, settings, callback=callback, cancel=cancel, stats=stats)
-        timings["sample_s"] = time.perf_counter() - t0
+        timings["sample_s"] = time.perf_counter() - t0  # includes lora_s
+        if self.loras or "lora_s" in stats.extra:  # a merge ran, or the LoRAs were merged already (0)
+            timings["lora_s"] = stats.extra.get("lora_s", 0.0)
         t0 = time.perf_counter()
         frames = self.decode(latents)
         timings["decode_s"] = time.perf_counter() - t0
