@@ -142,3 +142,124 @@ def test_bad_sigma_lists_and_spacings(kw, needle):
 def test_unipc_refuses_few_step_spacings():
     with pytest.raises(FastVideoError, match="need scheduler 'euler' or 'lcm'"):
         make_scheduler("unipc", 4, 3.0, spacing="simple")
+
+
+# ----------------------------------------------------------------------------- DMD (FastWan)
+
+def shift8_table_sigma(t):
+    """FastVideo's DMD lookup, written out: the 1000 training sigmas shifted by 8, the entry whose
+    timestep σ·1000 lies nearest to t."""
+    best = min(range(1, 1001), key=lambda i: abs(8 * (i / 1000) / (1 + 7 * (i / 1000)) * 1000 - t))
+    return 8 * (best / 1000) / (1 + 7 * (best / 1000))
+
+
+def test_dmd_default_is_fastwans_list_with_integer_timesteps():
+    s = make_scheduler("dmd", 50, 3.0)
+    assert s.num_steps == 3 and s.timesteps.tolist() == [1000.0, 757.0, 522.0]
+    want = [shift8_table_sigma(t) for t in (1000, 757, 522)] + [0.0]
+    assert torch.allclose(s.sigmas, torch.tensor(want), atol=1e-6)
+    assert (s.sigmas[:3] - s.timesteps / 1000).abs().max().item() < 4e-4  # σ ≈ t/1000
+    assert torch.equal(make_scheduler("dmd", 4, 8.0).sigmas, s.sigmas)  # the run's shift plays no part
+
+
+def test_dmd_predicts_x0_then_renoises_to_the_next_timestep():
+    ts = (1000, 800, 500, 200)
+    s = make_scheduler("dmd", 1, 3.0, timesteps=ts, generator=torch.Generator("cpu").manual_seed(9))
+    assert s.timesteps.tolist() == [float(t) for t in ts]
+    g = torch.Generator("cpu").manual_seed(9)
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
+    want = x.clone()
+    for i, t in enumerate(s.timesteps):
+        sigma = shift8_table_sigma(ts[i])
+        x = s.step(velocity(x, t), x)
+        x0 = want - sigma * velocity(want, t)
+        if i + 1 < len(ts):
+            nxt = shift8_table_sigma(ts[i + 1])
+            want = (1 - nxt) * x0 + nxt * torch.randn(2, 4, generator=g)
+        else:
+            want = x0  # the last step returns the x0 estimate
+        assert torch.allclose(x, want, atol=1e-6)
+
+
+class StubDiT(torch.nn.Module):
+    """A stand-in DiT with a known velocity, v = sin(x) + t/1000; records what it is given."""
+
+    dtype = torch.float32
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.calls = []
+
+    def forward(self, x, t, context, **kw):
+        self.calls.append((float(t), x.clone(), context))
+        return torch.sin(x) + t / 1000
+
+
+def test_dmd_sampling_loop_follows_its_definition_step_by_step():
+    from fastvideo_nodes.pipeline.sampler import SamplingSettings, SamplingStats, denoise, initial_noise
+    s = SamplingSettings(height=32, width=32, num_frames=5, guidance_scale=1.0, scheduler="dmd", seed=21)
+    assert s.num_steps == 3
+    stub, stats, previews = StubDiT(), SamplingStats(), []
+    pos, neg = torch.ones(1, 3, 8), torch.zeros(1, 3, 8)
+    with torch.no_grad():
+        out = denoise(stub, initial_noise(s), pos, neg, s, stats=stats,
+                      callback=lambda i, n, x0: previews.append((i, n, x0)))
+    # CFG 1: one forward per step, always on the positive prompt, at FastWan's integer timesteps.
+    assert [c[0] for c in stub.calls] == [1000.0, 757.0, 522.0]
+    assert all(c[2] is not neg and torch.equal(c[2], pos) for c in stub.calls)
+    assert (stats.cond_forwards, stats.uncond_forwards) == (3, 0)
+    g = torch.Generator("cpu").manual_seed(21)
+    x = torch.randn(s.latent_shape, generator=g)  # the initial noise; step noise continues this stream
+    for i, t in enumerate((1000, 757, 522)):
+        assert torch.allclose(stub.calls[i][1], x, atol=1e-6)  # what the DiT was given at this step
+        x0 = x - shift8_table_sigma(t) * (torch.sin(x) + t / 1000)
+        assert previews[i][:2] == (i + 1, 3) and torch.allclose(previews[i][2], x0, atol=1e-5)
+        if i < 2:
+            nxt = shift8_table_sigma((757, 522)[i])
+            x = (1 - nxt) * x0 + nxt * torch.randn(s.latent_shape, generator=g)
+        else:
+            x = x0
+    assert torch.allclose(out, x, atol=1e-5)
+
+
+def test_dmd_timestep_list_is_an_option():
+    from fastvideo_nodes.pipeline.sampler import SamplingSettings, denoise, initial_noise
+    s = SamplingSettings(height=32, width=32, num_frames=1, guidance_scale=1.0, scheduler="dmd",
+                         timesteps=(1000, 750, 500, 250))
+    assert s.validate().num_steps == 4
+    stub = StubDiT()
+    with torch.no_grad():
+        denoise(stub, initial_noise(s), torch.ones(1, 3, 8), None, s)
+    assert [c[0] for c in stub.calls] == [1000.0, 750.0, 500.0, 250.0]
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(timesteps=()), "timesteps must hold at least one value \\(FastWan uses 1000, 757, 522\\)"),
+    (dict(timesteps=(1000, 757, 757)), "strictly descending, got 757 then 757 at position 3"),
+    (dict(timesteps=(1001, 500)), "whole numbers from 1 to 1000, got 1001 at position 1"),
+    (dict(timesteps=(1000, 0)), "whole numbers from 1 to 1000, got 0 at position 2"),
+    (dict(timesteps=(1000, 757.5)), "whole numbers from 1 to 1000, got 757.5 at position 2"),
+    (dict(sigmas=(1.0, 0.5)), "'dmd' runs its own timestep list .*need scheduler 'euler' or 'lcm'"),
+    (dict(spacing="simple"), "'dmd' runs its own timestep list"),
+])
+def test_bad_dmd_arguments(kw, needle):
+    with pytest.raises(FastVideoError, match=needle):
+        make_scheduler("dmd", 4, 3.0, **kw)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(scheduler="dmd", guidance_scale=5.0), "'dmd' runs without guidance: set guidance_scale to 1, got 5.0"),
+    (dict(scheduler="euler", timesteps=(1000, 500)), "timestep list is for scheduler 'dmd'; scheduler 'euler'"),
+    (dict(scheduler="dmd", guidance_scale=1.0, timesteps=(500, 900)), "strictly descending, got 500 then 900"),
+    (dict(scheduler="dmd", guidance_scale=1.0, sigmas=(1.0, 0.5)), "'dmd' runs its own timestep list"),
+])
+def test_bad_dmd_settings_name_the_input(kw, needle):
+    from fastvideo_nodes.pipeline.sampler import SamplingSettings
+    with pytest.raises(FastVideoError, match=needle):
+        SamplingSettings(**kw).validate()
+
+
+def test_timesteps_belong_to_dmd_only():
+    with pytest.raises(FastVideoError, match="timestep list is for scheduler 'dmd'; scheduler 'lcm'"):
+        make_scheduler("lcm", 3, 3.0, timesteps=(1000, 500))

@@ -27,10 +27,10 @@ BACKENDS = {  # name → module in this package
     "SLIDING_TILE_ATTN": "sliding_tile",
     "INT8_ATTN": "int8",
     "KITCHEN_INT8": "kitchen",
+    "VIDEO_SPARSE_ATTN": "video_sparse",
 }
 # Recognised names we cannot run: they need trained checkpoints or hardware we do not target.
 UNSUPPORTED = {
-    "VIDEO_SPARSE_ATTN": "needs a checkpoint trained (distilled) for video sparse attention",
     "VMOBA_ATTN": "needs a checkpoint trained for mixture-of-block attention",
     "SLA_ATTN": "needs a checkpoint fine-tuned for sparse-linear attention",
     "SAGE_SLA_ATTN": "needs a checkpoint fine-tuned for sparse-linear attention",

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import CancelledError, FastVideoError
-from .schedulers import SCHEDULERS, SPACINGS, check_sigmas, make_scheduler
+from .schedulers import DMD_TIMESTEPS, SCHEDULERS, SPACINGS, check_sigmas, check_timesteps, make_scheduler
 from .teacache import MODES, TeaCache, coefficients_for
 
 VAE_STRIDE_T, VAE_STRIDE_HW, LATENT_CHANNELS = 4, 8, 16
@@ -55,6 +55,9 @@ class SamplingSettings:
     # given, without shift, and decide the step count (steps is then ignored). euler and lcm only.
     spacing: str = "default"
     sigmas: tuple[float, ...] | None = None
+    # DMD (scheduler "dmd", FastWan): the DiT timesteps, descending in 1..1000; None = FastWan's
+    # 1000, 757, 522. The list decides the step count; DMD runs without guidance (guidance_scale 1).
+    timesteps: tuple[int, ...] | None = None
 
     def validate(self) -> SamplingSettings:
         """Raise FastVideoError naming the first bad setting and what would be valid."""
@@ -96,11 +99,25 @@ class SamplingSettings:
         if self.scheduler == "unipc" and (self.sigmas is not None or self.spacing != "default"):
             raise FastVideoError("scheduler 'unipc' follows diffusers' own spacing; explicit sigmas and spacing "
                                  "'simple' need scheduler 'euler' or 'lcm'.")
+        if self.timesteps is not None:
+            if self.scheduler != "dmd":
+                raise FastVideoError(f"a timestep list is for scheduler 'dmd'; scheduler {self.scheduler!r} takes "
+                                     "steps or sigmas.")
+            check_timesteps(self.timesteps)
+        if self.scheduler == "dmd":
+            if self.sigmas is not None or self.spacing != "default":
+                raise FastVideoError("scheduler 'dmd' runs its own timestep list (FastWan: 1000, 757, 522); explicit "
+                                     "sigmas and spacing 'simple' need scheduler 'euler' or 'lcm'.")
+            if self.guidance_scale > 1:  # distilled without guidance: CFG would push it off its training
+                raise FastVideoError(f"scheduler 'dmd' runs without guidance: set guidance_scale to 1, got "
+                                     f"{self.guidance_scale}.")
         return self
 
     @property
     def num_steps(self) -> int:
-        """Model steps of the run: the sigma list's length when one is given, else steps."""
+        """Model steps of the run: the DMD timestep list's or the sigma list's length, else steps."""
+        if self.scheduler == "dmd":
+            return len(self.timesteps if self.timesteps is not None else DMD_TIMESTEPS)
         return len(self.sigmas) if self.sigmas is not None else self.steps
 
     @property
@@ -129,7 +146,7 @@ def check_finite_latents(latents: torch.Tensor) -> torch.Tensor:
 
 
 def step_noise_generator(settings: SamplingSettings) -> torch.Generator:
-    """The CPU generator for noise drawn during sampling (LCM): the seed's stream continued past the
+    """The CPU generator for noise drawn during sampling (LCM, DMD): the seed's stream continued past the
     initial noise, so a seed fixes the whole run and the steps never reuse the initial noise."""
     g = torch.Generator("cpu").manual_seed(int(settings.seed))
     torch.randn(settings.latent_shape, generator=g, dtype=torch.float32)
@@ -158,18 +175,18 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
     settings.validate()
     stats = stats if stats is not None else SamplingStats()
     device = next(dit.parameters()).device
-    generator = step_noise_generator(settings) if settings.scheduler == "lcm" else None
+    generator = step_noise_generator(settings) if settings.scheduler in ("lcm", "dmd") else None
     sched = make_scheduler(settings.scheduler, settings.steps, settings.shift, spacing=settings.spacing,
-                           sigmas=settings.sigmas, generator=generator)
+                           sigmas=settings.sigmas, generator=generator, timesteps=settings.timesteps)
     n = settings.num_steps
     g = settings.guidance_scale
     do_cfg = g > 1.0 and negative is not None
     # CFG gate: both passes only for steps i < N·X (at least the first, to have a guidance direction).
     uncond_steps = max(1, math.ceil(n * settings.cfg_gate))
     positive = positive.to(device, dit.dtype)
-    negative = negative.to(device, dit.dtype) if do_cfg else None
+    negative = negative.to(device, dit.dtype) if do_cfg and negative is not None else None
 
-    caches = (None, None)
+    caches: tuple[TeaCache | None, ...] = (None, None)
     if settings.teacache_threshold > 0:
         coeffs = settings.teacache_coefficients or coefficients_for(dit.cfg.size_name, settings.teacache_mode)
         caches = tuple(TeaCache(settings.teacache_threshold, n, coeffs, settings.teacache_mode) for _ in range(2))
@@ -181,7 +198,7 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
                    step=step, cache=cache, parallel=parallel)
 
     x = noise.to(device, torch.float32)
-    delta = None
+    delta: torch.Tensor | None = None
     for i, t in enumerate(sched.timesteps):
         if cancel is not None and cancel():
             raise CancelledError(f"cancelled before step {i + 1} of {n}.")
@@ -195,6 +212,7 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
                 delta = v - v_uncond
                 v = v_uncond + g * delta
             else:  # reuse the last guidance direction: pred = cond + (g − 1)·δ
+                assert delta is not None  # step 0 always runs both passes
                 v = v + (g - 1.0) * delta
         x0 = sched.denoised(v, x) if callback is not None else None
         x = sched.step(v, x)

@@ -1,4 +1,4 @@
-"""Flow-matching schedulers: UniPC multistep (order 2, bh2, x0-predicting), Euler and LCM.
+"""Flow-matching schedulers: UniPC multistep (order 2, bh2, x0-predicting), Euler, LCM and DMD.
 
 UniPC and Euler follow the schedules diffusers uses for Wan, step for step, so seeds reproduce:
 - "unipc" = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
@@ -7,6 +7,10 @@ UniPC and Euler follow the schedules diffusers uses for Wan, step for step, so s
 - "euler" = FlowMatchEulerDiscreteScheduler(shift=shift): float timesteps σ·1000, x ← x + (σ' − σ)·v.
 - "lcm" (ComfyUI's LCM sampler, for step-distilled LoRAs): x0 = x − σ·v, then re-noise to the next
   sigma with fresh noise, x' = (1 − σ')·x0 + σ'·ε; the last step returns x0.
+- "dmd" (FastVideo's DMD-distilled models, FastWan): the same predict-x0-and-re-noise step over a
+  fixed list of integer DiT timesteps (FastWan: 1000, 757, 522). As FastVideo's DMD stage does, each
+  timestep's σ is looked up in the 1000-step training table shifted by 8 (the entry whose timestep
+  is nearest), so σ is t/1000 to within 4e-4 (757 → 0.75676); the run's own shift plays no part.
 
 Few-step runs choose their sigmas: spacing "simple" (ComfyUI's: every N-th entry of the shifted
 1000-step table, 4 steps at shift 5 → timesteps 1000, 937.5, 833.3, 625) or an explicit list used
@@ -18,6 +22,7 @@ The model predicts the flow velocity v; with x_σ = (1 − σ)·x0 + σ·noise, 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,9 +30,11 @@ import torch
 
 from ..errors import FastVideoError
 
-SCHEDULERS = ("unipc", "euler", "lcm")
+SCHEDULERS = ("unipc", "euler", "lcm", "dmd")
 SPACINGS = ("default", "simple")
 TRAIN_STEPS = 1000
+DMD_TIMESTEPS = (1000, 757, 522)  # FastWan2.1's three steps
+DMD_TABLE_SHIFT = 8.0  # FastVideo's DMD stage reads σ from the shift-8 table, whatever the model's shift
 
 
 def shifted(sigmas: np.ndarray, shift: float) -> np.ndarray:
@@ -72,8 +79,8 @@ def simple_sigmas(num_steps: int, shift: float) -> np.ndarray:
 class FlowEuler(Scheduler):
     def __init__(self, num_steps: int, shift: float, sigmas: np.ndarray | None = None):
         super().__init__(num_steps)
-        sig = default_sigmas(num_steps, shift) if sigmas is None else sigmas
-        sig = torch.as_tensor(np.asarray(sig, dtype=np.float32))
+        table = default_sigmas(num_steps, shift) if sigmas is None else sigmas
+        sig = torch.as_tensor(np.asarray(table, dtype=np.float32))
         self.timesteps = sig * TRAIN_STEPS
         self.sigmas = torch.cat([sig, torch.zeros(1)])
 
@@ -100,6 +107,23 @@ class FlowLCM(FlowEuler):
         # Drawn on the CPU so that a seed gives the same noise on every device and worker.
         eps = torch.randn(x0.shape, generator=self.generator, dtype=torch.float32).to(x0.device)
         return (1 - s_next) * x0 + s_next * eps
+
+
+def dmd_sigmas(timesteps: Sequence[int], table_shift: float = DMD_TABLE_SHIFT) -> np.ndarray:
+    """σ of each timestep: the shifted training table's entry whose timestep (σ·1000) is nearest."""
+    table = shifted(np.linspace(1, TRAIN_STEPS, TRAIN_STEPS, dtype=np.float32)[::-1] / TRAIN_STEPS,
+                    table_shift).astype(np.float32)
+    nearest = [int(np.argmin(np.abs(table * TRAIN_STEPS - t))) for t in timesteps]
+    return table[nearest]
+
+
+class FlowDMD(FlowLCM):
+    """DMD sampling: the DiT sees the integer timesteps of the list; each step predicts x0 and
+    re-noises it to the next timestep's σ with noise from `generator`; the last returns x0."""
+
+    def __init__(self, timesteps: Sequence[int] = DMD_TIMESTEPS, generator: torch.Generator | None = None):
+        super().__init__(len(timesteps), 1.0, dmd_sigmas(timesteps), generator)
+        self.timesteps = torch.tensor([float(t) for t in timesteps], dtype=torch.float32)
 
 
 class FlowUniPC(Scheduler):
@@ -198,10 +222,27 @@ def check_sigmas(sigmas: Sequence[float]) -> None:
             raise FastVideoError(f"sigmas must be strictly descending, got {vals[i - 1]} then {s} at position {i + 1}.")
 
 
+def check_timesteps(timesteps: Sequence[int]) -> None:
+    """A DMD timestep list: non-empty whole numbers, strictly descending, in 1..1000."""
+    vals = list(timesteps)
+    if not vals:
+        raise FastVideoError(f"timesteps must hold at least one value (FastWan uses "
+                             f"{', '.join(map(str, DMD_TIMESTEPS))}); got an empty list.")
+    for i, t in enumerate(vals):
+        if not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 1 <= t <= TRAIN_STEPS:
+            raise FastVideoError(f"timesteps must be whole numbers from 1 to {TRAIN_STEPS}, got {t!r} at position "
+                                 f"{i + 1}.")
+        if i and t >= vals[i - 1]:
+            raise FastVideoError(f"timesteps must be strictly descending, got {vals[i - 1]} then {t} at position "
+                                 f"{i + 1}.")
+
+
 def make_scheduler(name: str, num_steps: int, shift: float, *, spacing: str = "default",
-                   sigmas: Sequence[float] | None = None, generator: torch.Generator | None = None) -> Scheduler:
+                   sigmas: Sequence[float] | None = None, generator: torch.Generator | None = None,
+                   timesteps: Sequence[int] | None = None) -> Scheduler:
     """A scheduler for one run. sigmas (descending, in (0, 1]) override num_steps, shift and spacing;
-    generator feeds the LCM re-noising (ignored by the others)."""
+    generator feeds the LCM and DMD re-noising (ignored by the others); timesteps is DMD's list
+    (None = FastWan's), which alone decides a DMD run's steps."""
     if name not in SCHEDULERS:
         raise FastVideoError(f"scheduler {name!r} is unknown; use one of {', '.join(SCHEDULERS)}.")
     if spacing not in SPACINGS:
@@ -213,11 +254,21 @@ def make_scheduler(name: str, num_steps: int, shift: float, *, spacing: str = "d
         raise FastVideoError(f"steps must be at least 1, got {num_steps}.")
     if not shift > 0:
         raise FastVideoError(f"shift must be > 0, got {shift}.")
+    if name == "dmd":
+        if sigmas is not None or spacing != "default":
+            raise FastVideoError("scheduler 'dmd' runs its own timestep list (FastWan: 1000, 757, 522); explicit "
+                                 "sigmas and spacing 'simple' need scheduler 'euler' or 'lcm'.")
+        timesteps = DMD_TIMESTEPS if timesteps is None else tuple(timesteps)
+        check_timesteps(timesteps)
+        return FlowDMD(timesteps, generator)
+    if timesteps is not None:
+        raise FastVideoError(f"a timestep list is for scheduler 'dmd'; scheduler {name!r} takes steps or sigmas.")
     if name == "unipc":
         if sigmas is not None or spacing != "default":
             raise FastVideoError("scheduler 'unipc' follows diffusers' own spacing; explicit sigmas and spacing "
                                  "'simple' need scheduler 'euler' or 'lcm'.")
         return FlowUniPC(num_steps, shift)
+    sig: np.ndarray | None
     if sigmas is not None:
         sig = np.asarray([float(s) for s in sigmas], dtype=np.float32)
     else:

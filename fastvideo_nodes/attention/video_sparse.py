@@ -1,0 +1,199 @@
+"""VIDEO_SPARSE_ATTN: Video Sparse Attention (VSA, arXiv 2505.13389), as FastWan checkpoints were trained.
+
+Only for checkpoints distilled with it (FastWan2.1): the model learned to rely on both branches and
+on the gate, so running a plain Wan model through it just loses quality. The token grid (t, h, w) is
+cut into 4×4×4 tiles of 64 tokens, and each self-attention is the sum of two branches:
+- compressed: every query tile's mean attends to the means of all key tiles (softmax over tiles,
+  scale 1/√D); the result is copied to each token of the query tile;
+- sparse: each query tile attends exactly, token by token, to the key tiles with the top-k
+  compressed scores (k = ⌈(1 − sparsity)·tiles⌉, at least 1; FastWan runs sparsity 0.8);
+combined as `sparse + compressed · gate`, where the gate is the per-token, per-head output of the
+block's extra `to_gate_compress` projection, computed by the model and passed in here.
+
+Edge tiles hold fewer tokens when a grid side is not a multiple of 4. As in FastVideo, each tile
+keeps a 64-slot place in a padded tile-major layout, its real tokens first (in t, h, w order inside
+the tile) and zeros after: tile means divide by the real count, and padded keys are masked.
+
+The sparse branch is FlexAttention with a BlockMask made straight from the top-k tile indices
+(`BlockMask.from_kv_blocks`, block size 64): nothing is compiled per call, and whole tiles that
+were not chosen are skipped. Tiles with padding go in as partial blocks under the padding mask;
+full tiles skip the mask. Heads are independent, so under sequence parallelism it runs after the
+all-to-all (full sequence, local heads) like every other backend.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from ..errors import FastVideoError
+
+TILE = (4, 4, 4)
+TILE_TOKENS = math.prod(TILE)
+DEFAULT_SPARSITY = 0.8  # FastWan2.1's published inference setting (FastVideo's VSA_sparsity)
+
+
+def check_sparsity(sparsity) -> float:
+    """Sparsity is the fraction of key tiles each query tile skips: [0, 1), 0 = all tiles (exact
+    attention in the sparse branch)."""
+    value = float(sparsity) if isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool) else math.nan
+    if not 0 <= value < 1:  # NaN fails too
+        raise FastVideoError(f"video sparse attention sparsity must be a number in [0, 1) (the fraction of key "
+                             f"tiles skipped; FastWan uses {DEFAULT_SPARSITY}), got {sparsity!r}.")
+    return value
+
+
+@dataclass(frozen=True)
+class VideoSparseOptions:
+    """sparsity: fraction of key tiles each query tile skips, in [0, 1)."""
+    sparsity: float = DEFAULT_SPARSITY
+
+    def __post_init__(self):
+        object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))  # frozen
+
+
+def available() -> str | None:
+    return None
+
+
+def kept_tiles(sparsity: float, num_tiles: int) -> int:
+    """Key tiles each query tile attends to: ⌈(1 − sparsity)·tiles⌉ within [1, tiles] (FastVideo's count)."""
+    return max(1, min(math.ceil((1 - sparsity) * num_tiles), num_tiles))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one grid's tokens sit in the padded tile-major layout.
+
+    slot: [S] padded position of each token (original t, h, w order); counts: [N] real tokens per
+    tile; valid: [N·64] True where a slot holds a real token; full: [N] tiles without padding.
+    """
+    slot: torch.Tensor
+    counts: torch.Tensor
+    valid: torch.Tensor
+    full: torch.Tensor
+
+    @property
+    def num_tiles(self) -> int:
+        return self.counts.numel()
+
+
+@functools.lru_cache(maxsize=16)
+def layout(grid: tuple[int, int, int], device: str) -> Layout:
+    tiles = [math.ceil(n / s) for n, s in zip(grid, TILE)]
+    t, h, w = torch.meshgrid(*(torch.arange(n, device=device) for n in grid), indexing="ij")
+    (it, ih, iw), (lt, lh, lw) = zip(*((c // s, c % s) for c, s in zip((t, h, w), TILE)))
+    # Sides of each token's tile: TILE inside the grid, the remainder at the far edges.
+    sh = torch.clamp(grid[1] - ih * TILE[1], max=TILE[1])
+    sw = torch.clamp(grid[2] - iw * TILE[2], max=TILE[2])
+    tile_id = (it * tiles[1] + ih) * tiles[2] + iw
+    within = (lt * sh + lh) * sw + lw  # rank inside the tile's own (possibly smaller) box
+    slot = (tile_id * TILE_TOKENS + within).flatten()
+    n = math.prod(tiles)
+    counts = torch.bincount(tile_id.flatten(), minlength=n)
+    valid = torch.zeros(n * TILE_TOKENS, dtype=torch.bool, device=device)
+    valid[slot] = True
+    return Layout(slot, counts, valid, counts == TILE_TOKENS)
+
+
+def _to_tiles(x: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """[B, S, H, D] → [B, N·64, H, D] in tile-major order, zeros in the padding slots."""
+    out = x.new_zeros((x.shape[0], lay.num_tiles * TILE_TOKENS, *x.shape[2:]))
+    out[:, lay.slot] = x
+    return out
+
+
+def _tile_means(x: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """[B, N·64, H, D] padded → [B, H, N, D] float32 means over each tile's real tokens."""
+    b, _, h, d = x.shape
+    sums = x.view(b, lay.num_tiles, TILE_TOKENS, h, d).sum(2, dtype=torch.float32)
+    return (sums / lay.counts.view(1, -1, 1, 1)).transpose(1, 2)
+
+
+def compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compression branch on padded tiles: (scores [B, H, N, N], out [B, H, N, D]), float32."""
+    qc, kc, vc = (_tile_means(x, lay) for x in (q, k, v))
+    scores = qc @ kc.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return scores, scores.softmax(-1) @ vc
+
+
+def top_tiles(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """[B, H, N, N] compressed scores → [B, H, N, k] indices of the key tiles each query tile keeps."""
+    return scores.topk(kept_tiles(sparsity, scores.shape[-1]), dim=-1).indices
+
+
+def block_mask(chosen: torch.Tensor, lay: Layout) -> BlockMask:
+    """A BlockMask of 64-token blocks from the chosen tiles: full tiles as full blocks, the others as
+    partial blocks under the mask. Indices come first in each row, in ascending order.
+
+    The kernel visits only the listed blocks; the mask_mod states the same choice token by token
+    (eager flex_attention, used on the CPU, evaluates only the mask_mod) and drops padded keys.
+    """
+    n = lay.num_tiles
+    is_full = lay.full[chosen]
+
+    def first(flag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        order = torch.sort(chosen + n * (~flag).long(), dim=-1).values % n  # flagged tiles first
+        return flag.sum(-1, dtype=torch.int32), F.pad(order, (0, n - order.shape[-1])).to(torch.int32)
+
+    full_num, full_idx = first(is_full)
+    part_num, part_idx = first(~is_full)
+    picked = torch.zeros((*chosen.shape[:-1], n), dtype=torch.bool, device=chosen.device)
+    picked.scatter_(-1, chosen, True)
+    valid = lay.valid
+
+    def chosen_real_keys(b, h, q_idx, kv_idx):
+        return picked[b, h, q_idx // TILE_TOKENS, kv_idx // TILE_TOKENS] & valid[kv_idx]
+
+    return BlockMask.from_kv_blocks(part_num, part_idx, full_num, full_idx, BLOCK_SIZE=TILE_TOKENS,
+                                    mask_mod=chosen_real_keys, seq_lengths=(n * TILE_TOKENS, n * TILE_TOKENS),
+                                    compute_q_blocks=False)
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+# Hopper's default FlexAttention tile for bf16, D=128 is 128 query rows; VSA's blocks are 64.
+_CUDA_KERNEL_OPTIONS = {"BLOCK_M": TILE_TOKENS, "BLOCK_N": TILE_TOKENS}
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int, int, int] | None = None,
+           gate: torch.Tensor | None = None, options: VideoSparseOptions | None = None) -> torch.Tensor:
+    """q, k, v, gate: [B, S, H, D] with S = t·h·w of `grid` → [B, S, H, D].
+
+    gate: the `to_gate_compress` output (None: the branches are added ungated, as FastVideo's kernel
+    does). Without a grid (text cross-attention) this is dense attention.
+    """
+    if grid is None or k.shape[1] != q.shape[1]:
+        from . import sdpa
+        return sdpa.attend(q, k, v)
+    grid = (int(grid[0]), int(grid[1]), int(grid[2]))
+    if math.prod(grid) != q.shape[1]:
+        raise FastVideoError(f"video sparse attention got {q.shape[1]} tokens for the grid {grid} "
+                             f"({math.prod(grid)} tokens).")
+    if gate is not None and gate.shape != q.shape:
+        raise FastVideoError(f"video sparse attention needs a gate shaped like the queries {tuple(q.shape)}, "
+                             f"got {tuple(gate.shape)}.")
+    options = options or VideoSparseOptions()
+    lay = layout(grid, str(q.device))
+    qt, kt, vt = (_to_tiles(x, lay) for x in (q, k, v))
+    scores, out_c = compressed(qt, kt, vt, lay)
+    mask = block_mask(top_tiles(scores, options.sparsity), lay)
+    heads_first = lambda x: x.transpose(1, 2)  # [B, H, S, D], what flex_attention takes
+    if q.is_cuda:
+        sparse = _compiled_flex()(heads_first(qt), heads_first(kt), heads_first(vt), block_mask=mask,
+                                  kernel_options=_CUDA_KERNEL_OPTIONS)
+    else:  # eager: fine for the small shapes the CPU tests use
+        sparse = flex_attention(heads_first(qt), heads_first(kt), heads_first(vt), block_mask=mask)
+    sparse = heads_first(sparse)[:, lay.slot]  # back to [B, S, H, D], padding dropped
+    comp = out_c.transpose(1, 2)[:, lay.slot // TILE_TOKENS]  # each token takes its tile's result
+    if gate is not None:
+        comp = comp * gate.float()
+    return (sparse.float() + comp).to(q.dtype)
