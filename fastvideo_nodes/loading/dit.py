@@ -7,6 +7,7 @@ Steps: locate → header → config from shapes (bounded) → materialize.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -20,6 +21,8 @@ from .bounds import bounded, layer_count, need
 from .keymaps import dit_name
 from .locate import locate
 from .materialize import Rules, Source, materialize, role_of
+
+logger = logging.getLogger(__name__)
 
 ROLE = "Diffusion model"
 RULES = Rules(keep_fp32=keep_fp32)
@@ -114,7 +117,6 @@ def load_dit(path: str, *, device: torch.device | str = "cpu", dtype: torch.dtyp
         if fp8_matmul_supported(device):
             enable_fp8_matmul(model.blocks)
         else:
-            # A user-facing note on stdout as before (tests/test_pipeline.py reads it there).
-            print(f"[FastVideo] fp8 matmul needs an NVIDIA GPU of compute capability 8.9 or newer; on {device} "
-                  "the fp8 weights are dequantised at use instead.")
+            logger.warning("fp8 matmul needs an NVIDIA GPU of compute capability 8.9 or newer; on %s the fp8 "
+                           "weights are dequantised at use instead.", device)
     return model

@@ -244,7 +244,7 @@ class WorkerPool:
                     if not self.conns[r].poll():  # read its last words (an error) before calling it dead
                         self._fail(r, f"worker rank {r} died {ranks[r].doing} ({_exit_status(self.procs[r])})")
                     continue
-                r = conns[obj]
+                r = conns[obj]  # type: ignore[index]  # wait() returns what it was given
                 while self.procs and self.conns[r].poll():
                     msg = self._recv(r, ranks[r])
                     now = ranks[r].seen = time.monotonic()

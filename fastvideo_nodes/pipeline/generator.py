@@ -746,7 +746,8 @@ class VideoGenerator:
         if flow_shift is None and all(isinstance(v, numbers.Real) for v in (height, width)):
             flow_shift = 5.0 if height * width >= 720 * 1280 else 3.0
         settings = SamplingSettings(height=height, width=width, num_frames=num_frames, steps=num_inference_steps,
-                                    guidance_scale=guidance_scale, shift=flow_shift, scheduler=scheduler, seed=seed,
+                                    guidance_scale=guidance_scale,
+                                    shift=3.0 if flow_shift is None else flow_shift, scheduler=scheduler, seed=seed,
                                     cfg_gate=cfg_gate, teacache_threshold=teacache_threshold,
                                     teacache_mode=teacache_mode, spacing=spacing, sigmas=parse_sigmas(sigmas))
         check_prompt(prompt, "prompt")
