@@ -50,7 +50,7 @@ def release():
     gc.collect()
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
-        release()
+        torch.cuda.reset_peak_memory_stats()
 
 RESULTS: list[dict] = []
 T0 = time.time()
@@ -215,6 +215,7 @@ def run_ours(folder: str, args, backend: str | None, label: str) -> None:
     sync()
     t0 = time.perf_counter()
     gen = VideoGenerator.from_pretrained(folder, attention_backend=backend, compile=args.compile, device=DEVICE,
+                                         gpu_memory_gb=args.gpu_memory_gb,
                                          dtype="bf16" if DEVICE == "cuda" else "fp32")
     if hasattr(gen, "load"):
         gen.load()  # loading is reported apart from the first generation
@@ -268,6 +269,7 @@ def main():
     ap.add_argument("--width", type=int, default=832)
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--gpu-memory-gb", type=float, default=None, help="ours: the memory budget (None: fit the card)")
     ap.add_argument("--backends", default="TORCH_SDPA,auto", help="ours: attention backends, one run each")
     ap.add_argument("--parts", default="build,diffusers,ours")
     args = ap.parse_args()
