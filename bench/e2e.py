@@ -235,7 +235,7 @@ def run_ours(folder: str, args, backend: str | None, label: str) -> None:
             total_s=round(total, 2), encode_s=round(t.get("encode_s", 0), 3),
             denoise_s=round(t.get("sample_s", 0), 2), decode_s=round(t.get("decode_s", 0), 2),
             card_peak_gib=round(card.peak, 2), torch_peak_gib=cuda_gib("max_memory_allocated"),
-            attention=getattr(r, "attention", None))
+            attention=(r.attention or {}).get("choice", (r.attention or {}).get("requested")))
         release()
     gen.close()
     del gen, r

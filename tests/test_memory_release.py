@@ -95,3 +95,16 @@ def test_out_of_memory_while_encoding_is_the_friendly_error(tiny_model_set):
     with pytest.raises(FastVideoError, match="while encoding the prompts.*weight_storage fp8"):
         gen.encode_prompt("a fox")
     gen.close()
+
+
+def test_the_result_names_the_attention_backend(tiny_model_set, monkeypatch):
+    """GenerationResult.attention says what was asked for and, for auto, what it chose and why."""
+    from fastvideo_nodes.attention import auto
+    with gen_for(tiny_model_set, attention_backend="TORCH_SDPA") as gen:
+        r = gen.generate_video("a red fox", num_inference_steps=1, seed=1, **SIZE)
+        assert r.attention == {"requested": "TORCH_SDPA"}
+    record = {"choice": "INT8_ATTN", "why": "fastest that passes the guard", "key": "k"}
+    monkeypatch.setattr(auto, "_last", record)
+    with gen_for(tiny_model_set, attention_backend="auto") as gen:
+        r = gen.generate_video("a red fox", num_inference_steps=1, seed=1, **SIZE)
+        assert r.attention == {"requested": "AUTO", **record}

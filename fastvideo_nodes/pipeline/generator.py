@@ -153,6 +153,7 @@ class GenerationResult:
     timings: dict = field(default_factory=dict)
     stats: SamplingStats | None = None
     output_path: str | None = None
+    attention: dict | None = None  # the backend asked for, and what `auto` chose and why (see attention_used)
 
 
 @dataclass
@@ -785,4 +786,13 @@ class VideoGenerator:
         if output_path:
             from ..video import write_video
             write_video(frames, output_path, fps=fps, overwrite=overwrite)
-        return GenerationResult(frames=frames, latents=latents, timings=timings, stats=stats, output_path=output_path)
+        return GenerationResult(frames=frames, latents=latents, timings=timings, stats=stats, output_path=output_path,
+                                attention=self.attention_used())
+
+    def attention_used(self) -> dict:
+        """{"requested": name} plus, for auto on this process's GPU, its latest decision ("choice", "why" and
+        the figures of each backend it measured). Worker pools decide in the workers: no decision here."""
+        from ..attention import auto, resolve_backend
+        requested = resolve_backend(self.attention_backend)
+        record = auto.last_choice() if requested == "AUTO" and self.num_gpus == 1 else None
+        return {"requested": requested, **(record or {})}
