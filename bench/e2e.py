@@ -204,6 +204,7 @@ def run_diffusers(folder: str, args) -> None:
             denoise_s=round(total - parts.get("encode_s", 0) - parts.get("decode_s", 0), 2),
             card_peak_gib=round(card.peak, 2), torch_peak_gib=cuda_gib("max_memory_allocated"))
         release()
+    encode = decode = None  # the bound methods (and the wrappers around them) held the pipeline too
     del pipe
     release()
     log(kind="after_drop", impl="diffusers", size=args.size,
