@@ -256,7 +256,9 @@ def test_set_loras_restores_the_base_bit_exactly(kind, dtype, files, tmp_path):
     set_loras(model, [(a, 1.0)])
     once = state(model)
     assert not torch.equal(once["blocks.0.modulation"], base["blocks.0.modulation"])
+    copies = {name: t for name, (t, _) in model.lora_backup.items()}
     set_loras(model, [(a, 0.3), (b, 1.0)])
+    assert all(model.lora_backup[name][0] is t for name, t in copies.items())  # the base is not copied again
     set_loras(model, [(a, 1.0)])  # changing strengths starts from the base, never accumulates
     again = state(model)
     assert once.keys() == again.keys() and all(torch.equal(once[k], again[k]) for k in once)

@@ -256,16 +256,26 @@ def _write(owner: nn.Module, attr: str, value: torch.Tensor, scale: torch.Tensor
             current.copy_(scale)
 
 
-def restore(dit: nn.Module) -> int:
-    """Put every patched tensor back to its stored base form, bit for bit; returns how many."""
+def restore(dit: nn.Module, keep_backup: bool = False) -> int:
+    """Put every patched tensor back to its stored base form, bit for bit; returns how many.
+    keep_backup: keep the host copies (set_loras reuses them instead of copying the base again)."""
     backup = getattr(dit, "lora_backup", {})
     with torch.no_grad():
         for name, (value, scale) in backup.items():
             owner, attr, current, _ = _stored(dit, name)
-            _write(owner, attr, value.to(current.device), scale)
+            _write(owner, attr, value.to(current.device, non_blocking=True), scale)
     count = len(backup)
-    vars(dit).update(lora_backup={}, loras=[])  # plain attributes, not parameters or buffers
+    vars(dit).update(lora_backup=backup if keep_backup else {}, loras=[])  # plain attributes, not parameters
     return count
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of a (GPU) tensor: pinned and asynchronous on CUDA, so backing up the 14B's linears
+    runs at copy-engine speed; the copy is ordered before the in-place merge on the same stream."""
+    if t.device.type != "cuda":
+        return t.detach().to("cpu", copy=True)
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t.detach(), non_blocking=True)
 
 
 def set_loras(dit: nn.Module, loras: Sequence[tuple[str, float]]) -> MergeReport:
@@ -275,14 +285,15 @@ def set_loras(dit: nn.Module, loras: Sequence[tuple[str, float]]) -> MergeReport
     """
     start = time.perf_counter()
     parsed = [read_lora(path, dit, strength) for path, strength in loras]
-    restore(dit)
+    restore(dit, keep_backup=bool(loras))
+    old: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = getattr(dit, "lora_backup", {})
     backup: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     targets = sorted({name for patches, _ in parsed for name in patches})
     with torch.no_grad():
         for name in targets:
             owner, attr, stored, scale = _stored(dit, name)
-            backup[name] = (stored.detach().to("cpu", copy=True),
-                            None if scale is None else scale.detach().to("cpu", copy=True))
+            # The base is back in place; its host copy from the last merge is still exact.
+            backup[name] = old.get(name) or (_host_copy(stored), None if scale is None else _host_copy(scale))
             w = stored.float() * scale.float() if scale is not None else stored.float()
             for patches, report in parsed:
                 if name in patches and report.strength != 0:
@@ -292,6 +303,8 @@ def set_loras(dit: nn.Module, loras: Sequence[tuple[str, float]]) -> MergeReport
                 _write(owner, attr, value.reshape(stored.shape), new_scale)
             else:
                 _write(owner, attr, w.to(stored.dtype), scale)
+    if any(t.is_pinned() for t, _ in backup.values()):
+        torch.cuda.synchronize()  # the host copies are complete before anyone reads them
     # Plain attributes (not parameters or buffers): restore() and the next set_loras() start from them.
     vars(dit).update(lora_backup=backup, loras=[(path, float(s)) for path, s in loras])
     result = MergeReport([r for _, r in parsed], len(targets), time.perf_counter() - start)
