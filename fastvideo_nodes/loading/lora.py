@@ -263,16 +263,10 @@ def restore(dit: nn.Module, keep_backup: bool = False) -> int:
     with torch.no_grad():
         for name, (value, scale) in backup.items():
             owner, attr, current, _ = _stored(dit, name)
-            _write(owner, attr, value.to(current.device, non_blocking=True), scale)
+            _write(owner, attr, value.to(current.device), scale)
     count = len(backup)
     vars(dit).update(lora_backup=backup if keep_backup else {}, loras=[])  # plain attributes, not parameters
     return count
-
-
-def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    """A plain CPU copy. Pinned copies were measured slower on a 14B: allocating ~27 GB of pinned
-    memory took most of a 30 s first merge (docs/benchmarks.md)."""
-    return t.detach().to("cpu", copy=True)
 
 
 def set_loras(dit: nn.Module, loras: Sequence[tuple[str, float]]) -> MergeReport:
@@ -289,8 +283,10 @@ def set_loras(dit: nn.Module, loras: Sequence[tuple[str, float]]) -> MergeReport
     with torch.no_grad():
         for name in targets:
             owner, attr, stored, scale = _stored(dit, name)
-            # The base is back in place; its host copy from the last merge is still exact.
-            backup[name] = old.get(name) or (_host_copy(stored), None if scale is None else _host_copy(scale))
+            # The base is back in place; its host copy from the last merge is still exact. Plain copies:
+            # pinning ~27 GB for a 14B took most of a 30 s first merge (docs/benchmarks.md).
+            backup[name] = old.get(name) or (stored.detach().to("cpu", copy=True),
+                                             None if scale is None else scale.detach().to("cpu", copy=True))
             w = stored.float() * scale.float() if scale is not None else stored.float()
             for patches, report in parsed:
                 if name in patches and report.strength != 0:
