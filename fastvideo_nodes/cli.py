@@ -61,10 +61,10 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
     p.add_argument("--width", type=int, default=192 if demo else 832)
     p.add_argument("--num-frames", type=int, default=17 if demo else 81)
     p.add_argument("--steps", type=int, default=8 if demo else 50)
-    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--guidance-scale", type=float, default=None, help="default 5.0 (FastWan models: 1)")
     p.add_argument("--shift", type=float, default=None, help="flow shift (default 3.0; 5.0 at 720p)")
-    p.add_argument("--scheduler", default="unipc", choices=list(SCHEDULERS),
-                   help="lcm or euler for few-step (distilled) models")
+    p.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),
+                   help="default unipc (FastWan models: dmd); lcm or euler for few-step (distilled) models")
     p.add_argument("--spacing", default="default", choices=list(SPACINGS),
                    help="simple: ComfyUI's spacing, what 4-step distill LoRAs expect (euler/lcm)")
     p.add_argument("--sigmas", default=None, metavar="LIST",

@@ -5,6 +5,7 @@ import weakref
 
 from fastvideo_nodes.attention import BACKENDS, resolve_backend
 from fastvideo_nodes.attention.sliding_tile import SlidingTileOptions
+from fastvideo_nodes.attention.video_sparse import DEFAULT_SPARSITY, VideoSparseOptions, check_sparsity
 from fastvideo_nodes.errors import FastVideoError
 from fastvideo_nodes.pipeline.options import PRECISIONS, WEIGHT_STORAGE, LoadOptions
 
@@ -28,7 +29,7 @@ class LoadFastVideoModel:
         models = comfy_api.diffusers_folders() + comfy_api.folder_names("diffusion_models")
         return {"required": {
             "model": (models or ["wan2.1_t2v_1.3B_fp16.safetensors"],
-                      {"tooltip": "Wan2.1 T2V DiT file, or a diffusers folder"}),
+                      {"tooltip": "Wan2.1 T2V DiT file, or a diffusers folder (FastWan folders too)"}),
             "text_encoder": (["(from diffusers folder)"] + comfy_api.folder_names("text_encoders"),),
             "vae": (["(from diffusers folder)"] + comfy_api.folder_names("vae"),),
             "precision": (list(PRECISIONS), {"default": "bf16"}),
@@ -86,7 +87,8 @@ class LoadFastVideoModel:
 
 
 class SetAttentionBackend:
-    """Same weights, another attention kernel (or FASTVIDEO_ATTENTION_BACKEND / auto)."""
+    """Same weights, another attention kernel (or FASTVIDEO_ATTENTION_BACKEND / auto; auto is
+    VIDEO_SPARSE_ATTN for FastWan models, and only they can run it)."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -96,6 +98,8 @@ class SetAttentionBackend:
         }, "optional": {
             "sta_window": ("STRING", {"default": "3,3,5", "tooltip": "SLIDING_TILE_ATTN: window in tiles (t,h,w)"}),
             "sta_dense_steps": ("INT", {"default": 0, "min": 0, "max": 1000}),
+            "sparsity": ("FLOAT", {"default": DEFAULT_SPARSITY, "min": 0.0, "max": 0.99, "step": 0.05,
+                                   "tooltip": "VIDEO_SPARSE_ATTN (FastWan models): fraction of key tiles skipped"}),
         }}
 
     RETURN_TYPES = (MODEL,)
@@ -104,18 +108,24 @@ class SetAttentionBackend:
     CATEGORY = CATEGORY
 
     @classmethod
-    def VALIDATE_INPUTS(cls, backend, sta_window="3,3,5", **_):
+    def VALIDATE_INPUTS(cls, backend, sta_window="3,3,5", sparsity=DEFAULT_SPARSITY, **_):
         try:
             resolve_backend(backend)
             _parse_window(sta_window)
+            check_sparsity(sparsity)
         except FastVideoError as e:
             return str(e)
         return True
 
-    def apply(self, model, backend, sta_window="3,3,5", sta_dense_steps=0):
-        options = None
+    def apply(self, model, backend, sta_window="3,3,5", sta_dense_steps=0, sparsity=DEFAULT_SPARSITY):
+        options: SlidingTileOptions | VideoSparseOptions | None = None
         if backend == "SLIDING_TILE_ATTN":
             options = SlidingTileOptions(window=_parse_window(sta_window), dense_steps=int(sta_dense_steps))
+        elif backend == "VIDEO_SPARSE_ATTN":
+            if not model.dit_config().gate_compress:
+                from fastvideo_nodes.models.wan_dit import NEEDS_FASTWAN
+                raise FastVideoError(NEEDS_FASTWAN)
+            options = VideoSparseOptions(sparsity=sparsity)
         return (model.with_attention_backend(None if backend == "auto" else backend, options),)
 
 

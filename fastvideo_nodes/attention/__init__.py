@@ -5,7 +5,8 @@ an explicit name (SetAttentionBackend node, `attention_backend=`, `--attention-b
 environment variable FASTVIDEO_ATTENTION_BACKEND, then "auto" (the fastest available backend as
 measured on this GPU, dtype and head size; see `auto.py`). One module per backend, each with
 `available() -> str | None` (None when usable, else how to install) and `attend(q, k, v, ...)`.
-Backend settings travel typed: `SlidingTileOptions` for SLIDING_TILE_ATTN (the only backend with any).
+Backend settings travel typed (`AttentionOptions`): `SlidingTileOptions` for SLIDING_TILE_ATTN,
+`VideoSparseOptions` for VIDEO_SPARSE_ATTN, whose self-attention also takes the block's per-token gate.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from .. import env
 from ..errors import FastVideoError
 from .sliding_tile import SlidingTileOptions
+from .video_sparse import VideoSparseOptions
 
 ENV_VAR = "FASTVIDEO_ATTENTION_BACKEND"
 BACKENDS = {  # name → module in this package
@@ -37,6 +39,10 @@ UNSUPPORTED = {
     "SAGE_ATTN_THREE": "SageAttention3 runs FP4 tensor cores and needs a Blackwell GPU",
     "FLASH_ATTN_FP4": "FP4 FlashAttention needs a Blackwell GPU",
 }
+# Backends that use the video's geometry: they get the grid (and their options) and, under
+# torch.compile, stay visible to the compiler (FlexAttention) instead of the opaque dense op.
+GEOMETRIC = {"SLIDING_TILE_ATTN": SlidingTileOptions, "VIDEO_SPARSE_ATTN": VideoSparseOptions}
+AttentionOptions = SlidingTileOptions | VideoSparseOptions
 
 
 def backend_module(name: str):
@@ -65,45 +71,74 @@ class AttentionSpec:
 
     backend: a resolved name or "AUTO". grid: the (t, h, w) token grid of the self-attention
     sequence, for backends that use the video's geometry. step: the sampling step (sparse
-    backends may stay dense for the first steps). options: sliding-tile settings, None = defaults.
+    backends may stay dense for the first steps). options: the backend's settings, None = defaults.
     """
     backend: str = "AUTO"
     grid: tuple[int, int, int] | None = None
     step: int | None = None
-    options: SlidingTileOptions | None = field(default=None, hash=False, compare=False)
+    options: AttentionOptions | None = field(default=None, hash=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "options", as_options(self.options))  # frozen
 
-    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return attention(q, k, v, backend=self.backend, grid=self.grid, step=self.step, options=self.options)
+    @property
+    def gated(self) -> bool:
+        return self.backend == "VIDEO_SPARSE_ATTN"
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       gate: torch.Tensor | None = None) -> torch.Tensor:
+        return attention(q, k, v, backend=self.backend, grid=self.grid, step=self.step, options=self.options,
+                         gate=gate)
 
     def cross_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # Text cross-attention is short and dense for every backend; sparse ones fall back to SDPA.
-        backend = "AUTO" if self.backend == "SLIDING_TILE_ATTN" else self.backend
+        backend = "AUTO" if self.backend in GEOMETRIC else self.backend
         return attention(q, k, v, backend=backend)
 
 
-def as_options(options) -> SlidingTileOptions | None:
-    """SlidingTileOptions as given; None or an empty mapping → None (defaults); a mapping of its
-    fields (older callers, the DiT's `attention_options or {}`) → validated SlidingTileOptions."""
-    if options is None or isinstance(options, SlidingTileOptions):
+def as_options(options) -> AttentionOptions | None:
+    """Options as given; None or an empty mapping → None (defaults); a mapping of one options
+    class's fields (older callers, the worker pool's `attention_options or {}`) → that class,
+    validated: {"sparsity": …} is VideoSparseOptions, the sliding-tile fields SlidingTileOptions."""
+    if options is None or isinstance(options, (SlidingTileOptions, VideoSparseOptions)):
         return options
     if isinstance(options, Mapping):
-        return SlidingTileOptions(**options) if options else None
-    raise FastVideoError(f"attention options must be SlidingTileOptions, got {type(options).__name__}.")
+        if not options:
+            return None
+        return VideoSparseOptions(**options) if set(options) == {"sparsity"} else SlidingTileOptions(**options)
+    raise FastVideoError(f"attention options must be SlidingTileOptions or VideoSparseOptions, "
+                         f"got {type(options).__name__}.")
+
+
+def _options_for(name: str, options) -> AttentionOptions | None:
+    """The options of a geometric backend, refused when they belong to the other one."""
+    options = as_options(options)
+    wanted = GEOMETRIC[name]
+    if options is not None and not isinstance(options, wanted):
+        raise FastVideoError(f"attention backend {name} takes {wanted.__name__}, got {type(options).__name__}.")
+    return options
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None,
               grid: tuple[int, int, int] | None = None, step: int | None = None,
-              options: SlidingTileOptions | None = None) -> torch.Tensor:
-    """Non-causal attention. q: [B, Sq, H, D], k/v: [B, Sk, H, D] → [B, Sq, H, D]."""
+              options: AttentionOptions | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Non-causal attention. q: [B, Sq, H, D], k/v: [B, Sk, H, D] → [B, Sq, H, D].
+
+    gate: [B, Sq, H, D], VIDEO_SPARSE_ATTN's weight on its compressed branch (FastWan's
+    `to_gate_compress`); the other backends have no such branch and take None.
+    """
     name = resolve_backend(backend) if backend is None or backend not in BACKENDS else backend
     if name == "AUTO":
         from .auto import choose
         name = choose(q)
-    if name == "SLIDING_TILE_ATTN":  # FlexAttention: torch.compile should see (and fuse) it
-        return backend_module(name).attend(q, k, v, grid=grid, step=step, options=as_options(options))
+    if gate is not None and name != "VIDEO_SPARSE_ATTN":
+        raise FastVideoError(f"attention backend {name} takes no gate; only VIDEO_SPARSE_ATTN has a gated "
+                             "compressed branch.")
+    # FlexAttention backends: torch.compile should see (and fuse) them, not the opaque dense op.
+    if name == "SLIDING_TILE_ATTN":
+        return backend_module(name).attend(q, k, v, grid=grid, step=step, options=_options_for(name, options))
+    if name == "VIDEO_SPARSE_ATTN":
+        return backend_module(name).attend(q, k, v, grid=grid, gate=gate, options=_options_for(name, options))
     if torch.compiler.is_compiling():
         return torch.ops.fastvideo.dense_attention(q, k, v, name)
     return backend_module(name).attend(q, k, v)

@@ -2,11 +2,13 @@
 
 Accepted: a diffusers folder (`transformer/config.json` + sharded safetensors and index), a
 diffusers-named single file, and an original/ComfyUI single file (optionally with the
-`model.diffusion_model.` prefix). Stored fp32/bf16/fp16/fp8 and ComfyUI scaled fp8.
+`model.diffusion_model.` prefix); FastWan's (an extra `to_gate_compress` per block) in each.
+Stored fp32/bf16/fp16/fp8 and ComfyUI scaled fp8.
 Steps: locate → header → config from shapes (bounded) → materialize.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -54,7 +56,29 @@ def config_from_shapes(shapes: dict[str, tuple], num_heads: int | None = None, r
         freq_dim=need(shapes, "time_embedding.0.weight", role, "the time embedding")[1],
         out_channels=head[0] // math.prod(patch))
     bounded(role, ffn=cfg.ffn_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, channels=cfg.out_channels)
+    if _has_gate(shapes, dim, layers, role):
+        cfg = dataclasses.replace(cfg, gate_compress=True)
     return cfg
+
+
+def _has_gate(shapes: dict[str, tuple], dim: int, layers: int, role: str) -> bool:
+    """FastWan: a `gate_compress` projection (dim → dim) in every block, or in none."""
+    names = [(f"blocks.{i}.self_attn.gate_compress.weight", f"blocks.{i}.self_attn.gate_compress.bias")
+             for i in range(layers)]
+    present = [w in shapes or b in shapes for w, b in names]
+    if not any(present):
+        return False
+    for i, (w, b) in enumerate(names):
+        if w not in shapes or b not in shapes:
+            have = present.index(True)
+            part = "weight" if w not in shapes else "bias"
+            raise ModelFileError(f"{role}: block {i} lacks the {part} of its gate projection (attn1.to_gate_compress) "
+                                 f"while block {have} has one; a FastWan checkpoint has it in all {layers} blocks. "
+                                 "The file is incomplete or mixes two models.")
+        if shapes[w] != (dim, dim) or shapes[b] != (dim,):
+            raise ModelFileError(f"{role}: block {i}'s gate projection (attn1.to_gate_compress) has shapes "
+                                 f"{shapes[w]} and {shapes[b]}; expected ({dim}, {dim}) and ({dim},).")
+    return True
 
 
 def _check_diffusers_config(config: dict, role: str) -> int | None:

@@ -15,6 +15,8 @@ DIT_DIFFUSERS_TO_WAN = [
     (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
     (r"^condition_embedder\.time_proj\.", "time_projection.1."),
     (r"\.attn1\.", ".self_attn."),
+    # FastWan's extra projection: under attn1 in its diffusers files, beside it in FastVideo's own layout.
+    (r"^(blocks\.\d+)\.(?:self_attn\.)?to_gate_compress\.", r"\1.self_attn.gate_compress."),
     (r"\.attn2\.", ".cross_attn."),
     (r"\.to_q\.", ".q."), (r"\.to_k\.", ".k."), (r"\.to_v\.", ".v."), (r"\.to_out\.0\.", ".o."),
     (r"^(blocks\.\d+)\.norm2\.", r"\1.norm3."),  # diffusers' norm2 is the affine cross-attn norm

@@ -22,8 +22,15 @@ Rope = tuple[torch.Tensor, torch.Tensor]
 
 @runtime_checkable
 class Attention(Protocol):
-    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Over the video tokens → [B, Sq, H, D]."""
+    @property
+    def gated(self) -> bool:
+        """True when self_attention weighs a compressed branch by a per-token gate (VIDEO_SPARSE_ATTN):
+        a model with a gate projection (FastWan) then computes the gate and passes it."""
+        ...
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       gate: torch.Tensor | None = None) -> torch.Tensor:
+        """Over the video tokens → [B, Sq, H, D]; gate [B, Sq, H, D] or None."""
         ...
 
     def cross_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

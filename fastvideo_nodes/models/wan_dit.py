@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import AttentionSpec, resolve_backend
-from ..attention.sliding_tile import SlidingTileOptions
+from ..attention import AttentionOptions, AttentionSpec, resolve_backend
+from ..errors import FastVideoError
 from ..ops import Linear, layer_norm_affine, layer_norm_modulate, linear_gelu, rms_norm, rms_norm_rope
 from .seams import Attention, BlockCache, ParallelPlan
 
@@ -40,6 +40,9 @@ class WanDiTConfig:
     text_len: int = 512
     eps: float = 1e-6
     rope_theta: float = 10000.0
+    # FastWan (VSA-distilled): each self-attention has a `gate_compress` projection whose output
+    # weighs VIDEO_SPARSE_ATTN's compressed branch.
+    gate_compress: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -111,11 +114,12 @@ class AffineLayerNorm(nn.Module):
 # ----------------------------------------------------------------------------- attention
 
 class SelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float):
+    def __init__(self, dim: int, num_heads: int, eps: float, gate_compress: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        self.gate_compress = Linear(dim, dim) if gate_compress else None
 
     def forward(self, x, rope, attn: Attention):
         """x [B,S,C] → [B,S,C]."""
@@ -124,6 +128,8 @@ class SelfAttention(nn.Module):
         q = rms_norm_rope(heads(self.q(x)), self.norm_q.weight, cos, sin, self.norm_q.eps)
         k = rms_norm_rope(heads(self.k(x)), self.norm_k.weight, cos, sin, self.norm_k.eps)
         v = heads(self.v(x))
+        if self.gate_compress is not None and attn.gated:  # FastWan: from the same modulated input as q, k, v
+            return self.o(attn.self_attention(q, k, v, heads(self.gate_compress(x))).flatten(2))
         return self.o(attn.self_attention(q, k, v).flatten(2))
 
 
@@ -143,7 +149,7 @@ class WanBlock(nn.Module):
     def __init__(self, cfg: WanDiTConfig):
         super().__init__()
         self.eps = cfg.eps
-        self.self_attn = SelfAttention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.self_attn = SelfAttention(cfg.dim, cfg.num_heads, cfg.eps, cfg.gate_compress)
         self.norm3 = AffineLayerNorm(cfg.dim, eps=cfg.eps)  # cross-attn input norm (diffusers: norm2)
         self.cross_attn = CrossAttention(cfg.dim, cfg.num_heads, cfg.eps)
         self.ffn = nn.Sequential(Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
@@ -175,6 +181,10 @@ class Head(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
+
+NEEDS_FASTWAN = ("attention backend VIDEO_SPARSE_ATTN needs a FastWan checkpoint (one distilled with video sparse "
+                 "attention, with a to_gate_compress projection in every block); this model has none. Use auto or "
+                 "another backend, or load a FastWan2.1 model.")
 
 # Parameters kept in float32 whatever the compute dtype: small, and the math around them is fp32.
 def keep_fp32(name: str) -> bool:
@@ -234,8 +244,11 @@ class WanDiT(nn.Module):
         return self._rope_cache[key]
 
     def attention_backend_for(self, name: str | None, seq_len: int = 32760) -> str:
-        """Resolve a backend name; "auto" is decided here, outside any compiled region."""
+        """Resolve a backend name; "auto" is decided here, outside any compiled region. For a FastWan
+        model auto is VIDEO_SPARSE_ATTN, the attention it was distilled with."""
         backend = resolve_backend(name)
+        if backend == "AUTO" and self.cfg.gate_compress:
+            return "VIDEO_SPARSE_ATTN"
         if backend == "AUTO":
             from ..attention.auto import choose_for
             backend = choose_for(self.text_embedding[0].weight.device, self.dtype, self.cfg.head_dim,
@@ -249,7 +262,6 @@ class WanDiT(nn.Module):
         if device.type == "cuda":
             from torch.utils._triton import has_triton
             if not has_triton():
-                from ..errors import FastVideoError
                 raise FastVideoError("compile: torch.compile needs Triton for CUDA and it is not installed here; "
                                      "install it (`pip install triton`, on Windows `pip install triton-windows`) "
                                      "or turn compile off.")
@@ -263,7 +275,7 @@ class WanDiT(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *,
-                attention_backend: str | None = None, attention_options: SlidingTileOptions | None = None,
+                attention_backend: str | None = None, attention_options: AttentionOptions | None = None,
                 step: int | None = None, cache: BlockCache | None = None,
                 parallel: ParallelPlan | None = None) -> torch.Tensor:
         """Velocity prediction.
@@ -271,7 +283,8 @@ class WanDiT(nn.Module):
         x: latents in model space [B,16,T',H',W']; timestep: [B] in 0..1000; context: text
         embeddings [B,L,4096]. Returns float32 [B,16,T',H',W'].
         attention_backend: a name or None (env var, then auto); attention_options and step go to
-        backends that use them (sliding tiles).
+        backends that use them (sliding tiles, video sparse). VIDEO_SPARSE_ATTN needs a FastWan
+        model (cfg.gate_compress).
         cache(tokens, e, e0, run) may replace `run(tokens)` (TeaCache skips the blocks).
         parallel: a sequence-parallel plan with enter(tokens, rope, attn) → the local shard, its
         rope and an attention spec that exchanges heads, and exit(tokens) → the full sequence.
@@ -280,6 +293,8 @@ class WanDiT(nn.Module):
         e, e0 = self.embed_time(timestep.to(x.device).reshape(-1).expand(x.shape[0]))
         context = self.embed_text(context)
         backend = self.attention_backend_for(attention_backend, math.prod(grid))
+        if backend == "VIDEO_SPARSE_ATTN" and not self.cfg.gate_compress:
+            raise FastVideoError(NEEDS_FASTWAN)
         # Only sparse backends look at the step; elsewhere it would make compiled blocks recompile per step.
         attn = AttentionSpec(backend=backend, grid=grid, step=step if backend == "SLIDING_TILE_ATTN" else None,
                              options=attention_options)

@@ -2,7 +2,8 @@
 
 Each of N ranks keeps S/N tokens between attention calls. Around self-attention an all-to-all
 turns "all heads of my tokens" into "my heads of all tokens", attention runs on the full sequence
-(any backend), and a second all-to-all turns it back. Cross-attention needs no exchange: local
+(any backend; VIDEO_SPARSE_ATTN's per-token gate is exchanged like q, k, v), and a second
+all-to-all turns it back. Cross-attention needs no exchange: local
 queries attend to the full text. RoPE is computed for the full sequence and sharded like the tokens.
 """
 from __future__ import annotations
@@ -36,11 +37,20 @@ class UlyssesAttention:
     def __init__(self, inner: Attention, plan: UlyssesPlan):
         self.inner, self.plan = inner, plan
 
-    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v [B, S/N, H, D] (sequence-sharded) → [B, S/N, H, D]."""
+    @property
+    def gated(self) -> bool:
+        return self.inner.gated
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       gate: torch.Tensor | None = None) -> torch.Tensor:
+        """q, k, v and gate [B, S/N, H, D] (sequence-sharded) → [B, S/N, H, D]. The gate is per token
+        and head like q, so it takes the same exchange."""
         s = self.plan.seq_len
         full = [self._to_heads(t)[:, :s] for t in (q, k, v)]  # [B, S, H/N, D], padding dropped
-        out = self.inner.self_attention(*full)
+        if gate is not None:
+            out = self.inner.self_attention(*full, self._to_heads(gate)[:, :s])
+        else:
+            out = self.inner.self_attention(*full)
         out = F.pad(out, (0, 0, 0, 0, 0, self.plan.padded - s))
         return self._to_tokens(out, q.shape[2])
 

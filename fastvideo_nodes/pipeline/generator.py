@@ -37,7 +37,9 @@ from typing import Any
 
 import torch
 
+from ..attention import AttentionOptions
 from ..attention.sliding_tile import SlidingTileOptions
+from ..attention.video_sparse import VideoSparseOptions
 from ..errors import FastVideoError, ModelFileError
 from ..memory.planner import VideoShape
 from ..models.wan_vae import model_to_raw
@@ -307,7 +309,7 @@ def _latent_shape(latents: torch.Tensor) -> VideoShape:
 
 class VideoGenerator:
     def __init__(self, files: ModelFiles, options: LoadOptions | None = None, *,
-                 attention_backend: str | None = None, attention_options: SlidingTileOptions | None = None,
+                 attention_backend: str | None = None, attention_options: AttentionOptions | None = None,
                  num_gpus: int = 1, gpu_ids: list[int] | None = None, loras=None, **load_keywords):
         """options: how the models load (see LoadOptions); loras and load_keywords as in from_pretrained."""
         self.files = files
@@ -329,13 +331,14 @@ class VideoGenerator:
         self._parts = _shared_parts(files, self.options)
 
     def with_attention_backend(self, name: str | None,
-                               options: SlidingTileOptions | None = None) -> VideoGenerator:
+                               options: AttentionOptions | None = None) -> VideoGenerator:
         """A generator that shares this one's loaded weights but uses another attention backend."""
         if name is not None:
             from ..attention import resolve_backend
             resolve_backend(name)
-        if options is not None and not isinstance(options, SlidingTileOptions):
-            raise FastVideoError(f"attention options must be SlidingTileOptions, got {type(options).__name__}.")
+        if options is not None and not isinstance(options, (SlidingTileOptions, VideoSparseOptions)):
+            raise FastVideoError(f"attention options must be SlidingTileOptions or VideoSparseOptions, "
+                                 f"got {type(options).__name__}.")
         other = copy.copy(self)
         other.attention_backend = name
         other.attention_options = options
@@ -636,6 +639,10 @@ class VideoGenerator:
         if self.num_gpus > 1:
             parse_gpu_ids(self.gpu_ids)
         cfg = self.dit_config()
+        from ..attention import resolve_backend
+        if resolve_backend(self.attention_backend) == "VIDEO_SPARSE_ATTN" and not cfg.gate_compress:
+            from ..models.wan_dit import NEEDS_FASTWAN
+            raise FastVideoError(NEEDS_FASTWAN)
         check_fits(settings, cfg.dim, cfg.ffn_dim, self.dtype, self.device, num_gpus=self.num_gpus)
         return settings
 
@@ -729,8 +736,8 @@ class VideoGenerator:
         self.close()
 
     def generate_video(self, prompt: str, *, negative_prompt: str | None = None, height: int = 480, width: int = 832,
-                       num_frames: int = 81, num_inference_steps: int = 50, guidance_scale: float = 5.0,
-                       flow_shift: float | None = None, scheduler: str = "unipc", seed: int = 0,
+                       num_frames: int = 81, num_inference_steps: int = 50, guidance_scale: float | None = None,
+                       flow_shift: float | None = None, scheduler: str | None = None, seed: int = 0,
                        sigmas=None, spacing: str = "default",
                        cfg_gate: float = 1.0, teacache_threshold: float = 0.0, teacache_mode: str = "default",
                        output_path: str | None = None, callback: Callable | None = None,
@@ -741,9 +748,13 @@ class VideoGenerator:
         what the 4-step distill LoRAs were trained for), or sigmas=[1, 0.9375, 0.8333, 0.625] used as
         given (no shift; their count is the step count). guidance_scale 1 runs one forward per step
         and encodes no negative prompt.
+        guidance_scale and scheduler None: the model's defaults, 5.0 and unipc, or for a FastWan
+        checkpoint (detected by its gate projections) 1 and dmd (1000, 757, 522) with attention
+        VIDEO_SPARSE_ATTN at sparsity 0.8 when no backend was chosen; the log says so.
         output_path: .mp4, .mkv, .mov or .webm; an existing file is refused unless overwrite=True, and
         it is replaced only once the new video is complete. Every input is checked before any work.
         Calls on one generator (and on those sharing its models) run one at a time."""
+        guidance_scale, scheduler = self._model_defaults(guidance_scale, scheduler)
         if flow_shift is None and all(isinstance(v, numbers.Real) for v in (height, width)):
             flow_shift = 5.0 if height * width >= 720 * 1280 else 3.0
         settings = SamplingSettings(height=height, width=width, num_frames=num_frames, steps=num_inference_steps,
@@ -764,6 +775,28 @@ class VideoGenerator:
             negative_prompt = DEFAULT_NEGATIVE_PROMPT
         with self._parts.lock:
             return self._generate(prompt, negative_prompt, settings, output_path, callback, cancel, fps, overwrite)
+
+    def _model_defaults(self, guidance_scale: float | None, scheduler: str | None) -> tuple[float, str]:
+        """Fill in the unset guidance and scheduler: Wan's (5.0, unipc), or FastWan's (1, dmd), saying so."""
+        from ..attention import resolve_backend
+        if not self.dit_config().gate_compress:
+            return (5.0 if guidance_scale is None else guidance_scale, scheduler or "unipc")
+        chosen = []
+        if resolve_backend(self.attention_backend) == "AUTO":
+            options = self.attention_options
+            sparsity = options.sparsity if isinstance(options, VideoSparseOptions) else VideoSparseOptions().sparsity
+            chosen.append(f"attention VIDEO_SPARSE_ATTN (sparsity {sparsity:g})")
+        if scheduler is None:
+            from .schedulers import DMD_TIMESTEPS
+            scheduler = "dmd"
+            chosen.append(f"scheduler dmd (timesteps {', '.join(map(str, DMD_TIMESTEPS))})")
+        if guidance_scale is None:
+            guidance_scale = 1.0
+            chosen.append("guidance 1 (no negative prompt)")
+        if chosen:
+            logger.info("FastWan checkpoint (gate projections in its blocks): using %s; set them explicitly "
+                        "to override.", ", ".join(chosen))
+        return guidance_scale, scheduler
 
     def _generate(self, prompt, negative_prompt, settings, output_path, callback, cancel, fps,
                   overwrite) -> GenerationResult:
@@ -794,5 +827,8 @@ class VideoGenerator:
         the figures of each backend it measured). Worker pools decide in the workers: no decision here."""
         from ..attention import auto, resolve_backend
         requested = resolve_backend(self.attention_backend)
+        if requested == "AUTO" and self.dit_config().gate_compress:
+            return {"requested": requested, "choice": "VIDEO_SPARSE_ATTN",
+                    "why": "a FastWan checkpoint, distilled with video sparse attention"}
         record = auto.last_choice() if requested == "AUTO" and self.num_gpus == 1 else None
         return {"requested": requested, **(record or {})}

@@ -18,7 +18,7 @@ from .schedulers import DMD_TIMESTEPS, SCHEDULERS, SPACINGS, check_sigmas, check
 from .teacache import MODES, TeaCache, coefficients_for
 
 if TYPE_CHECKING:
-    from ..attention.sliding_tile import SlidingTileOptions
+    from ..attention import AttentionOptions
 
 VAE_STRIDE_T, VAE_STRIDE_HW, LATENT_CHANNELS = 4, 8, 16
 # Far beyond any useful schedule (Wan uses 50); it keeps the schedulers' arithmetic well away from trouble.
@@ -167,7 +167,7 @@ class SamplingStats:
 
 def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None,
             settings: SamplingSettings, *, attention_backend: str | None = None,
-            attention_options: SlidingTileOptions | None = None, callback: Callable | None = None,
+            attention_options: AttentionOptions | None = None, callback: Callable | None = None,
             cancel: Callable[[], bool] | None = None,
             parallel=None, stats: SamplingStats | None = None) -> torch.Tensor:
     """Run the sampler. Returns model-space latents, float32, on the DiT's device.
