@@ -41,8 +41,9 @@ UNSUPPORTED = {
 }
 # Backends that use the video's geometry: they get the grid (and their options) and, under
 # torch.compile, stay visible to the compiler (FlexAttention) instead of the opaque dense op.
-GEOMETRIC = {"SLIDING_TILE_ATTN": SlidingTileOptions, "VIDEO_SPARSE_ATTN": VideoSparseOptions}
 AttentionOptions = SlidingTileOptions | VideoSparseOptions
+GEOMETRIC: dict[str, type[SlidingTileOptions] | type[VideoSparseOptions]] = {
+    "SLIDING_TILE_ATTN": SlidingTileOptions, "VIDEO_SPARSE_ATTN": VideoSparseOptions}
 
 
 def backend_module(name: str):

@@ -3,8 +3,8 @@
 Each of N ranks keeps S/N tokens between attention calls. Around self-attention an all-to-all
 turns "all heads of my tokens" into "my heads of all tokens", attention runs on the full sequence
 (any backend; VIDEO_SPARSE_ATTN's per-token gate is exchanged like q, k, v), and a second
-all-to-all turns it back. Cross-attention needs no exchange: local
-queries attend to the full text. RoPE is computed for the full sequence and sharded like the tokens.
+all-to-all turns it back. Cross-attention needs no exchange: local queries attend to the full text.
+RoPE is computed for the full sequence and sharded like the tokens.
 """
 from __future__ import annotations
 
@@ -46,11 +46,9 @@ class UlyssesAttention:
         """q, k, v and gate [B, S/N, H, D] (sequence-sharded) → [B, S/N, H, D]. The gate is per token
         and head like q, so it takes the same exchange."""
         s = self.plan.seq_len
-        full = [self._to_heads(t)[:, :s] for t in (q, k, v)]  # [B, S, H/N, D], padding dropped
-        if gate is not None:
-            out = self.inner.self_attention(*full, self._to_heads(gate)[:, :s])
-        else:
-            out = self.inner.self_attention(*full)
+        qf, kf, vf = (self._to_heads(t)[:, :s] for t in (q, k, v))  # [B, S, H/N, D], padding dropped
+        gf = self._to_heads(gate)[:, :s] if gate is not None else None
+        out = self.inner.self_attention(qf, kf, vf, gf)
         out = F.pad(out, (0, 0, 0, 0, 0, self.plan.padded - s))
         return self._to_tokens(out, q.shape[2])
 

@@ -16,7 +16,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..models.wan_dit import WanDiT, WanDiTConfig
+from ..models.wan_dit import SelfAttention, WanDiT, WanDiTConfig
 from . import dit as tiny_dit
 from . import text_encoder as tiny_te
 from . import vae as tiny_vae
@@ -36,8 +36,9 @@ def random_fastwan(cfg: WanDiTConfig = TINY_FASTWAN, seed: int = 0) -> WanDiT:
     """Our own FastWan DiT (cfg.gate_compress) with seeded random weights, fp32 on CPU."""
     model = tiny_dit.random_dit(cfg, seed)
     g = torch.Generator().manual_seed(seed + 1000)
-    for block in model.blocks:
-        _gate_(block.self_attn.gate_compress, g)
+    for module in model.modules():
+        if isinstance(module, SelfAttention) and module.gate_compress is not None:
+            _gate_(module.gate_compress, g)
     return model
 
 
