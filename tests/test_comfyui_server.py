@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = os.environ.get("COMFYUI_PYTHON", sys.executable)
 CLI = os.environ.get("COMFY_CLI", os.path.join(os.path.dirname(PY), "comfy"))
 SMALL = {"width": 48, "height": 32, "num_frames": 5, "steps": 2}
+FASTWAN_FOLDER = "FastWan2.1-T2V-1.3B-Diffusers"
 
 
 def http(port, path, data=None, timeout=30):
@@ -47,6 +48,7 @@ def server(tmp_path_factory):
     import torch
 
     from fastvideo_nodes.testing.dit import TINY_DIT
+    from fastvideo_nodes.testing.fastwan import build_fastwan_folder
     from fastvideo_nodes.testing.folders import build_model_set
     from fastvideo_nodes.testing.lora import save_random_lora
     from fastvideo_nodes.testing.vae import random_vae, save_original
@@ -61,6 +63,9 @@ def server(tmp_path_factory):
     save_original(random_vae(base_dim=96, seed=3).state_dict(),
                   str(base / "models" / "vae" / "wan_vae_w96.safetensors"), dtype=torch.float16)
     save_random_lora(TINY_DIT, str(base / "models" / "loras" / "lora_tiny.safetensors"), seed=5)
+    # A tiny FastWan diffusers folder under the name the FastWan workflow loads.
+    shutil.copytree(build_fastwan_folder(str(base / "fastwan_set"), seed=7),
+                    base / "models" / "diffusion_models" / FASTWAN_FOLDER)
     (base / "extra.yaml").write_text(f"fastvideo_test:\n    base_path: {base}\n"
                                      "    diffusion_models: models/diffusion_models\n"
                                      "    text_encoders: models/text_encoders\n    vae: models/vae\n"
@@ -109,7 +114,9 @@ def test_copy(server, name, prefix):
         w = n["widgets_values"]
         if n["type"] == "LoadFastVideoModel":
             w[0], w[3] = f["model"], "fp32"
-            if "mixed" not in name:  # the mixed workflow loads only the DiT here
+            if name.startswith("fastwan"):  # the folder holds its own text encoder and VAE
+                w[0] = FASTWAN_FOLDER
+            elif "mixed" not in name:  # the mixed workflow loads only the DiT here
                 w[1], w[2] = f["text_encoder"], f["vae"]
         elif n["type"] == "FastVideoSampler":
             w[0], w[1], w[2], w[3] = SMALL["width"], SMALL["height"], SMALL["num_frames"], SMALL["steps"]
@@ -201,7 +208,8 @@ def saved_video(out, prefix):
 
 
 @pytest.mark.parametrize("name", ["wan2.1_t2v_1.3B_fastvideo.json", "wan2.1_t2v_1.3B_fastvideo_fast.json",
-                                  "wan2.1_t2v_1.3B_mixed_native.json", "wan2.1_t2v_14B_4step_lora.json"])
+                                  "wan2.1_t2v_1.3B_mixed_native.json", "wan2.1_t2v_14B_4step_lora.json",
+                                  "fastwan2.1_t2v_1.3B_3step.json"])
 def test_workflow_through_comfy_cli_and_api(server, name, tmp_path):
     stem = name.replace(".json", "")
     wf = test_copy(server, name, f"cli_{stem}")

@@ -46,10 +46,31 @@ def required_widget_count(cls) -> int:
     return len(spec_of(cls, groups=("required",))[0])
 
 
-def test_there_are_four_workflows():
+def test_there_are_five_workflows():
     names = [os.path.basename(p) for p in WORKFLOWS]
-    assert len(names) == 4 and any("fast" in n for n in names) and any("mixed_native" in n for n in names)
-    assert "wan2.1_t2v_14B_4step_lora.json" in names
+    assert len(names) == 5 and any("fast" in n for n in names) and any("mixed_native" in n for n in names)
+    assert {"wan2.1_t2v_14B_4step_lora.json", "fastwan2.1_t2v_1.3B_3step.json"} <= set(names)
+
+
+def test_fastwan_workflow_is_the_3step_recipe():
+    """FastWan folder → VIDEO_SPARSE_ATTN at 0.8 → sampler dmd, cfg 1, no negative prompt wired."""
+    wf = json.load(open(os.path.join(ROOT, "workflows", "fastwan2.1_t2v_1.3B_3step.json")))
+    by_type = {n["type"]: n for n in wf["nodes"]}
+    loader, attn, sampler = (by_type[t] for t in ("LoadFastVideoModel", "FastVideoSetAttentionBackend",
+                                                  "FastVideoSampler"))
+    assert loader["widgets_values"][:3] == ["FastWan2.1-T2V-1.3B-Diffusers", "(from diffusers folder)",
+                                            "(from diffusers folder)"]
+    widgets, _ = spec_of(fv.SetAttentionBackend)
+    a = dict(zip([w[0] for w in widgets], attn["widgets_values"]))
+    assert a["backend"] == "VIDEO_SPARSE_ATTN" and a["sparsity"] == 0.8
+    widgets, _ = spec_of(fv.FastVideoSampler)
+    values = dict(zip([w[0] for w in widgets], sampler["widgets_values"]))
+    assert values["scheduler"] == "dmd" and values["cfg"] == 1.0 and values["steps"] == 3
+    settings = fv.sampling_nodes._settings(**{k: v for k, v in values.items() if k != "control_after_generate"})
+    assert settings.num_steps == 3
+    assert next(i for i in sampler["inputs"] if i["name"] == "negative")["link"] is None
+    assert any(l[1] == loader["id"] and l[3] == attn["id"] for l in wf["links"])
+    assert any(l[1] == attn["id"] and l[3] == sampler["id"] for l in wf["links"])
 
 
 def test_4step_lora_workflow_is_the_distilled_recipe():
