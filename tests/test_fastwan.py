@@ -279,3 +279,33 @@ def test_set_attention_node_offers_vsa_with_sparsity(folder, tmp_path):
                stats=stats)
     assert stats.cond_forwards == 3
     gen.close()
+
+
+# -- torch.compile: VSA runs between the compiled parts, with its grid and gate (not the dense op)
+
+def _compiled_vs_eager(monkeypatch, device, dtype):
+    model = random_fastwan(seed=6).to(device, dtype)
+    x, t, ctx = (a.to(device) for a in latent_inputs(batch=1))
+    seen = []
+
+    def spy(q, k, v, *, grid=None, gate=None, options=None):
+        seen.append((grid, gate is not None))
+        return real(q, k, v, grid=grid, gate=gate, options=options)
+    real = vs.attend
+    with torch.inference_mode():
+        want = model(x, t, ctx, attention_backend="VIDEO_SPARSE_ATTN")
+        monkeypatch.setattr(vs, "attend", spy)
+        got = model.compile_blocks()(x, t, ctx, attention_backend="VIDEO_SPARSE_ATTN")
+    assert seen == [((3, 8, 6), True)] * TINY_FASTWAN.num_layers
+    return got, want
+
+
+def test_compiled_blocks_with_vsa_equal_eager(monkeypatch):
+    got, want = _compiled_vs_eager(monkeypatch, "cpu", torch.float32)
+    assert (got - want).abs().max().item() < 1e-5 * want.abs().max().item()
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_blocks_with_vsa_close_to_eager(monkeypatch):
+    got, want = _compiled_vs_eager(monkeypatch, "cuda", torch.bfloat16)
+    assert F.cosine_similarity(got.double().flatten(), want.double().flatten(), dim=0).item() > 0.999

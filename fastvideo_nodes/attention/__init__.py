@@ -139,10 +139,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     if name == "SLIDING_TILE_ATTN":
         return backend_module(name).attend(q, k, v, grid=grid, step=step, options=_options_for(name, options))
     if name == "VIDEO_SPARSE_ATTN":
-        return backend_module(name).attend(q, k, v, grid=grid, gate=gate, options=_options_for(name, options))
+        return _video_sparse(q, k, v, grid, gate, _options_for(name, options))
     if torch.compiler.is_compiling():
         return torch.ops.fastvideo.dense_attention(q, k, v, name)
     return backend_module(name).attend(q, k, v)
+
+
+# Under torch.compile VSA runs as eager code between the compiled parts of the block (as FastVideo
+# runs it): its tile bookkeeping (top-k, BlockMask building) broke the graph anyway, and on CUDA its
+# FlexAttention call is compiled on its own (video_sparse._compiled_flex).
+@torch.compiler.disable
+def _video_sparse(q, k, v, grid, gate, options):
+    return backend_module("VIDEO_SPARSE_ATTN").attend(q, k, v, grid=grid, gate=gate, options=options)
 
 
 # Inside compiled blocks dense kernels run as one opaque op: the compiler fuses the work around them
