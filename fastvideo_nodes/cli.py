@@ -76,7 +76,10 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
                    help="fraction of steps with the unconditional pass (1 = off)")
     p.add_argument("--teacache-threshold", type=float, default=0.0, help="0 = off; 0.08 is typical for 1.3B")
     p.add_argument("--teacache-mode", default="default", choices=["default", "ret"])
-    p.add_argument("--attention-backend", default=None, help="auto, TORCH_SDPA, FLASH_ATTN, SAGE_ATTN, …")
+    p.add_argument("--attention-backend", default=None,
+                   help="auto, TORCH_SDPA, FLASH_ATTN, SAGE_ATTN, … (auto on a FastWan model: VIDEO_SPARSE_ATTN)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="VIDEO_SPARSE_ATTN (FastWan models): fraction of key tiles skipped, in [0, 1) (default 0.8)")
     p.add_argument("--device", default="cpu" if demo else None)
     p.add_argument("--precision", "--dtype", dest="precision", default=None, choices=["bf16", "fp16", "fp32"],
                    help="compute dtype (default bf16 on GPU, fp32 on CPU)")
@@ -151,6 +154,9 @@ def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
     gen = VideoGenerator.from_pretrained(model, text_encoder=text_encoder, vae=vae, options=load_options(args),
                                          attention_backend=args.attention_backend, num_gpus=args.num_gpus,
                                          loras=loras)
+    if args.sparsity is not None:
+        from .attention.video_sparse import VideoSparseOptions
+        gen = gen.with_attention_backend(args.attention_backend, VideoSparseOptions(args.sparsity))
     try:
         result = gen.generate_video(
             args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,

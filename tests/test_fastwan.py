@@ -309,3 +309,16 @@ def test_compiled_blocks_with_vsa_equal_eager(monkeypatch):
 def test_gpu_compiled_blocks_with_vsa_close_to_eager(monkeypatch):
     got, want = _compiled_vs_eager(monkeypatch, "cuda", torch.bfloat16)
     assert F.cosine_similarity(got.double().flatten(), want.double().flatten(), dim=0).item() > 0.999
+
+
+def test_cli_generates_from_a_fastwan_folder_with_its_defaults(folder, tmp_path, caplog, capsys):
+    from fastvideo_nodes.cli import main
+    out = str(tmp_path / "fw.mp4")
+    with caplog.at_level(logging.INFO, logger="fastvideo_nodes.pipeline.generator"):
+        code = main(["generate", "--model", folder, "--prompt", "a fox", "--device", "cpu", "--height", "32",
+                     "--width", "48", "--num-frames", "5", "--sparsity", "0.5", "--output", out])
+    assert code == 0 and os.path.getsize(out) > 0
+    assert any("VIDEO_SPARSE_ATTN (sparsity 0.5), scheduler dmd" in r.getMessage() for r in caplog.records)
+    assert main(["generate", "--model", folder, "--prompt", "a fox", "--device", "cpu", "--sparsity", "1",
+                 "--output", str(tmp_path / "no.mp4")]) == 2
+    assert "sparsity must be a number in [0, 1)" in capsys.readouterr().err
