@@ -362,9 +362,18 @@ class VideoGenerator:
         if list(getattr(dit, "loras", [])) == list(self.loras):
             return None
         from ..loading.lora import set_loras
-        report = set_loras(dit, self.loras)
+        report = set_loras(dit, self.loras, backup_room=self._spare_gpu_bytes())
         _buffers_to(dit, dit.text_embedding[0].weight.device)  # the device compile_blocks uses too
         return report
+
+    def _spare_gpu_bytes(self) -> int:
+        """GPU bytes the plan leaves free at its peak, for copies such as the LoRA base backup; 0 when
+        blocks stream (the room is the streaming's) or inside ComfyUI (its models may need it)."""
+        from ..memory.planner import DEFAULT_RESERVE
+        plan = self._parts.plan
+        if plan is None or plan.dit_blocks_streamed or self._parts.host is not None:
+            return 0
+        return max(0, plan.budget - plan.peak - DEFAULT_RESERVE)
 
     @classmethod
     def from_pretrained(cls, model, *, text_encoder=None, vae=None, options: LoadOptions | None = None,
