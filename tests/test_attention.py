@@ -47,7 +47,8 @@ def test_auto_on_cpu_is_sdpa():
 
 
 def test_unknown_name_lists_valid_ones():
-    with pytest.raises(FastVideoError, match="unknown; valid names: auto, TORCH_SDPA, FLASH_ATTN, FLASH_ATTN_4, SAGE_ATTN"):
+    with pytest.raises(FastVideoError,
+                       match="unknown; valid names: auto, TORCH_SDPA, FLASH_ATTN, FLASH_ATTN_4, SAGE_ATTN"):
         resolve_backend("FLASHY")
 
 
