@@ -133,7 +133,7 @@ def kernels(names: list[str]):
                 cos_w, l2_w = errors(out, ref_wan)
                 del out
                 cos_n, l2_n = errors(fn(*noise), ref_noise)
-                ms = event_ms(lambda: fn(*wan), first_s)
+                ms = event_ms(lambda fn=fn, args=wan: fn(*args), first_s)
                 log(**row, ms=round(ms, 3), tflops=round(flops / (ms * 1e-3) / 1e12, 1), cos_wan=cos_w,
                     l2_wan=l2_w, cos_noise=cos_n, l2_noise=l2_n, first_call_s=round(first_s, 2))
             except Exception as e:  # one broken backend must not cost the others' rows
