@@ -300,3 +300,19 @@ def test_auto_record_has_guard_figures_and_logs_once_per_bucket(tmp_path, monkey
     assert f"GOOD ms {good['ms']} cosine {good['cosine']} rel_l2 {good['rel_l2']}" in lines[0]
     assert f"NOISY cosine {noisy['cosine']} rel_l2 {noisy['rel_l2']} rejected: cosine" in lines[0]
     assert "ABSENT rejected: not installed (`pip install absent`)" in lines[0]
+
+
+# ----------------------------------------------------------------------------- GPU (skipped without CUDA)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["FLASH_ATTN_4", "INT8_ATTN"])
+def test_gpu_compiled_equals_eager(name):
+    if backend_module(name).available():
+        pytest.skip(backend_module(name).available())
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 4096, 4, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    eager = attention(q, k, v, backend=name)
+    compiled = torch.compile(lambda q, k, v: attention(q, k, v, backend=name) * 1.0, fullgraph=True)(q, k, v)
+    assert torch.allclose(compiled.float(), eager.float(), atol=1e-2)
+    cos = F.cosine_similarity(eager.float().flatten(), exact(q, k, v).flatten(), dim=0).item()
+    assert cos > 0.999
