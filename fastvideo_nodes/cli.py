@@ -150,6 +150,8 @@ def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
     from .pipeline.generator import VideoGenerator, parse_sigmas
 
     _check_outputs(args)
+    from .attention import check_exact_steps
+    check_exact_steps(args.exact_attention_steps, "--exact-attention-steps")  # before anything loads
     loras = [parse_lora(text) for text in args.lora]
     sigmas = parse_sigmas(args.sigmas, "--sigmas")
     gen = VideoGenerator.from_pretrained(model, text_encoder=text_encoder, vae=vae, options=load_options(args),

@@ -157,6 +157,15 @@ def test_cli_backends_prints_reasons_and_hints(capsys):
     assert "TORCH_SDPA: usable" in out
 
 
+def test_cli_checks_exact_attention_steps_before_loading(tmp_path, capsys):
+    from fastvideo_nodes.cli import main
+    code = main(["generate", "--model", str(tmp_path / "missing.safetensors"), "--prompt", "a fox",
+                 "--output", str(tmp_path / "out.mp4"), "--exact-attention-steps", "-1"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == ("error: --exact-attention-steps must be a whole number of steps ≥ 0 "
+                                               "(0 = 8-bit on every step), got -1.")
+
+
 def test_attention_node_shows_status_and_schedule(tmp_path):
     import nodes as fv
     from fastvideo_nodes.pipeline.generator import ModelFiles, VideoGenerator
