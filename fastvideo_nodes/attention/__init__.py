@@ -4,8 +4,11 @@
 an explicit name (SetAttentionBackend node, `attention_backend=`, `--attention-backend`), the
 environment variable FASTVIDEO_ATTENTION_BACKEND, then "auto" (the fastest available backend as
 measured on this GPU, dtype and head size; see `auto.py`). One module per backend, each with
-`available() -> str | None` (None when usable, else how to install) and `attend(q, k, v, ...)`.
+`available() -> str | None` (None when usable, else how to install) and `attend(q, k, v, ...)`;
+`backend_status()` asks them all (the CLI's `backends` command and the attention node show it).
 Backend settings travel typed: `SlidingTileOptions` for SLIDING_TILE_ATTN (the only backend with any).
+The hybrid schedule (`backend_for_step`) runs exact attention in place of an 8-bit backend on the
+first and last N sampling steps; the DiT decides it per forward, outside its compiled blocks.
 """
 from __future__ import annotations
 

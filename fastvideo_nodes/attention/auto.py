@@ -8,7 +8,8 @@ noise), so both are asked. The fastest backend that passes wins. The figures, th
 are kept as one record per key, in memory and in the cache folder, so each probe runs once per
 machine; the key names the GPU, torch, the backends' package versions and PROBE_VERSION, so a new
 kernel is measured again. `last_choice()` returns the record behind the latest decision (for the
-generation result and the attention node). On CPU the answer is TORCH_SDPA without probing.
+generation result and the attention node); each key's decision is logged once per process, with
+every backend's figures (`summary`). On CPU the answer is TORCH_SDPA without probing.
 """
 from __future__ import annotations
 
