@@ -86,8 +86,9 @@ class LoadFastVideoModel:
 
 
 class SetAttentionBackend:
-    """Same weights, another attention kernel (or FASTVIDEO_ATTENTION_BACKEND / auto). Its text shows
-    every backend's status (usable, or why not and how to install it) and auto's decision."""
+    """Same weights, another attention kernel (or FASTVIDEO_ATTENTION_BACKEND / auto). Its text (ui and
+    the attention_report output) shows every backend's status (usable, or why not and how to install
+    it), auto's decision and the hybrid schedule."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -102,8 +103,8 @@ class SetAttentionBackend:
                                                "attention on the first and last N steps; 0 = 8-bit throughout"}),
         }}
 
-    RETURN_TYPES = (MODEL,)
-    RETURN_NAMES = ("model",)
+    RETURN_TYPES = (MODEL, "STRING")
+    RETURN_NAMES = ("model", "attention_report")  # the same text, for a Preview Any node
     FUNCTION = "apply"
     CATEGORY = CATEGORY
 
@@ -123,7 +124,8 @@ class SetAttentionBackend:
             options = SlidingTileOptions(window=_parse_window(sta_window), dense_steps=int(sta_dense_steps))
         name = None if backend == "auto" else backend
         gen = model.with_attention_backend(name, options, exact_steps=exact_steps)
-        return {"ui": {"text": report_lines(name, exact_steps)}, "result": (gen,)}
+        lines = report_lines(name, exact_steps)
+        return {"ui": {"text": lines}, "result": (gen, "\n".join(lines))}
 
 
 def _parse_window(text: str) -> tuple[int, int, int]:

@@ -173,13 +173,13 @@ def test_attention_node_shows_status_and_schedule(tmp_path):
     gen = VideoGenerator(ModelFiles(str(tmp_path / "m.safetensors")), LoadOptions(device="cpu"))
     node = fv.SetAttentionBackend()
     shown = node.apply(gen, "TORCH_SDPA", exact_steps=3)
-    (other,) = shown["result"]
+    other, report = shown["result"]
     assert other._parts is gen._parts and other.exact_attention_steps == 3 and gen.exact_attention_steps == 0
     text = shown["ui"]["text"]
     assert text[0] == "requested: TORCH_SDPA"
     assert text[1] == ("hybrid: TORCH_SDPA on the first and last 3 steps when the backend is 8-bit "
                        "(SAGE_ATTN, INT8_ATTN, KITCHEN_INT8), that backend in between")
-    assert text[2:] == describe_backends()
+    assert text[2:] == describe_backends() and report == "\n".join(text)
     auto_text = node.apply(gen, "auto")["ui"]["text"]
     assert auto_text[0] == "requested: AUTO"
     assert auto_text[1].startswith(("attention auto (", "auto: decided at the first sampling step"))
