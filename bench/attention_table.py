@@ -12,8 +12,12 @@ Then auto's decision at 32,760 × 12 (its guard figures per backend).
 
 --forward adds one compiled 1.3B DiT forward (random full-size weights built on the GPU, as in
 bench/speed.py) per usable backend at 480×832×81: warm seconds, compile warm-up, error vs exact.
+--hybrid adds the hybrid schedule: whole samplings (compiled 1.3B, 480×832×81, --hybrid-steps steps,
+one forward per step) with an 8-bit backend and exact attention on the first and last N steps, for
+several N: seconds and the final latents' relative error against an all-exact run (random weights:
+a proxy for how far the 8-bit error carries, not a quality score).
 
-    python bench/attention_table.py --out $OUT [--forward] [--backends INT8_ATTN,FLASH_ATTN_4]
+    python bench/attention_table.py --out $OUT [--forward] [--hybrid] [--backends INT8_ATTN,FLASH_ATTN_4]
 
 Writes table.md and attention_table.json to --out; prints one JSON line per measurement, then the table.
 """
@@ -176,6 +180,38 @@ def forward(names: list[str]):
             log(kind="forward", backend=name, error=repr(e)[:300])
 
 
+def hybrid(backend: str, steps: int, exact_counts=(0, 1, 2, 4)):
+    from bench.speed import random_dit
+    from fastvideo_nodes.pipeline.sampler import SamplingSettings, denoise, initial_noise
+    problem = backend_status().get(backend)
+    if problem:
+        log(kind="hybrid", backend=backend, unavailable=problem)
+        return
+    m = random_dit("1.3B").compile_blocks()
+    s = SamplingSettings(height=480, width=832, num_frames=81, steps=steps, guidance_scale=1.0)
+    ctx = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16,
+                      generator=torch.Generator(device="cuda").manual_seed(0))
+
+    def sample(name, n):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            z = denoise(m, initial_noise(s), ctx, None, s, attention_backend=name, exact_attention_steps=n)
+        torch.cuda.synchronize()
+        return z, time.perf_counter() - start
+
+    with torch.inference_mode():  # compile both graphs before anything is timed
+        x = initial_noise(s).cuda()
+        for name in ("TORCH_SDPA", backend):
+            m(x, torch.tensor([500.0], device="cuda"), ctx, attention_backend=name)
+    exact, exact_s = sample("TORCH_SDPA", 0)
+    log(kind="hybrid", backend="TORCH_SDPA", steps=steps, exact_steps=steps, s=round(exact_s, 2), rel_err=0.0)
+    for n in exact_counts:
+        z, secs = sample(backend, n)
+        log(kind="hybrid", backend=backend, steps=steps, exact_steps=n, s=round(secs, 2),
+            rel_err=round(((z - exact).norm() / exact.norm()).item(), 5))
+
+
 def table() -> str:
     lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, head dim {HEAD_DIM}, "
              "non-causal. Errors vs fp32 attention.", "",
@@ -208,6 +244,15 @@ def table() -> str:
             else:
                 lines.append(f"| {r['backend']} | {(r.get('unavailable') or r.get('error', '')).replace('|', '/')} "
                              "| | |")
+    hyb = [r for r in RESULTS if r["kind"] == "hybrid"]
+    if hyb:
+        lines += ["", "| backend | exact steps (first + last N) | sampling s | final latents rel err vs all-exact |",
+                  "|---|---|---|---|"]
+        for r in hyb:
+            if "s" in r:
+                lines.append(f"| {r['backend']} | {r['exact_steps']} of {r['steps']} | {r['s']} | {r['rel_err']} |")
+            else:
+                lines.append(f"| {r['backend']} | {r['unavailable'].replace('|', '/')} | | |")
     return "\n".join(lines)
 
 
@@ -216,7 +261,10 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--forward", action="store_true", help="also a compiled 1.3B DiT forward per backend")
     ap.add_argument("--backends", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
-    ap.add_argument("--no-kernels", action="store_true", help="skip the kernel table (with --forward)")
+    ap.add_argument("--no-kernels", action="store_true", help="skip the kernel table (with --forward/--hybrid)")
+    ap.add_argument("--hybrid", action="store_true", help="also the hybrid schedule: samplings for several N")
+    ap.add_argument("--hybrid-backend", default="INT8_ATTN", help="the 8-bit backend of --hybrid")
+    ap.add_argument("--hybrid-steps", type=int, default=20)
     args = ap.parse_args()
     names = [n.strip().upper() for n in args.backends.split(",") if n.strip()]
     os.makedirs(args.out, exist_ok=True)
@@ -230,6 +278,12 @@ def main():
             log(kind="auto_error", error=repr(e)[:300])
     if args.forward:
         forward(names)
+        torch.cuda.empty_cache()
+    if args.hybrid:
+        try:
+            hybrid(args.hybrid_backend.upper(), args.hybrid_steps)
+        except Exception as e:
+            log(kind="hybrid", backend=args.hybrid_backend, unavailable=f"failed: {e!r:.300}")
     md = table()
     print(md)
     with open(os.path.join(args.out, "attention_table.json"), "w") as f:
