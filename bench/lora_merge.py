@@ -55,7 +55,8 @@ def main():
         report = set_loras(dit, loras, backup_room=room)
         if args.device == "cuda":
             torch.cuda.synchronize()
-        row = dict(step=label, copies="gpu" if room else "host", wall_s=round(time.perf_counter() - t0, 3), patched=report.patched,
+        row = dict(step=label, copies="gpu" if room else "host", wall_s=round(time.perf_counter() - t0, 3),
+                   patched=report.patched,
                    gpu_gib=round(torch.cuda.memory_allocated() / 2**30, 2) if args.device == "cuda" else 0)
         rows.append(row)
         print(json.dumps(row), flush=True)
