@@ -1,4 +1,5 @@
-"""Command line: `python -m fastvideo_nodes generate ...` and `python -m fastvideo_nodes demo`.
+"""Command line: `python -m fastvideo_nodes generate ...`, `... demo` and `... backends` (every attention
+backend: usable here, or why not and how to install it).
 
 Exit codes: 0 done, 2 a bad input (one `error:` line, no traceback), 130 Ctrl-C, 143 SIGTERM.
 """
@@ -76,8 +77,11 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
                    help="fraction of steps with the unconditional pass (1 = off)")
     p.add_argument("--teacache-threshold", type=float, default=0.0, help="0 = off; 0.08 is typical for 1.3B")
     p.add_argument("--teacache-mode", default="default", choices=["default", "ret"])
-    p.add_argument("--attention-backend", default=None,
-                   help="auto, TORCH_SDPA, FLASH_ATTN, SAGE_ATTN, … (auto on a FastWan model: VIDEO_SPARSE_ATTN)")
+    p.add_argument("--attention-backend", default=None, help="auto, TORCH_SDPA, FLASH_ATTN, SAGE_ATTN, … "
+                   "(`python -m fastvideo_nodes backends` lists which run here; auto on a FastWan model: "
+                   "VIDEO_SPARSE_ATTN)")
+    p.add_argument("--exact-attention-steps", type=int, default=0, metavar="N",
+                   help="with an 8-bit attention backend: exact attention on the first and last N steps")
     p.add_argument("--sparsity", type=float, default=None,
                    help="VIDEO_SPARSE_ATTN (FastWan models): fraction of key tiles skipped, in [0, 1) (default 0.8)")
     p.add_argument("--device", default="cpu" if demo else None)
@@ -149,14 +153,17 @@ def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
     from .pipeline.generator import VideoGenerator, parse_sigmas
 
     _check_outputs(args)
+    from .attention import check_exact_steps
+    check_exact_steps(args.exact_attention_steps, "--exact-attention-steps")  # before anything loads
     loras = [parse_lora(text) for text in args.lora]
     sigmas = parse_sigmas(args.sigmas, "--sigmas")
     gen = VideoGenerator.from_pretrained(model, text_encoder=text_encoder, vae=vae, options=load_options(args),
                                          attention_backend=args.attention_backend, num_gpus=args.num_gpus,
-                                         loras=loras)
+                                         loras=loras, exact_attention_steps=args.exact_attention_steps)
     if args.sparsity is not None:
         from .attention.video_sparse import VideoSparseOptions
-        gen = gen.with_attention_backend(args.attention_backend, VideoSparseOptions(args.sparsity))
+        gen = gen.with_attention_backend(args.attention_backend, VideoSparseOptions(args.sparsity),
+                                         exact_steps=args.exact_attention_steps)
     try:
         result = gen.generate_video(
             args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
@@ -185,7 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_generation_args(sub.add_parser("generate", help="render a video from Wan2.1 model files"))
     _add_generation_args(sub.add_parser("demo", help="render a short mp4 with a tiny built-in random model (CPU)"),
                          demo=True)
+    sub.add_parser("backends", help="list the attention backends: usable here, or why not and how to install")
     args = parser.parse_args(argv)
+    if args.command == "backends":
+        from .attention import describe_backends
+        print("\n".join(describe_backends()))
+        return 0
     progress = _Progress("sampling")
     # Only the main thread may install handlers; an embedding program keeps its own elsewhere.
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else False

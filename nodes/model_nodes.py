@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import weakref
 
-from fastvideo_nodes.attention import BACKENDS, resolve_backend
+from fastvideo_nodes.attention import BACKENDS, check_exact_steps, report_lines, resolve_backend
 from fastvideo_nodes.attention.sliding_tile import SlidingTileOptions
 from fastvideo_nodes.attention.video_sparse import DEFAULT_SPARSITY, VideoSparseOptions, check_sparsity
 from fastvideo_nodes.errors import FastVideoError
@@ -88,7 +88,9 @@ class LoadFastVideoModel:
 
 class SetAttentionBackend:
     """Same weights, another attention kernel (or FASTVIDEO_ATTENTION_BACKEND / auto; auto is
-    VIDEO_SPARSE_ATTN for FastWan models, and only they can run it)."""
+    VIDEO_SPARSE_ATTN for FastWan models, and only they can run it). Its text (ui and the
+    attention_report output) shows every backend's status (usable, or why not and how to install
+    it), auto's decision and the hybrid schedule."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -98,26 +100,30 @@ class SetAttentionBackend:
         }, "optional": {
             "sta_window": ("STRING", {"default": "3,3,5", "tooltip": "SLIDING_TILE_ATTN: window in tiles (t,h,w)"}),
             "sta_dense_steps": ("INT", {"default": 0, "min": 0, "max": 1000}),
+            "exact_steps": ("INT", {"default": 0, "min": 0, "max": 1000,
+                                    "tooltip": "8-bit backends (SAGE_ATTN, INT8_ATTN, KITCHEN_INT8): exact "
+                                               "attention on the first and last N steps; 0 = 8-bit throughout"}),
             "sparsity": ("FLOAT", {"default": DEFAULT_SPARSITY, "min": 0.0, "max": 0.99, "step": 0.05,
                                    "tooltip": "VIDEO_SPARSE_ATTN (FastWan models): fraction of key tiles skipped"}),
         }}
 
-    RETURN_TYPES = (MODEL,)
-    RETURN_NAMES = ("model",)
+    RETURN_TYPES = (MODEL, "STRING")
+    RETURN_NAMES = ("model", "attention_report")  # the same text, for a Preview Any node
     FUNCTION = "apply"
     CATEGORY = CATEGORY
 
     @classmethod
-    def VALIDATE_INPUTS(cls, backend, sta_window="3,3,5", sparsity=DEFAULT_SPARSITY, **_):
+    def VALIDATE_INPUTS(cls, backend, sta_window="3,3,5", exact_steps=0, sparsity=DEFAULT_SPARSITY, **_):
         try:
             resolve_backend(backend)
             _parse_window(sta_window)
+            check_exact_steps(exact_steps, "exact_steps")
             check_sparsity(sparsity)
         except FastVideoError as e:
             return str(e)
         return True
 
-    def apply(self, model, backend, sta_window="3,3,5", sta_dense_steps=0, sparsity=DEFAULT_SPARSITY):
+    def apply(self, model, backend, sta_window="3,3,5", sta_dense_steps=0, exact_steps=0, sparsity=DEFAULT_SPARSITY):
         options: SlidingTileOptions | VideoSparseOptions | None = None
         if backend == "SLIDING_TILE_ATTN":
             options = SlidingTileOptions(window=_parse_window(sta_window), dense_steps=int(sta_dense_steps))
@@ -126,7 +132,10 @@ class SetAttentionBackend:
                 from fastvideo_nodes.models.wan_dit import NEEDS_FASTWAN
                 raise FastVideoError(NEEDS_FASTWAN)
             options = VideoSparseOptions(sparsity=sparsity)
-        return (model.with_attention_backend(None if backend == "auto" else backend, options),)
+        name = None if backend == "auto" else backend
+        gen = model.with_attention_backend(name, options, exact_steps=exact_steps)
+        lines = report_lines(name, exact_steps)
+        return {"ui": {"text": lines}, "result": (gen, "\n".join(lines))}
 
 
 def _parse_window(text: str) -> tuple[int, int, int]:

@@ -47,7 +47,8 @@ def test_auto_on_cpu_is_sdpa():
 
 
 def test_unknown_name_lists_valid_ones():
-    with pytest.raises(FastVideoError, match="unknown; valid names: auto, TORCH_SDPA, FLASH_ATTN, SAGE_ATTN"):
+    with pytest.raises(FastVideoError,
+                       match="unknown; valid names: auto, TORCH_SDPA, FLASH_ATTN, FLASH_ATTN_4, SAGE_ATTN"):
         resolve_backend("FLASHY")
 
 
@@ -58,7 +59,7 @@ def test_recognised_but_unsupported(name):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU these may be installed")
-@pytest.mark.parametrize("name,needle", [("FLASH_ATTN", "CUDA"), ("SAGE_ATTN", "CUDA")])
+@pytest.mark.parametrize("name,needle", [("FLASH_ATTN", "CUDA"), ("FLASH_ATTN_4", "CUDA"), ("SAGE_ATTN", "CUDA")])
 def test_gpu_backends_say_why_not_here(name, needle):
     with pytest.raises(FastVideoError, match=f"cannot run here: .*{needle}"):
         resolve_backend(name)

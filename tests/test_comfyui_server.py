@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 
 import pytest
 
@@ -47,11 +48,13 @@ def http(port, path, data=None, timeout=30):
 def server(tmp_path_factory):
     import torch
 
-    from fastvideo_nodes.testing.dit import TINY_DIT
+    from fastvideo_nodes.testing.dit import TINY_DIT, random_dit, save_original
     from fastvideo_nodes.testing.fastwan import build_fastwan_folder
     from fastvideo_nodes.testing.folders import build_model_set
     from fastvideo_nodes.testing.lora import save_random_lora
-    from fastvideo_nodes.testing.vae import random_vae, save_original
+    from fastvideo_nodes.testing.text_encoder import random_umt5, save_comfy
+    from fastvideo_nodes.testing.vae import random_vae
+    from fastvideo_nodes.testing.vae import save_original as save_vae
 
     base = tmp_path_factory.mktemp("comfy")
     files = build_model_set(str(base / "set"), seed=7)["comfy"]
@@ -60,9 +63,15 @@ def server(tmp_path_factory):
         os.makedirs(base / "models" / kind, exist_ok=True)
         shutil.copy(path, base / "models" / kind)
     os.makedirs(base / "models" / "vae", exist_ok=True)
-    save_original(random_vae(base_dim=96, seed=3).state_dict(),
+    save_vae(random_vae(base_dim=96, seed=3).state_dict(),
                   str(base / "models" / "vae" / "wan_vae_w96.safetensors"), dtype=torch.float16)
     save_random_lora(TINY_DIT, str(base / "models" / "loras" / "lora_tiny.safetensors"), seed=5)
+    # A DiT that ComfyUI's own Wan loader reads too: it assumes 128-wide heads and 4096-wide text.
+    native = replace(TINY_DIT, text_dim=4096)
+    save_original(random_dit(native, seed=11).state_dict(),
+                  str(base / "models" / "diffusion_models" / "wan2.1_t2v_tiny_native.safetensors"))
+    save_comfy(random_umt5(d_model=4096, d_kv=8, d_ff=64, seed=12),
+               str(base / "models" / "text_encoders" / "umt5_tiny_4096.safetensors"))
     # A tiny FastWan diffusers folder under the name the FastWan workflow loads.
     shutil.copytree(build_fastwan_folder(str(base / "fastwan_set"), seed=7),
                     base / "models" / "diffusion_models" / FASTWAN_FOLDER)
@@ -99,7 +108,8 @@ def server(tmp_path_factory):
         assert "FastVideoSampler" in info, open(base / "server.log").read()[-3000:]
         yield dict(port=port, base=base, out=out, info=info, files={
             "model": os.path.basename(files["model"]), "text_encoder": os.path.basename(files["text_encoder"]),
-            "vae": "wan_vae_w96.safetensors", "lora": "lora_tiny.safetensors"})
+            "vae": "wan_vae_w96.safetensors", "lora": "lora_tiny.safetensors",
+            "native_model": "wan2.1_t2v_tiny_native.safetensors", "native_text_encoder": "umt5_tiny_4096.safetensors"})
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -255,3 +265,50 @@ def test_bad_input_is_a_validation_error_and_server_lives(server):
     assert "num_frames must be 4n+1" in json.dumps(resp)
     assert http(server["port"], "/system_stats")[0] == 200
     assert http(server["port"], "/queue")[0] == 200
+
+
+def test_native_wan_and_ours_in_one_graph(server):
+    """ComfyUI's own Wan model (UNETLoader → KSampler → VAEDecode) and ours (same DiT file) in one
+    prompt, one after the other, sharing our text encoding and ComfyUI's model management."""
+    f = server["files"]
+    small = dict(width=SMALL["width"], height=SMALL["height"])
+    save = lambda images, prefix: [
+        {"class_type": "CreateVideo", "inputs": {"images": images, "fps": 16.0}},
+        {"class_type": "SaveVideo", "inputs": {"filename_prefix": prefix, "format": "auto", "codec": "auto"}}]
+    nodes = {
+        "load": {"class_type": "LoadFastVideoModel", "inputs": {
+            "model": f["native_model"], "text_encoder": f["native_text_encoder"], "vae": f["vae"],
+            "precision": "fp32", "weight_storage": "as_stored"}},
+        "text": {"class_type": "FastVideoEncodePrompt", "inputs": {
+            "model": ["load", 0], "prompt": "a fox in the snow", "negative_prompt": "blurry"}},
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": f["native_model"], "weight_dtype": "default"}},
+        "shift": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["unet", 0], "shift": 3.0}},
+        "empty": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {**small, "length": SMALL["num_frames"],
+                                                                      "batch_size": 1}},
+        "ksampler": {"class_type": "KSampler", "inputs": {
+            "model": ["shift", 0], "seed": 0, "steps": SMALL["steps"], "cfg": 5.0, "sampler_name": "uni_pc",
+            "scheduler": "simple", "positive": ["text", 0], "negative": ["text", 1], "latent_image": ["empty", 0],
+            "denoise": 1.0}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": f["vae"]}},
+        "native_decode": {"class_type": "VAEDecode", "inputs": {"samples": ["ksampler", 0], "vae": ["vae", 0]}},
+        "ours": {"class_type": "FastVideoSampler", "inputs": {
+            "model": ["load", 0], "positive": ["text", 0], "negative": ["text", 1], **small,
+            "num_frames": SMALL["num_frames"], "steps": SMALL["steps"], "cfg": 5.0, "shift": 3.0,
+            "scheduler": "unipc", "seed": 0, "cfg_gate": 1.0, "teacache_threshold": 0.0}},
+        "our_decode": {"class_type": "FastVideoDecodeVAE", "inputs": {"model": ["load", 0], "samples": ["ours", 0]}},
+        # our decoder on the native sampler's latent: the LATENT type is shared both ways
+        "cross_decode": {"class_type": "FastVideoDecodeVAE", "inputs": {"model": ["load", 0], "samples": ["ksampler", 0]}},
+    }
+    for images, prefix in ((["native_decode", 0], "mixed_native"), (["our_decode", 0], "mixed_ours"),
+                           (["cross_decode", 0], "mixed_cross")):
+        create, out = save(images, prefix)
+        nodes[f"{prefix}_video"] = create
+        out["inputs"]["video"] = [f"{prefix}_video", 0]
+        nodes[f"{prefix}_save"] = out
+    code, resp = http(server["port"], "/prompt", {"prompt": nodes})
+    assert code == 200, resp
+    status = wait_done(server["port"], resp["prompt_id"])["status"]
+    assert status["status_str"] == "success", status
+    for prefix in ("mixed_native", "mixed_ours", "mixed_cross"):
+        assert saved_video(server["out"], prefix) == (SMALL["num_frames"], SMALL["height"], SMALL["width"])
+    assert http(server["port"], "/system_stats")[0] == 200

@@ -268,7 +268,7 @@ def test_set_attention_node_offers_vsa_with_sparsity(folder, tmp_path):
     assert "VIDEO_SPARSE_ATTN" in backends["required"]["backend"][0]
     assert backends["optional"]["sparsity"][1]["default"] == 0.8
     gen = VideoGenerator.from_pretrained(folder, device="cpu")
-    (vsa,) = fv.SetAttentionBackend().apply(gen, "VIDEO_SPARSE_ATTN", sparsity=0.6)
+    vsa = fv.SetAttentionBackend().apply(gen, "VIDEO_SPARSE_ATTN", sparsity=0.6)["result"][0]
     assert vsa.attention_backend == "VIDEO_SPARSE_ATTN" and vsa.attention_options == VideoSparseOptions(0.6)
     assert vsa._parts is gen._parts
     plain = save_original(random_dit(TINY_DIT).state_dict(), str(tmp_path / "plain.safetensors"), dtype=None)

@@ -333,3 +333,16 @@ def test_pickle_loras_and_bad_strengths_are_refused(files, tmp_path):
     for s in (math.nan, math.inf, "1"):
         with pytest.raises(FastVideoError, match="strength for 'g.safetensors' must be a finite number"):
             set_loras(model, [(good, s)])
+
+
+def test_base_copies_stay_on_the_weights_device_only_when_they_fit():
+    from fastvideo_nodes.loading.lora import _backup_device
+    from fastvideo_nodes.models.wan_dit import WanDiT, WanDiTConfig
+    with torch.device("meta"):  # sizes and devices without any memory
+        dit = WanDiT(WanDiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2))
+    names = ["blocks.0.self_attn.q.weight", "blocks.1.ffn.0.weight"]
+    need = 64 * 64 * 4 + 128 * 64 * 4
+    assert _backup_device(dit, names, {}, room=need).type == "meta"
+    assert _backup_device(dit, names, {}, room=need - 1).type == "cpu"
+    # copies kept from an earlier merge are not counted again
+    assert _backup_device(dit, names, {"blocks.1.ffn.0.weight": None}, room=64 * 64 * 4).type == "meta"

@@ -136,11 +136,11 @@ def test_load_node_builds_load_options_and_takes_old_words(files, model):
 
 
 def test_set_attention_backend_shares_weights(model):
-    (sta,) = call(fv.SetAttentionBackend, model=model, backend="SLIDING_TILE_ATTN", sta_window="3,3,3")
+    sta = call(fv.SetAttentionBackend, model=model, backend="SLIDING_TILE_ATTN", sta_window="3,3,3")["result"][0]
     assert sta is not model and sta._parts is model._parts
     assert sta.attention_backend == "SLIDING_TILE_ATTN"
     assert sta.attention_options == SlidingTileOptions(window=(3, 3, 3))
-    (dense,) = call(fv.SetAttentionBackend, model=model, backend="TORCH_SDPA", sta_window="3,3,3")
+    dense = call(fv.SetAttentionBackend, model=model, backend="TORCH_SDPA", sta_window="3,3,3")["result"][0]
     assert dense.attention_options is None
     assert fv.SetAttentionBackend.VALIDATE_INPUTS(backend="auto") is True
     assert "sta_window must be three positive integers" in fv.SetAttentionBackend.VALIDATE_INPUTS(

@@ -4,9 +4,12 @@
 an explicit name (SetAttentionBackend node, `attention_backend=`, `--attention-backend`), the
 environment variable FASTVIDEO_ATTENTION_BACKEND, then "auto" (the fastest available backend as
 measured on this GPU, dtype and head size; see `auto.py`). One module per backend, each with
-`available() -> str | None` (None when usable, else how to install) and `attend(q, k, v, ...)`.
+`available() -> str | None` (None when usable, else how to install) and `attend(q, k, v, ...)`;
+`backend_status()` asks them all (the CLI's `backends` command and the attention node show it).
 Backend settings travel typed (`AttentionOptions`): `SlidingTileOptions` for SLIDING_TILE_ATTN,
 `VideoSparseOptions` for VIDEO_SPARSE_ATTN, whose self-attention also takes the block's per-token gate.
+The hybrid schedule (`backend_for_step`) runs exact attention in place of an 8-bit backend on the
+first and last N sampling steps; the DiT decides it per forward, outside its compiled blocks.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ ENV_VAR = "FASTVIDEO_ATTENTION_BACKEND"
 BACKENDS = {  # name → module in this package
     "TORCH_SDPA": "sdpa",
     "FLASH_ATTN": "flash",
+    "FLASH_ATTN_4": "flash4",
     "SAGE_ATTN": "sage",
     "SLIDING_TILE_ATTN": "sliding_tile",
     "INT8_ATTN": "int8",
@@ -39,15 +43,80 @@ UNSUPPORTED = {
     "SAGE_ATTN_THREE": "SageAttention3 runs FP4 tensor cores and needs a Blackwell GPU",
     "FLASH_ATTN_FP4": "FP4 FlashAttention needs a Blackwell GPU",
 }
-# Backends that use the video's geometry: they get the grid (and their options) and, under
-# torch.compile, stay visible to the compiler (FlexAttention) instead of the opaque dense op.
+# Backends that use the video's geometry: they get the grid and their options, and under
+# torch.compile they never go through the opaque dense op.
 AttentionOptions = SlidingTileOptions | VideoSparseOptions
 GEOMETRIC: dict[str, type[SlidingTileOptions] | type[VideoSparseOptions]] = {
     "SLIDING_TILE_ATTN": SlidingTileOptions, "VIDEO_SPARSE_ATTN": VideoSparseOptions}
+# 8-bit backends: close to exact, not equal. The hybrid schedule runs EXACT in their place on the first
+# and last steps, those most sensitive to attention error (layout is set early, fine detail late).
+APPROXIMATE = ("SAGE_ATTN", "INT8_ATTN", "KITCHEN_INT8")
+EXACT = "TORCH_SDPA"
 
 
 def backend_module(name: str):
     return importlib.import_module(f".{BACKENDS[name]}", __name__)
+
+
+def backend_status() -> dict[str, str | None]:
+    """Every backend name → None when it can run here, else why not and how to install it. Never raises:
+    a backend whose check itself fails is reported with the error."""
+    status: dict[str, str | None] = {}
+    for name in BACKENDS:
+        try:
+            status[name] = backend_module(name).available()
+        except Exception as e:  # a broken optional package must not break the listing
+            status[name] = f"its availability check failed: {e!r:.200}"
+    return status
+
+
+def describe_backends() -> list[str]:
+    """One line per backend name (usable, or why not + install hint), then the recognised names we
+    do not run: for `fastvideo-nodes backends` and the attention node's text."""
+    lines = [f"{name}: {'usable' if problem is None else 'not usable: ' + problem}"
+             for name, problem in backend_status().items()]
+    lines += [f"{name}: not supported: {why}" for name, why in UNSUPPORTED.items()]
+    return lines
+
+
+def report_lines(requested: str | None = None, exact_steps: int = 0) -> list[str]:
+    """What the attention node shows: the backend asked for, auto's latest decision in this process
+    (or when it will be made), the hybrid schedule, then describe_backends()."""
+    from . import auto
+    name = (requested or "auto").upper()
+    lines = [f"requested: {name}"]
+    if name == "AUTO":
+        record = auto.last_choice()
+        lines.append(auto.summary(record) if record else
+                     "auto: decided at the first sampling step, by measuring each usable backend once per GPU "
+                     "and shape bucket (kept on disk); the log and the generation result show the figures")
+    if exact_steps:
+        lines.append(f"hybrid: {EXACT} on the first and last {exact_steps} steps when the backend is 8-bit "
+                     f"({', '.join(APPROXIMATE)}), that backend in between")
+    return lines + describe_backends()
+
+
+def check_exact_steps(value, name: str = "exact_attention_steps") -> int:
+    """The hybrid schedule's N (exact attention on the first and last N steps): a whole number ≥ 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise FastVideoError(f"{name} must be a whole number of steps ≥ 0 (0 = 8-bit on every step), "
+                             f"got {value!r}.")
+    return value
+
+
+def backend_for_step(backend: str, step: int | None, num_steps: int | None, exact_steps: int = 0) -> str:
+    """The hybrid schedule: an 8-bit `backend` (APPROXIMATE) gives way to EXACT on the first and last
+    `exact_steps` of `num_steps` (0-based `step`); other backends, and calls outside a sampling loop
+    (step or num_steps None), keep `backend`. Decided per forward, outside compiled blocks, so compiled
+    blocks see two backend names in all (two graphs), not one per step."""
+    if exact_steps <= 0 or step is None or num_steps is None or backend not in APPROXIMATE:
+        return backend
+    return EXACT if step < exact_steps or step >= num_steps - exact_steps else backend
+
+
+def exact_step_indices(num_steps: int, exact_steps: int) -> list[int]:
+    """The 0-based steps that the hybrid schedule runs exact (for the generation record)."""
+    return [i for i in range(num_steps) if i < exact_steps or i >= num_steps - exact_steps]
 
 
 def resolve_backend(name: str | None) -> str:

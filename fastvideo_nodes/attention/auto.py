@@ -8,7 +8,8 @@ noise), so both are asked. The fastest backend that passes wins. The figures, th
 are kept as one record per key, in memory and in the cache folder, so each probe runs once per
 machine; the key names the GPU, torch, the backends' package versions and PROBE_VERSION, so a new
 kernel is measured again. `last_choice()` returns the record behind the latest decision (for the
-generation result and the attention node). On CPU the answer is TORCH_SDPA without probing.
+generation result and the attention node); each key's decision is logged once per process, with
+every backend's figures (`summary`). On CPU the answer is TORCH_SDPA without probing.
 """
 from __future__ import annotations
 
@@ -25,17 +26,19 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-CANDIDATES = ("TORCH_SDPA", "FLASH_ATTN", "SAGE_ATTN", "INT8_ATTN", "KITCHEN_INT8")
+CANDIDATES = ("TORCH_SDPA", "FLASH_ATTN", "FLASH_ATTN_4", "SAGE_ATTN", "INT8_ATTN", "KITCHEN_INT8")
 MIN_COSINE = 0.999
 MAX_REL_L2 = 0.03
-PROBE_VERSION = 2  # bump when the probe or a kernel of ours changes what it would measure
+PROBE_VERSION = 3  # bump when the probe or a kernel of ours changes what it would measure
 _PACKAGES = {  # backend → the distributions whose version changes its figures
-    "FLASH_ATTN": ("flash-attn", "flash_attn_3", "flash-attn-4"),
+    "FLASH_ATTN": ("flash-attn", "flash_attn_3"),
+    "FLASH_ATTN_4": ("flash-attn-4", "nvidia-cutlass-dsl"),
     "SAGE_ATTN": ("sageattention",),
     "INT8_ATTN": ("triton",),
     "KITCHEN_INT8": ("comfy-kitchen",),
 }
 _memo: dict[str, dict] = {}
+_logged: set[str] = set()  # keys whose decision this process has logged
 _last: dict | None = None
 
 
@@ -84,7 +87,21 @@ def decide(key: str, measure: Callable[[], dict]) -> dict:
         except OSError:
             pass
     _last = _memo[key]
+    if key not in _logged:  # once per shape bucket and process, measured now or read from the cache
+        _logged.add(key)
+        logger.info("%s", summary(_last))
     return _last
+
+
+def summary(record: dict) -> str:
+    """One line: the choice, why, and each backend's guard figures and time (or why it was rejected)."""
+    parts = []
+    for name, row in record.get("backends", {}).items():
+        figures = " ".join(f"{k} {row[k]}" for k in ("ms", "cosine", "rel_l2") if k in row)
+        parts.append(f"{name} {figures}".strip() + (f" rejected: {row['rejected']}" if row.get("rejected") else ""))
+    shape = f"{record.get('dtype')}, hd {record.get('head_dim')}, {record.get('tokens')} tokens"
+    return (f"attention auto ({shape}): {record.get('choice')} ({record.get('why')})"
+            + (f"; {'; '.join(parts)}" if parts else ""))
 
 
 def guard(cosine: float, rel_l2: float) -> str | None:
@@ -164,6 +181,6 @@ def probe(device, dtype: torch.dtype, head_dim: int, heads: int, tokens: int, mo
         why = f"fastest of {len(timed)} backends within cosine ≥ {MIN_COSINE} and L2 ≤ {MAX_REL_L2}"
     else:
         choice, why = "TORCH_SDPA", "no backend passed the accuracy guard; exact SDPA"
-    logger.info("attention auto: %s (%s)", choice, why)
     return {"choice": choice, "why": why, "dtype": str(dtype), "head_dim": head_dim, "heads": heads,
-            "tokens": tokens, "device": str(device), "backends": figures}
+            "tokens": tokens, "device": str(device), "guard": {"min_cosine": MIN_COSINE, "max_rel_l2": MAX_REL_L2},
+            "backends": figures}

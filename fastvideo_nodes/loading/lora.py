@@ -3,7 +3,9 @@
 Why merge instead of running LoRA branches: a merged DiT runs at full speed with every fast path
 (fp8 matmul, compiled blocks, offload) unchanged. Why keep backups: changing a LoRA's strength or
 removing it must not reload gigabytes from disk, so the first time a tensor is patched its stored
-form (dtype and fp8 scale) is copied to CPU, and `set_loras` always starts from those copies.
+form (dtype and fp8 scale) is copied aside, and `set_loras` always starts from those copies. The
+copies stay on the DiT's GPU when the caller says there is room for them (a device copy of a 14B is
+~30 ms; a host copy of its 27 GB costs seconds), else they go to host memory.
 
 Key layouts read (the suffix says what a tensor is, the rest names a module of the DiT):
 - original Wan names, `diffusion_model.` prefix: `.lora_down.weight`/`.lora_up.weight` (+ `.alpha`)
@@ -258,7 +260,7 @@ def _write(owner: nn.Module, attr: str, value: torch.Tensor, scale: torch.Tensor
 
 def restore(dit: nn.Module, keep_backup: bool = False) -> int:
     """Put every patched tensor back to its stored base form, bit for bit; returns how many.
-    keep_backup: keep the host copies (set_loras reuses them instead of copying the base again)."""
+    keep_backup: keep the base copies (set_loras reuses them instead of copying the base again)."""
     backup = getattr(dit, "lora_backup", {})
     with torch.no_grad():
         for name, (value, scale) in backup.items():
@@ -269,10 +271,18 @@ def restore(dit: nn.Module, keep_backup: bool = False) -> int:
     return count
 
 
-def set_loras(dit: nn.Module, loras: Sequence[tuple[str, float]]) -> MergeReport:
+def _backup_device(dit: nn.Module, names: list[str], old: dict, room: int) -> torch.device:
+    """Where the new base copies go: the weights' own device when they fit in `room` bytes."""
+    new = [_stored(dit, n)[2] for n in names if n not in old]
+    device = new[0].device if new else torch.device("cpu")
+    return device if sum(t.nbytes for t in new) <= room else torch.device("cpu")
+
+
+def set_loras(dit: nn.Module, loras: Sequence[tuple[str, float]], backup_room: int = 0) -> MergeReport:
     """Make `dit` the base plus exactly these (path, strength) LoRAs; [] restores the base exactly.
 
     All files are read and checked before the model is touched, so a bad LoRA leaves it unchanged.
+    backup_room: bytes the caller can spare on the weights' device for the base copies (0: host).
     """
     start = time.perf_counter()
     parsed = [read_lora(path, dit, strength) for path, strength in loras]
@@ -280,13 +290,14 @@ def set_loras(dit: nn.Module, loras: Sequence[tuple[str, float]]) -> MergeReport
     old: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = getattr(dit, "lora_backup", {})
     backup: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     targets = sorted({name for patches, _ in parsed for name in patches})
+    home = _backup_device(dit, targets, old, backup_room)
     with torch.no_grad():
         for name in targets:
             owner, attr, stored, scale = _stored(dit, name)
-            # The base is back in place; its host copy from the last merge is still exact. Plain copies:
-            # pinning ~27 GB for a 14B took most of a 30 s first merge (docs/benchmarks.md).
-            backup[name] = old.get(name) or (stored.detach().to("cpu", copy=True),
-                                             None if scale is None else scale.detach().to("cpu", copy=True))
+            # The base is back in place; its copy from the last merge is still exact. Host copies are
+            # plain: pinning ~27 GB for a 14B took most of a 30 s first merge (docs/benchmarks.md).
+            backup[name] = old.get(name) or (stored.detach().to(home, copy=True),
+                                             None if scale is None else scale.detach().to(home, copy=True))
             w = stored.float() * scale.float() if scale is not None else stored.float()
             for patches, report in parsed:
                 if name in patches and report.strength != 0:
@@ -302,5 +313,6 @@ def set_loras(dit: nn.Module, loras: Sequence[tuple[str, float]]) -> MergeReport
     for r in result.loras:
         (logger.warning if r.unmatched else logger.info)(r.summary())
     if loras:
-        logger.info("LoRA merge: %d DiT tensors patched in %.2f s", result.patched, result.seconds)
+        logger.info("LoRA merge: %d DiT tensors patched in %.2f s (base copies on %s)", result.patched,
+                    result.seconds, home)
     return result

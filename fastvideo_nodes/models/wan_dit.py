@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import AttentionOptions, AttentionSpec, resolve_backend
+from ..attention import AttentionOptions, AttentionSpec, backend_for_step, resolve_backend
 from ..errors import FastVideoError
 from ..ops import Linear, layer_norm_affine, layer_norm_modulate, linear_gelu, rms_norm, rms_norm_rope
 from .seams import Attention, BlockCache, ParallelPlan
@@ -277,14 +277,16 @@ class WanDiT(nn.Module):
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *,
                 attention_backend: str | None = None, attention_options: AttentionOptions | None = None,
                 step: int | None = None, cache: BlockCache | None = None,
-                parallel: ParallelPlan | None = None) -> torch.Tensor:
+                parallel: ParallelPlan | None = None, num_steps: int | None = None,
+                exact_attention_steps: int = 0) -> torch.Tensor:
         """Velocity prediction.
 
         x: latents in model space [B,16,T',H',W']; timestep: [B] in 0..1000; context: text
         embeddings [B,L,4096]. Returns float32 [B,16,T',H',W'].
         attention_backend: a name or None (env var, then auto); attention_options and step go to
         backends that use them (sliding tiles, video sparse). VIDEO_SPARSE_ATTN needs a FastWan
-        model (cfg.gate_compress).
+        model (cfg.gate_compress). step (0-based) of num_steps and exact_attention_steps N: an 8-bit
+        backend runs exact attention instead on the first and last N steps (hybrid schedule).
         cache(tokens, e, e0, run) may replace `run(tokens)` (TeaCache skips the blocks).
         parallel: a sequence-parallel plan with enter(tokens, rope, attn) → the local shard, its
         rope and an attention spec that exchanges heads, and exit(tokens) → the full sequence.
@@ -292,7 +294,8 @@ class WanDiT(nn.Module):
         tokens, grid = self.patchify(x)
         e, e0 = self.embed_time(timestep.to(x.device).reshape(-1).expand(x.shape[0]))
         context = self.embed_text(context)
-        backend = self.attention_backend_for(attention_backend, math.prod(grid))
+        backend = backend_for_step(self.attention_backend_for(attention_backend, math.prod(grid)),
+                                   step, num_steps, exact_attention_steps)
         if backend == "VIDEO_SPARSE_ATTN" and not self.cfg.gate_compress:
             raise FastVideoError(NEEDS_FASTWAN)
         # Only sparse backends look at the step; elsewhere it would make compiled blocks recompile per step.

@@ -164,7 +164,7 @@ class WorkerPool:
     # ------------------------------------------------------------------ running a job
 
     def sample(self, noise, positive, negative, settings, *, callback=None, cancel=None, stats=None,
-               attention_backend=None, attention_options=None, loras=()):
+               attention_backend=None, attention_options=None, loras=(), exact_attention_steps=0):
         """Run the sampler on every rank with these (path, strength) LoRAs merged into each rank's
         DiT; returns model-space latents [1,16,T',H',W'] float32 (CPU)."""
         with self._lock:  # one job at a time: messages of two callers must not mix
@@ -177,7 +177,7 @@ class WorkerPool:
             job_id = next(self._jobs)
             job = dict(settings=settings, noise=shared[0], positive=shared[1], negative=shared[2],
                        attention_backend=attention_backend, attention_options=attention_options or {},
-                       loras=[(str(p), float(s)) for p, s in loras])
+                       loras=[(str(p), float(s)) for p, s in loras], exact_attention_steps=exact_attention_steps)
             self._unfinished = job_id
             self._send_all(("sample", job_id, job))
             try:
@@ -522,7 +522,8 @@ def _run_job(link: _Link, rank: int, device, dit, plan, job_id: int, job: dict):
         with torch.inference_mode():
             out = denoise(dit, job["noise"], job["positive"], job["negative"], job["settings"],
                           attention_backend=job["attention_backend"], attention_options=job["attention_options"],
-                          callback=progress, cancel=cancel, parallel=plan, stats=stats)
+                          callback=progress, cancel=cancel, parallel=plan, stats=stats,
+                          exact_attention_steps=job.get("exact_attention_steps", 0))
         link.send(("doing", job_id, "while sending the result"))
         result = out.float().cpu().share_memory_() if rank == 0 else None
         counts = dict(cond_forwards=stats.cond_forwards, uncond_forwards=stats.uncond_forwards,

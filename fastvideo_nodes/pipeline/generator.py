@@ -310,8 +310,10 @@ def _latent_shape(latents: torch.Tensor) -> VideoShape:
 class VideoGenerator:
     def __init__(self, files: ModelFiles, options: LoadOptions | None = None, *,
                  attention_backend: str | None = None, attention_options: AttentionOptions | None = None,
-                 num_gpus: int = 1, gpu_ids: list[int] | None = None, loras=None, **load_keywords):
-        """options: how the models load (see LoadOptions); loras and load_keywords as in from_pretrained."""
+                 num_gpus: int = 1, gpu_ids: list[int] | None = None, loras=None, exact_attention_steps: int = 0,
+                 **load_keywords):
+        """options: how the models load (see LoadOptions); loras and load_keywords as in from_pretrained.
+        exact_attention_steps N: with an 8-bit attention backend, exact attention on the first and last N steps."""
         self.files = files
         self.loras = check_loras(loras)
         self.options = LoadOptions.from_keywords(options, **load_keywords)
@@ -324,17 +326,21 @@ class VideoGenerator:
             from ..attention import resolve_backend
             resolve_backend(attention_backend)  # fail early on an unknown or unavailable name
         self.attention_backend = attention_backend
+        from ..attention import check_exact_steps
+        self.exact_attention_steps = check_exact_steps(exact_attention_steps)
         self.num_gpus = int(num_gpus)
         if self.num_gpus < 1:
             raise FastVideoError(f"num_gpus must be at least 1, got {num_gpus}.")
         self.gpu_ids = gpu_ids
         self._parts = _shared_parts(files, self.options)
 
-    def with_attention_backend(self, name: str | None,
-                               options: AttentionOptions | None = None) -> VideoGenerator:
-        """A generator that shares this one's loaded weights but uses another attention backend."""
+    def with_attention_backend(self, name: str | None, options: AttentionOptions | None = None,
+                               exact_steps: int = 0) -> VideoGenerator:
+        """A generator that shares this one's loaded weights but uses another attention backend
+        (exact_steps: the hybrid schedule's N, see exact_attention_steps)."""
+        from ..attention import check_exact_steps, resolve_backend
+        check_exact_steps(exact_steps, "exact_steps")
         if name is not None:
-            from ..attention import resolve_backend
             resolve_backend(name)
         if options is not None and not isinstance(options, (SlidingTileOptions, VideoSparseOptions)):
             raise FastVideoError(f"attention options must be SlidingTileOptions or VideoSparseOptions, "
@@ -342,6 +348,7 @@ class VideoGenerator:
         other = copy.copy(self)
         other.attention_backend = name
         other.attention_options = options
+        other.exact_attention_steps = exact_steps
         return other
 
     def with_loras(self, loras) -> VideoGenerator:
@@ -365,22 +372,34 @@ class VideoGenerator:
         if list(getattr(dit, "loras", [])) == list(self.loras):
             return None
         from ..loading.lora import set_loras
-        report = set_loras(dit, self.loras)
+        report = set_loras(dit, self.loras, backup_room=self._spare_gpu_bytes())
         _buffers_to(dit, dit.text_embedding[0].weight.device)  # the device compile_blocks uses too
         return report
+
+    def _spare_gpu_bytes(self) -> int:
+        """GPU bytes the plan leaves free at its peak, for copies such as the LoRA base backup; 0 when
+        blocks stream (the room is the streaming's) or inside ComfyUI (its models may need it)."""
+        from ..memory.planner import DEFAULT_RESERVE
+        plan = self._parts.plan
+        if plan is None or plan.dit_blocks_streamed or self._parts.host is not None:
+            return 0
+        return max(0, plan.budget - plan.peak - DEFAULT_RESERVE)
 
     @classmethod
     def from_pretrained(cls, model, *, text_encoder=None, vae=None, options: LoadOptions | None = None,
                         attention_backend: str | None = None, num_gpus: int = 1,
-                        gpu_ids: list[int] | None = None, loras=None, **load_keywords) -> VideoGenerator:
+                        gpu_ids: list[int] | None = None, loras=None, exact_attention_steps: int = 0,
+                        **load_keywords) -> VideoGenerator:
         """model: a diffusers folder, or a DiT .safetensors with text_encoder= and vae= files.
         loras: [(path, strength), ...] merged into the DiT before it samples (see with_loras).
+        exact_attention_steps N: with an 8-bit attention backend (SAGE_ATTN, INT8_ATTN, KITCHEN_INT8,
+        or one `auto` picks), exact attention on the first and last N steps (0: 8-bit throughout).
         options: a LoadOptions (device, precision, weight_storage, compile, gpu_memory_gb,
         text_encoder_device). Those fields may also be given as keywords (they replace the ones of
         `options`), as may the older dtype=, weight_dtype=torch.float8_e4m3fn and fp8_matmul=True."""
         options = LoadOptions.from_keywords(options, **load_keywords)
         return cls(ModelFiles.resolve(model, text_encoder, vae), options, attention_backend=attention_backend,
-                   num_gpus=num_gpus, gpu_ids=gpu_ids, loras=loras)
+                   num_gpus=num_gpus, gpu_ids=gpu_ids, loras=loras, exact_attention_steps=exact_attention_steps)
 
     def with_parallel(self, num_gpus: int, gpu_ids: list[int] | None = None) -> VideoGenerator:
         """A generator whose sampling runs on a pool of `num_gpus` sequence-parallel workers; the
@@ -660,7 +679,8 @@ class VideoGenerator:
                 model_latents = self.pool().sample(noise, positive, negative, settings, callback=callback,
                                                    cancel=cancel, stats=stats,
                                                    attention_backend=self.attention_backend,
-                                                   attention_options=self.attention_options, loras=self.loras)
+                                                   attention_options=self.attention_options, loras=self.loras,
+                                                   exact_attention_steps=self.exact_attention_steps)
             else:
                 with _friendly_oom():
                     report = self._sync_loras()
@@ -670,7 +690,8 @@ class VideoGenerator:
                     model_latents = denoise(self.dit, noise, positive, negative, settings,
                                             attention_backend=self.attention_backend,
                                             attention_options=self.attention_options, callback=callback,
-                                            cancel=cancel, stats=stats)
+                                            cancel=cancel, stats=stats,
+                                            exact_attention_steps=self.exact_attention_steps)
         return model_to_raw(check_finite_latents(model_latents.float().cpu()))
 
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
@@ -820,15 +841,24 @@ class VideoGenerator:
             from ..video import write_video
             write_video(frames, output_path, fps=fps, overwrite=overwrite)
         return GenerationResult(frames=frames, latents=latents, timings=timings, stats=stats, output_path=output_path,
-                                attention=self.attention_used())
+                                attention=self.attention_used(settings.num_steps))
 
-    def attention_used(self) -> dict:
-        """{"requested": name} plus, for auto on this process's GPU, its latest decision ("choice", "why" and
-        the figures of each backend it measured). Worker pools decide in the workers: no decision here."""
-        from ..attention import auto, resolve_backend
+    def attention_used(self, num_steps: int | None = None) -> dict:
+        """{"requested": name} plus, for auto on this process's GPU, its latest decision ("choice", "why", the
+        guard and each backend's figures: cosine, rel_l2, ms or why rejected). Worker pools decide in the
+        workers: no decision here. With exact_attention_steps > 0, "hybrid": the schedule over num_steps."""
+        from ..attention import APPROXIMATE, EXACT, auto, exact_step_indices, resolve_backend
         requested = resolve_backend(self.attention_backend)
-        if requested == "AUTO" and self.dit_config().gate_compress:
-            return {"requested": requested, "choice": "VIDEO_SPARSE_ATTN",
-                    "why": "a FastWan checkpoint, distilled with video sparse attention"}
         record = auto.last_choice() if requested == "AUTO" and self.num_gpus == 1 else None
-        return {"requested": requested, **(record or {})}
+        if requested == "AUTO" and self.dit_config().gate_compress:
+            record = {"choice": "VIDEO_SPARSE_ATTN",
+                      "why": "a FastWan checkpoint, distilled with video sparse attention"}
+        used = {"requested": requested, **(record or {})}
+        if self.exact_attention_steps:
+            backend = used.get("choice", requested)
+            applies = backend in APPROXIMATE or backend == "AUTO"  # AUTO: decided in the workers
+            used["hybrid"] = {"exact_steps": self.exact_attention_steps, "exact_backend": EXACT,
+                              "applies": applies,
+                              "exact_at": exact_step_indices(num_steps, self.exact_attention_steps)
+                              if num_steps is not None and applies else []}
+        return used

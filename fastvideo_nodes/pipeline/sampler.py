@@ -169,12 +169,14 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
             settings: SamplingSettings, *, attention_backend: str | None = None,
             attention_options: AttentionOptions | None = None, callback: Callable | None = None,
             cancel: Callable[[], bool] | None = None,
-            parallel=None, stats: SamplingStats | None = None) -> torch.Tensor:
+            parallel=None, stats: SamplingStats | None = None, exact_attention_steps: int = 0) -> torch.Tensor:
     """Run the sampler. Returns model-space latents, float32, on the DiT's device.
 
     noise: [1,16,T',H',W'] float32; positive/negative: text embeddings [1,L,text_dim].
     callback(step, total, x0): after each step with the model-space x0 estimate (for previews).
     cancel(): checked before each step; returning True stops with CancelledError.
+    exact_attention_steps N: an 8-bit attention backend gives way to exact attention on the first and
+    last N steps (the hybrid schedule; the DiT decides per forward).
     """
     settings.validate()
     stats = stats if stats is not None else SamplingStats()
@@ -199,7 +201,8 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
         if cache is not None:
             cache.step = step
         return dit(x, t, context, attention_backend=attention_backend, attention_options=attention_options,
-                   step=step, cache=cache, parallel=parallel)
+                   step=step, cache=cache, parallel=parallel, num_steps=n,
+                   exact_attention_steps=exact_attention_steps)
 
     x = noise.to(device, torch.float32)
     delta: torch.Tensor | None = None

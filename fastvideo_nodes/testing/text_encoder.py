@@ -12,11 +12,14 @@ from .dit import quantize_fp8, randomize_
 from .tokenizer import VOCAB_SIZE, spiece_model
 
 
-def random_umt5(d_model: int = 32, seed: int = 0):
-    """transformers UMT5EncoderModel, 2 layers, 4 heads of 8, seeded random weights (fp32)."""
+def random_umt5(d_model: int = 32, seed: int = 0, *, d_kv: int | None = None, d_ff: int | None = None):
+    """transformers UMT5EncoderModel, 2 layers, 4 heads (of d_model/4 unless d_kv), seeded random weights (fp32).
+    A small d_kv/d_ff with d_model 4096 gives the real output width at a tiny size (ComfyUI's native Wan
+    model reads 4096-wide text)."""
     from transformers import UMT5Config, UMT5EncoderModel
-    fields: dict[str, Any] = dict(vocab_size=VOCAB_SIZE, d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model,
-                                  num_layers=2, num_heads=4, relative_attention_num_buckets=32,
+    fields: dict[str, Any] = dict(vocab_size=VOCAB_SIZE, d_model=d_model, d_kv=d_kv or d_model // 4,
+                                  d_ff=d_ff or 2 * d_model, num_layers=2, num_heads=4,
+                                  relative_attention_num_buckets=32,
                                   feed_forward_proj="gated-gelu", tie_word_embeddings=False, is_encoder_decoder=False)
     cfg = UMT5Config(**fields)
     torch.manual_seed(seed)

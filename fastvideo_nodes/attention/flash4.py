@@ -1,0 +1,66 @@
+"""FLASH_ATTN_4: FlashAttention 4, `flash_attn.cute.flash_attn_func` from the PyPI `flash-attn-4` package.
+
+Its kernels are written in NVIDIA's CuTe Python DSL and compiled on first call, so it installs without a
+compiler but needs `nvidia-cutlass-dsl` at a version its release was tested with. The forward runs on
+Hopper and Blackwell (compute capability 9.0+), fp16/bf16, head dims 64/96/128 on Hopper. It takes
+[B, S, H, D] as we do and returns (out, lse). A backend of its own rather than a FLASH_ATTN fallback, so
+`auto` measures it apart from FA2/FA3 (users report it level with FA3 on Hopper).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# The pair to try first on Hopper, not yet confirmed there (an earlier 4.8.1 install failed at
+# `import cutlass.cute`); once a GPU run confirms a pair, name it in INSTALL.
+TRY_FIRST = "flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1"
+INSTALL = "`pip install flash-attn-4 nvidia-cutlass-dsl` (a cutlass-dsl version its release was tested with)"
+HEAD_DIMS = (64, 96, 128)
+
+
+@functools.cache
+def _import() -> tuple:
+    """(flash_attn_func, None) or (None, why the import failed)."""
+    try:
+        from flash_attn.cute import flash_attn_func
+        return flash_attn_func, None
+    except Exception as e:  # ImportError, or a CuTe DSL that fails while loading
+        return None, e
+
+
+def import_problem() -> str | None:
+    fn, error = _import()
+    if fn is not None:
+        return None
+    missing = getattr(error, "name", None) if isinstance(error, ModuleNotFoundError) else None
+    if missing in ("flash_attn", "flash_attn.cute"):
+        return f"flash-attn-4 is not installed: {INSTALL}."
+    # Installed but broken, usually an nvidia-cutlass-dsl version it was not built against.
+    return (f"flash-attn-4 is installed but `flash_attn.cute` does not import ({error!r:.160}); "
+            f"reinstall a matching pair: {INSTALL}.")
+
+
+def _capability() -> tuple[int, int]:
+    return torch.cuda.get_device_capability()
+
+
+def available() -> str | None:
+    if not torch.cuda.is_available():
+        missing = import_problem()  # worth saying here too: the listing is how users find the install line
+        return "FlashAttention 4 needs a CUDA GPU (Hopper or newer)" + (f"; {missing}" if missing else ".")
+    major, minor = _capability()
+    if major < 9:
+        return (f"FlashAttention 4 runs on Hopper or newer (compute capability 9.0+); this GPU is "
+                f"{major}.{minor}. Use FLASH_ATTN (FlashAttention 2) or TORCH_SDPA.")
+    return import_problem()
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q: [B, Sq, H, D], k/v: [B, Sk, H, D] → [B, Sq, H, D]."""
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in HEAD_DIMS:
+        from . import sdpa  # outside what its kernels cover: stay exact rather than fail
+        return sdpa.attend(q, k, v)
+    fn, _ = _import()
+    out = fn(q, k, v, causal=False)
+    return out[0] if isinstance(out, tuple) else out  # (out, lse); lse is None unless asked for
