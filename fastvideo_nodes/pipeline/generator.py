@@ -202,6 +202,7 @@ class _Components:
         self.plan: Any = None
         self.sizes: Any = None
         self.budget: int | None = None
+        self.capped: torch.device | None = None  # the device whose allocator _budget capped
         self.homes: dict[str, Any] = {}
         self.host: Any = None  # a memory host (ComfyUI's model management), see set_memory_host
         self.prompts = PromptCache()
@@ -433,13 +434,18 @@ class VideoGenerator:
     def _budget(self) -> int | None:
         """GPU bytes to plan for (the user's gpu_memory_gb, else the host's view, else free memory),
         measured once per load; None on a CPU device without gpu_memory_gb (nothing to plan)."""
-        from ..memory.planner import budget_bytes
+        from ..memory.planner import budget_bytes, cap_allocator
         parts = self._parts
         if parts.budget is None:
-            if self.options.gpu_memory_gb is None and self.device.type != "cuda":
+            gb = self.options.gpu_memory_gb
+            if gb is None and self.device.type != "cuda":
                 return None
-            free = parts.host.budget(self.device) if parts.host is not None else None
-            parts.budget = budget_bytes(self.device, gpu_memory_gb=self.options.gpu_memory_gb, free_bytes=free)
+            if gb is not None and self.device.type == "cuda" and parts.host is None:
+                parts.budget = cap_allocator(self.device, gb)  # a whole-card budget, held by the allocator
+                parts.capped = self.device
+            else:
+                free = parts.host.budget(self.device) if parts.host is not None else None
+                parts.budget = budget_bytes(self.device, gpu_memory_gb=gb, free_bytes=free)
         return parts.budget
 
     def _text_encoder_elsewhere(self) -> bool:
@@ -745,6 +751,10 @@ class VideoGenerator:
             self._parts.release()
             self._parts.budget = None
             self._parts.load_s = 0.0
+            if self._parts.capped is not None:
+                from ..memory.planner import uncap_allocator
+                uncap_allocator(self._parts.capped)
+                self._parts.capped = None
         import gc
         gc.collect()
         if torch.cuda.is_available():
