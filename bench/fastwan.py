@@ -123,7 +123,8 @@ def run(folder: str, args) -> None:
         t = r.timings
         log(kind="call", impl="ours (FastWan defaults)", size=args.size, call=call, total_s=round(total, 2),
             encode_s=round(t.get("encode_s", 0), 3), denoise_s=round(t.get("sample_s", 0), 2),
-            decode_s=round(t.get("decode_s", 0), 2), forwards=r.stats.cond_forwards + r.stats.uncond_forwards if r.stats else None,
+            decode_s=round(t.get("decode_s", 0), 2),
+            forwards=r.stats.cond_forwards + r.stats.uncond_forwards if r.stats else None,
             card_peak_gib=round(card.peak, 2), attention=r.attention, compile=args.compile)
         release()
     gen.close()
