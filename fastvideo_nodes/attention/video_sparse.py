@@ -131,8 +131,10 @@ def block_mask(chosen: torch.Tensor, lay: Layout) -> BlockMask:
     """A BlockMask of 64-token blocks from the chosen tiles: full tiles as full blocks, the others as
     partial blocks under the mask. Indices come first in each row, in ascending order.
 
-    The kernel visits only the listed blocks; the mask_mod states the same choice token by token
-    (eager flex_attention, used on the CPU, evaluates only the mask_mod) and drops padded keys.
+    The kernel visits only the listed blocks, so on the GPU the mask_mod only drops padded keys: one
+    gather per element instead of two (the second, of the chosen-tile table, dominated the partial
+    blocks). Eager flex_attention (the CPU) evaluates only the mask_mod, which then states the choice
+    token by token too.
     """
     n = lay.num_tiles
     is_full = lay.full[chosen]
@@ -143,15 +145,19 @@ def block_mask(chosen: torch.Tensor, lay: Layout) -> BlockMask:
 
     full_num, full_idx = first(is_full)
     part_num, part_idx = first(~is_full)
-    picked = torch.zeros((*chosen.shape[:-1], n), dtype=torch.bool, device=chosen.device)
-    picked.scatter_(-1, chosen, True)
     valid = lay.valid
+    if chosen.is_cuda:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return valid[kv_idx]
+    else:
+        picked = torch.zeros((*chosen.shape[:-1], n), dtype=torch.bool, device=chosen.device)
+        picked.scatter_(-1, chosen, True)
 
-    def chosen_real_keys(b, h, q_idx, kv_idx):
-        return picked[b, h, q_idx // TILE_TOKENS, kv_idx // TILE_TOKENS] & valid[kv_idx]
+        def mask_mod(b, h, q_idx, kv_idx):
+            return picked[b, h, q_idx // TILE_TOKENS, kv_idx // TILE_TOKENS] & valid[kv_idx]
 
     return BlockMask.from_kv_blocks(part_num, part_idx, full_num, full_idx, BLOCK_SIZE=TILE_TOKENS,
-                                    mask_mod=chosen_real_keys, seq_lengths=(n * TILE_TOKENS, n * TILE_TOKENS),
+                                    mask_mod=mask_mod, seq_lengths=(n * TILE_TOKENS, n * TILE_TOKENS),
                                     compute_q_blocks=False)
 
 

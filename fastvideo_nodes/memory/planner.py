@@ -259,7 +259,7 @@ def cap_allocator(device, gpu_memory_gb: float) -> int:
     Without a cap, blocks freed by one phase stay reserved while the next phase allocates others: a
     14B run planned for 24 GiB peaked at 21.4 GiB allocated but 33.8 GiB on the card. With a per-process
     fraction the allocator returns cached blocks to the driver before it would pass the cap."""
-    device = torch.device(device)
+    device = _indexed(device)
     budget = budget_bytes(device, gpu_memory_gb=gpu_memory_gb) - CONTEXT_BYTES
     if budget <= 0:
         raise FastVideoError(f"gpu_memory_gb {gpu_memory_gb} leaves nothing after the ~{CONTEXT_BYTES / GiB:.0f} GiB "
@@ -270,7 +270,13 @@ def cap_allocator(device, gpu_memory_gb: float) -> int:
 
 
 def uncap_allocator(device) -> None:
-    torch.cuda.set_per_process_memory_fraction(1.0, torch.device(device))
+    torch.cuda.set_per_process_memory_fraction(1.0, _indexed(device))
+
+
+def _indexed(device) -> torch.device:
+    """"cuda" → "cuda:N" of the current device (the allocator's settings are per device)."""
+    device = torch.device(device)
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def placement_rank(p: Placement) -> int:
