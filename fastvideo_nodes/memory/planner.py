@@ -248,37 +248,6 @@ def budget_bytes(device, *, gpu_memory_gb: float | None = None, free_bytes: int 
     return torch.cuda.mem_get_info(device)[0]
 
 
-# What a process holds on the card outside torch's allocator (CUDA context, cuBLAS/cuDNN handles):
-# 0.5–1 GiB on Hopper with CUDA 12/13. A user's gpu_memory_gb is for the whole card, context included.
-CONTEXT_BYTES = GiB
-
-
-def cap_allocator(device, gpu_memory_gb: float) -> int:
-    """Hold torch's caching allocator under the user's whole-card budget; returns the bytes left to plan.
-
-    Without a cap, blocks freed by one phase stay reserved while the next phase allocates others: a
-    14B run planned for 24 GiB peaked at 21.4 GiB allocated but 33.8 GiB on the card. With a per-process
-    fraction the allocator returns cached blocks to the driver before it would pass the cap."""
-    device = _indexed(device)
-    budget = budget_bytes(device, gpu_memory_gb=gpu_memory_gb) - CONTEXT_BYTES
-    if budget <= 0:
-        raise FastVideoError(f"gpu_memory_gb {gpu_memory_gb} leaves nothing after the ~{CONTEXT_BYTES / GiB:.0f} GiB "
-                             "a CUDA process needs for itself; give at least 4.")
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
-    return budget
-
-
-def uncap_allocator(device) -> None:
-    torch.cuda.set_per_process_memory_fraction(1.0, _indexed(device))
-
-
-def _indexed(device) -> torch.device:
-    """"cuda" → "cuda:N" of the current device (the allocator's settings are per device)."""
-    device = torch.device(device)
-    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
-
-
 def placement_rank(p: Placement) -> int:
     """cpu < on_demand < resident: more GPU use ranks higher (for monotonicity checks)."""
     return _RANK[p]
