@@ -258,18 +258,24 @@ def table() -> str:
     return "\n".join(rows)
 
 
-def main():
+def common_args() -> argparse.ArgumentParser:
+    """The options every end-to-end bench shares (this one, fewstep.py, fastwan.py)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--models", default="/tmp/e2e_models", help="where the random model folders are written")
     ap.add_argument("--size", default="1.3B", choices=list(SIZES))
     ap.add_argument("--device", default="cuda", help="cpu only to smoke-test the script with --size tiny")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=832)
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--compile", action="store_true")
+    return ap
+
+
+def main():
+    ap = common_args()
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--gpu-memory-gb", type=float, default=None, help="ours: the memory budget (None: fit the card)")
     ap.add_argument("--backends", default="TORCH_SDPA,auto", help="ours: attention backends, one run each")
     ap.add_argument("--parts", default="build,diffusers,ours")

@@ -16,7 +16,6 @@ Random weights: speed does not depend on the values (see bench/e2e.py).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -134,15 +133,7 @@ def run(folder: str, args) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
-    ap.add_argument("--models", default="/tmp/e2e_models", help="where the random model folders are written")
-    ap.add_argument("--size", default="1.3B", choices=list(e2e.SIZES))
-    ap.add_argument("--device", default="cuda", help="cpu only to smoke-test the script with --size tiny")
-    ap.add_argument("--height", type=int, default=480)
-    ap.add_argument("--width", type=int, default=832)
-    ap.add_argument("--frames", type=int, default=81)
-    ap.add_argument("--compile", action="store_true")
+    ap = e2e.common_args()
     ap.add_argument("--parts", default="kernel,e2e")
     args = ap.parse_args()
     e2e.DEVICE = args.device
