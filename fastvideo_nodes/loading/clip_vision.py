@@ -1,7 +1,7 @@
 """Load the CLIP vision image encoder: Comfy-Org `clip_vision_h.safetensors` or a diffusers `image_encoder/`.
 
 Both use transformers' tensor names (`vision_model.*`, maybe `visual_projection.weight`, which Wan
-does not use). The architecture comes from the folder's config.json or, for a single file, from the
+does not use; folders saved by transformers 5 drop the `vision_model.` prefix). The architecture comes from the folder's config.json or, for a single file, from the
 tensor shapes; a single file carries no head count, so the ViT-H convention (head size 80) is used.
 Preprocessing: the diffusers folder's `image_processor/preprocessor_config.json`, else CLIP's defaults
 (224, centre crop, OpenAI mean/std; what Wan and ComfyUI use).
@@ -15,7 +15,7 @@ import os
 import torch
 
 from ..errors import ModelFileError
-from ..models.clip_vision import ImageEncoder
+from ..models.clip_vision import ImageEncoder, vision_tower
 from . import detect
 from .bounds import bounded, layer_count, need
 from .files import read_json
@@ -26,7 +26,7 @@ ROLE = "Image encoder"
 LAYERS = r"^vision_model\.encoder\.layers\.(\d+)\."
 EMB = "vision_model.embeddings."
 # The projection head (CLIPVisionModelWithProjection) and position ids are not weights Wan uses.
-RULES = Rules(skip=lambda n: n in ("visual_projection.weight", EMB + "position_ids") or n.endswith("scaled_fp8"))
+RULES = Rules(skip=lambda n: n == "visual_projection.weight" or n.endswith(("embeddings.position_ids", "scaled_fp8")))
 HEAD_DIM = 80  # ViT-H/14: 1280 = 16 heads × 80
 PROCESSOR_KEYS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
                   "do_normalize", "image_mean", "image_std", "do_convert_rgb")
@@ -73,7 +73,10 @@ def _config_from_json(config: dict, role: str):
 def _processor(folder: str | None, image_size: int, role: str):
     """transformers' CLIP image processor (its PIL backend: no torchvision needed), from the diffusers
     image_processor/ folder next to image_encoder/ when there is one, else CLIP's defaults."""
-    from transformers import CLIPImageProcessorPil
+    try:
+        from transformers import CLIPImageProcessorPil as Processor  # transformers 5
+    except ImportError:
+        from transformers import CLIPImageProcessor as Processor  # 4.x: the PIL/numpy one
     kwargs: dict = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
     cfg_path = os.path.join(os.path.dirname(os.path.abspath(folder)), "image_processor",
                             "preprocessor_config.json") if folder else None
@@ -84,7 +87,7 @@ def _processor(folder: str | None, image_size: int, role: str):
                                  "processor is expected.")
         kwargs.update({k: cfg[k] for k in PROCESSOR_KEYS if k in cfg})
     try:
-        processor = CLIPImageProcessorPil(**kwargs)
+        processor = Processor(**kwargs)
     except (TypeError, ValueError) as e:
         raise ModelFileError(f"{role}: {cfg_path!r} is not a valid CLIP image processor config ({e}).") from None
     crop = processor.crop_size if processor.do_center_crop else processor.size
@@ -106,6 +109,10 @@ def load_image_encoder(path: str, *, device="cpu", dtype: torch.dtype = torch.fl
     if any(k.startswith("visual.transformer.") for k in source.header):
         raise ModelFileError(f"{role}: {path!r} uses open_clip's tensor names (visual.transformer.*); load the "
                              "transformers-named file instead (Comfy-Org clip_vision_h.safetensors).")
+    # Shapes are read in the files' usual names (vision_model.*), which a folder saved by transformers 5 lacks.
+    if not any(k.startswith("vision_model.") for k in source.header):
+        source.rename = lambda n: n if n.startswith("visual_projection.") else "vision_model." + n
+    canonical = source.rename
     shapes = source.shapes(RULES)
     if where.config is not None:
         cfg = _config_from_json(where.config, role)
@@ -115,8 +122,10 @@ def load_image_encoder(path: str, *, device="cpu", dtype: torch.dtype = torch.fl
     processor = _processor(where.folder, int(cfg.image_size), role)
     with torch.device("meta"):
         model = CLIPVisionModel(cfg)
+    if not hasattr(model, "vision_model"):  # transformers 5 dropped the wrapper module
+        source.rename = lambda n: canonical(n).removeprefix("vision_model.")
     # position_ids is a non-persistent buffer (0..N-1), made here rather than read from the file.
-    emb = model.vision_model.embeddings
+    emb = vision_tower(model).embeddings
     n = emb.position_ids.shape[-1]
     del emb._buffers["position_ids"]
     materialize(model, source, role=role, dtype=dtype, device=device, rules=RULES)

@@ -27,7 +27,9 @@ def kind_of(keys) -> str:
         return "wan_i2v"
     if any(k.startswith("condition_embedder.image_embedder.") or ".add_k_proj." in k for k in s):
         return "wan_i2v_diffusers"
-    if any(k.startswith(("vision_model.encoder.layers.", "visual.transformer.resblocks.")) for k in s):
+    # transformers 5 writes CLIPVisionModel without its `vision_model.` prefix
+    if "embeddings.class_embedding" in s or \
+            any(k.startswith(("vision_model.encoder.layers.", "visual.transformer.resblocks.")) for k in s):
         return "clip_vision"
     # Wan is recognised by its head (as ComfyUI does) or, for a file that lacks the head, by its
     # first layers, so that the loader can say which part is missing.

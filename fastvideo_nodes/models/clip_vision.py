@@ -13,6 +13,11 @@ from typing import Any
 import torch
 
 
+def vision_tower(model: Any) -> Any:
+    """The module holding embeddings/encoder: `model.vision_model` in transformers 4, the model itself in 5."""
+    return getattr(model, "vision_model", model)
+
+
 class ImageEncoder:
     """model: a transformers CLIPVisionModel; processor: a transformers CLIP image processor."""
 
@@ -22,11 +27,11 @@ class ImageEncoder:
 
     @property
     def device(self) -> torch.device:
-        return self.model.vision_model.embeddings.patch_embedding.weight.device
+        return vision_tower(self.model).embeddings.patch_embedding.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.vision_model.embeddings.patch_embedding.weight.dtype
+        return vision_tower(self.model).embeddings.patch_embedding.weight.dtype
 
     @property
     def width(self) -> int:

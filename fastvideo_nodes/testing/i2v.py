@@ -58,7 +58,8 @@ def random_clip_vision(seed: int = 0, layers: int = 3):
 
 def save_clip_comfy(model, path: str, dtype: torch.dtype | None = torch.float16, seed: int = 0) -> str:
     """clip_vision_h.safetensors layout: transformers names plus the projection head Wan does not use."""
-    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    sd = {("" if k.startswith("vision_model.") else "vision_model.") + k: v
+          for k, v in model.state_dict().items() if not k.endswith("position_ids")}
     g = torch.Generator().manual_seed(seed)
     sd["visual_projection.weight"] = torch.randn(64, CLIP_WIDTH, generator=g)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
