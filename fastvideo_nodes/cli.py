@@ -54,6 +54,10 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
         p.add_argument("--model", required=True, help="diffusers folder or Wan2.1 DiT .safetensors")
         p.add_argument("--text-encoder", help="UMT5 .safetensors (needed with a single-file model)")
         p.add_argument("--vae", help="Wan 2.1 VAE .safetensors (needed with a single-file model)")
+        p.add_argument("--image", default=None, metavar="FILE",
+                       help="start image (PNG/JPEG/WebP) of an image-to-video model; resized to --width x --height")
+        p.add_argument("--image-encoder", default=None, metavar="FILE",
+                       help="CLIP vision .safetensors of an image-to-video model (clip_vision_h.safetensors)")
     p.add_argument("--prompt", default="A red fox trotting through fresh snow at dawn, cinematic" if demo else None,
                    required=not demo)
     p.add_argument("--negative-prompt", default=None, help="default: Wan 2.1's negative prompt")
@@ -150,7 +154,7 @@ def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
     sigmas = parse_sigmas(args.sigmas, "--sigmas")
     gen = VideoGenerator.from_pretrained(model, text_encoder=text_encoder, vae=vae, options=load_options(args),
                                          attention_backend=args.attention_backend, num_gpus=args.num_gpus,
-                                         loras=loras)
+                                         loras=loras, image_encoder=getattr(args, "image_encoder", None))
     try:
         result = gen.generate_video(
             args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
@@ -158,7 +162,8 @@ def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
             flow_shift=args.shift, scheduler=args.scheduler, seed=args.seed, sigmas=sigmas, spacing=args.spacing,
             cfg_gate=args.cfg_gate,
             teacache_threshold=args.teacache_threshold, teacache_mode=args.teacache_mode,
-            output_path=args.output, callback=progress, fps=args.fps, overwrite=args.overwrite)
+            output_path=args.output, callback=progress, fps=args.fps, overwrite=args.overwrite,
+            image=getattr(args, "image", None))
     finally:
         gen.close()
     if args.latents_out:
@@ -174,7 +179,8 @@ def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastvideo_nodes", description="Fast Wan2.1 text-to-video.")
+    parser = argparse.ArgumentParser(prog="python -m fastvideo_nodes",
+                                     description="Fast Wan2.1 text-to-video and image-to-video.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generation_args(sub.add_parser("generate", help="render a video from Wan2.1 model files"))
     _add_generation_args(sub.add_parser("demo", help="render a short mp4 with a tiny built-in random model (CPU)"),

@@ -266,3 +266,36 @@ def test_image_encoder_of_another_width_is_refused(model_set, tmp_path, picture)
                                          image_encoder=path, device="cpu")
     with pytest.raises(ModelFileError, match="gives 80-wide image tokens but the model takes 160"):
         gen.encode_image(picture, SamplingSettings(**SIZE))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_cli_generate_with_image_writes_video(model_set, picture, tmp_path):
+    from fastvideo_nodes.cli import main as cli_main
+    c = model_set["comfy_fp32"]
+    start, out = str(tmp_path / "start.png"), str(tmp_path / "out.mp4")
+    picture.save(start)
+    args = ["generate", "--model", c["model"], "--text-encoder", c["text_encoder"], "--vae", c["vae"],
+            "--image-encoder", c["image_encoder"], "--image", start, "--prompt", PROMPT, "--height", "32",
+            "--width", "48", "--num-frames", "5", "--steps", "2", "--device", "cpu", "--precision", "fp32",
+            "--output", out, "--latents-out", str(tmp_path / "lat.safetensors")]
+    assert cli_main(args) == 0 and os.path.getsize(out) > 0
+    from safetensors.torch import load_file
+    gen = comfy_generator(c)
+    want = gen.generate_video(PROMPT, image=start, num_inference_steps=2, seed=0, **SIZE).latents
+    assert torch.equal(load_file(str(tmp_path / "lat.safetensors"))["latents"], want)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ([], "image: this is an image-to-video model; give the start image"),
+    (["--image", "nowhere.png"], "image: 'nowhere.png' does not exist"),
+])
+def test_cli_i2v_errors_are_one_clear_line(model_set, capsys, tmp_path, monkeypatch, extra, needle):
+    from fastvideo_nodes.cli import main as cli_main
+    monkeypatch.chdir(tmp_path)
+    c = model_set["comfy"]
+    args = ["generate", "--model", c["model"], "--text-encoder", c["text_encoder"], "--vae", c["vae"],
+            "--image-encoder", c["image_encoder"], "--prompt", PROMPT, "--device", "cpu", *extra]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
