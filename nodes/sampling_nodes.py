@@ -54,7 +54,8 @@ def _embedding(conditioning, name: str):
 
 class FastVideoSampler:
     """Wan 2.1 flow-matching sampler with CFG gate and TeaCache → native LATENT (raw VAE space).
-    Few-step LoRAs: cfg 1, euler or lcm, spacing simple (or an explicit sigmas list)."""
+    Few-step LoRAs: cfg 1, euler or lcm, spacing simple (or an explicit sigmas list).
+    Image-to-video models take the start image (native IMAGE; the first frame of a batch)."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -79,6 +80,8 @@ class FastVideoSampler:
                         "simple: ComfyUI's spacing, what 4-step distill LoRAs expect (euler and lcm only)"}),
             "sigmas": ("STRING", {"default": "", "tooltip": "e.g. 1, 0.9375, 0.8333, 0.625: used as given (no "
                                   "shift), replaces steps; empty = use steps and shift"}),
+            "image": ("IMAGE", {"tooltip": "image-to-video: the start image (resized to width × height; the "
+                                "first one of a batch)"}),
         }}
 
     RETURN_TYPES = ("LATENT",)
@@ -96,13 +99,17 @@ class FastVideoSampler:
         return True
 
     def sample(self, model, positive, width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
-               teacache_threshold, negative=None, spacing="default", sigmas=""):
+               teacache_threshold, negative=None, spacing="default", sigmas="", image=None):
         settings = _settings(width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
                              teacache_threshold, spacing, sigmas)
         neg = _embedding(negative, "negative") if negative is not None else None
+        condition = embeds = None
+        if image is not None or model.dit_config().image_dim is not None:  # the engine refuses a mismatch
+            first = image[:1] if getattr(image, "ndim", 0) == 4 else image
+            condition, embeds = model.encode_image(first, settings)
         latents = model.sample(_embedding(positive, "positive"), neg, settings,
                                callback=comfy_api.Progress(settings.num_steps),
-                               cancel=comfy_api.check_interrupted)
+                               cancel=comfy_api.check_interrupted, condition=condition, image_embeds=embeds)
         return ({"samples": latents},)
 
 

@@ -299,3 +299,27 @@ def test_cli_i2v_errors_are_one_clear_line(model_set, capsys, tmp_path, monkeypa
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- ComfyUI nodes
+
+def test_nodes_i2v_chain_equals_the_engine(model_set, picture):
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import nodes as fv
+    c = model_set["comfy_fp32"]
+    (model,) = fv.LoadFastVideoModel().load(model=c["model"], text_encoder=c["text_encoder"], vae=c["vae"],
+                                            precision="fp32", weight_storage="as_stored",
+                                            clip_vision=c["image_encoder"])
+    assert model._parts.image_encoder is not None  # loaded by the node with the rest
+    pos, neg = fv.EncodePrompt().encode(model=model, prompt=PROMPT, negative_prompt=NEGATIVE)
+    image = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255)[None]  # native IMAGE [1,H,W,3]
+    kw = dict(model=model, positive=pos, negative=neg, steps=2, cfg=5.0, shift=3.0, scheduler="unipc", seed=3,
+              cfg_gate=1.0, teacache_threshold=0.0, **SIZE)
+    (latent,) = fv.FastVideoSampler().sample(**kw, image=torch.cat([image, image.flip(1)]))  # first of a batch
+    settings = SamplingSettings(steps=2, seed=3, **SIZE)
+    condition, embeds = model.encode_image(picture, settings)
+    want = model.sample(pos[0][0], neg[0][0], settings, condition=condition, image_embeds=embeds)
+    assert torch.equal(latent["samples"], want)
+    with pytest.raises(FastVideoError, match="image-to-video model; give the start image"):
+        fv.FastVideoSampler().sample(**kw)
