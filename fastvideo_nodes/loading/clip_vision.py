@@ -1,8 +1,9 @@
 """Load the CLIP vision image encoder: Comfy-Org `clip_vision_h.safetensors` or a diffusers `image_encoder/`.
 
 Both use transformers' tensor names (`vision_model.*`, maybe `visual_projection.weight`, which Wan
-does not use; folders saved by transformers 5 drop the `vision_model.` prefix). The architecture comes from the folder's config.json or, for a single file, from the
-tensor shapes; a single file carries no head count, so the ViT-H convention (head size 80) is used.
+does not use; folders saved by transformers 5 drop the `vision_model.` prefix). The architecture
+comes from the folder's config.json or, for a single file, from the tensor shapes; a single file
+carries no head count, so the ViT-H convention (head size 80) is used.
 Preprocessing: the diffusers folder's `image_processor/preprocessor_config.json`, else CLIP's defaults
 (224, centre crop, OpenAI mean/std; what Wan and ComfyUI use).
 Steps: locate → header → config (bounded) → materialize.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import torch
 
@@ -28,6 +30,7 @@ EMB = "vision_model.embeddings."
 # The projection head (CLIPVisionModelWithProjection) and position ids are not weights Wan uses.
 RULES = Rules(skip=lambda n: n == "visual_projection.weight" or n.endswith(("embeddings.position_ids", "scaled_fp8")))
 HEAD_DIM = 80  # ViT-H/14: 1280 = 16 heads × 80
+PROCESSOR_TYPES = ("CLIPImageProcessor", "CLIPImageProcessorFast")
 PROCESSOR_KEYS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
                   "do_normalize", "image_mean", "image_std", "do_convert_rgb")
 
@@ -73,6 +76,7 @@ def _config_from_json(config: dict, role: str):
 def _processor(folder: str | None, image_size: int, role: str):
     """transformers' CLIP image processor (its PIL backend: no torchvision needed), from the diffusers
     image_processor/ folder next to image_encoder/ when there is one, else CLIP's defaults."""
+    Processor: Any
     try:
         from transformers import CLIPImageProcessorPil as Processor  # transformers 5
     except ImportError:
@@ -82,7 +86,7 @@ def _processor(folder: str | None, image_size: int, role: str):
                             "preprocessor_config.json") if folder else None
     if cfg_path and os.path.isfile(cfg_path):
         cfg = read_json(cfg_path, role, "an image processor config")
-        if cfg.get("image_processor_type", "CLIPImageProcessor") not in ("CLIPImageProcessor", "CLIPImageProcessorFast"):
+        if cfg.get("image_processor_type", "CLIPImageProcessor") not in PROCESSOR_TYPES:
             raise ModelFileError(f"{role}: {cfg_path!r} describes a {cfg['image_processor_type']}; a CLIP image "
                                  "processor is expected.")
         kwargs.update({k: cfg[k] for k in PROCESSOR_KEYS if k in cfg})
