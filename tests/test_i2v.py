@@ -323,3 +323,26 @@ def test_nodes_i2v_chain_equals_the_engine(model_set, picture):
     assert torch.equal(latent["samples"], want)
     with pytest.raises(FastVideoError, match="image-to-video model; give the start image"):
         fv.FastVideoSampler().sample(**kw)
+
+
+# ----------------------------------------------------------------------------- GPU (the lead runs these)
+
+@pytest.mark.gpu
+def test_cuda_i2v_matches_cpu_and_offload_and_fp8_run(model_set, picture):
+    files = model_set["comfy"]
+    cpu = our_latents(comfy_generator(model_set["comfy_fp32"]), picture)
+    gpu = our_latents(VideoGenerator.from_pretrained(
+        files["model"], text_encoder=files["text_encoder"], vae=files["vae"], image_encoder=files["image_encoder"],
+        device="cuda", dtype="fp32", attention_backend="TORCH_SDPA"), picture)
+    assert (gpu - cpu).abs().max().item() < 1e-2
+
+    def bf16(**kw):
+        return our_latents(VideoGenerator.from_pretrained(
+            files["model"], text_encoder=files["text_encoder"], vae=files["vae"],
+            image_encoder=files["image_encoder"], device="cuda", dtype="bf16", **kw), picture)
+    ref = bf16()
+    assert ((ref - cpu).norm() / cpu.norm()).item() < 0.1
+    offloaded = bf16(gpu_memory_gb=1e-6)  # every block streamed, encoders moved in per phase
+    assert ((offloaded - ref).norm() / ref.norm()).item() < 0.05
+    fp8 = bf16(weight_dtype=torch.float8_e4m3fn)
+    assert ((fp8 - ref).norm() / ref.norm()).item() < 0.2

@@ -672,8 +672,9 @@ class VideoGenerator:
             self._prepare(shape)
             encoder = self.image_encoder
             home = encoder.device
-            if home.type == "cpu" and self.device.type != "cpu" and self._where("text_encoder") == "on_demand":
-                encoder.model.to(self.device)  # in for this phase only, as the text encoder
+            if home.type == "cpu" and self.device.type != "cpu" and \
+                    self._where("text_encoder") in ("resident", "on_demand"):
+                encoder.model.to(self.device)  # in for this phase only (on demand, or kept by a memory host)
             try:
                 embeds = encoder.encode(picture)
             finally:
