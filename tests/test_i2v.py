@@ -346,3 +346,24 @@ def test_cuda_i2v_matches_cpu_and_offload_and_fp8_run(model_set, picture):
     assert ((offloaded - ref).norm() / ref.norm()).item() < 0.05
     fp8 = bf16(weight_dtype=torch.float8_e4m3fn)
     assert ((fp8 - ref).norm() / ref.norm()).item() < 0.2
+
+
+# ----------------------------------------------------------------------------- LoRA on an I2V model
+
+@pytest.mark.parametrize("prefix,k_img", [("diffusion_model.", "blocks.1.cross_attn.k_img"),
+                                          ("transformer.", "blocks.1.attn2.add_k_proj")])
+def test_lora_on_image_layers_merges_into_the_i2v_model(model_set, tmp_path, prefix, k_img):
+    from safetensors.torch import save_file
+
+    from fastvideo_nodes.loading.lora import set_loras
+    g = torch.Generator().manual_seed(2)
+    down, up = torch.randn(4, 256, generator=g) * 0.1, torch.randn(256, 4, generator=g) * 0.1
+    suffix = (".lora_down.weight", ".lora_up.weight") if prefix == "diffusion_model." else \
+        (".lora_A.weight", ".lora_B.weight")
+    path = str(tmp_path / "i2v_lora.safetensors")
+    save_file({prefix + k_img + suffix[0]: down, prefix + k_img + suffix[1]: up}, path)
+    dit = load_dit(model_set["comfy_fp32"]["model"])
+    base = dit.blocks[1].cross_attn.k_img.weight.clone()
+    report = set_loras(dit, [(path, 1.0)])
+    assert report.loras[0].matched == 2 and not report.loras[0].unmatched
+    assert torch.allclose(dit.blocks[1].cross_attn.k_img.weight, base + up @ down, atol=1e-6)
