@@ -336,10 +336,9 @@ class WanDiT(nn.Module):
         batch = x.shape[0]
         if condition is not None:
             x = torch.cat([x, condition.to(x.device, x.dtype).expand(batch, -1, -1, -1, -1)], dim=1)
-        if x.shape[1] != self.cfg.in_channels:
-            raise FastVideoError(f"the DiT takes {self.cfg.in_channels} input channels, got {x.shape[1]}"
-                                 + ("; an image-to-video model needs the image condition (20 channels) too."
-                                    if condition is None and self.cfg.image_dim is not None else "."))
+        elif self.cfg.image_dim is not None and x.shape[1] != self.cfg.in_channels:
+            raise FastVideoError(f"the DiT takes {self.cfg.in_channels} input channels, got {x.shape[1]}; an "
+                                 "image-to-video model needs the image condition (20 channels) too.")
         tokens, grid = self.patchify(x)
         e, e0 = self.embed_time(timestep.to(x.device).reshape(-1).expand(batch))
         context = self.embed_context(context, image_embeds)
