@@ -273,7 +273,7 @@ def _estimate_components(files: ModelFiles, options: LoadOptions, cfg):
     itemsize = torch.empty((), dtype=options.dtype).element_size()
     fp8 = options.weight_storage != "as_stored"
 
-    def sizes(path, component):
+    def sizes(path, component, may_store_fp8=True):
         if path is None:
             return {}
         out = {}
@@ -286,7 +286,7 @@ def _estimate_components(files: ModelFiles, options: LoadOptions, cfg):
                 n *= int(d)
             stored_fp8 = str(entry.get("dtype", "")).startswith("F8")
             linear = len(shape) == 2 and name.endswith(".weight") and "embed" not in name and "shared" not in name
-            out[name] = n * (1 if stored_fp8 or (fp8 and linear) else itemsize)
+            out[name] = n * (1 if stored_fp8 or (fp8 and linear and may_store_fp8) else itemsize)
         return out
 
     dit = sizes(files.model, "transformer")
@@ -305,9 +305,12 @@ def _estimate_components(files: ModelFiles, options: LoadOptions, cfg):
     if files.text_encoder is not None:
         header = all_keys(locate(files.text_encoder, "text_encoder").files, "text_encoder")
         text_dim = next((int(header[k]["shape"][1]) for k in te if k.endswith("shared.weight")), text_dim)
+    # The CLIP vision encoder (image-to-video) is placed with the text encoder: same phase. It is
+    # loaded in the compute dtype (no fp8 storage).
+    clip = sizes(files.image_encoder, "image_encoder", may_store_fp8=False) if cfg.image_dim is not None else {}
     return Components(DitSizes(max(per_block.values(), default=0), num_blocks, other, cfg.dim, cfg.ffn_dim),
-                      vae_bytes=sum(sizes(files.vae, "vae").values()), text_encoder_bytes=sum(te.values()),
-                      text_dim=text_dim)
+                      vae_bytes=sum(sizes(files.vae, "vae").values()),
+                      text_encoder_bytes=sum(te.values()) + sum(clip.values()), text_dim=text_dim)
 
 
 def _latent_shape(latents: torch.Tensor) -> VideoShape:
