@@ -377,3 +377,39 @@ def test_memory_estimate_counts_the_image_encoder_with_the_text_encoder(model_se
                                              device="cpu", dtype="fp32")._sizes()
     clip_elements = sum(int(np.prod(e["shape"])) for e in all_keys([c["image_encoder"]], "x").values())
     assert with_clip.text_encoder_bytes - without.text_encoder_bytes == 4 * clip_elements  # fp32 compute dtype
+
+
+def test_sampler_takes_native_clip_vision_output(model_set, picture):
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import nodes as fv
+    c = model_set["comfy_fp32"]
+    # No clip_vision file on the loader: the embeds come from ComfyUI's CLIPVisionEncode instead.
+    (model,) = fv.LoadFastVideoModel().load(model=c["model"], text_encoder=c["text_encoder"], vae=c["vae"],
+                                            precision="fp32", weight_storage="as_stored")
+
+    class Output:  # what ComfyUI's CLIPVisionEncode returns: attributes read by item
+        def __init__(self, hidden):
+            self.penultimate_hidden_states = hidden
+
+        def __getitem__(self, key):
+            return getattr(self, key)
+
+    hidden = load_image_encoder(c["image_encoder"]).encode(picture)
+    pos, neg = fv.EncodePrompt().encode(model=model, prompt=PROMPT, negative_prompt=NEGATIVE)
+    image = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255)[None]
+    kw = dict(model=model, positive=pos, negative=neg, steps=2, cfg=5.0, shift=3.0, scheduler="unipc", seed=3,
+              cfg_gate=1.0, teacache_threshold=0.0, image=image, **SIZE)
+    (latent,) = fv.FastVideoSampler().sample(**kw, clip_vision_output=Output(hidden))
+    engine = comfy_generator(c)
+    settings = SamplingSettings(steps=2, seed=3, **SIZE)
+    condition, embeds = engine.encode_image(picture, settings)
+    assert torch.equal(embeds, hidden)
+    assert torch.equal(latent["samples"], engine.sample(pos[0][0], neg[0][0], settings, condition=condition,
+                                                      image_embeds=embeds))
+    with pytest.raises(FastVideoError, match=r"image_embeds: expected CLIP vision hidden states \[1, tokens, 160\]"):
+        fv.FastVideoSampler().sample(**kw, clip_vision_output=Output(torch.zeros(1, 257, 1280)))
+    with pytest.raises(FastVideoError, match="clip_vision_output: expected the output of ComfyUI's CLIPVisionEncode"):
+        fv.FastVideoSampler().sample(**kw, clip_vision_output=object())
+    with pytest.raises(ModelFileError, match="image_encoder: not given"):  # neither a file nor native embeds
+        fv.FastVideoSampler().sample(**kw)

@@ -641,9 +641,10 @@ class VideoGenerator:
                 parts.image_encoder = encoder
         return parts.image_encoder
 
-    def check_image(self, image):
+    def check_image(self, image, need_encoder: bool = True):
         """The image, read as an RGB PIL image, if this model takes one (image-to-video); None for a
-        text-to-video model given none. Raises FastVideoError for every other combination."""
+        text-to-video model given none. Raises FastVideoError for every other combination.
+        need_encoder: the image encoder file must be known (False when the CLIP embeds come ready)."""
         from .image_condition import as_image
         image_dim = self.dit_config().image_dim
         if image_dim is None:
@@ -657,36 +658,50 @@ class VideoGenerator:
                                  "CLI: --image FILE, ComfyUI: the sampler's image input).")
         if self.num_gpus > 1:
             raise FastVideoError("image-to-video runs on one GPU for now; use num_gpus=1.")
-        self.files.require("image_encoder")
+        if need_encoder:
+            self.files.require("image_encoder")
         return as_image(image)
 
-    def encode_image(self, image, settings: SamplingSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_image(self, image, settings: SamplingSettings,
+                     image_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Start image → (condition [1,20,T',H/8,W/8], CLIP image embeddings [1,257,1280]), float32 on CPU.
 
         image: anything check_image takes. The CLIP encoder sees the image as given; the VAE the image
-        fitted to settings' size (pipeline/image_condition.py)."""
+        fitted to settings' size (pipeline/image_condition.py). image_embeds: CLIP penultimate hidden
+        states made elsewhere (ComfyUI's CLIPVisionEncode), used instead of this model's encoder."""
         from ..memory.planner import decode_activation_bytes
         from .image_condition import fit, vae_condition
-        picture = self.check_image(image)
+        picture = self.check_image(image, need_encoder=image_embeds is None)
         if picture is None:
             raise FastVideoError("image: this is a text-to-video model, which takes no image.")
+        if image_embeds is not None:
+            image_dim = self.dit_config().image_dim
+            if not isinstance(image_embeds, torch.Tensor) or image_embeds.ndim != 3 or \
+                    image_embeds.shape[-1] != image_dim:
+                got = tuple(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds)
+                raise FastVideoError(f"image_embeds: expected CLIP vision hidden states [1, tokens, {image_dim}] "
+                                     f"(clip_vision_h's penultimate layer), got {got}.")
         shape = VideoShape(settings.height, settings.width, settings.num_frames)
         with self._parts.lock, torch.inference_mode(), _friendly_oom("encoding the image"):
             self._prepare(shape)
-            encoder = self.image_encoder
-            home = encoder.device
-            if home.type == "cpu" and self.device.type != "cpu" and \
-                    self._where("text_encoder") in ("resident", "on_demand"):
-                encoder.model.to(self.device)  # in for this phase only (on demand, or kept by a memory host)
-            try:
-                embeds = encoder.encode(picture)
-            finally:
-                encoder.model.to(home)
+            embeds = image_embeds[:1].float().cpu() if image_embeds is not None else self._clip_embeds(picture)
             vae = self.vae
             need = decode_activation_bytes(self._sizes(), shape) if self._parts.plan is not None else 0
             with self._on_device("vae", vae, need):
                 condition = vae_condition(vae, fit(picture, settings.height, settings.width), settings.num_frames)
         return condition, embeds
+
+    def _clip_embeds(self, picture) -> torch.Tensor:
+        """The CLIP tokens of the RGB PIL image [1,257,1280] float32 on CPU, the encoder on the GPU for it."""
+        encoder = self.image_encoder
+        home = encoder.device
+        placed = self._where("text_encoder") in ("resident", "on_demand")
+        if home.type == "cpu" and self.device.type != "cpu" and placed:
+            encoder.model.to(self.device)  # in for this phase only (on demand, or kept by a memory host)
+        try:
+            return encoder.encode(picture)
+        finally:
+            encoder.model.to(home)
 
     # -- the three stages
 
