@@ -173,7 +173,8 @@ def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
         os.replace(tmp, args.latents_out)
     t = result.timings
     print(f"wrote {args.output}: {result.frames.shape[0]} frames {result.frames.shape[2]}x{result.frames.shape[1]} "
-          f"(encode {t['encode_s']:.1f}s, sample {t['sample_s']:.1f}s, decode {t['decode_s']:.1f}s"
+          f"(encode {t['encode_s']:.1f}s" + (f", image {t['image_s']:.1f}s" if "image_s" in t else "")
+          + f", sample {t['sample_s']:.1f}s, decode {t['decode_s']:.1f}s"
           + (f", LoRA merge {t['lora_s']:.1f}s" if loras else "") + ")")
     return 0
 
