@@ -55,6 +55,10 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
         p.add_argument("--model", required=True, help="diffusers folder or Wan2.1 DiT .safetensors")
         p.add_argument("--text-encoder", help="UMT5 .safetensors (needed with a single-file model)")
         p.add_argument("--vae", help="Wan 2.1 VAE .safetensors (needed with a single-file model)")
+        p.add_argument("--image", default=None, metavar="FILE",
+                       help="start image (PNG/JPEG/WebP) of an image-to-video model; resized to --width x --height")
+        p.add_argument("--image-encoder", default=None, metavar="FILE",
+                       help="CLIP vision .safetensors of an image-to-video model (clip_vision_h.safetensors)")
     p.add_argument("--prompt", default="A red fox trotting through fresh snow at dawn, cinematic" if demo else None,
                    required=not demo)
     p.add_argument("--negative-prompt", default=None, help="default: Wan 2.1's negative prompt")
@@ -159,7 +163,8 @@ def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
     sigmas = parse_sigmas(args.sigmas, "--sigmas")
     gen = VideoGenerator.from_pretrained(model, text_encoder=text_encoder, vae=vae, options=load_options(args),
                                          attention_backend=args.attention_backend, num_gpus=args.num_gpus,
-                                         loras=loras, exact_attention_steps=args.exact_attention_steps)
+                                         loras=loras, exact_attention_steps=args.exact_attention_steps,
+                                         image_encoder=getattr(args, "image_encoder", None))
     if args.sparsity is not None:
         from .attention.video_sparse import VideoSparseOptions
         gen = gen.with_attention_backend(args.attention_backend, VideoSparseOptions(args.sparsity),
@@ -171,7 +176,8 @@ def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
             flow_shift=args.shift, scheduler=args.scheduler, seed=args.seed, sigmas=sigmas, spacing=args.spacing,
             cfg_gate=args.cfg_gate,
             teacache_threshold=args.teacache_threshold, teacache_mode=args.teacache_mode,
-            output_path=args.output, callback=progress, fps=args.fps, overwrite=args.overwrite)
+            output_path=args.output, callback=progress, fps=args.fps, overwrite=args.overwrite,
+            image=getattr(args, "image", None))
     finally:
         gen.close()
     if args.latents_out:
@@ -181,13 +187,15 @@ def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
         os.replace(tmp, args.latents_out)
     t = result.timings
     print(f"wrote {args.output}: {result.frames.shape[0]} frames {result.frames.shape[2]}x{result.frames.shape[1]} "
-          f"(encode {t['encode_s']:.1f}s, sample {t['sample_s']:.1f}s, decode {t['decode_s']:.1f}s"
+          f"(encode {t['encode_s']:.1f}s" + (f", image {t['image_s']:.1f}s" if "image_s" in t else "")
+          + f", sample {t['sample_s']:.1f}s, decode {t['decode_s']:.1f}s"
           + (f", LoRA merge {t['lora_s']:.1f}s" if loras else "") + ")")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastvideo_nodes", description="Fast Wan2.1 text-to-video.")
+    parser = argparse.ArgumentParser(prog="python -m fastvideo_nodes",
+                                     description="Fast Wan2.1 text-to-video and image-to-video.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generation_args(sub.add_parser("generate", help="render a video from Wan2.1 model files"))
     _add_generation_args(sub.add_parser("demo", help="render a short mp4 with a tiny built-in random model (CPU)"),

@@ -54,7 +54,8 @@ def _embedding(conditioning, name: str):
 
 class FastVideoSampler:
     """Wan 2.1 flow-matching sampler with CFG gate and TeaCache → native LATENT (raw VAE space).
-    Few-step LoRAs: cfg 1, euler or lcm, spacing simple (or an explicit sigmas list)."""
+    Few-step LoRAs: cfg 1, euler or lcm, spacing simple (or an explicit sigmas list).
+    Image-to-video models take the start image (native IMAGE; the first frame of a batch)."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -79,6 +80,10 @@ class FastVideoSampler:
                         "simple: ComfyUI's spacing, what 4-step distill LoRAs expect (euler and lcm only)"}),
             "sigmas": ("STRING", {"default": "", "tooltip": "e.g. 1, 0.9375, 0.8333, 0.625: used as given (no "
                                   "shift), replaces steps; empty = use steps and shift"}),
+            "image": ("IMAGE", {"tooltip": "image-to-video: the start image (resized to width × height; the "
+                                "first one of a batch)"}),
+            "clip_vision_output": ("CLIP_VISION_OUTPUT", {"tooltip": "image-to-video: native CLIPVisionEncode of "
+                                   "the start image, instead of the loader's clip_vision file"}),
         }}
 
     RETURN_TYPES = ("LATENT",)
@@ -96,14 +101,30 @@ class FastVideoSampler:
         return True
 
     def sample(self, model, positive, width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
-               teacache_threshold, negative=None, spacing="default", sigmas=""):
+               teacache_threshold, negative=None, spacing="default", sigmas="", image=None,
+               clip_vision_output=None):
         settings = _settings(width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
                              teacache_threshold, spacing, sigmas)
         neg = _embedding(negative, "negative") if negative is not None else None
+        condition = embeds = None
+        if image is not None or model.dit_config().image_dim is not None:  # the engine refuses a mismatch
+            first = image[:1] if getattr(image, "ndim", 0) == 4 else image
+            condition, embeds = model.encode_image(first, settings, image_embeds=_clip_tokens(clip_vision_output))
         latents = model.sample(_embedding(positive, "positive"), neg, settings,
                                callback=comfy_api.Progress(settings.num_steps),
-                               cancel=comfy_api.check_interrupted)
+                               cancel=comfy_api.check_interrupted, condition=condition, image_embeds=embeds)
         return ({"samples": latents},)
+
+
+def _clip_tokens(output):
+    """The penultimate hidden states [B, 257, 1280] of a native CLIP_VISION_OUTPUT (None → None)."""
+    if output is None:
+        return None
+    try:
+        return output["penultimate_hidden_states"]
+    except (TypeError, KeyError, AttributeError):
+        raise FastVideoError("clip_vision_output: expected the output of ComfyUI's CLIPVisionEncode (it carries "
+                             "penultimate_hidden_states).") from None
 
 
 def _settings(width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,

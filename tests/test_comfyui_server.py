@@ -51,6 +51,7 @@ def server(tmp_path_factory):
     from fastvideo_nodes.testing.dit import TINY_DIT, random_dit, save_original
     from fastvideo_nodes.testing.fastwan import build_fastwan_folder
     from fastvideo_nodes.testing.folders import build_model_set
+    from fastvideo_nodes.testing.i2v import build_i2v_model_set
     from fastvideo_nodes.testing.lora import save_random_lora
     from fastvideo_nodes.testing.text_encoder import random_umt5, save_comfy
     from fastvideo_nodes.testing.vae import random_vae
@@ -58,10 +59,14 @@ def server(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("comfy")
     files = build_model_set(str(base / "set"), seed=7)["comfy"]
+    i2v = build_i2v_model_set(str(base / "i2v"), seed=7)["comfy"]  # its text encoder and VAE: the T2V set's
     models = {"diffusion_models": files["model"], "text_encoders": files["text_encoder"]}
-    for kind, path in models.items():
+    for kind, path in [*models.items(), ("diffusion_models", i2v["model"]), ("clip_vision", i2v["image_encoder"])]:
         os.makedirs(base / "models" / kind, exist_ok=True)
         shutil.copy(path, base / "models" / kind)
+    from PIL import Image
+    os.makedirs(base / "input", exist_ok=True)
+    Image.effect_noise((48, 32), 64).convert("RGB").save(base / "input" / "start.png")
     os.makedirs(base / "models" / "vae", exist_ok=True)
     save_vae(random_vae(base_dim=96, seed=3).state_dict(),
                   str(base / "models" / "vae" / "wan_vae_w96.safetensors"), dtype=torch.float16)
@@ -78,7 +83,7 @@ def server(tmp_path_factory):
     (base / "extra.yaml").write_text(f"fastvideo_test:\n    base_path: {base}\n"
                                      "    diffusion_models: models/diffusion_models\n"
                                      "    text_encoders: models/text_encoders\n    vae: models/vae\n"
-                                     "    loras: models/loras\n")
+                                     "    loras: models/loras\n    clip_vision: models/clip_vision\n")
     link = os.path.join(COMFY, "custom_nodes", "fastvideo_nodes_under_test")
     if os.path.lexists(link):
         os.remove(link)
@@ -90,6 +95,7 @@ def server(tmp_path_factory):
     log = open(base / "server.log", "w")
     proc = subprocess.Popen([PY, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                              "--extra-model-paths-config", str(base / "extra.yaml"), "--output-directory", str(out),
+                             "--input-directory", str(base / "input"),
                              "--disable-auto-launch"], cwd=COMFY, stdout=log, stderr=subprocess.STDOUT)
     try:
         for _ in range(240):
@@ -109,7 +115,9 @@ def server(tmp_path_factory):
         yield dict(port=port, base=base, out=out, info=info, files={
             "model": os.path.basename(files["model"]), "text_encoder": os.path.basename(files["text_encoder"]),
             "vae": "wan_vae_w96.safetensors", "lora": "lora_tiny.safetensors",
-            "native_model": "wan2.1_t2v_tiny_native.safetensors", "native_text_encoder": "umt5_tiny_4096.safetensors"})
+            "native_model": "wan2.1_t2v_tiny_native.safetensors", "native_text_encoder": "umt5_tiny_4096.safetensors",
+            "i2v_model": os.path.basename(i2v["model"]), "clip_vision": os.path.basename(i2v["image_encoder"]),
+            "image": "start.png"})
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -128,6 +136,10 @@ def test_copy(server, name, prefix):
                 w[0] = FASTWAN_FOLDER
             elif "mixed" not in name:  # the mixed workflow loads only the DiT here
                 w[1], w[2] = f["text_encoder"], f["vae"]
+            if "i2v" in name:
+                w[0], w[8] = f["i2v_model"], f["clip_vision"]
+        elif n["type"] == "LoadImage":
+            w[0] = f["image"]
         elif n["type"] == "FastVideoSampler":
             w[0], w[1], w[2], w[3] = SMALL["width"], SMALL["height"], SMALL["num_frames"], SMALL["steps"]
         elif n["type"] == "FastVideoLoRA":
@@ -219,7 +231,7 @@ def saved_video(out, prefix):
 
 @pytest.mark.parametrize("name", ["wan2.1_t2v_1.3B_fastvideo.json", "wan2.1_t2v_1.3B_fastvideo_fast.json",
                                   "wan2.1_t2v_1.3B_mixed_native.json", "wan2.1_t2v_14B_4step_lora.json",
-                                  "fastwan2.1_t2v_1.3B_3step.json"])
+                                  "fastwan2.1_t2v_1.3B_3step.json", "wan2.1_i2v_14B.json"])
 def test_workflow_through_comfy_cli_and_api(server, name, tmp_path):
     stem = name.replace(".json", "")
     wf = test_copy(server, name, f"cli_{stem}")

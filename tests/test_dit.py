@@ -205,7 +205,7 @@ def _write(path, tensors):
     ({"shared.weight": (10, 4), "encoder.block.0.layer.0.SelfAttention.q.weight": (4, 4)}, "text encoder"),
     ({"model.diffusion_model.input_blocks.0.0.weight": (4, 4), "first_stage_model.decoder.conv_in.weight": (4,)},
      "Stable Diffusion"),
-    ({"head.modulation": (1, 2, 4), "img_emb.proj.0.bias": (4,)}, "image-to-video"),
+    ({"vision_model.encoder.layers.0.self_attn.q_proj.weight": (4, 4)}, "CLIP vision image encoder"),
     ({"foo.weight": (2, 2)}, "not a recognised"),
 ])
 def test_wrong_kind_of_file_is_named(tmp_path, tensors, needle):

@@ -9,6 +9,13 @@ import re
 
 # DiT: (regex, replacement), applied in order.
 DIT_DIFFUSERS_TO_WAN = [
+    # image-to-video: the CLIP-token MLP and cross-attention's image keys/values
+    (r"^condition_embedder\.image_embedder\.norm1\.", "img_emb.proj.0."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "img_emb.proj.1."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "img_emb.proj.3."),
+    (r"^condition_embedder\.image_embedder\.norm2\.", "img_emb.proj.4."),
+    (r"\.attn2\.add_k_proj\.", ".cross_attn.k_img."), (r"\.attn2\.add_v_proj\.", ".cross_attn.v_img."),
+    (r"\.attn2\.norm_added_k\.", ".cross_attn.norm_k_img."),
     (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
     (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
     (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),

@@ -5,6 +5,10 @@
                                          text_encoder="umt5_xxl_fp16.safetensors", vae="wan_2.1_vae.safetensors")
     result = gen.generate_video("a red fox in the snow", seed=42, output_path="fox.mp4")
 
+    gen = VideoGenerator.from_pretrained("wan2.1_i2v_480p_14B_fp16.safetensors", text_encoder=..., vae=...,
+                                         image_encoder="clip_vision_h.safetensors")  # image-to-video
+    result = gen.generate_video("the fox turns its head", image="fox.png")
+
     with VideoGenerator.from_pretrained(...) as gen:                          # close() frees it all
         gen.load()                                                             # optional: load now
 
@@ -160,21 +164,26 @@ class GenerationResult:
 
 @dataclass
 class ModelFiles:
-    """Where each component comes from; a diffusers folder supplies all three."""
+    """Where each component comes from; a diffusers folder supplies all of them (the image encoder
+    only for image-to-video: its image_encoder/ folder)."""
     model: str
     text_encoder: str | None = None
     vae: str | None = None
+    image_encoder: str | None = None
 
     @classmethod
-    def resolve(cls, model: str, text_encoder: str | None, vae: str | None) -> ModelFiles:
+    def resolve(cls, model: str, text_encoder: str | None, vae: str | None,
+                image_encoder: str | None = None) -> ModelFiles:
         model = os.fspath(model)
         if os.path.isdir(model):
             text_encoder = text_encoder or model
             vae = vae or model
+            if image_encoder is None and os.path.isdir(os.path.join(model, "image_encoder")):
+                image_encoder = model
         elif not os.path.exists(model):
             raise ModelFileError(f"model: {model!r} does not exist. Give a Wan2.1 .safetensors file or a "
                                  "diffusers folder.")
-        return cls(model, text_encoder, vae)
+        return cls(model, text_encoder, vae, None if image_encoder is None else os.fspath(image_encoder))
 
     def require(self, what: str) -> str:
         path = getattr(self, what)
@@ -197,6 +206,7 @@ class _Components:
         self.dit: Any = None
         self.text_encoder: Any = None
         self.vae: Any = None
+        self.image_encoder: Any = None  # models.clip_vision.ImageEncoder (image-to-video)
         self.offload: Any = None
         self.pools: dict[tuple, Any] = {}
         self.plan: Any = None
@@ -220,7 +230,7 @@ class _Components:
                     self.host.release(part)
         if self.text_encoder is not None:
             self.prompts.forget(self.text_encoder)
-        self.dit = self.text_encoder = self.vae = self.offload = self.plan = None
+        self.dit = self.text_encoder = self.vae = self.image_encoder = self.offload = self.plan = None
         self.homes.clear()
 
 
@@ -232,7 +242,7 @@ _SHARED_LOCK = threading.Lock()
 def _shared_parts(files: ModelFiles, options: LoadOptions) -> _Components:
     def norm(p):
         return None if p is None else os.path.abspath(os.fspath(p))
-    key = (norm(files.model), norm(files.text_encoder), norm(files.vae), options)
+    key = (norm(files.model), norm(files.text_encoder), norm(files.vae), norm(files.image_encoder), options)
     with _SHARED_LOCK:
         parts = _SHARED.get(key)
         if parts is None:
@@ -265,7 +275,7 @@ def _estimate_components(files: ModelFiles, options: LoadOptions, cfg):
     itemsize = torch.empty((), dtype=options.dtype).element_size()
     fp8 = options.weight_storage != "as_stored"
 
-    def sizes(path, component):
+    def sizes(path, component, may_store_fp8=True):
         if path is None:
             return {}
         out = {}
@@ -278,7 +288,7 @@ def _estimate_components(files: ModelFiles, options: LoadOptions, cfg):
                 n *= int(d)
             stored_fp8 = str(entry.get("dtype", "")).startswith("F8")
             linear = len(shape) == 2 and name.endswith(".weight") and "embed" not in name and "shared" not in name
-            out[name] = n * (1 if stored_fp8 or (fp8 and linear) else itemsize)
+            out[name] = n * (1 if stored_fp8 or (fp8 and linear and may_store_fp8) else itemsize)
         return out
 
     dit = sizes(files.model, "transformer")
@@ -297,9 +307,12 @@ def _estimate_components(files: ModelFiles, options: LoadOptions, cfg):
     if files.text_encoder is not None:
         header = all_keys(locate(files.text_encoder, "text_encoder").files, "text_encoder")
         text_dim = next((int(header[k]["shape"][1]) for k in te if k.endswith("shared.weight")), text_dim)
+    # The CLIP vision encoder (image-to-video) is placed with the text encoder: same phase. It is
+    # loaded in the compute dtype (no fp8 storage).
+    clip = sizes(files.image_encoder, "image_encoder", may_store_fp8=False) if cfg.image_dim is not None else {}
     return Components(DitSizes(max(per_block.values(), default=0), num_blocks, other, cfg.dim, cfg.ffn_dim),
-                      vae_bytes=sum(sizes(files.vae, "vae").values()), text_encoder_bytes=sum(te.values()),
-                      text_dim=text_dim)
+                      vae_bytes=sum(sizes(files.vae, "vae").values()),
+                      text_encoder_bytes=sum(te.values()) + sum(clip.values()), text_dim=text_dim)
 
 
 def _latent_shape(latents: torch.Tensor) -> VideoShape:
@@ -386,11 +399,14 @@ class VideoGenerator:
         return max(0, plan.budget - plan.peak - DEFAULT_RESERVE)
 
     @classmethod
-    def from_pretrained(cls, model, *, text_encoder=None, vae=None, options: LoadOptions | None = None,
-                        attention_backend: str | None = None, num_gpus: int = 1,
-                        gpu_ids: list[int] | None = None, loras=None, exact_attention_steps: int = 0,
+    def from_pretrained(cls, model, *, text_encoder=None, vae=None, image_encoder=None,
+                        options: LoadOptions | None = None, attention_backend: str | None = None,
+                        num_gpus: int = 1, gpu_ids: list[int] | None = None, loras=None,
+                        exact_attention_steps: int = 0,
                         **load_keywords) -> VideoGenerator:
         """model: a diffusers folder, or a DiT .safetensors with text_encoder= and vae= files.
+        image_encoder: the CLIP vision file of an image-to-video model (clip_vision_h.safetensors);
+        a diffusers I2V folder brings its own image_encoder/.
         loras: [(path, strength), ...] merged into the DiT before it samples (see with_loras).
         exact_attention_steps N: with an 8-bit attention backend (SAGE_ATTN, INT8_ATTN, KITCHEN_INT8,
         or one `auto` picks), exact attention on the first and last N steps (0: 8-bit throughout).
@@ -398,8 +414,9 @@ class VideoGenerator:
         text_encoder_device). Those fields may also be given as keywords (they replace the ones of
         `options`), as may the older dtype=, weight_dtype=torch.float8_e4m3fn and fp8_matmul=True."""
         options = LoadOptions.from_keywords(options, **load_keywords)
-        return cls(ModelFiles.resolve(model, text_encoder, vae), options, attention_backend=attention_backend,
-                   num_gpus=num_gpus, gpu_ids=gpu_ids, loras=loras, exact_attention_steps=exact_attention_steps)
+        return cls(ModelFiles.resolve(model, text_encoder, vae, image_encoder), options,
+                   attention_backend=attention_backend, num_gpus=num_gpus, gpu_ids=gpu_ids, loras=loras,
+                   exact_attention_steps=exact_attention_steps)
 
     def with_parallel(self, num_gpus: int, gpu_ids: list[int] | None = None) -> VideoGenerator:
         """A generator whose sampling runs on a pool of `num_gpus` sequence-parallel workers; the
@@ -564,6 +581,8 @@ class VideoGenerator:
                 self.text_encoder  # noqa: B018
             if self.files.vae is not None:
                 self.vae  # noqa: B018
+            if self.files.image_encoder is not None:
+                self.image_encoder  # noqa: B018
         return time.perf_counter() - t0
 
     @property
@@ -628,6 +647,84 @@ class VideoGenerator:
                 parts.vae = vae
         return parts.vae
 
+    @property
+    def image_encoder(self):
+        """The CLIP vision encoder of an image-to-video model, on the text encoder's device (same phase)."""
+        parts = self._parts
+        if parts.image_encoder is None:
+            path = self.files.require("image_encoder")
+            with parts.lock, _friendly_oom("loading the image encoder"), self._loading():
+                from ..loading.clip_vision import load_image_encoder
+                encoder = load_image_encoder(path, device=self._load_device("text_encoder"), dtype=self.dtype)
+                image_dim = self.dit_config().image_dim
+                if image_dim is not None and encoder.width != image_dim:
+                    raise ModelFileError(f"image_encoder: {os.path.basename(path)!r} gives {encoder.width}-wide image "
+                                         f"tokens but the model takes {image_dim} (Wan2.1 I2V: clip_vision_h, 1280).")
+                parts.image_encoder = encoder
+        return parts.image_encoder
+
+    def check_image(self, image, need_encoder: bool = True):
+        """The image, read as an RGB PIL image, if this model takes one (image-to-video); None for a
+        text-to-video model given none. Raises FastVideoError for every other combination.
+        need_encoder: the image encoder file must be known (False when the CLIP embeds come ready)."""
+        from .image_condition import as_image
+        image_dim = self.dit_config().image_dim
+        if image_dim is None:
+            if image is not None:
+                raise FastVideoError("image: this is a text-to-video model, which takes no image; for image-to-video "
+                                     "load a Wan2.1 I2V model (wan2.1_i2v_480p_14B_*.safetensors) and its CLIP "
+                                     "vision encoder (clip_vision_h.safetensors).")
+            return None
+        if image is None:
+            raise FastVideoError("image: this is an image-to-video model; give the start image (Python: image=..., "
+                                 "CLI: --image FILE, ComfyUI: the sampler's image input).")
+        if self.num_gpus > 1:
+            raise FastVideoError("image-to-video runs on one GPU for now; use num_gpus=1.")
+        if need_encoder:
+            self.files.require("image_encoder")
+        return as_image(image)
+
+    def encode_image(self, image, settings: SamplingSettings,
+                     image_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start image → (condition [1,20,T',H/8,W/8], CLIP image embeddings [1,257,1280]), float32 on CPU.
+
+        image: anything check_image takes. The CLIP encoder sees the image as given; the VAE the image
+        fitted to settings' size (pipeline/image_condition.py). image_embeds: CLIP penultimate hidden
+        states made elsewhere (ComfyUI's CLIPVisionEncode), used instead of this model's encoder."""
+        from ..memory.planner import decode_activation_bytes
+        from .image_condition import fit, vae_condition
+        picture = self.check_image(image, need_encoder=image_embeds is None)
+        if picture is None:
+            raise FastVideoError("image: this is a text-to-video model, which takes no image.")
+        if image_embeds is not None:
+            image_dim = self.dit_config().image_dim
+            if not isinstance(image_embeds, torch.Tensor) or image_embeds.ndim != 3 or \
+                    image_embeds.shape[-1] != image_dim:
+                got = tuple(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds)
+                raise FastVideoError(f"image_embeds: expected CLIP vision hidden states [1, tokens, {image_dim}] "
+                                     f"(clip_vision_h's penultimate layer), got {got}.")
+        shape = VideoShape(settings.height, settings.width, settings.num_frames)
+        with self._parts.lock, torch.inference_mode(), _friendly_oom("encoding the image"):
+            self._prepare(shape)
+            embeds = image_embeds[:1].float().cpu() if image_embeds is not None else self._clip_embeds(picture)
+            vae = self.vae
+            need = decode_activation_bytes(self._sizes(), shape) if self._parts.plan is not None else 0
+            with self._on_device("vae", vae, need):
+                condition = vae_condition(vae, fit(picture, settings.height, settings.width), settings.num_frames)
+        return condition, embeds
+
+    def _clip_embeds(self, picture) -> torch.Tensor:
+        """The CLIP tokens of the RGB PIL image [1,257,1280] float32 on CPU, the encoder on the GPU for it."""
+        encoder = self.image_encoder
+        home = encoder.device
+        placed = self._where("text_encoder") in ("resident", "on_demand")
+        if home.type == "cpu" and self.device.type != "cpu" and placed:
+            encoder.model.to(self.device)  # in for this phase only (on demand, or kept by a memory host)
+        try:
+            return encoder.encode(picture)
+        finally:
+            encoder.model.to(home)
+
     # -- the three stages
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
@@ -667,12 +764,22 @@ class VideoGenerator:
 
     def sample(self, positive: torch.Tensor, negative: torch.Tensor | None, settings: SamplingSettings, *,
                callback: Callable | None = None, cancel: Callable[[], bool] | None = None,
-               stats: SamplingStats | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+               stats: SamplingStats | None = None, noise: torch.Tensor | None = None,
+               condition: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Text embeddings → raw VAE-space latents [1,16,T',H',W'] float32 on CPU, with this
         generator's LoRAs (merge seconds in stats.extra["lora_s"] when a merge ran).
+        Image-to-video: condition and image_embeds from encode_image.
         Raises FastVideoError for bad settings before any work, and for non-finite results."""
         self.check_settings(settings)
         noise = initial_noise(settings) if noise is None else noise
+        if (condition is None) != (image_embeds is None):
+            raise FastVideoError("condition and image_embeds come together (from encode_image); got only one.")
+        if condition is not None and self.num_gpus > 1:
+            raise FastVideoError("image-to-video runs on one GPU for now; use num_gpus=1.")
+        if condition is not None and tuple(condition.shape[2:]) != tuple(settings.latent_shape[2:]):
+            raise FastVideoError(f"condition: latent grid {tuple(condition.shape[2:])} does not match the video size "
+                                 f"{settings.width}x{settings.height}, {settings.num_frames} frames; encode the image "
+                                 "again for these settings.")
         with self._parts.lock:
             self._ready_to_sample(settings)
             if self.num_gpus > 1:
@@ -691,7 +798,8 @@ class VideoGenerator:
                                             attention_backend=self.attention_backend,
                                             attention_options=self.attention_options, callback=callback,
                                             cancel=cancel, stats=stats,
-                                            exact_attention_steps=self.exact_attention_steps)
+                                            exact_attention_steps=self.exact_attention_steps,
+                                            condition=condition, image_embeds=image_embeds)
         return model_to_raw(check_finite_latents(model_latents.float().cpu()))
 
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
@@ -763,7 +871,7 @@ class VideoGenerator:
                        cfg_gate: float = 1.0, teacache_threshold: float = 0.0, teacache_mode: str = "default",
                        output_path: str | None = None, callback: Callable | None = None,
                        cancel: Callable[[], bool] | None = None, fps: int = 16,
-                       overwrite: bool = False) -> GenerationResult:
+                       overwrite: bool = False, image=None) -> GenerationResult:
         """Prompt → video. flow_shift None: 5.0 at 720p and above, else 3.0 (diffusers' presets).
         Few-step (distilled) models: scheduler "euler" or "lcm" with spacing="simple" (ComfyUI's,
         what the 4-step distill LoRAs were trained for), or sigmas=[1, 0.9375, 0.8333, 0.625] used as
@@ -774,6 +882,8 @@ class VideoGenerator:
         VIDEO_SPARSE_ATTN at sparsity 0.8 when no backend was chosen; the log says so.
         output_path: .mp4, .mkv, .mov or .webm; an existing file is refused unless overwrite=True, and
         it is replaced only once the new video is complete. Every input is checked before any work.
+        image: the start image of an image-to-video model (a path, a PIL image or an IMAGE tensor
+        [H,W,3] / [1,H,W,3] in 0..1); required by I2V models, refused by text-to-video ones.
         Calls on one generator (and on those sharing its models) run one at a time."""
         guidance_scale, scheduler = self._model_defaults(guidance_scale, scheduler)
         if flow_shift is None and all(isinstance(v, numbers.Real) for v in (height, width)):
@@ -791,11 +901,13 @@ class VideoGenerator:
             check_output_path(output_path, overwrite=overwrite)
             check_fps(fps)
         self.check_settings(settings)
+        picture = self.check_image(image)
         if negative_prompt is None:
             from ..models.text_encoder import DEFAULT_NEGATIVE_PROMPT
             negative_prompt = DEFAULT_NEGATIVE_PROMPT
         with self._parts.lock:
-            return self._generate(prompt, negative_prompt, settings, output_path, callback, cancel, fps, overwrite)
+            return self._generate(prompt, negative_prompt, settings, output_path, callback, cancel, fps, overwrite,
+                                  picture)
 
     def _model_defaults(self, guidance_scale: float | None, scheduler: str | None) -> tuple[float, str]:
         """Fill in the unset guidance and scheduler: Wan's (5.0, unipc), or FastWan's (1, dmd), saying so."""
@@ -820,7 +932,7 @@ class VideoGenerator:
         return guidance_scale, scheduler
 
     def _generate(self, prompt, negative_prompt, settings, output_path, callback, cancel, fps,
-                  overwrite) -> GenerationResult:
+                  overwrite, picture=None) -> GenerationResult:
         guidance_scale = settings.guidance_scale
         timings = {"load_s": self.load(height=settings.height, width=settings.width, num_frames=settings.num_frames)
                    if self._parts.dit is None and self.num_gpus == 1 else 0.0}
@@ -828,9 +940,15 @@ class VideoGenerator:
         positive = self.encode_prompt(prompt)
         negative = self.encode_prompt(negative_prompt) if guidance_scale > 1.0 else None
         timings["encode_s"] = time.perf_counter() - t0
+        condition = image_embeds = None
+        if picture is not None:
+            t0 = time.perf_counter()
+            condition, image_embeds = self.encode_image(picture, settings)
+            timings["image_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         stats = SamplingStats()
-        latents = self.sample(positive, negative, settings, callback=callback, cancel=cancel, stats=stats)
+        latents = self.sample(positive, negative, settings, callback=callback, cancel=cancel, stats=stats,
+                              condition=condition, image_embeds=image_embeds)
         timings["sample_s"] = time.perf_counter() - t0  # includes lora_s
         if self.loras or "lora_s" in stats.extra:  # a merge ran, or the LoRAs were merged already (0)
             timings["lora_s"] = stats.extra.get("lora_s", 0.0)

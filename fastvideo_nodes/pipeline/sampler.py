@@ -169,10 +169,13 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
             settings: SamplingSettings, *, attention_backend: str | None = None,
             attention_options: AttentionOptions | None = None, callback: Callable | None = None,
             cancel: Callable[[], bool] | None = None,
-            parallel=None, stats: SamplingStats | None = None, exact_attention_steps: int = 0) -> torch.Tensor:
+            parallel=None, stats: SamplingStats | None = None, exact_attention_steps: int = 0,
+            condition: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Run the sampler. Returns model-space latents, float32, on the DiT's device.
 
     noise: [1,16,T',H',W'] float32; positive/negative: text embeddings [1,L,text_dim].
+    Image-to-video: condition [1,20,T',H',W'] joins the latents at every DiT call and image_embeds
+    [1,257,1280] the text, in both CFG passes (as diffusers' WanImageToVideoPipeline).
     callback(step, total, x0): after each step with the model-space x0 estimate (for previews).
     cancel(): checked before each step; returning True stops with CancelledError.
     exact_attention_steps N: an 8-bit attention backend gives way to exact attention on the first and
@@ -197,12 +200,19 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
         coeffs = settings.teacache_coefficients or coefficients_for(dit.cfg.size_name, settings.teacache_mode)
         caches = tuple(TeaCache(settings.teacache_threshold, n, coeffs, settings.teacache_mode) for _ in range(2))
 
+    # Only image-to-video passes these, so text-to-video calls stay exactly as they were.
+    image: dict = {}
+    if condition is not None or image_embeds is not None:
+        if condition is None or image_embeds is None:
+            raise FastVideoError("condition and image_embeds come together (image-to-video); got only one.")
+        image = {"condition": condition.to(device, torch.float32), "image_embeds": image_embeds.to(device, dit.dtype)}
+
     def forward(x, t, context, cache, step):
         if cache is not None:
             cache.step = step
         return dit(x, t, context, attention_backend=attention_backend, attention_options=attention_options,
                    step=step, cache=cache, parallel=parallel, num_steps=n,
-                   exact_attention_steps=exact_attention_steps)
+                   exact_attention_steps=exact_attention_steps, **image)
 
     x = noise.to(device, torch.float32)
     delta: torch.Tensor | None = None
