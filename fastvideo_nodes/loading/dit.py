@@ -107,9 +107,12 @@ def load_dit(path: str, *, device: torch.device | str = "cpu", dtype: torch.dtyp
     if fp8_matmul and weight_dtype is None:
         weight_dtype = torch.float8_e4m3fn
     source, cfg, role = _read(os.fspath(path))
-    if cfg.in_channels != 16:
-        raise ModelFileError(f"{role} takes {cfg.in_channels} input channels; Wan2.1 text-to-video takes 16 "
-                             "(Wan2.2 and image-to-video models are not supported yet).")
+    if cfg.in_channels not in (16, 48):  # 48: Wan2.2 TI2V-5B (its VAE's latent channels)
+        raise ModelFileError(f"{role} takes {cfg.in_channels} input channels; Wan2.1 text-to-video takes 16 and "
+                             "Wan2.2 TI2V-5B 48 (other image-to-video models are not supported yet).")
+    if cfg.in_channels == 48 and cfg.out_channels != 48:
+        raise ModelFileError(f"{role} takes 48 input channels (Wan2.2 TI2V-5B) but its head gives "
+                             f"{cfg.out_channels}; a Wan2.2 TI2V-5B model gives 48. The file is damaged or mixed.")
     with torch.device("meta"):
         model = WanDiT(cfg)
     materialize(model, source, role=role, dtype=dtype, device=device, rules=RULES, weight_dtype=weight_dtype)

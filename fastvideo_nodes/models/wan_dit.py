@@ -22,6 +22,7 @@ from torch import nn
 
 from ..attention import AttentionSpec, resolve_backend
 from ..attention.sliding_tile import SlidingTileOptions
+from ..errors import FastVideoError
 from ..ops import Linear, layer_norm_affine, layer_norm_modulate, linear_gelu, rms_norm, rms_norm_rope
 from .seams import Attention, BlockCache, ParallelPlan
 
@@ -152,9 +153,12 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
 
     def forward(self, x, e0, context, rope, attn: Attention):
-        """x: fp32 residual stream [B,S,C]; e0: [B,6,C] fp32; context [B,L,C] compute dtype."""
+        """x: fp32 residual stream [B,S,C]; e0: [B,6,C] or per token [B,S,6,C] fp32; context [B,L,C]."""
         dtype = context.dtype
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + e0).unsqueeze(2).unbind(1)
+        if e0.ndim == 3:  # one timestep per sample: [B,6,C] → six [B,1,C]
+            shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + e0).unsqueeze(2).unbind(1)
+        else:  # per token (Wan 2.2 TI2V): [B,S,6,C] → six [B,S,C]
+            shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.unsqueeze(0) + e0).unbind(2)
         h = layer_norm_modulate(x, shift_sa, scale_sa, self.eps, dtype)
         x = torch.addcmul(x, self.self_attn(h, rope, attn), gate_sa)
         x = x + self.cross_attn(self.norm3(x, dtype), context, attn)
@@ -170,7 +174,11 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))  # shift, scale
 
     def forward(self, x, e, dtype):
-        shift, scale = (self.modulation + e.unsqueeze(1)).unsqueeze(2).unbind(1)
+        """e: [B,C], or per token [B,S,C]."""
+        if e.ndim == 2:
+            shift, scale = (self.modulation + e.unsqueeze(1)).unsqueeze(2).unbind(1)
+        else:
+            shift, scale = (self.modulation.unsqueeze(0) + e.unsqueeze(2)).unbind(2)
         return self.head(layer_norm_modulate(x, shift, scale, self.eps, dtype))
 
 
@@ -202,7 +210,12 @@ class WanDiT(nn.Module):
     # -- stages, public so that caches (TeaCache) and parallel wrappers can compose them
 
     def embed_time(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B] → e [B,C] and e0 [B,6,C], both float32."""
+        """[B] → e [B,C] and e0 [B,6,C], both float32. Per-token timesteps [B,S] (Wan 2.2 TI2V,
+        where the image's frame is at t = 0) → e [B,S,C] and e0 [B,S,6,C]."""
+        if timestep.ndim == 2:  # few distinct values (t and 0): embed each once, then gather per token
+            values, index = torch.unique(timestep, return_inverse=True)
+            e, e0 = self.embed_time(values)
+            return e[index], e0[index]
         e = self.time_embedding(sinusoidal_embedding(timestep, self.cfg.freq_dim))
         e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim))
         return e, e0
@@ -249,7 +262,6 @@ class WanDiT(nn.Module):
         if device.type == "cuda":
             from torch.utils._triton import has_triton
             if not has_triton():
-                from ..errors import FastVideoError
                 raise FastVideoError("compile: torch.compile needs Triton for CUDA and it is not installed here; "
                                      "install it (`pip install triton`, on Windows `pip install triton-windows`) "
                                      "or turn compile off.")
@@ -268,7 +280,8 @@ class WanDiT(nn.Module):
                 parallel: ParallelPlan | None = None) -> torch.Tensor:
         """Velocity prediction.
 
-        x: latents in model space [B,16,T',H',W']; timestep: [B] in 0..1000; context: text
+        x: latents in model space [B,16,T',H',W'] (48 channels for Wan 2.2 TI2V-5B); timestep: [B]
+        in 0..1000, or per token [B,S] (S = T'·H'·W'/4, in token order); context: text
         embeddings [B,L,4096]. Returns float32 [B,16,T',H',W'].
         attention_backend: a name or None (env var, then auto); attention_options and step go to
         backends that use them (sliding tiles).
@@ -277,7 +290,17 @@ class WanDiT(nn.Module):
         rope and an attention spec that exchanges heads, and exit(tokens) → the full sequence.
         """
         tokens, grid = self.patchify(x)
-        e, e0 = self.embed_time(timestep.to(x.device).reshape(-1).expand(x.shape[0]))
+        timestep = timestep.to(x.device)
+        if timestep.ndim == 2:  # per token: [B,S] (or [1,S] for the whole batch)
+            if timestep.shape[1] != tokens.shape[1] or timestep.shape[0] not in (1, x.shape[0]):
+                raise FastVideoError(f"timestep: per-token timesteps must be [batch, tokens] = [{x.shape[0]}, "
+                                     f"{tokens.shape[1]}], got {list(timestep.shape)}.")
+            if parallel is not None:
+                raise FastVideoError("per-token timesteps (Wan2.2 image-to-video) do not run on several GPUs yet; "
+                                     "use one GPU (num_gpus 1) for this.")
+            e, e0 = self.embed_time(timestep.expand(x.shape[0], -1))
+        else:
+            e, e0 = self.embed_time(timestep.reshape(-1).expand(x.shape[0]))
         context = self.embed_text(context)
         backend = self.attention_backend_for(attention_backend, math.prod(grid))
         # Only sparse backends look at the step; elsewhere it would make compiled blocks recompile per step.
