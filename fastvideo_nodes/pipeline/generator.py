@@ -43,6 +43,7 @@ from ..memory.planner import VideoShape
 from ..models.wan_vae import model_to_raw
 from .options import LoadOptions, parse_device
 from .prompt_cache import PromptCache
+from . import ti2v
 from .sampler import SamplingSettings, SamplingStats, check_finite_latents, denoise, initial_noise
 
 logger = logging.getLogger(__name__)
@@ -302,7 +303,8 @@ def _estimate_components(files: ModelFiles, options: LoadOptions, cfg):
 
 def _latent_shape(latents: torch.Tensor) -> VideoShape:
     t, h, w = latents.shape[2:]
-    return VideoShape(h * 8, w * 8, (t - 1) * 4 + 1)
+    s = 16 if latents.shape[1] == 48 else 8  # Wan 2.2 VAE: 48 channels at 1/16
+    return VideoShape(h * s, w * s, (t - 1) * 4 + 1)
 
 
 class VideoGenerator:
@@ -636,17 +638,27 @@ class VideoGenerator:
         if self.num_gpus > 1:
             parse_gpu_ids(self.gpu_ids)
         cfg = self.dit_config()
+        settings = settings.with_geometry(*ti2v.geometry(cfg)).validate()  # 48 ch at 1/16 for Wan2.2 TI2V-5B
+        if self.files.vae is not None:
+            from ..loading import detect
+            from ..loading.files import all_keys
+            from ..loading.locate import locate
+            ti2v.check_pair(cfg, detect.kind_of(all_keys(locate(self.files.vae, "vae").files, "VAE")),
+                            self.files.model, self.files.vae)
         check_fits(settings, cfg.dim, cfg.ffn_dim, self.dtype, self.device, num_gpus=self.num_gpus)
         return settings
 
     def sample(self, positive: torch.Tensor, negative: torch.Tensor | None, settings: SamplingSettings, *,
                callback: Callable | None = None, cancel: Callable[[], bool] | None = None,
-               stats: SamplingStats | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+               stats: SamplingStats | None = None, noise: torch.Tensor | None = None,
+               first_frame: ti2v.FirstFrame | None = None) -> torch.Tensor:
         """Text embeddings → raw VAE-space latents [1,16,T',H',W'] float32 on CPU, with this
         generator's LoRAs (merge seconds in stats.extra["lora_s"] when a merge ran).
         Raises FastVideoError for bad settings before any work, and for non-finite results."""
-        self.check_settings(settings)
+        settings = self.check_settings(settings)
         noise = initial_noise(settings) if noise is None else noise
+        if first_frame is not None and self.num_gpus > 1:
+            raise FastVideoError("image: Wan2.2 image-to-video runs on one GPU for now (num_gpus 1).")
         with self._parts.lock:
             self._ready_to_sample(settings)
             if self.num_gpus > 1:
@@ -663,14 +675,16 @@ class VideoGenerator:
                     model_latents = denoise(self.dit, noise, positive, negative, settings,
                                             attention_backend=self.attention_backend,
                                             attention_options=self.attention_options, callback=callback,
-                                            cancel=cancel, stats=stats)
+                                            cancel=cancel, stats=stats, first_frame=first_frame)
         return model_to_raw(check_finite_latents(model_latents.float().cpu()))
 
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """Raw VAE-space latents [1,16,T',H',W'] → frames float32 [T,H,W,3] in 0..1 on CPU."""
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or latents.shape[:2] != (1, 16):
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or latents.shape[0] != 1 \
+                or latents.shape[1] not in (16, 48):
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise FastVideoError(f"latents: expected a Wan 2.1 video latent [1,16,T,H,W], got {shape}.")
+            raise FastVideoError(f"latents: expected a Wan video latent [1,16,T,H,W] (Wan 2.1 VAE) or [1,48,T,H,W] "
+                                 f"(Wan 2.2 VAE), got {shape}.")
         if tile is not None and (isinstance(tile, bool) or not isinstance(tile, numbers.Integral) or tile < 1):
             raise FastVideoError(f"tile must be a positive number of latent pixels (or None = whole frame), "
                                  f"got {tile!r}.")
@@ -681,9 +695,29 @@ class VideoGenerator:
             with _friendly_oom("loading"):
                 self._prepare(video, tile)
                 vae = self.vae
+            if vae.cfg.z_dim != latents.shape[1]:
+                raise FastVideoError(f"latents: {latents.shape[1]} channels, but the VAE ({self.files.vae}) decodes "
+                                     f"{vae.cfg.z_dim}; decode with the VAE the latents were made for.")
             need = decode_activation_bytes(self._sizes(), video, tile) if self._parts.plan is not None else 0
             with self._on_device("vae", vae, need):
                 return vae.decode_frames(latents.to(self.device), tile=tile)
+
+    def encode_image(self, image, settings: SamplingSettings) -> ti2v.FirstFrame:
+        """An image (path, PIL image or IMAGE tensor) → the first-frame condition of a Wan2.2 TI2V run
+        of `settings`' size, encoded by the VAE wherever the memory plan puts it."""
+        settings = self.check_settings(settings)
+        if settings.latent_channels != 48:
+            raise FastVideoError(f"image: the model {self.files.model!r} is Wan2.1 text-to-video, which takes no "
+                                 "image; image+text-to-video needs Wan2.2 TI2V-5B.")
+        from ..memory.planner import decode_activation_bytes
+        with self._parts.lock, torch.inference_mode(), _friendly_oom("encoding the image"):
+            shape = VideoShape(settings.height, settings.width, 1)
+            with _friendly_oom("loading"):
+                self._prepare(shape)
+                vae = self.vae
+            need = decode_activation_bytes(self._sizes(), shape, None) if self._parts.plan is not None else 0
+            with self._on_device("vae", vae, need):
+                return ti2v.first_frame_for(vae, image, settings)
 
     def _ready_to_sample(self, settings: SamplingSettings) -> None:
         """Plan for this shape (again only if it must) and let the host make room for sampling."""
@@ -728,13 +762,14 @@ class VideoGenerator:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def generate_video(self, prompt: str, *, negative_prompt: str | None = None, height: int = 480, width: int = 832,
-                       num_frames: int = 81, num_inference_steps: int = 50, guidance_scale: float = 5.0,
+    def generate_video(self, prompt: str, *, negative_prompt: str | None = None, height: int | None = None,
+                       width: int | None = None, num_frames: int | None = None, num_inference_steps: int = 50,
+                       guidance_scale: float = 5.0, image=None,
                        flow_shift: float | None = None, scheduler: str = "unipc", seed: int = 0,
                        sigmas=None, spacing: str = "default",
                        cfg_gate: float = 1.0, teacache_threshold: float = 0.0, teacache_mode: str = "default",
                        output_path: str | None = None, callback: Callable | None = None,
-                       cancel: Callable[[], bool] | None = None, fps: int = 16,
+                       cancel: Callable[[], bool] | None = None, fps: int | None = None,
                        overwrite: bool = False) -> GenerationResult:
         """Prompt → video. flow_shift None: 5.0 at 720p and above, else 3.0 (diffusers' presets).
         Few-step (distilled) models: scheduler "euler" or "lcm" with spacing="simple" (ComfyUI's,
@@ -743,7 +778,18 @@ class VideoGenerator:
         and encodes no negative prompt.
         output_path: .mp4, .mkv, .mov or .webm; an existing file is refused unless overwrite=True, and
         it is replaced only once the new video is complete. Every input is checked before any work.
-        Calls on one generator (and on those sharing its models) run one at a time."""
+        Calls on one generator (and on those sharing its models) run one at a time.
+        height, width, num_frames, fps None: the model's own (Wan2.1: 480×832, 81 at 16 fps; Wan2.2
+        TI2V-5B: 704×1280, 121 at 24 fps, shift 5). image (Wan2.2 TI2V-5B): a path, PIL image or IMAGE
+        tensor that becomes the first frame; resized to height×width when its size differs."""
+        wan22 = ti2v.is_wan22(self.dit_config())
+        defaults = ti2v.WAN22_DEFAULTS if wan22 else ti2v.WAN21_DEFAULTS
+        height = defaults["height"] if height is None else height
+        width = defaults["width"] if width is None else width
+        num_frames = defaults["num_frames"] if num_frames is None else num_frames
+        fps = defaults["fps"] if fps is None else fps
+        if flow_shift is None and wan22:
+            flow_shift = ti2v.WAN22_DEFAULTS["shift"]
         if flow_shift is None and all(isinstance(v, numbers.Real) for v in (height, width)):
             flow_shift = 5.0 if height * width >= 720 * 1280 else 3.0
         settings = SamplingSettings(height=height, width=width, num_frames=num_frames, steps=num_inference_steps,
@@ -758,25 +804,33 @@ class VideoGenerator:
             from ..video import check_fps, check_output_path
             check_output_path(output_path, overwrite=overwrite)
             check_fps(fps)
-        self.check_settings(settings)
+        settings = self.check_settings(settings)
+        if image is not None:
+            ti2v.load_image(image)  # fail before any work on a bad image
+            if not wan22:
+                raise FastVideoError(f"image: the model {self.files.model!r} is Wan2.1 text-to-video, which takes "
+                                     "no image; image+text-to-video needs Wan2.2 TI2V-5B.")
         if negative_prompt is None:
             from ..models.text_encoder import DEFAULT_NEGATIVE_PROMPT
             negative_prompt = DEFAULT_NEGATIVE_PROMPT
         with self._parts.lock:
-            return self._generate(prompt, negative_prompt, settings, output_path, callback, cancel, fps, overwrite)
+            return self._generate(prompt, negative_prompt, settings, output_path, callback, cancel, fps, overwrite,
+                                  image)
 
     def _generate(self, prompt, negative_prompt, settings, output_path, callback, cancel, fps,
-                  overwrite) -> GenerationResult:
+                  overwrite, image=None) -> GenerationResult:
         guidance_scale = settings.guidance_scale
         timings = {"load_s": self.load(height=settings.height, width=settings.width, num_frames=settings.num_frames)
                    if self._parts.dit is None and self.num_gpus == 1 else 0.0}
         t0 = time.perf_counter()
         positive = self.encode_prompt(prompt)
         negative = self.encode_prompt(negative_prompt) if guidance_scale > 1.0 else None
+        first_frame = self.encode_image(image, settings) if image is not None else None
         timings["encode_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         stats = SamplingStats()
-        latents = self.sample(positive, negative, settings, callback=callback, cancel=cancel, stats=stats)
+        latents = self.sample(positive, negative, settings, callback=callback, cancel=cancel, stats=stats,
+                              first_frame=first_frame)
         timings["sample_s"] = time.perf_counter() - t0  # includes lora_s
         if self.loras or "lora_s" in stats.extra:  # a merge ran, or the LoRAs were merged already (0)
             timings["lora_s"] = stats.extra.get("lora_s", 0.0)
