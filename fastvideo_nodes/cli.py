@@ -57,9 +57,13 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
     p.add_argument("--prompt", default="A red fox trotting through fresh snow at dawn, cinematic" if demo else None,
                    required=not demo)
     p.add_argument("--negative-prompt", default=None, help="default: Wan 2.1's negative prompt")
-    p.add_argument("--height", type=int, default=128 if demo else 480)
-    p.add_argument("--width", type=int, default=192 if demo else 832)
-    p.add_argument("--num-frames", type=int, default=17 if demo else 81)
+    # None: the model's own (Wan2.1 480x832, 81 frames; Wan2.2 TI2V-5B 704x1280, 121 frames at 24 fps)
+    p.add_argument("--height", type=int, default=128 if demo else None)
+    p.add_argument("--width", type=int, default=192 if demo else None)
+    p.add_argument("--num-frames", type=int, default=17 if demo else None)
+    if not demo:
+        p.add_argument("--image", default=None, metavar="FILE",
+                       help="Wan2.2 TI2V-5B: this picture starts the video (resized to --height x --width)")
     p.add_argument("--steps", type=int, default=8 if demo else 50)
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--shift", type=float, default=None, help="flow shift (default 3.0; 5.0 at 720p)")
@@ -92,7 +96,8 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
                    help="same as --weight-storage fp8_fast")
     p.add_argument("--gpu-memory-gb", type=float, default=None,
                    help="GPU memory for the DiT; blocks beyond it stream from CPU memory (default: fit automatically)")
-    p.add_argument("--fps", type=int, default=16, help="frames per second of the video (Wan 2.1: 16)")
+    p.add_argument("--fps", type=int, default=None, help="frames per second of the video (default the model's: "
+                   "Wan 2.1 16, Wan 2.2 24)")
     p.add_argument("--output", default=DEMO_OUTPUT if demo else "output.mp4",
                    help="FILE.mp4 (or .mkv, .mov, .webm); written to a temporary file and renamed when complete")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output/--latents-out file "
@@ -133,7 +138,8 @@ def _check_outputs(args) -> None:
     if args.command == "demo" and args.output == DEMO_OUTPUT:
         args.overwrite = True  # the demo's own file: running the demo twice must just work
     check_output_path(args.output, overwrite=args.overwrite, name="--output")
-    check_fps(args.fps)
+    if args.fps is not None:
+        check_fps(args.fps)
     if args.latents_out:
         if not args.latents_out.endswith(".safetensors"):
             raise FastVideoError(f"--latents-out: {args.latents_out!r} must end in .safetensors.")
@@ -158,7 +164,8 @@ def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
             flow_shift=args.shift, scheduler=args.scheduler, seed=args.seed, sigmas=sigmas, spacing=args.spacing,
             cfg_gate=args.cfg_gate,
             teacache_threshold=args.teacache_threshold, teacache_mode=args.teacache_mode,
-            output_path=args.output, callback=progress, fps=args.fps, overwrite=args.overwrite)
+            output_path=args.output, callback=progress, fps=args.fps, overwrite=args.overwrite,
+            image=getattr(args, "image", None))
     finally:
         gen.close()
     if args.latents_out:

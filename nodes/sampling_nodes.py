@@ -79,6 +79,7 @@ class FastVideoSampler:
                         "simple: ComfyUI's spacing, what 4-step distill LoRAs expect (euler and lcm only)"}),
             "sigmas": ("STRING", {"default": "", "tooltip": "e.g. 1, 0.9375, 0.8333, 0.625: used as given (no "
                                   "shift), replaces steps; empty = use steps and shift"}),
+            "image": ("IMAGE", {"tooltip": "Wan2.2 TI2V-5B: the first frame of the video (resized to width x height)"}),
         }}
 
     RETURN_TYPES = ("LATENT",)
@@ -96,13 +97,14 @@ class FastVideoSampler:
         return True
 
     def sample(self, model, positive, width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
-               teacache_threshold, negative=None, spacing="default", sigmas=""):
+               teacache_threshold, negative=None, spacing="default", sigmas="", image=None):
         settings = _settings(width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
                              teacache_threshold, spacing, sigmas)
         neg = _embedding(negative, "negative") if negative is not None else None
+        first_frame = model.encode_image(image, settings) if image is not None else None
         latents = model.sample(_embedding(positive, "positive"), neg, settings,
                                callback=comfy_api.Progress(settings.num_steps),
-                               cancel=comfy_api.check_interrupted)
+                               cancel=comfy_api.check_interrupted, first_frame=first_frame)
         return ({"samples": latents},)
 
 
@@ -136,6 +138,7 @@ class DecodeVAE:
         if not hasattr(z, "ndim"):
             raise FastVideoError("samples: expected a LATENT (a dict with a 'samples' tensor) from FastVideoSampler "
                                  "or KSampler.")
-        if z.ndim != 5 or z.shape[1] != 16:
-            raise FastVideoError(f"samples: expected a Wan 2.1 video latent [B,16,T,H,W], got shape {tuple(z.shape)}.")
+        if z.ndim != 5 or z.shape[1] not in (16, 48):
+            raise FastVideoError(f"samples: expected a Wan video latent [B,16,T,H,W] (Wan 2.1) or [B,48,T,H,W] "
+                                 f"(Wan 2.2), got shape {tuple(z.shape)}.")
         return (model.decode(z[:1], tile=tile_size or None),)

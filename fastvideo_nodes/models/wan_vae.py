@@ -355,7 +355,8 @@ class Decoder(nn.Module):
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
             last = i == len(mult) - 1
             if cfg.residual:
-                layers.append(UpStage(d_in, d_out, cfg.num_res_blocks, up=not last, temporal=not last and temporal_up[i]))
+                layers.append(UpStage(d_in, d_out, cfg.num_res_blocks, up=not last,
+                                      temporal=not last and temporal_up[i]))
                 continue
             if i > 0:
                 d_in //= 2  # the previous upsample's conv halves the channels

@@ -41,9 +41,9 @@ from ..attention.sliding_tile import SlidingTileOptions
 from ..errors import FastVideoError, ModelFileError
 from ..memory.planner import VideoShape
 from ..models.wan_vae import model_to_raw
+from . import ti2v
 from .options import LoadOptions, parse_device
 from .prompt_cache import PromptCache
-from . import ti2v
 from .sampler import SamplingSettings, SamplingStats, check_finite_latents, denoise, initial_noise
 
 logger = logging.getLogger(__name__)
@@ -783,13 +783,13 @@ class VideoGenerator:
         TI2V-5B: 704×1280, 121 at 24 fps, shift 5). image (Wan2.2 TI2V-5B): a path, PIL image or IMAGE
         tensor that becomes the first frame; resized to height×width when its size differs."""
         wan22 = ti2v.is_wan22(self.dit_config())
-        defaults = ti2v.WAN22_DEFAULTS if wan22 else ti2v.WAN21_DEFAULTS
-        height = defaults["height"] if height is None else height
-        width = defaults["width"] if width is None else width
-        num_frames = defaults["num_frames"] if num_frames is None else num_frames
-        fps = defaults["fps"] if fps is None else fps
+        d_height, d_width, d_frames, d_fps = ti2v.WAN22_SIZE if wan22 else ti2v.WAN21_SIZE
+        height = d_height if height is None else height
+        width = d_width if width is None else width
+        num_frames = d_frames if num_frames is None else num_frames
+        fps = d_fps if fps is None else fps
         if flow_shift is None and wan22:
-            flow_shift = ti2v.WAN22_DEFAULTS["shift"]
+            flow_shift = ti2v.WAN22_SHIFT
         if flow_shift is None and all(isinstance(v, numbers.Real) for v in (height, width)):
             flow_shift = 5.0 if height * width >= 720 * 1280 else 3.0
         settings = SamplingSettings(height=height, width=width, num_frames=num_frames, steps=num_inference_steps,

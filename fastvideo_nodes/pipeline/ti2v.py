@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from ..errors import FastVideoError, ModelFileError
 
 # Wan2.2's own TI2V-5B settings (wan/configs/wan_ti2v_5B.py): 1280×704 or 704×1280, 121 frames at 24 fps.
-WAN22_DEFAULTS = {"height": 704, "width": 1280, "num_frames": 121, "fps": 24, "shift": 5.0,
-                  "guidance_scale": 5.0}
-WAN21_DEFAULTS = {"height": 480, "width": 832, "num_frames": 81, "fps": 16}
+# (height, width, num_frames, fps) when the caller leaves them out; guidance 5 for both.
+WAN22_SIZE: tuple[int, int, int, int] = (704, 1280, 121, 24)
+WAN21_SIZE: tuple[int, int, int, int] = (480, 832, 81, 16)
+WAN22_SHIFT = 5.0
 
 
 def is_wan22(dit_cfg) -> bool:
