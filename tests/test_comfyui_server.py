@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = os.environ.get("COMFYUI_PYTHON", sys.executable)
 CLI = os.environ.get("COMFY_CLI", os.path.join(os.path.dirname(PY), "comfy"))
 SMALL = {"width": 48, "height": 32, "num_frames": 5, "steps": 2}
+SMALL_22 = {"width": 96, "height": 64, "num_frames": 5, "steps": 2}  # Wan2.2 TI2V-5B: multiples of 32
 
 
 def http(port, path, data=None, timeout=30):
@@ -61,6 +62,13 @@ def server(tmp_path_factory):
     save_original(random_vae(base_dim=96, seed=3).state_dict(),
                   str(base / "models" / "vae" / "wan_vae_w96.safetensors"), dtype=torch.float16)
     save_random_lora(TINY_DIT, str(base / "models" / "loras" / "lora_tiny.safetensors"), seed=5)
+    from fastvideo_nodes.testing.wan22 import build_wan22_set
+    wan22 = build_wan22_set(str(base / "set22"), seed=8)["comfy_fp32"]
+    shutil.copy(wan22["model"], base / "models" / "diffusion_models")
+    shutil.copy(wan22["vae"], base / "models" / "vae")
+    os.makedirs(base / "input", exist_ok=True)
+    from PIL import Image
+    Image.new("RGB", (SMALL_22["width"], SMALL_22["height"]), (200, 80, 40)).save(base / "input" / "start.png")
     (base / "extra.yaml").write_text(f"fastvideo_test:\n    base_path: {base}\n"
                                      "    diffusion_models: models/diffusion_models\n"
                                      "    text_encoders: models/text_encoders\n    vae: models/vae\n"
@@ -76,6 +84,7 @@ def server(tmp_path_factory):
     log = open(base / "server.log", "w")
     proc = subprocess.Popen([PY, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                              "--extra-model-paths-config", str(base / "extra.yaml"), "--output-directory", str(out),
+                             "--input-directory", str(base / "input"),
                              "--disable-auto-launch"], cwd=COMFY, stdout=log, stderr=subprocess.STDOUT)
     try:
         for _ in range(240):
@@ -94,7 +103,8 @@ def server(tmp_path_factory):
         assert "FastVideoSampler" in info, open(base / "server.log").read()[-3000:]
         yield dict(port=port, base=base, out=out, info=info, files={
             "model": os.path.basename(files["model"]), "text_encoder": os.path.basename(files["text_encoder"]),
-            "vae": "wan_vae_w96.safetensors", "lora": "lora_tiny.safetensors"})
+            "vae": "wan_vae_w96.safetensors", "lora": "lora_tiny.safetensors",
+            "model22": os.path.basename(wan22["model"]), "vae22": os.path.basename(wan22["vae"])})
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -105,14 +115,18 @@ def test_copy(server, name, prefix):
     """A copy of an example workflow with the tiny files and small sizes filled in."""
     wf = json.load(open(os.path.join(ROOT, "workflows", name)))
     f = server["files"]
+    wan22 = "wan2.2" in name
+    small = SMALL_22 if wan22 else SMALL
     for n in wf["nodes"]:
         w = n["widgets_values"]
         if n["type"] == "LoadFastVideoModel":
-            w[0], w[3] = f["model"], "fp32"
+            w[0], w[3] = f["model22" if wan22 else "model"], "fp32"
             if "mixed" not in name:  # the mixed workflow loads only the DiT here
-                w[1], w[2] = f["text_encoder"], f["vae"]
+                w[1], w[2] = f["text_encoder"], f["vae22" if wan22 else "vae"]
         elif n["type"] == "FastVideoSampler":
-            w[0], w[1], w[2], w[3] = SMALL["width"], SMALL["height"], SMALL["num_frames"], SMALL["steps"]
+            w[0], w[1], w[2], w[3] = small["width"], small["height"], small["num_frames"], small["steps"]
+        elif n["type"] == "LoadImage":
+            w[0] = "start.png"
         elif n["type"] == "FastVideoLoRA":
             w[0] = f["lora"]
         elif n["type"] == "VAELoader":
@@ -201,9 +215,12 @@ def saved_video(out, prefix):
 
 
 @pytest.mark.parametrize("name", ["wan2.1_t2v_1.3B_fastvideo.json", "wan2.1_t2v_1.3B_fastvideo_fast.json",
-                                  "wan2.1_t2v_1.3B_mixed_native.json", "wan2.1_t2v_14B_4step_lora.json"])
+                                  "wan2.1_t2v_1.3B_mixed_native.json", "wan2.1_t2v_14B_4step_lora.json",
+                                  "wan2.2_ti2v_5B.json"])
 def test_workflow_through_comfy_cli_and_api(server, name, tmp_path):
     stem = name.replace(".json", "")
+    small = SMALL_22 if "wan2.2" in name else SMALL
+    size = (small["num_frames"], small["height"], small["width"])
     wf = test_copy(server, name, f"cli_{stem}")
     path = tmp_path / name
     path.write_text(json.dumps(wf))
@@ -211,14 +228,14 @@ def test_workflow_through_comfy_cli_and_api(server, name, tmp_path):
                         "--host", "127.0.0.1", "--port", str(server["port"]), "--wait"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert saved_video(server["out"], f"cli_{stem}") == (5, 32, 48)
+    assert saved_video(server["out"], f"cli_{stem}") == size
 
     api = to_api(test_copy(server, name, f"api_{stem}"), server["info"])
     code, resp = http(server["port"], "/prompt", {"prompt": api})
     assert code == 200, resp
     status = wait_done(server["port"], resp["prompt_id"])["status"]
     assert status["status_str"] == "success", status
-    assert saved_video(server["out"], f"api_{stem}") == (5, 32, 48)
+    assert saved_video(server["out"], f"api_{stem}") == size
 
 
 def test_interrupt_stops_within_a_step(server):

@@ -320,3 +320,13 @@ def test_cli_generate_with_image(wan22_set, image, tmp_path, capsys):
                      "--steps", "1", "--device", "cpu", "--output", out])
     assert code == 0 and "5 frames 96x64" in capsys.readouterr().out
     assert read_video_info(out) == (5, 64, 96)
+
+
+def test_fastwan22_dmd_recipe_runs_with_image(folder_gen, image):
+    """FastWan2.2-TI2V-5B is this DiT distilled for DMD (3 steps, no guidance): the few-step path
+    draws its step noise in the 48-channel geometry and keeps the image's frame."""
+    settings = folder_gen.check_settings(SamplingSettings(scheduler="dmd", guidance_scale=1.0, seed=2, **SIZE))
+    first = folder_gen.encode_image(image, settings)
+    latents = folder_gen.sample(folder_gen.encode_prompt(PROMPT), None, settings, first_frame=first)
+    assert latents.shape == (1, 48, 2, 4, 6) and bool(torch.isfinite(latents).all())
+    assert torch.allclose(raw_to_model(latents)[:, :, :1], first.latent, atol=1e-5)
