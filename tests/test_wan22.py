@@ -330,3 +330,33 @@ def test_fastwan22_dmd_recipe_runs_with_image(folder_gen, image):
     latents = folder_gen.sample(folder_gen.encode_prompt(PROMPT), None, settings, first_frame=first)
     assert latents.shape == (1, 48, 2, 4, 6) and bool(torch.isfinite(latents).all())
     assert torch.allclose(raw_to_model(latents)[:, :, :1], first.latent, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_ti2v_equals_cpu(wan22_set, image):
+    """The lead's GPU run: TI2V on CUDA (fp32 and bf16) agrees with the CPU, VAE decode included."""
+    c = wan22_set["comfy_fp32"]
+    out = {}
+    for device, dtype in (("cpu", "fp32"), ("cuda", "fp32"), ("cuda", "bf16")):
+        gen = VideoGenerator.from_pretrained(c["model"], text_encoder=c["text_encoder"], vae=c["vae"], device=device,
+                                             dtype=dtype, attention_backend="TORCH_SDPA")
+        z = _ours(gen, steps=3, image=image)
+        frames = gen.decode(z)
+        assert frames.shape == (5, 64, 96, 3) and bool(torch.isfinite(frames).all())
+        out[device, dtype] = z, frames
+        gen.close()
+    cpu_z, cpu_frames = out["cpu", "fp32"]
+    assert (out["cuda", "fp32"][0] - cpu_z).abs().max().item() < 1e-2
+    assert (out["cuda", "fp32"][1] - cpu_frames).abs().max().item() < 1e-2
+    bf16_z = out["cuda", "bf16"][0]
+    assert ((bf16_z - cpu_z).norm() / cpu_z.norm()).item() < 0.1
+
+
+def test_vae22_tiled_decode(wan22_set):
+    vae = load_vae(wan22_set["comfy_fp32"]["vae"])
+    z = torch.randn(1, 48, 2, 8, 12, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        whole, tiled, one_tile = vae.decode(z), vae.decode(z, tile=6), vae.decode(z, tile=12)
+    assert whole.shape == tiled.shape == (1, 3, 5, 128, 192)
+    assert torch.equal(one_tile, whole)  # a tile as large as the latent is the whole frame
+    assert (tiled - whole).abs().mean().item() < 0.2 and bool(torch.isfinite(tiled).all())
