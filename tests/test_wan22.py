@@ -293,16 +293,30 @@ def test_5b_shaped_state_dict_keeps_channels(tmp_path, wan22_set):
         load_dit(p)
 
 
-def test_sampler_node_image_input_equals_api(folder_gen, image):
+def test_sampler_node_image_input_equals_api(folder_gen, image, monkeypatch):
     import os
     import sys
+    import types
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import nodes as fv
+    previews = []
+
+    class ProgressBar:  # ComfyUI's, as the server has it: each step sends a preview of the 48-channel x0
+        def __init__(self, total):
+            pass
+
+        def update_absolute(self, value, total=None, preview=None):
+            previews.append(preview[1].size)
+    comfy = types.ModuleType("comfy")
+    comfy.utils = types.SimpleNamespace(ProgressBar=ProgressBar)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.utils", comfy.utils)  # type: ignore[attr-defined]
     tensor = torch.from_numpy(np.asarray(image).astype(np.float32) / 255).unsqueeze(0)  # ComfyUI IMAGE
     pos, neg = folder_gen.encode_prompt(PROMPT), folder_gen.encode_prompt(NEGATIVE)
     (out,) = fv.FastVideoSampler().sample(
         model=folder_gen, positive=[[pos, {}]], negative=[[neg, {}]], width=96, height=64, num_frames=5, steps=2,
         cfg=5.0, shift=5.0, scheduler="unipc", seed=3, cfg_gate=1.0, teacache_threshold=0.0, image=tensor)
+    assert previews == [(6, 4), (6, 4)]  # PIL size: latent width × height
     assert (out["samples"] - _ours(folder_gen, steps=2, image=image)).abs().max() <= 1e-6
     (frames,) = fv.DecodeVAE().decode(model=folder_gen, samples=out)
     assert frames.shape == (5, 64, 96, 3)
