@@ -374,3 +374,11 @@ def test_vae22_tiled_decode(wan22_set):
     assert whole.shape == tiled.shape == (1, 3, 5, 128, 192)
     assert torch.equal(one_tile, whole)  # a tile as large as the latent is the whole frame
     assert (tiled - whole).abs().mean().item() < 0.2 and bool(torch.isfinite(tiled).all())
+
+
+def test_memory_plan_counts_5b_tokens(folder_gen):
+    """704×1280×121 on the 5B is 31×22×40 = 27,280 tokens (not the 109,120 of a 1/8 VAE)."""
+    from fastvideo_nodes.memory.planner import VideoShape
+    shape = folder_gen._video_shape(704, 1280, 121)
+    assert shape.vae_stride == 16 and shape.tokens == 27280
+    assert VideoShape(704, 1280, 121).tokens == 4 * 27280  # Wan2.1 geometry, unchanged

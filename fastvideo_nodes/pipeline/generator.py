@@ -304,7 +304,7 @@ def _estimate_components(files: ModelFiles, options: LoadOptions, cfg):
 def _latent_shape(latents: torch.Tensor) -> VideoShape:
     t, h, w = latents.shape[2:]
     s = 16 if latents.shape[1] == 48 else 8  # Wan 2.2 VAE: 48 channels at 1/16
-    return VideoShape(h * s, w * s, (t - 1) * 4 + 1)
+    return VideoShape(h * s, w * s, (t - 1) * 4 + 1, vae_stride=s)
 
 
 class VideoGenerator:
@@ -537,7 +537,7 @@ class VideoGenerator:
         spent, also kept in `load_s` and reported in each result's timings."""
         t0 = time.perf_counter()
         with self._parts.lock, _friendly_oom("loading"):
-            self._prepare(VideoShape(height, width, num_frames))
+            self._prepare(self._video_shape(height, width, num_frames))
             if self.num_gpus == 1:
                 self.dit  # noqa: B018  (loads)
             if self.files.text_encoder is not None:
@@ -556,10 +556,14 @@ class VideoGenerator:
         """The memory plan the parts are placed by (memory/planner.MemoryPlan; None on a CPU)."""
         return self._parts.plan
 
+    def _video_shape(self, height: int, width: int, num_frames: int) -> VideoShape:
+        """A video of this size in the model's latent geometry (Wan2.2 TI2V-5B: 1/16)."""
+        return VideoShape(height, width, num_frames, vae_stride=ti2v.geometry(self.dit_config())[1])
+
     def _loading(self):
         parts = self._parts
         if parts.plan is None:
-            self._prepare(VideoShape())
+            self._prepare(self._video_shape(480, 832, 81))
         return _Timer(parts)
 
     @property
@@ -711,7 +715,7 @@ class VideoGenerator:
                                  "image; image+text-to-video needs Wan2.2 TI2V-5B.")
         from ..memory.planner import decode_activation_bytes
         with self._parts.lock, torch.inference_mode(), _friendly_oom("encoding the image"):
-            shape = VideoShape(settings.height, settings.width, 1)
+            shape = VideoShape(settings.height, settings.width, 1, vae_stride=settings.vae_stride)
             with _friendly_oom("loading"):
                 self._prepare(shape)
                 vae = self.vae
@@ -722,7 +726,7 @@ class VideoGenerator:
     def _ready_to_sample(self, settings: SamplingSettings) -> None:
         """Plan for this shape (again only if it must) and let the host make room for sampling."""
         from ..memory.planner import sampling_activation_bytes
-        shape = VideoShape(settings.height, settings.width, settings.num_frames)
+        shape = VideoShape(settings.height, settings.width, settings.num_frames, vae_stride=settings.vae_stride)
         with _friendly_oom("loading"):
             self._prepare(shape)
             if self.num_gpus == 1:
