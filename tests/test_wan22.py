@@ -382,3 +382,28 @@ def test_memory_plan_counts_5b_tokens(folder_gen):
     shape = folder_gen._video_shape(704, 1280, 121)
     assert shape.vae_stride == 16 and shape.tokens == 27280
     assert VideoShape(704, 1280, 121).tokens == 4 * 27280  # Wan2.1 geometry, unchanged
+
+
+def test_real_sizes_read_back_from_shapes():
+    """The full-size architectures (meta tensors, no weights): the 2.2 VAE is the 1.41 GB fp16 file
+    (705M parameters), the TI2V-5B DiT ~5B; both are read back from their tensor shapes, and the
+    diffusers AutoencoderKLWan 2.2 names map one to one onto ours."""
+    from diffusers import AutoencoderKLWan
+
+    from fastvideo_nodes.loading.dit import config_from_shapes as dit_config
+    from fastvideo_nodes.loading.keymaps import vae_name
+    from fastvideo_nodes.loading.vae import config_from_shapes as vae_config
+    from fastvideo_nodes.models.wan_dit import WanDiTConfig
+    from fastvideo_nodes.models.wan_vae import WAN22_VAE, WanVAE
+    five_b = WanDiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_channels=48, out_channels=48)
+    with torch.device("meta"):
+        vae, dit = WanVAE(WAN22_VAE), WanDiT(five_b)
+        ref = AutoencoderKLWan(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12,
+                                       out_channels=12, patch_size=2, scale_factor_spatial=16,
+                                       latents_mean=LATENT_MEAN_22, latents_std=LATENT_STD_22)
+    vae_shapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    assert 704e6 < sum(p.numel() for p in vae.parameters()) < 706e6
+    assert vae_config(vae_shapes) == WAN22_VAE
+    assert {vae_name(k, residual=True): tuple(v.shape) for k, v in ref.state_dict().items()} == vae_shapes
+    assert 4.9e9 < sum(p.numel() for p in dit.parameters()) < 5.1e9
+    assert dit_config({k: tuple(v.shape) for k, v in dit.state_dict().items()}) == five_b
