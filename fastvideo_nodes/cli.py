@@ -63,7 +63,8 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
     p.add_argument("--num-frames", type=int, default=17 if demo else None)
     if not demo:
         p.add_argument("--image", default=None, metavar="FILE",
-                       help="Wan2.2 TI2V-5B: this picture starts the video (resized to --height x --width)")
+                       help="Wan2.2 TI2V-5B: this picture starts the video (another size: its middle cut to "
+                            "the video's aspect ratio, then resized)")
     p.add_argument("--steps", type=int, default=8 if demo else 50)
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--shift", type=float, default=None, help="flow shift (default 3.0; 5.0 at 720p)")

@@ -79,7 +79,8 @@ class FastVideoSampler:
                         "simple: ComfyUI's spacing, what 4-step distill LoRAs expect (euler and lcm only)"}),
             "sigmas": ("STRING", {"default": "", "tooltip": "e.g. 1, 0.9375, 0.8333, 0.625: used as given (no "
                                   "shift), replaces steps; empty = use steps and shift"}),
-            "image": ("IMAGE", {"tooltip": "Wan2.2 TI2V-5B: the first frame of the video (resized to width x height)"}),
+            "image": ("IMAGE", {"tooltip": "Wan2.2 TI2V-5B: the first frame of the video (another size: its "
+                                "middle cut to the aspect ratio, then resized)"}),
         }}
 
     RETURN_TYPES = ("LATENT",)

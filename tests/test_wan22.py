@@ -263,10 +263,16 @@ def test_bad_images(folder_gen, bad, needle):
         folder_gen.generate_video(PROMPT, image=bad, num_inference_steps=1, **SIZE)
 
 
-def test_image_of_another_size_is_resized(folder_gen, image):
+def test_image_of_another_size_is_cut_and_resized(folder_gen, image):
     settings = folder_gen.check_settings(SamplingSettings(steps=1, **SIZE))
     big = image.resize((192, 128))
     assert folder_gen.encode_image(big, settings).latent.shape == (1, 48, 1, 4, 6)
+    # Another aspect ratio: the middle is kept (as ComfyUI's Wan22ImageToVideoLatent), not stretched.
+    wide = torch.rand(128, 400, 3, generator=torch.Generator().manual_seed(2))
+    middle = wide[:, 8:392]  # 384×128 = the video's 3:2
+    assert torch.allclose(ti2v.image_to_video_tensor(wide, 64, 96), ti2v.image_to_video_tensor(middle, 64, 96))
+    tall = wide.transpose(0, 1).contiguous()  # 128 wide, 400 tall: the middle 86 rows are 3:2
+    assert torch.allclose(ti2v.image_to_video_tensor(tall, 64, 96), ti2v.image_to_video_tensor(tall[157:243], 64, 96))
 
 
 def test_decode_checks_channels(folder_gen):

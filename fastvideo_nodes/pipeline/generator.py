@@ -785,7 +785,8 @@ class VideoGenerator:
         Calls on one generator (and on those sharing its models) run one at a time.
         height, width, num_frames, fps None: the model's own (Wan2.1: 480×832, 81 at 16 fps; Wan2.2
         TI2V-5B: 704×1280, 121 at 24 fps, shift 5). image (Wan2.2 TI2V-5B): a path, PIL image or IMAGE
-        tensor that becomes the first frame; resized to height×width when its size differs."""
+        tensor that becomes the first frame (another size: its middle cut to the aspect ratio, then
+        resized)."""
         wan22 = ti2v.is_wan22(self.dit_config())
         d_height, d_width, d_frames, d_fps = ti2v.WAN22_SIZE if wan22 else ti2v.WAN21_SIZE
         height = d_height if height is None else height

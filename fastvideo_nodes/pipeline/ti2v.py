@@ -81,12 +81,24 @@ def load_image(image) -> torch.Tensor:
     return x
 
 
+def fit_image(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[N,3,h,w] → [N,3,height,width]: the middle cut to the video's aspect ratio, then resized
+    bilinearly, as ComfyUI's Wan22ImageToVideoLatent prepares its start image (no stretching)."""
+    h, w = x.shape[-2:]
+    if (h, w) == (height, width):
+        return x
+    if w * height > width * h:  # wider than the video: cut left and right
+        cut = round((w - w * (width * h) / (height * w)) / 2)
+        x = x[..., :, cut:w - cut]
+    elif w * height < width * h:  # taller: cut top and bottom
+        cut = round((h - h * (height * w) / (width * h)) / 2)
+        x = x[..., cut:h - cut, :]
+    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False).clamp_(0, 1)
+
+
 def image_to_video_tensor(image, height: int, width: int) -> torch.Tensor:
-    """The image as the VAE's input: [1,3,1,height,width] in [-1,1]. Another size is resized to
-    the video's (bicubic with antialiasing; aspect ratio not kept, as diffusers' preprocessing)."""
-    x = load_image(image).permute(2, 0, 1).unsqueeze(0)  # [1,3,H,W]
-    if tuple(x.shape[-2:]) != (height, width):
-        x = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+    """The image as the VAE's input: [1,3,1,height,width] in [-1,1] (another size: see fit_image)."""
+    x = fit_image(load_image(image).permute(2, 0, 1).unsqueeze(0), height, width)  # [1,3,H,W]
     return (x * 2 - 1).unsqueeze(2)
 
 
