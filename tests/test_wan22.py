@@ -413,3 +413,25 @@ def test_real_sizes_read_back_from_shapes():
     assert {vae_name(k, residual=True): tuple(v.shape) for k, v in ref.state_dict().items()} == vae_shapes
     assert 4.9e9 < sum(p.numel() for p in dit.parameters()) < 5.1e9
     assert dit_config({k: tuple(v.shape) for k, v in dit.state_dict().items()}) == five_b
+
+
+@pytest.mark.parametrize("kw", [dict(height=64, width=96),  # 3 frames × 6 tokens: the image's 6 on rank 0
+                                dict(height=96, width=32),  # 3 × 3 = 9 tokens, padded to 10
+                                dict(height=64, width=96, teacache_threshold=3.0, teacache_coefficients=[1.0, 0.0])])
+def test_ti2v_on_two_workers_equals_one_process(wan22_set, folder_gen, image, kw):
+    """Sequence parallel (2 CPU workers): the per-token modulation is sharded with its tokens."""
+    from fastvideo_nodes.parallel import WorkerPool
+    from fastvideo_nodes.pipeline.sampler import SamplingStats, denoise, initial_noise
+    settings = folder_gen.check_settings(SamplingSettings(steps=3, seed=5, num_frames=9, shift=5.0, **kw))
+    first = folder_gen.encode_image(image, settings)
+    pos, neg = folder_gen.encode_prompt(PROMPT), folder_gen.encode_prompt(NEGATIVE)
+    ref_stats, par_stats = SamplingStats(), SamplingStats()
+    with torch.no_grad():
+        ref = denoise(folder_gen.dit, initial_noise(settings), pos, neg, settings, first_frame=first, stats=ref_stats)
+    pool = WorkerPool(wan22_set["comfy_fp32"]["model"], num_gpus=2, device="cpu", dtype=torch.float32)
+    try:
+        out = pool.sample(initial_noise(settings), pos, neg, settings, first_frame=first, stats=par_stats)
+    finally:
+        pool.close()
+    assert (out - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
+    assert par_stats.teacache_skipped == ref_stats.teacache_skipped

@@ -295,9 +295,6 @@ class WanDiT(nn.Module):
             if timestep.shape[1] != tokens.shape[1] or timestep.shape[0] not in (1, x.shape[0]):
                 raise FastVideoError(f"timestep: per-token timesteps must be [batch, tokens] = [{x.shape[0]}, "
                                      f"{tokens.shape[1]}], got {list(timestep.shape)}.")
-            if parallel is not None:
-                raise FastVideoError("per-token timesteps (Wan2.2 image-to-video) do not run on several GPUs yet; "
-                                     "use one GPU (num_gpus 1) for this.")
             e, e0 = self.embed_time(timestep.expand(x.shape[0], -1))
         else:
             e, e0 = self.embed_time(timestep.reshape(-1).expand(x.shape[0]))
@@ -308,9 +305,15 @@ class WanDiT(nn.Module):
                              options=attention_options)
         rope = self.rope(grid, x.device)
         spec: Attention = attn
-        if parallel is not None:
+        e0_blocks = e0
+        if parallel is not None and e0.ndim == 4:
+            # Per-token modulation is sharded with its tokens: both ride through one enter(). The cache
+            # keeps the full e/e0, so every rank's TeaCache decides alike.
+            both, rope, spec = parallel.enter(torch.cat([tokens, e0.flatten(2)], dim=-1), rope, attn)
+            tokens, e0_blocks = both[..., :self.cfg.dim], both[..., self.cfg.dim:].unflatten(-1, (6, self.cfg.dim))
+        elif parallel is not None:
             tokens, rope, spec = parallel.enter(tokens, rope, attn)
-        run = lambda h: self.run_blocks(h, e0, context, rope, spec)
+        run = lambda h: self.run_blocks(h, e0_blocks, context, rope, spec)
         tokens = cache(tokens, e, e0, run) if cache is not None else run(tokens)
         if parallel is not None:
             tokens = parallel.exit(tokens)

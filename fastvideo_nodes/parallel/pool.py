@@ -164,9 +164,10 @@ class WorkerPool:
     # ------------------------------------------------------------------ running a job
 
     def sample(self, noise, positive, negative, settings, *, callback=None, cancel=None, stats=None,
-               attention_backend=None, attention_options=None, loras=()):
+               attention_backend=None, attention_options=None, loras=(), first_frame=None):
         """Run the sampler on every rank with these (path, strength) LoRAs merged into each rank's
-        DiT; returns model-space latents [1,16,T',H',W'] float32 (CPU)."""
+        DiT; returns model-space latents [1,C,T',H',W'] float32 (CPU). first_frame: a Wan2.2 TI2V
+        image condition (pipeline/ti2v.FirstFrame), sent with the job."""
         with self._lock:  # one job at a time: messages of two callers must not mix
             if self._unfinished is not None:
                 self._drain()
@@ -177,7 +178,7 @@ class WorkerPool:
             job_id = next(self._jobs)
             job = dict(settings=settings, noise=shared[0], positive=shared[1], negative=shared[2],
                        attention_backend=attention_backend, attention_options=attention_options or {},
-                       loras=[(str(p), float(s)) for p, s in loras])
+                       loras=[(str(p), float(s)) for p, s in loras], first_frame=first_frame)
             self._unfinished = job_id
             self._send_all(("sample", job_id, job))
             try:
@@ -522,7 +523,8 @@ def _run_job(link: _Link, rank: int, device, dit, plan, job_id: int, job: dict):
         with torch.inference_mode():
             out = denoise(dit, job["noise"], job["positive"], job["negative"], job["settings"],
                           attention_backend=job["attention_backend"], attention_options=job["attention_options"],
-                          callback=progress, cancel=cancel, parallel=plan, stats=stats)
+                          callback=progress, cancel=cancel, parallel=plan, stats=stats,
+                          first_frame=job.get("first_frame"))
         link.send(("doing", job_id, "while sending the result"))
         result = out.float().cpu().share_memory_() if rank == 0 else None
         counts = dict(cond_forwards=stats.cond_forwards, uncond_forwards=stats.uncond_forwards,

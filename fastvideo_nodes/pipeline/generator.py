@@ -661,15 +661,14 @@ class VideoGenerator:
         Raises FastVideoError for bad settings before any work, and for non-finite results."""
         settings = self.check_settings(settings)
         noise = initial_noise(settings) if noise is None else noise
-        if first_frame is not None and self.num_gpus > 1:
-            raise FastVideoError("image: Wan2.2 image-to-video runs on one GPU for now (num_gpus 1).")
         with self._parts.lock:
             self._ready_to_sample(settings)
             if self.num_gpus > 1:
                 model_latents = self.pool().sample(noise, positive, negative, settings, callback=callback,
                                                    cancel=cancel, stats=stats,
                                                    attention_backend=self.attention_backend,
-                                                   attention_options=self.attention_options, loras=self.loras)
+                                                   attention_options=self.attention_options, loras=self.loras,
+                                                   first_frame=first_frame)
             else:
                 with _friendly_oom():
                     report = self._sync_loras()
