@@ -156,14 +156,17 @@ class WanBlock(nn.Module):
         """x: fp32 residual stream [B,S,C]; e0: [B,6,C] or per token [B,S,6,C] fp32; context [B,L,C]."""
         dtype = context.dtype
         if e0.ndim == 3:  # one timestep per sample: [B,6,C] → six [B,1,C]
-            shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + e0).unsqueeze(2).unbind(1)
-        else:  # per token (Wan 2.2 TI2V): [B,S,6,C] → six [B,S,C]
-            shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.unsqueeze(0) + e0).unbind(2)
-        h = layer_norm_modulate(x, shift_sa, scale_sa, self.eps, dtype)
-        x = torch.addcmul(x, self.self_attn(h, rope, attn), gate_sa)
+            mod = (self.modulation + e0).unsqueeze(2).unbind(1)
+            get = mod.__getitem__
+        else:  # per token (Wan 2.2 TI2V): each [B,S,C] of the six made when used (each is as big as x)
+            table = self.modulation[0]
+            get = lambda i: e0[:, :, i] + table[i]
+        # 0-2: shift, scale, gate of self-attention; 3-5: of the FFN
+        h = layer_norm_modulate(x, get(0), get(1), self.eps, dtype)
+        x = torch.addcmul(x, self.self_attn(h, rope, attn), get(2))
         x = x + self.cross_attn(self.norm3(x, dtype), context, attn)
-        h = layer_norm_modulate(x, shift_ff, scale_ff, self.eps, dtype)
-        return torch.addcmul(x, self.ffn[2](linear_gelu(cast(Linear, self.ffn[0]), h)), gate_ff)
+        h = layer_norm_modulate(x, get(3), get(4), self.eps, dtype)
+        return torch.addcmul(x, self.ffn[2](linear_gelu(cast(Linear, self.ffn[0]), h)), get(5))
 
 
 class Head(nn.Module):
