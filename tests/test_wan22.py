@@ -435,3 +435,14 @@ def test_ti2v_on_two_workers_equals_one_process(wan22_set, folder_gen, image, kw
         pool.close()
     assert (out - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
     assert par_stats.teacache_skipped == ref_stats.teacache_skipped
+
+
+def test_compiled_blocks_per_token_equal_eager():
+    ours, _ = _dit_pair()
+    x, ctx = torch.randn(1, 48, 2, 4, 4), torch.randn(1, 512, 32)
+    ts = torch.full((1, 8), 640.0)
+    ts[:, :4] = 0.0
+    with torch.inference_mode():
+        want = ours(x, ts, ctx)
+        got = ours.compile_blocks()(x, ts, ctx)
+    assert (got - want).abs().max().item() < 1e-5 * want.abs().max().item() + 1e-6
