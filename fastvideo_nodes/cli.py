@@ -52,19 +52,23 @@ DEMO_OUTPUT = "fastvideo_demo.mp4"
 
 def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     if not demo:
-        p.add_argument("--model", required=True, help="diffusers folder or Wan2.1 DiT .safetensors")
+        p.add_argument("--model", required=True,
+                       help="diffusers folder, or a Wan2.1 (T2V, I2V) or Wan2.2 TI2V-5B DiT .safetensors")
         p.add_argument("--text-encoder", help="UMT5 .safetensors (needed with a single-file model)")
-        p.add_argument("--vae", help="Wan 2.1 VAE .safetensors (needed with a single-file model)")
+        p.add_argument("--vae", help="Wan VAE .safetensors, 2.1 (2.2 for TI2V-5B); needed with a single-file model")
         p.add_argument("--image", default=None, metavar="FILE",
-                       help="start image (PNG/JPEG/WebP) of an image-to-video model; resized to --width x --height")
+                       help="start image (PNG/JPEG/WebP): required by a Wan2.1 I2V model (with --image-encoder), "
+                            "optional first frame of a Wan2.2 TI2V-5B; another aspect ratio: its middle is cut "
+                            "to the video's, then resized to --width x --height")
         p.add_argument("--image-encoder", default=None, metavar="FILE",
                        help="CLIP vision .safetensors of an image-to-video model (clip_vision_h.safetensors)")
     p.add_argument("--prompt", default="A red fox trotting through fresh snow at dawn, cinematic" if demo else None,
                    required=not demo)
     p.add_argument("--negative-prompt", default=None, help="default: Wan 2.1's negative prompt")
-    p.add_argument("--height", type=int, default=128 if demo else 480)
-    p.add_argument("--width", type=int, default=192 if demo else 832)
-    p.add_argument("--num-frames", type=int, default=17 if demo else 81)
+    # None: the model's own (Wan2.1 480x832, 81 frames; Wan2.2 TI2V-5B 704x1280, 121 frames at 24 fps)
+    p.add_argument("--height", type=int, default=128 if demo else None)
+    p.add_argument("--width", type=int, default=192 if demo else None)
+    p.add_argument("--num-frames", type=int, default=17 if demo else None)
     p.add_argument("--steps", type=int, default=8 if demo else 50)
     p.add_argument("--guidance-scale", type=float, default=None, help="default 5.0 (FastWan models: 1)")
     p.add_argument("--shift", type=float, default=None, help="flow shift (default 3.0; 5.0 at 720p)")
@@ -103,7 +107,8 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
                    help="same as --weight-storage fp8_fast")
     p.add_argument("--gpu-memory-gb", type=float, default=None,
                    help="GPU memory for the DiT; blocks beyond it stream from CPU memory (default: fit automatically)")
-    p.add_argument("--fps", type=int, default=16, help="frames per second of the video (Wan 2.1: 16)")
+    p.add_argument("--fps", type=int, default=None, help="frames per second of the video (default the model's: "
+                   "Wan 2.1 16, Wan 2.2 24)")
     p.add_argument("--output", default=DEMO_OUTPUT if demo else "output.mp4",
                    help="FILE.mp4 (or .mkv, .mov, .webm); written to a temporary file and renamed when complete")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output/--latents-out file "
@@ -144,7 +149,8 @@ def _check_outputs(args) -> None:
     if args.command == "demo" and args.output == DEMO_OUTPUT:
         args.overwrite = True  # the demo's own file: running the demo twice must just work
     check_output_path(args.output, overwrite=args.overwrite, name="--output")
-    check_fps(args.fps)
+    if args.fps is not None:
+        check_fps(args.fps)
     if args.latents_out:
         if not args.latents_out.endswith(".safetensors"):
             raise FastVideoError(f"--latents-out: {args.latents_out!r} must end in .safetensors.")

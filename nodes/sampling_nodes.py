@@ -80,10 +80,11 @@ class FastVideoSampler:
                         "simple: ComfyUI's spacing, what 4-step distill LoRAs expect (euler and lcm only)"}),
             "sigmas": ("STRING", {"default": "", "tooltip": "e.g. 1, 0.9375, 0.8333, 0.625: used as given (no "
                                   "shift), replaces steps; empty = use steps and shift"}),
-            "image": ("IMAGE", {"tooltip": "image-to-video: the start image (resized to width × height; the "
-                                "first one of a batch)"}),
-            "clip_vision_output": ("CLIP_VISION_OUTPUT", {"tooltip": "image-to-video: native CLIPVisionEncode of "
-                                   "the start image, instead of the loader's clip_vision file"}),
+            "image": ("IMAGE", {"tooltip": "the start image, the first one of a batch: required by a Wan2.1 I2V "
+                                "model, the optional first frame of a Wan2.2 TI2V-5B (another aspect ratio: its "
+                                "middle cut to the video's, then resized to width × height)"}),
+            "clip_vision_output": ("CLIP_VISION_OUTPUT", {"tooltip": "Wan2.1 image-to-video: native CLIPVisionEncode "
+                                   "of the start image, instead of the loader's clip_vision file"}),
         }}
 
     RETURN_TYPES = ("LATENT",)
@@ -106,13 +107,14 @@ class FastVideoSampler:
         settings = _settings(width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
                              teacache_threshold, spacing, sigmas)
         neg = _embedding(negative, "negative") if negative is not None else None
-        condition = embeds = None
-        if image is not None or model.dit_config().image_dim is not None:  # the engine refuses a mismatch
+        encoded = None
+        # An I2V model without an image goes on too: the engine says what is missing (as for a mismatch).
+        if image is not None or model.dit_config().image_dim is not None:
             first = image[:1] if getattr(image, "ndim", 0) == 4 else image
-            condition, embeds = model.encode_image(first, settings, image_embeds=_clip_tokens(clip_vision_output))
+            encoded = model.encode_image(first, settings, image_embeds=_clip_tokens(clip_vision_output))
         latents = model.sample(_embedding(positive, "positive"), neg, settings,
                                callback=comfy_api.Progress(settings.num_steps),
-                               cancel=comfy_api.check_interrupted, condition=condition, image_embeds=embeds)
+                               cancel=comfy_api.check_interrupted, image_condition=encoded)
         return ({"samples": latents},)
 
 
@@ -157,6 +159,7 @@ class DecodeVAE:
         if not hasattr(z, "ndim"):
             raise FastVideoError("samples: expected a LATENT (a dict with a 'samples' tensor) from FastVideoSampler "
                                  "or KSampler.")
-        if z.ndim != 5 or z.shape[1] != 16:
-            raise FastVideoError(f"samples: expected a Wan 2.1 video latent [B,16,T,H,W], got shape {tuple(z.shape)}.")
+        if z.ndim != 5 or z.shape[1] not in (16, 48):
+            raise FastVideoError(f"samples: expected a Wan video latent [B,16,T,H,W] (Wan 2.1) or [B,48,T,H,W] "
+                                 f"(Wan 2.2), got shape {tuple(z.shape)}.")
         return (model.decode(z[:1], tile=tile_size or None),)

@@ -210,7 +210,8 @@ def test_image_given_to_a_text_to_video_model(tmp_path, model_set, picture):
     t2v = tiny_dit.save_original(tiny_dit.random_dit().state_dict(), str(tmp_path / "t2v.safetensors"))
     c = model_set["comfy"]
     gen = VideoGenerator.from_pretrained(t2v, text_encoder=c["text_encoder"], vae=c["vae"], device="cpu")
-    with pytest.raises(FastVideoError, match="image: this is a text-to-video model, which takes no image"):
+    with pytest.raises(FastVideoError, match="image: the model .* is Wan2.1 text-to-video, which takes no image; "
+                       "for image-to-video load a Wan2.1 I2V model .* or Wan2.2 TI2V-5B"):
         gen.generate_video(PROMPT, image=picture, **SIZE)
 
 

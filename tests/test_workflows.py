@@ -47,10 +47,11 @@ def required_widget_count(cls) -> int:
     return len(spec_of(cls, groups=("required",))[0])
 
 
-def test_there_are_six_workflows():
+def test_there_are_seven_workflows():
     names = [os.path.basename(p) for p in WORKFLOWS]
-    assert len(names) == 6 and any("fast" in n for n in names) and any("mixed_native" in n for n in names)
-    assert {"wan2.1_t2v_14B_4step_lora.json", "fastwan2.1_t2v_1.3B_3step.json", "wan2.1_i2v_14B.json"} <= set(names)
+    assert len(names) == 7 and any("fast" in n for n in names) and any("mixed_native" in n for n in names)
+    assert {"wan2.1_t2v_14B_4step_lora.json", "fastwan2.1_t2v_1.3B_3step.json", "wan2.1_i2v_14B.json",
+            "wan2.2_ti2v_5B.json"} <= set(names)
 
 
 def test_fastwan_workflow_is_the_3step_recipe():
@@ -90,6 +91,22 @@ def test_i2v_workflow_is_wan_480p_image_to_video():
     linked = {m["name"]: m["directory"] for n in wf["nodes"] for m in n.get("properties", {}).get("models", [])}
     assert linked == {loader_values["model"]: "diffusion_models", "umt5_xxl_fp8_e4m3fn_scaled.safetensors":
                       "text_encoders", "wan_2.1_vae.safetensors": "vae", "clip_vision_h.safetensors": "clip_vision"}
+
+
+def test_wan22_ti2v_workflow_is_the_5b_recipe():
+    """An image into the sampler, the 5B's own size and settings, the Wan 2.2 VAE, 24 fps."""
+    wf = json.load(open(os.path.join(ROOT, "workflows", "wan2.2_ti2v_5B.json")))
+    by_type = {n["type"]: n for n in wf["nodes"]}
+    widgets, _ = spec_of(fv.FastVideoSampler)
+    values = dict(zip([w[0] for w in widgets], by_type["FastVideoSampler"]["widgets_values"]))
+    assert (values["width"], values["height"], values["num_frames"]) == (1280, 704, 121)
+    assert values["shift"] == 5.0 and values["cfg"] == 5.0
+    image = by_type["LoadImage"]
+    assert any(l[1] == image["id"] and l[3] == by_type["FastVideoSampler"]["id"] and l[5] == "IMAGE"
+               for l in wf["links"])
+    assert by_type["LoadFastVideoModel"]["widgets_values"][:3] == [
+        "wan2.2_ti2v_5B_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan2.2_vae.safetensors"]
+    assert by_type["CreateVideo"]["widgets_values"] == [24.0]
 
 
 def test_4step_lora_workflow_is_the_distilled_recipe():

@@ -37,7 +37,7 @@ def kind_of(keys) -> str:
         return "wan_dit"
     if "patch_embedding.weight" in s and any(k.startswith("condition_embedder.") for k in s):
         return "wan_dit_diffusers"
-    if "decoder.upsamples.0.upsamples.0.residual.2.weight" in s:
+    if "decoder.upsamples.0.upsamples.0.residual.2.weight" in s or "encoder.down_blocks.0.resnets.0.conv1.weight" in s:
         return "wan22_vae"
     if "decoder.middle.0.residual.0.gamma" in s or "decoder.mid_block.resnets.0.norm1.gamma" in s:
         return "wan_vae"
@@ -59,7 +59,7 @@ DESCRIPTIONS = {
     "clip_vision": "a CLIP vision image encoder (load it as the image encoder: clip_vision_h.safetensors, "
                    "ComfyUI folder clip_vision)",
     "wan_vae": "a Wan2.1 VAE (load it as the VAE)",
-    "wan22_vae": "the 48-channel Wan2.2 VAE, which is not supported yet (use wan_2.1_vae.safetensors)",
+    "wan22_vae": "the 48-channel Wan2.2 VAE (load it as the VAE, with a Wan2.2 TI2V-5B model)",
     "umt5": "a UMT5 text encoder (load it as the text encoder)",
     "sd": "a Stable Diffusion / other image-model checkpoint, not a Wan model",
     "unknown": "not a recognised Wan2.1 file",

@@ -142,11 +142,17 @@ def load_dit(path: str, *, device: torch.device | str = "cpu", dtype: torch.dtyp
     if fp8_matmul and weight_dtype is None:
         weight_dtype = torch.float8_e4m3fn
     source, cfg, role = _read(os.fspath(path))
-    want = 36 if cfg.image_dim is not None else 16  # image-to-video: noise 16 + mask 4 + image latent 16
-    if cfg.in_channels != want:
-        raise ModelFileError(f"{role} takes {cfg.in_channels} input channels; Wan2.1 "
-                             f"{'image' if cfg.image_dim else 'text'}-to-video takes {want} "
-                             "(Wan2.2 models are not supported yet).")
+    if cfg.image_dim is not None:  # Wan2.1 image-to-video: noise 16 + mask 4 + image latent 16
+        if cfg.in_channels != 36:
+            raise ModelFileError(f"{role} takes {cfg.in_channels} input channels; Wan2.1 image-to-video takes 36 "
+                                 "(16 noise + 4 mask + 16 image latent).")
+    elif cfg.in_channels not in (16, 48):  # 48: Wan2.2 TI2V-5B (its VAE's latent channels)
+        raise ModelFileError(f"{role} takes {cfg.in_channels} input channels; Wan2.1 text-to-video takes 16, "
+                             "Wan2.1 image-to-video 36 (with CLIP image layers) and Wan2.2 TI2V-5B 48 (other Wan2.2 "
+                             "models are not supported yet).")
+    if cfg.in_channels == 48 and cfg.out_channels != 48:
+        raise ModelFileError(f"{role} takes 48 input channels (Wan2.2 TI2V-5B) but its head gives "
+                             f"{cfg.out_channels}; a Wan2.2 TI2V-5B model gives 48. The file is damaged or mixed.")
     with torch.device("meta"):
         model = WanDiT(cfg)
     materialize(model, source, role=role, dtype=dtype, device=device, rules=RULES, weight_dtype=weight_dtype)

@@ -180,14 +180,20 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
 
     def forward(self, x, e0, context, rope, attn: Attention):
-        """x: fp32 residual stream [B,S,C]; e0: [B,6,C] fp32; context [B,L,C] compute dtype."""
+        """x: fp32 residual stream [B,S,C]; e0: [B,6,C] or per token [B,S,6,C] fp32; context [B,L,C]."""
         dtype = context.dtype
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + e0).unsqueeze(2).unbind(1)
-        h = layer_norm_modulate(x, shift_sa, scale_sa, self.eps, dtype)
-        x = torch.addcmul(x, self.self_attn(h, rope, attn), gate_sa)
+        if e0.ndim == 3:  # one timestep per sample: [B,6,C] → six [B,1,C]
+            mod = (self.modulation + e0).unsqueeze(2).unbind(1)
+            get = mod.__getitem__
+        else:  # per token (Wan 2.2 TI2V): each [B,S,C] of the six made when used (each is as big as x)
+            table = self.modulation[0]
+            get = lambda i: e0[:, :, i] + table[i]
+        # 0-2: shift, scale, gate of self-attention; 3-5: of the FFN
+        h = layer_norm_modulate(x, get(0), get(1), self.eps, dtype)
+        x = torch.addcmul(x, self.self_attn(h, rope, attn), get(2))
         x = x + self.cross_attn(self.norm3(x, dtype), context, attn)
-        h = layer_norm_modulate(x, shift_ff, scale_ff, self.eps, dtype)
-        return torch.addcmul(x, self.ffn[2](linear_gelu(cast(Linear, self.ffn[0]), h)), gate_ff)
+        h = layer_norm_modulate(x, get(3), get(4), self.eps, dtype)
+        return torch.addcmul(x, self.ffn[2](linear_gelu(cast(Linear, self.ffn[0]), h)), get(5))
 
 
 class Head(nn.Module):
@@ -198,7 +204,11 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))  # shift, scale
 
     def forward(self, x, e, dtype):
-        shift, scale = (self.modulation + e.unsqueeze(1)).unsqueeze(2).unbind(1)
+        """e: [B,C], or per token [B,S,C]."""
+        if e.ndim == 2:
+            shift, scale = (self.modulation + e.unsqueeze(1)).unsqueeze(2).unbind(1)
+        else:
+            shift, scale = (self.modulation.unsqueeze(0) + e.unsqueeze(2)).unbind(2)
         return self.head(layer_norm_modulate(x, shift, scale, self.eps, dtype))
 
 
@@ -251,7 +261,12 @@ class WanDiT(nn.Module):
     # -- stages, public so that caches (TeaCache) and parallel wrappers can compose them
 
     def embed_time(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B] → e [B,C] and e0 [B,6,C], both float32."""
+        """[B] → e [B,C] and e0 [B,6,C], both float32. Per-token timesteps [B,S] (Wan 2.2 TI2V,
+        where the image's frame is at t = 0) → e [B,S,C] and e0 [B,S,6,C]."""
+        if timestep.ndim == 2:  # few distinct values (t and 0): embed each once, then gather per token
+            values, index = torch.unique(timestep, return_inverse=True)
+            e, e0 = self.embed_time(values)
+            return e[index], e0[index]
         e = self.time_embedding(sinusoidal_embedding(timestep, self.cfg.freq_dim))
         e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim))
         return e, e0
@@ -336,7 +351,8 @@ class WanDiT(nn.Module):
                 image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity prediction.
 
-        x: latents in model space [B,16,T',H',W']; timestep: [B] in 0..1000; context: text
+        x: latents in model space [B,16,T',H',W'] (48 channels for Wan 2.2 TI2V-5B); timestep: [B]
+        in 0..1000, or per token [B,S] (S = T'·H'·W'/4, in token order); context: text
         embeddings [B,L,4096]. Returns float32 [B,16,T',H',W'].
         Image-to-video: condition [B,20,T',H',W'] (mask ++ image latent) is concatenated to x on the
         channels, and image_embeds [B,257,1280] are the CLIP tokens of the first frame.
@@ -355,7 +371,14 @@ class WanDiT(nn.Module):
             raise FastVideoError(f"the DiT takes {self.cfg.in_channels} input channels, got {x.shape[1]}; an "
                                  "image-to-video model needs the image condition (20 channels) too.")
         tokens, grid = self.patchify(x)
-        e, e0 = self.embed_time(timestep.to(x.device).reshape(-1).expand(batch))
+        timestep = timestep.to(x.device)
+        if timestep.ndim == 2:  # per token: [B,S] (or [1,S] for the whole batch)
+            if timestep.shape[1] != tokens.shape[1] or timestep.shape[0] not in (1, batch):
+                raise FastVideoError(f"timestep: per-token timesteps must be [batch, tokens] = [{batch}, "
+                                     f"{tokens.shape[1]}], got {list(timestep.shape)}.")
+            e, e0 = self.embed_time(timestep.expand(batch, -1))
+        else:
+            e, e0 = self.embed_time(timestep.reshape(-1).expand(batch))
         context = self.embed_context(context, image_embeds)
         backend = backend_for_step(self.attention_backend_for(attention_backend, math.prod(grid)),
                                    step, num_steps, exact_attention_steps)
@@ -366,9 +389,15 @@ class WanDiT(nn.Module):
                              options=attention_options)
         rope = self.rope(grid, x.device)
         spec: Attention = attn
-        if parallel is not None:
+        e0_blocks = e0
+        if parallel is not None and e0.ndim == 4:
+            # Per-token modulation is sharded with its tokens: both ride through one enter(). The cache
+            # keeps the full e/e0, so every rank's TeaCache decides alike.
+            both, rope, spec = parallel.enter(torch.cat([tokens, e0.flatten(2)], dim=-1), rope, attn)
+            tokens, e0_blocks = both[..., :self.cfg.dim], both[..., self.cfg.dim:].unflatten(-1, (6, self.cfg.dim))
+        elif parallel is not None:
             tokens, rope, spec = parallel.enter(tokens, rope, attn)
-        run = lambda h: self.run_blocks(h, e0, context, rope, spec)
+        run = lambda h: self.run_blocks(h, e0_blocks, context, rope, spec)
         tokens = cache(tokens, e, e0, run) if cache is not None else run(tokens)
         if parallel is not None:
             tokens = parallel.exit(tokens)

@@ -47,6 +47,7 @@ from ..attention.video_sparse import VideoSparseOptions
 from ..errors import FastVideoError, ModelFileError
 from ..memory.planner import VideoShape
 from ..models.wan_vae import model_to_raw
+from . import ti2v
 from .options import LoadOptions, parse_device
 from .prompt_cache import PromptCache
 from .sampler import SamplingSettings, SamplingStats, check_finite_latents, denoise, initial_noise
@@ -315,9 +316,15 @@ def _estimate_components(files: ModelFiles, options: LoadOptions, cfg):
                       text_encoder_bytes=sum(te.values()) + sum(clip.values()), text_dim=text_dim)
 
 
+# What encode_image gives for sample(image_condition=): Wan2.1 I2V's (condition, CLIP embeds), or
+# Wan2.2 TI2V-5B's first frame.
+ImageCondition = tuple[torch.Tensor, torch.Tensor] | ti2v.FirstFrame
+
+
 def _latent_shape(latents: torch.Tensor) -> VideoShape:
     t, h, w = latents.shape[2:]
-    return VideoShape(h * 8, w * 8, (t - 1) * 4 + 1)
+    s = 16 if latents.shape[1] == 48 else 8  # Wan 2.2 VAE: 48 channels at 1/16
+    return VideoShape(h * s, w * s, (t - 1) * 4 + 1, vae_stride=s)
 
 
 class VideoGenerator:
@@ -574,7 +581,7 @@ class VideoGenerator:
         spent, also kept in `load_s` and reported in each result's timings."""
         t0 = time.perf_counter()
         with self._parts.lock, _friendly_oom("loading"):
-            self._prepare(VideoShape(height, width, num_frames))
+            self._prepare(self._video_shape(height, width, num_frames))
             if self.num_gpus == 1:
                 self.dit  # noqa: B018  (loads)
             if self.files.text_encoder is not None:
@@ -595,10 +602,14 @@ class VideoGenerator:
         """The memory plan the parts are placed by (memory/planner.MemoryPlan; None on a CPU)."""
         return self._parts.plan
 
+    def _video_shape(self, height: int, width: int, num_frames: int) -> VideoShape:
+        """A video of this size in the model's latent geometry (Wan2.2 TI2V-5B: 1/16)."""
+        return VideoShape(height, width, num_frames, vae_stride=ti2v.geometry(self.dit_config())[1])
+
     def _loading(self):
         parts = self._parts
         if parts.plan is None:
-            self._prepare(VideoShape())
+            self._prepare(self._video_shape(480, 832, 81))
         return _Timer(parts)
 
     @property
@@ -664,16 +675,22 @@ class VideoGenerator:
         return parts.image_encoder
 
     def check_image(self, image, need_encoder: bool = True):
-        """The image, read as an RGB PIL image, if this model takes one (image-to-video); None for a
-        text-to-video model given none. Raises FastVideoError for every other combination.
-        need_encoder: the image encoder file must be known (False when the CLIP embeds come ready)."""
+        """The image read as the loaded model takes it: Wan2.1 I2V → an RGB PIL image (required);
+        Wan2.2 TI2V-5B → float32 [H,W,3] in 0..1, or None (the image is optional there); a
+        text-to-video model → None, and an image given to it is refused. Raises FastVideoError for
+        a bad image or a wrong combination.
+        need_encoder: the I2V image encoder file must be known (False when the CLIP embeds come ready)."""
         from .image_condition import as_image
-        image_dim = self.dit_config().image_dim
-        if image_dim is None:
+        cfg = self.dit_config()
+        if ti2v.is_wan22(cfg):
+            return None if image is None else ti2v.load_image(image)
+        if cfg.image_dim is None:
             if image is not None:
-                raise FastVideoError("image: this is a text-to-video model, which takes no image; for image-to-video "
-                                     "load a Wan2.1 I2V model (wan2.1_i2v_480p_14B_*.safetensors) and its CLIP "
-                                     "vision encoder (clip_vision_h.safetensors).")
+                raise FastVideoError(f"image: the model {self.files.model!r} is Wan2.1 text-to-video, which takes no "
+                                     "image; for image-to-video load a Wan2.1 I2V model "
+                                     "(wan2.1_i2v_480p_14B_*.safetensors) with its CLIP vision encoder "
+                                     "(clip_vision_h.safetensors), or Wan2.2 TI2V-5B "
+                                     "(wan2.2_ti2v_5B_fp16.safetensors).")
             return None
         if image is None:
             raise FastVideoError("image: this is an image-to-video model; give the start image (Python: image=..., "
@@ -685,12 +702,28 @@ class VideoGenerator:
         return as_image(image)
 
     def encode_image(self, image, settings: SamplingSettings,
-                     image_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Start image → (condition [1,20,T',H/8,W/8], CLIP image embeddings [1,257,1280]), float32 on CPU.
+                     image_embeds: torch.Tensor | None = None) -> ImageCondition:
+        """The image → its condition for the loaded model, for sample(image_condition=...):
+        - Wan2.1 I2V: (condition [1,20,T',H/8,W/8], CLIP image embeddings [1,257,1280]) float32 on CPU.
+          The CLIP encoder sees the image as given; the VAE the image fitted to settings' size
+          (pipeline/image_condition.py). image_embeds: CLIP penultimate hidden states made elsewhere
+          (ComfyUI's CLIPVisionEncode), used instead of this model's encoder.
+        - Wan2.2 TI2V-5B: a ti2v.FirstFrame, the image's VAE latent that stays in latent frame 0.
+        - a text-to-video model: FastVideoError.
+        image: anything check_image takes."""
+        if ti2v.is_wan22(self.dit_config()):
+            if image_embeds is not None:
+                raise FastVideoError("image_embeds (the sampler's clip_vision_output): Wan2.2 TI2V-5B uses no CLIP "
+                                     "image embeddings; leave it out.")
+            if image is None:
+                raise FastVideoError("image: none given; Wan2.2 TI2V-5B without an image is text-to-video, which "
+                                     "needs no encode_image.")
+            return self._encode_first_frame(image, settings)
+        return self._encode_i2v(image, settings, image_embeds)
 
-        image: anything check_image takes. The CLIP encoder sees the image as given; the VAE the image
-        fitted to settings' size (pipeline/image_condition.py). image_embeds: CLIP penultimate hidden
-        states made elsewhere (ComfyUI's CLIPVisionEncode), used instead of this model's encoder."""
+    def _encode_i2v(self, image, settings: SamplingSettings,
+                    image_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wan2.1 I2V: the start image → (condition, CLIP embeds); see encode_image."""
         from ..memory.planner import decode_activation_bytes
         from .image_condition import fit, vae_condition
         picture = self.check_image(image, need_encoder=image_embeds is None)
@@ -712,6 +745,20 @@ class VideoGenerator:
             with self._on_device("vae", vae, need):
                 condition = vae_condition(vae, fit(picture, settings.height, settings.width), settings.num_frames)
         return condition, embeds
+
+    def _encode_first_frame(self, image, settings: SamplingSettings) -> ti2v.FirstFrame:
+        """Wan2.2 TI2V-5B: the image → the first-frame condition of a run of `settings`' size, encoded
+        by the VAE wherever the memory plan puts it."""
+        settings = self.check_settings(settings)
+        from ..memory.planner import decode_activation_bytes
+        with self._parts.lock, torch.inference_mode(), _friendly_oom("encoding the image"):
+            shape = VideoShape(settings.height, settings.width, 1, vae_stride=settings.vae_stride)
+            with _friendly_oom("loading"):
+                self._prepare(shape)
+                vae = self.vae
+            need = decode_activation_bytes(self._sizes(), shape, None) if self._parts.plan is not None else 0
+            with self._on_device("vae", vae, need):
+                return ti2v.first_frame_for(vae, image, settings)
 
     def _clip_embeds(self, picture) -> torch.Tensor:
         """The CLIP tokens of the RGB PIL image [1,257,1280] float32 on CPU, the encoder on the GPU for it."""
@@ -759,19 +806,37 @@ class VideoGenerator:
         if resolve_backend(self.attention_backend) == "VIDEO_SPARSE_ATTN" and not cfg.gate_compress:
             from ..models.wan_dit import NEEDS_FASTWAN
             raise FastVideoError(NEEDS_FASTWAN)
+        settings = settings.with_geometry(*ti2v.geometry(cfg)).validate()  # 48 ch at 1/16 for Wan2.2 TI2V-5B
+        if self.files.vae is not None:
+            from ..loading import detect
+            from ..loading.files import all_keys
+            from ..loading.locate import locate
+            ti2v.check_pair(cfg, detect.kind_of(all_keys(locate(self.files.vae, "vae").files, "VAE")),
+                            self.files.model, self.files.vae)
         check_fits(settings, cfg.dim, cfg.ffn_dim, self.dtype, self.device, num_gpus=self.num_gpus)
         return settings
 
     def sample(self, positive: torch.Tensor, negative: torch.Tensor | None, settings: SamplingSettings, *,
                callback: Callable | None = None, cancel: Callable[[], bool] | None = None,
                stats: SamplingStats | None = None, noise: torch.Tensor | None = None,
-               condition: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Text embeddings → raw VAE-space latents [1,16,T',H',W'] float32 on CPU, with this
-        generator's LoRAs (merge seconds in stats.extra["lora_s"] when a merge ran).
-        Image-to-video: condition and image_embeds from encode_image.
+               image_condition: ImageCondition | None = None, condition: torch.Tensor | None = None,
+               image_embeds: torch.Tensor | None = None,
+               first_frame: ti2v.FirstFrame | None = None) -> torch.Tensor:
+        """Text embeddings → raw VAE-space latents [1,C,T',H',W'] float32 on CPU (C: 16, Wan2.2
+        TI2V-5B 48), with this generator's LoRAs (merge seconds in stats.extra["lora_s"] when a merge ran).
+        image_condition: what encode_image returned, for either image model; it stands for the seams
+        below. Wan2.1 image-to-video: condition and image_embeds (encode_image's pair). Wan2.2 TI2V-5B:
+        first_frame (encode_image's FirstFrame).
         Raises FastVideoError for bad settings before any work, and for non-finite results."""
-        self.check_settings(settings)
+        if isinstance(image_condition, ti2v.FirstFrame):
+            first_frame = image_condition
+        elif image_condition is not None:
+            condition, image_embeds = image_condition
+        settings = self.check_settings(settings)
         noise = initial_noise(settings) if noise is None else noise
+        if first_frame is not None and condition is not None:
+            raise FastVideoError("first_frame (Wan2.2 TI2V-5B) and condition (Wan2.1 I2V) are for different models; "
+                                 "give what encode_image returned for this one.")
         if (condition is None) != (image_embeds is None):
             raise FastVideoError("condition and image_embeds come together (from encode_image); got only one.")
         if condition is not None and self.num_gpus > 1:
@@ -787,7 +852,8 @@ class VideoGenerator:
                                                    cancel=cancel, stats=stats,
                                                    attention_backend=self.attention_backend,
                                                    attention_options=self.attention_options, loras=self.loras,
-                                                   exact_attention_steps=self.exact_attention_steps)
+                                                   exact_attention_steps=self.exact_attention_steps,
+                                                   first_frame=first_frame)
             else:
                 with _friendly_oom():
                     report = self._sync_loras()
@@ -799,14 +865,17 @@ class VideoGenerator:
                                             attention_options=self.attention_options, callback=callback,
                                             cancel=cancel, stats=stats,
                                             exact_attention_steps=self.exact_attention_steps,
-                                            condition=condition, image_embeds=image_embeds)
+                                            condition=condition, image_embeds=image_embeds,
+                                            first_frame=first_frame)
         return model_to_raw(check_finite_latents(model_latents.float().cpu()))
 
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """Raw VAE-space latents [1,16,T',H',W'] → frames float32 [T,H,W,3] in 0..1 on CPU."""
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or latents.shape[:2] != (1, 16):
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or latents.shape[0] != 1 \
+                or latents.shape[1] not in (16, 48):
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise FastVideoError(f"latents: expected a Wan 2.1 video latent [1,16,T,H,W], got {shape}.")
+            raise FastVideoError(f"latents: expected a Wan video latent [1,16,T,H,W] (Wan 2.1 VAE) or [1,48,T,H,W] "
+                                 f"(Wan 2.2 VAE), got {shape}.")
         if tile is not None and (isinstance(tile, bool) or not isinstance(tile, numbers.Integral) or tile < 1):
             raise FastVideoError(f"tile must be a positive number of latent pixels (or None = whole frame), "
                                  f"got {tile!r}.")
@@ -817,6 +886,9 @@ class VideoGenerator:
             with _friendly_oom("loading"):
                 self._prepare(video, tile)
                 vae = self.vae
+            if vae.cfg.z_dim != latents.shape[1]:
+                raise FastVideoError(f"latents: {latents.shape[1]} channels, but the VAE ({self.files.vae}) decodes "
+                                     f"{vae.cfg.z_dim}; decode with the VAE the latents were made for.")
             need = decode_activation_bytes(self._sizes(), video, tile) if self._parts.plan is not None else 0
             with self._on_device("vae", vae, need):
                 return vae.decode_frames(latents.to(self.device), tile=tile)
@@ -824,7 +896,7 @@ class VideoGenerator:
     def _ready_to_sample(self, settings: SamplingSettings) -> None:
         """Plan for this shape (again only if it must) and let the host make room for sampling."""
         from ..memory.planner import sampling_activation_bytes
-        shape = VideoShape(settings.height, settings.width, settings.num_frames)
+        shape = VideoShape(settings.height, settings.width, settings.num_frames, vae_stride=settings.vae_stride)
         with _friendly_oom("loading"):
             self._prepare(shape)
             if self.num_gpus == 1:
@@ -864,14 +936,15 @@ class VideoGenerator:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def generate_video(self, prompt: str, *, negative_prompt: str | None = None, height: int = 480, width: int = 832,
-                       num_frames: int = 81, num_inference_steps: int = 50, guidance_scale: float | None = None,
+    def generate_video(self, prompt: str, *, negative_prompt: str | None = None, height: int | None = None,
+                       width: int | None = None, num_frames: int | None = None, num_inference_steps: int = 50,
+                       guidance_scale: float | None = None, image=None,
                        flow_shift: float | None = None, scheduler: str | None = None, seed: int = 0,
                        sigmas=None, spacing: str = "default",
                        cfg_gate: float = 1.0, teacache_threshold: float = 0.0, teacache_mode: str = "default",
                        output_path: str | None = None, callback: Callable | None = None,
-                       cancel: Callable[[], bool] | None = None, fps: int = 16,
-                       overwrite: bool = False, image=None) -> GenerationResult:
+                       cancel: Callable[[], bool] | None = None, fps: int | None = None,
+                       overwrite: bool = False) -> GenerationResult:
         """Prompt → video. flow_shift None: 5.0 at 720p and above, else 3.0 (diffusers' presets).
         Few-step (distilled) models: scheduler "euler" or "lcm" with spacing="simple" (ComfyUI's,
         what the 4-step distill LoRAs were trained for), or sigmas=[1, 0.9375, 0.8333, 0.625] used as
@@ -882,10 +955,22 @@ class VideoGenerator:
         VIDEO_SPARSE_ATTN at sparsity 0.8 when no backend was chosen; the log says so.
         output_path: .mp4, .mkv, .mov or .webm; an existing file is refused unless overwrite=True, and
         it is replaced only once the new video is complete. Every input is checked before any work.
-        image: the start image of an image-to-video model (a path, a PIL image or an IMAGE tensor
-        [H,W,3] / [1,H,W,3] in 0..1); required by I2V models, refused by text-to-video ones.
+        image: a path, a PIL image or an IMAGE tensor [H,W,3] / [1,H,W,3] in 0..1, used as the loaded
+        model takes it: a Wan2.1 I2V model requires it (the start image, with its CLIP embeddings); a
+        Wan2.2 TI2V-5B takes it as the first frame (optional); a text-to-video model refuses it. An
+        image of another aspect ratio has its middle cut to the video's, then is resized.
+        height, width, num_frames, fps None: the model's own (Wan2.1: 480×832, 81 at 16 fps; Wan2.2
+        TI2V-5B: 704×1280, 121 at 24 fps, shift 5).
         Calls on one generator (and on those sharing its models) run one at a time."""
         guidance_scale, scheduler = self._model_defaults(guidance_scale, scheduler)
+        wan22 = ti2v.is_wan22(self.dit_config())
+        d_height, d_width, d_frames, d_fps = ti2v.WAN22_SIZE if wan22 else ti2v.WAN21_SIZE
+        height = d_height if height is None else height
+        width = d_width if width is None else width
+        num_frames = d_frames if num_frames is None else num_frames
+        fps = d_fps if fps is None else fps
+        if flow_shift is None and wan22:
+            flow_shift = ti2v.WAN22_SHIFT
         if flow_shift is None and all(isinstance(v, numbers.Real) for v in (height, width)):
             flow_shift = 5.0 if height * width >= 720 * 1280 else 3.0
         settings = SamplingSettings(height=height, width=width, num_frames=num_frames, steps=num_inference_steps,
@@ -900,8 +985,8 @@ class VideoGenerator:
             from ..video import check_fps, check_output_path
             check_output_path(output_path, overwrite=overwrite)
             check_fps(fps)
-        self.check_settings(settings)
-        picture = self.check_image(image)
+        settings = self.check_settings(settings)
+        picture = self.check_image(image)  # fails before any work on a bad image or one the model does not take
         if negative_prompt is None:
             from ..models.text_encoder import DEFAULT_NEGATIVE_PROMPT
             negative_prompt = DEFAULT_NEGATIVE_PROMPT
@@ -940,15 +1025,15 @@ class VideoGenerator:
         positive = self.encode_prompt(prompt)
         negative = self.encode_prompt(negative_prompt) if guidance_scale > 1.0 else None
         timings["encode_s"] = time.perf_counter() - t0
-        condition = image_embeds = None
+        encoded = None
         if picture is not None:
             t0 = time.perf_counter()
-            condition, image_embeds = self.encode_image(picture, settings)
+            encoded = self.encode_image(picture, settings)
             timings["image_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         stats = SamplingStats()
         latents = self.sample(positive, negative, settings, callback=callback, cancel=cancel, stats=stats,
-                              condition=condition, image_embeds=image_embeds)
+                              image_condition=encoded)
         timings["sample_s"] = time.perf_counter() - t0  # includes lora_s
         if self.loras or "lora_s" in stats.extra:  # a merge ran, or the LoRAs were merged already (0)
             timings["lora_s"] = stats.extra.get("lora_s", 0.0)
