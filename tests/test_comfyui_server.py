@@ -145,7 +145,7 @@ def test_copy(server, name, prefix):
                 w[0] = FASTWAN_FOLDER
             elif "mixed" not in name:  # the mixed workflow loads only the DiT here
                 w[1], w[2] = f["text_encoder"], f["vae22" if wan22 else "vae"]
-            if "i2v" in name:
+            if name.startswith("wan2.1_i2v"):  # (not wan2.2_ti2v)
                 w[0], w[8] = f["i2v_model"], f["clip_vision"]
         elif n["type"] == "FastVideoSampler":
             w[0], w[1], w[2], w[3] = small["width"], small["height"], small["num_frames"], small["steps"]
