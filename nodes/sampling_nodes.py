@@ -53,9 +53,10 @@ def _embedding(conditioning, name: str):
 
 
 class FastVideoSampler:
-    """Wan 2.1 flow-matching sampler with CFG gate and TeaCache → native LATENT (raw VAE space).
-    Few-step LoRAs: cfg 1, euler or lcm, spacing simple (or an explicit sigmas list).
-    Image-to-video models take the start image (native IMAGE; the first frame of a batch)."""
+    """Wan flow-matching sampler with CFG gate and TeaCache → native LATENT (raw VAE space; 48
+    channels for Wan2.2 TI2V-5B). Few-step LoRAs: cfg 1, euler or lcm, spacing simple (or an
+    explicit sigmas list). One image input (native IMAGE; the first frame of a batch) for both image
+    models: Wan2.1 I2V's start image (required) or Wan2.2 TI2V-5B's first frame (optional)."""
 
     @classmethod
     def INPUT_TYPES(cls):
