@@ -52,15 +52,23 @@ DEMO_OUTPUT = "fastvideo_demo.mp4"
 
 def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     if not demo:
-        p.add_argument("--model", required=True, help="diffusers folder or Wan2.1 DiT .safetensors")
+        p.add_argument("--model", required=True,
+                       help="diffusers folder, or a Wan2.1 (T2V, I2V) or Wan2.2 TI2V-5B DiT .safetensors")
         p.add_argument("--text-encoder", help="UMT5 .safetensors (needed with a single-file model)")
-        p.add_argument("--vae", help="Wan 2.1 VAE .safetensors (needed with a single-file model)")
+        p.add_argument("--vae", help="Wan VAE .safetensors, 2.1 (2.2 for TI2V-5B); needed with a single-file model")
+        p.add_argument("--image", default=None, metavar="FILE",
+                       help="start image (PNG/JPEG/WebP): required by a Wan2.1 I2V model (with --image-encoder), "
+                            "optional first frame of a Wan2.2 TI2V-5B; another aspect ratio: its middle is cut "
+                            "to the video's, then resized to --width x --height")
+        p.add_argument("--image-encoder", default=None, metavar="FILE",
+                       help="CLIP vision .safetensors of an image-to-video model (clip_vision_h.safetensors)")
     p.add_argument("--prompt", default="A red fox trotting through fresh snow at dawn, cinematic" if demo else None,
                    required=not demo)
     p.add_argument("--negative-prompt", default=None, help="default: Wan 2.1's negative prompt")
-    p.add_argument("--height", type=int, default=128 if demo else 480)
-    p.add_argument("--width", type=int, default=192 if demo else 832)
-    p.add_argument("--num-frames", type=int, default=17 if demo else 81)
+    # None: the model's own (Wan2.1 480x832, 81 frames; Wan2.2 TI2V-5B 704x1280, 121 frames at 24 fps)
+    p.add_argument("--height", type=int, default=128 if demo else None)
+    p.add_argument("--width", type=int, default=192 if demo else None)
+    p.add_argument("--num-frames", type=int, default=17 if demo else None)
     p.add_argument("--steps", type=int, default=8 if demo else 50)
     p.add_argument("--guidance-scale", type=float, default=None, help="default 5.0 (FastWan models: 1)")
     p.add_argument("--shift", type=float, default=None, help="flow shift (default 3.0; 5.0 at 720p)")
@@ -99,7 +107,8 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
                    help="same as --weight-storage fp8_fast")
     p.add_argument("--gpu-memory-gb", type=float, default=None,
                    help="GPU memory for the DiT; blocks beyond it stream from CPU memory (default: fit automatically)")
-    p.add_argument("--fps", type=int, default=16, help="frames per second of the video (Wan 2.1: 16)")
+    p.add_argument("--fps", type=int, default=None, help="frames per second of the video (default the model's: "
+                   "Wan 2.1 16, Wan 2.2 24)")
     p.add_argument("--output", default=DEMO_OUTPUT if demo else "output.mp4",
                    help="FILE.mp4 (or .mkv, .mov, .webm); written to a temporary file and renamed when complete")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output/--latents-out file "
@@ -140,7 +149,8 @@ def _check_outputs(args) -> None:
     if args.command == "demo" and args.output == DEMO_OUTPUT:
         args.overwrite = True  # the demo's own file: running the demo twice must just work
     check_output_path(args.output, overwrite=args.overwrite, name="--output")
-    check_fps(args.fps)
+    if args.fps is not None:
+        check_fps(args.fps)
     if args.latents_out:
         if not args.latents_out.endswith(".safetensors"):
             raise FastVideoError(f"--latents-out: {args.latents_out!r} must end in .safetensors.")
@@ -159,7 +169,8 @@ def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
     sigmas = parse_sigmas(args.sigmas, "--sigmas")
     gen = VideoGenerator.from_pretrained(model, text_encoder=text_encoder, vae=vae, options=load_options(args),
                                          attention_backend=args.attention_backend, num_gpus=args.num_gpus,
-                                         loras=loras, exact_attention_steps=args.exact_attention_steps)
+                                         loras=loras, exact_attention_steps=args.exact_attention_steps,
+                                         image_encoder=getattr(args, "image_encoder", None))
     if args.sparsity is not None:
         from .attention.video_sparse import VideoSparseOptions
         gen = gen.with_attention_backend(args.attention_backend, VideoSparseOptions(args.sparsity),
@@ -171,7 +182,8 @@ def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
             flow_shift=args.shift, scheduler=args.scheduler, seed=args.seed, sigmas=sigmas, spacing=args.spacing,
             cfg_gate=args.cfg_gate,
             teacache_threshold=args.teacache_threshold, teacache_mode=args.teacache_mode,
-            output_path=args.output, callback=progress, fps=args.fps, overwrite=args.overwrite)
+            output_path=args.output, callback=progress, fps=args.fps, overwrite=args.overwrite,
+            image=getattr(args, "image", None))
     finally:
         gen.close()
     if args.latents_out:
@@ -181,13 +193,15 @@ def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
         os.replace(tmp, args.latents_out)
     t = result.timings
     print(f"wrote {args.output}: {result.frames.shape[0]} frames {result.frames.shape[2]}x{result.frames.shape[1]} "
-          f"(encode {t['encode_s']:.1f}s, sample {t['sample_s']:.1f}s, decode {t['decode_s']:.1f}s"
+          f"(encode {t['encode_s']:.1f}s" + (f", image {t['image_s']:.1f}s" if "image_s" in t else "")
+          + f", sample {t['sample_s']:.1f}s, decode {t['decode_s']:.1f}s"
           + (f", LoRA merge {t['lora_s']:.1f}s" if loras else "") + ")")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastvideo_nodes", description="Fast Wan2.1 text-to-video.")
+    parser = argparse.ArgumentParser(prog="python -m fastvideo_nodes",
+                                     description="Fast Wan2.1 text-to-video and image-to-video.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generation_args(sub.add_parser("generate", help="render a video from Wan2.1 model files"))
     _add_generation_args(sub.add_parser("demo", help="render a short mp4 with a tiny built-in random model (CPU)"),

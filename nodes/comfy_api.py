@@ -9,7 +9,8 @@ import os
 
 
 def folder_names(kind: str) -> list[str]:
-    """File names in one of ComfyUI's model folders ("diffusion_models", "text_encoders", "vae", "loras")."""
+    """File names in one of ComfyUI's model folders ("diffusion_models", "text_encoders", "vae", "loras",
+    "clip_vision")."""
     try:
         import folder_paths
         return list(folder_paths.get_filename_list(kind))
@@ -34,7 +35,8 @@ def diffusers_folders() -> list[str]:
 
 
 # The node input that names a file of each ComfyUI model folder, for error messages.
-INPUT_NAMES = {"diffusion_models": "model", "text_encoders": "text_encoder", "vae": "vae", "loras": "lora_name"}
+INPUT_NAMES = {"diffusion_models": "model", "text_encoders": "text_encoder", "vae": "vae", "loras": "lora_name",
+               "clip_vision": "clip_vision"}
 
 
 def full_path(kind: str, name: str) -> str:

@@ -15,7 +15,9 @@ CATEGORY = "FastVideo"
 MODEL = "FASTVIDEO_MODEL"
 
 class LoadFastVideoModel:
-    """Wan 2.1 text-to-video files → a FastVideo model, loaded now (placed by the memory plan).
+    """Wan 2.1 text-to-video or image-to-video files → a FastVideo model, loaded now (placed by the
+    memory plan). Image-to-video also needs the CLIP vision file (clip_vision), unless a diffusers
+    I2V folder brings its own image_encoder/.
 
     Nothing here holds the weights: the returned generator does (ComfyUI keeps it as this node's
     output), and generators of the same files and options share one loaded set. When this node
@@ -29,7 +31,7 @@ class LoadFastVideoModel:
         models = comfy_api.diffusers_folders() + comfy_api.folder_names("diffusion_models")
         return {"required": {
             "model": (models or ["wan2.1_t2v_1.3B_fp16.safetensors"],
-                      {"tooltip": "Wan2.1 T2V DiT file, or a diffusers folder (FastWan folders too)"}),
+                      {"tooltip": "Wan2.1 T2V or I2V DiT file, or a diffusers folder (FastWan folders too)"}),
             "text_encoder": (["(from diffusers folder)"] + comfy_api.folder_names("text_encoders"),),
             "vae": (["(from diffusers folder)"] + comfy_api.folder_names("vae"),),
             "precision": (list(PRECISIONS), {"default": "bf16"}),
@@ -41,6 +43,9 @@ class LoadFastVideoModel:
             "gpu_memory_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
                                         "tooltip": "GPU memory for the DiT; 0 = fit automatically"}),
             "text_encoder_device": (["gpu", "cpu"], {"default": "gpu", "tooltip": "cpu: encode prompts on the CPU"}),
+            "clip_vision": (["(none)"] + comfy_api.folder_names("clip_vision"), {"tooltip":
+                            "image-to-video: the CLIP vision file (clip_vision_h.safetensors); a diffusers I2V "
+                            "folder brings its own"}),
         }}
 
     RETURN_TYPES = (MODEL,)
@@ -66,15 +71,17 @@ class LoadFastVideoModel:
                            text_encoder_device="cpu" if text_encoder_device == "cpu" else None)
 
     def load(self, model, text_encoder, vae, precision, weight_storage, compile=False, gpu_memory_gb=0.0,
-             text_encoder_device="gpu"):
+             text_encoder_device="gpu", clip_vision="(none)"):
         from fastvideo_nodes.pipeline.generator import VideoGenerator
 
         path = comfy_api.full_path("diffusion_models", model)
         te = None if text_encoder.startswith("(") else comfy_api.full_path("text_encoders", text_encoder)
         va = None if vae.startswith("(") else comfy_api.full_path("vae", vae)
+        image_encoder = None if clip_vision.startswith("(") else comfy_api.full_path("clip_vision", clip_vision)
         options, host = comfy_api.memory_host(
             self.options(precision, weight_storage, compile, gpu_memory_gb, text_encoder_device))
-        gen = VideoGenerator.from_pretrained(path, text_encoder=te, vae=va, options=options)
+        gen = VideoGenerator.from_pretrained(path, text_encoder=te, vae=va, image_encoder=image_encoder,
+                                             options=options)
         previous = self._previous() if self._previous is not None else None
         if previous is not None and previous._parts is not gen._parts:
             previous.close()  # its weights leave before the new ones come in

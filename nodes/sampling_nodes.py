@@ -53,8 +53,10 @@ def _embedding(conditioning, name: str):
 
 
 class FastVideoSampler:
-    """Wan 2.1 flow-matching sampler with CFG gate and TeaCache → native LATENT (raw VAE space).
-    Few-step LoRAs: cfg 1, euler or lcm, spacing simple (or an explicit sigmas list)."""
+    """Wan flow-matching sampler with CFG gate and TeaCache → native LATENT (raw VAE space; 48
+    channels for Wan2.2 TI2V-5B). Few-step LoRAs: cfg 1, euler or lcm, spacing simple (or an
+    explicit sigmas list). One image input (native IMAGE; the first frame of a batch) for both image
+    models: Wan2.1 I2V's start image (required) or Wan2.2 TI2V-5B's first frame (optional)."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -79,6 +81,11 @@ class FastVideoSampler:
                         "simple: ComfyUI's spacing, what 4-step distill LoRAs expect (euler and lcm only)"}),
             "sigmas": ("STRING", {"default": "", "tooltip": "e.g. 1, 0.9375, 0.8333, 0.625: used as given (no "
                                   "shift), replaces steps; empty = use steps and shift"}),
+            "image": ("IMAGE", {"tooltip": "the start image, the first one of a batch: required by a Wan2.1 I2V "
+                                "model, the optional first frame of a Wan2.2 TI2V-5B (another aspect ratio: its "
+                                "middle cut to the video's, then resized to width × height)"}),
+            "clip_vision_output": ("CLIP_VISION_OUTPUT", {"tooltip": "Wan2.1 image-to-video: native CLIPVisionEncode "
+                                   "of the start image, instead of the loader's clip_vision file"}),
         }}
 
     RETURN_TYPES = ("LATENT",)
@@ -96,14 +103,31 @@ class FastVideoSampler:
         return True
 
     def sample(self, model, positive, width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
-               teacache_threshold, negative=None, spacing="default", sigmas=""):
+               teacache_threshold, negative=None, spacing="default", sigmas="", image=None,
+               clip_vision_output=None):
         settings = _settings(width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
                              teacache_threshold, spacing, sigmas)
         neg = _embedding(negative, "negative") if negative is not None else None
+        encoded = None
+        # An I2V model without an image goes on too: the engine says what is missing (as for a mismatch).
+        if image is not None or model.dit_config().image_dim is not None:
+            first = image[:1] if getattr(image, "ndim", 0) == 4 else image
+            encoded = model.encode_image(first, settings, image_embeds=_clip_tokens(clip_vision_output))
         latents = model.sample(_embedding(positive, "positive"), neg, settings,
                                callback=comfy_api.Progress(settings.num_steps),
-                               cancel=comfy_api.check_interrupted)
+                               cancel=comfy_api.check_interrupted, image_condition=encoded)
         return ({"samples": latents},)
+
+
+def _clip_tokens(output):
+    """The penultimate hidden states [B, 257, 1280] of a native CLIP_VISION_OUTPUT (None → None)."""
+    if output is None:
+        return None
+    try:
+        return output["penultimate_hidden_states"]
+    except (TypeError, KeyError, AttributeError):
+        raise FastVideoError("clip_vision_output: expected the output of ComfyUI's CLIPVisionEncode (it carries "
+                             "penultimate_hidden_states).") from None
 
 
 def _settings(width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
@@ -136,6 +160,7 @@ class DecodeVAE:
         if not hasattr(z, "ndim"):
             raise FastVideoError("samples: expected a LATENT (a dict with a 'samples' tensor) from FastVideoSampler "
                                  "or KSampler.")
-        if z.ndim != 5 or z.shape[1] != 16:
-            raise FastVideoError(f"samples: expected a Wan 2.1 video latent [B,16,T,H,W], got shape {tuple(z.shape)}.")
+        if z.ndim != 5 or z.shape[1] not in (16, 48):
+            raise FastVideoError(f"samples: expected a Wan video latent [B,16,T,H,W] (Wan 2.1) or [B,48,T,H,W] "
+                                 f"(Wan 2.2), got shape {tuple(z.shape)}.")
         return (model.decode(z[:1], tile=tile_size or None),)

@@ -30,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = os.environ.get("COMFYUI_PYTHON", sys.executable)
 CLI = os.environ.get("COMFY_CLI", os.path.join(os.path.dirname(PY), "comfy"))
 SMALL = {"width": 48, "height": 32, "num_frames": 5, "steps": 2}
+SMALL_22 = {"width": 96, "height": 64, "num_frames": 5, "steps": 2}  # Wan2.2 TI2V-5B: multiples of 32
 FASTWAN_FOLDER = "FastWan2.1-T2V-1.3B-Diffusers"
 
 
@@ -51,6 +52,7 @@ def server(tmp_path_factory):
     from fastvideo_nodes.testing.dit import TINY_DIT, random_dit, save_original
     from fastvideo_nodes.testing.fastwan import build_fastwan_folder
     from fastvideo_nodes.testing.folders import build_model_set
+    from fastvideo_nodes.testing.i2v import build_i2v_model_set
     from fastvideo_nodes.testing.lora import save_random_lora
     from fastvideo_nodes.testing.text_encoder import random_umt5, save_comfy
     from fastvideo_nodes.testing.vae import random_vae
@@ -58,10 +60,14 @@ def server(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("comfy")
     files = build_model_set(str(base / "set"), seed=7)["comfy"]
+    i2v = build_i2v_model_set(str(base / "i2v"), seed=7)["comfy"]  # its text encoder and VAE: the T2V set's
     models = {"diffusion_models": files["model"], "text_encoders": files["text_encoder"]}
-    for kind, path in models.items():
+    for kind, path in [*models.items(), ("diffusion_models", i2v["model"]), ("clip_vision", i2v["image_encoder"])]:
         os.makedirs(base / "models" / kind, exist_ok=True)
         shutil.copy(path, base / "models" / kind)
+    from PIL import Image
+    os.makedirs(base / "input", exist_ok=True)
+    Image.effect_noise((48, 32), 64).convert("RGB").save(base / "input" / "start.png")
     os.makedirs(base / "models" / "vae", exist_ok=True)
     save_vae(random_vae(base_dim=96, seed=3).state_dict(),
                   str(base / "models" / "vae" / "wan_vae_w96.safetensors"), dtype=torch.float16)
@@ -75,10 +81,15 @@ def server(tmp_path_factory):
     # A tiny FastWan diffusers folder under the name the FastWan workflow loads.
     shutil.copytree(build_fastwan_folder(str(base / "fastwan_set"), seed=7),
                     base / "models" / "diffusion_models" / FASTWAN_FOLDER)
+    # Wan2.2 TI2V-5B: its DiT and 48-channel VAE (the start.png above, resized, is its first frame).
+    from fastvideo_nodes.testing.wan22 import build_wan22_set
+    wan22 = build_wan22_set(str(base / "set22"), seed=8)["comfy_fp32"]
+    shutil.copy(wan22["model"], base / "models" / "diffusion_models")
+    shutil.copy(wan22["vae"], base / "models" / "vae")
     (base / "extra.yaml").write_text(f"fastvideo_test:\n    base_path: {base}\n"
                                      "    diffusion_models: models/diffusion_models\n"
                                      "    text_encoders: models/text_encoders\n    vae: models/vae\n"
-                                     "    loras: models/loras\n")
+                                     "    loras: models/loras\n    clip_vision: models/clip_vision\n")
     link = os.path.join(COMFY, "custom_nodes", "fastvideo_nodes_under_test")
     if os.path.lexists(link):
         os.remove(link)
@@ -90,6 +101,7 @@ def server(tmp_path_factory):
     log = open(base / "server.log", "w")
     proc = subprocess.Popen([PY, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                              "--extra-model-paths-config", str(base / "extra.yaml"), "--output-directory", str(out),
+                             "--input-directory", str(base / "input"),
                              "--disable-auto-launch"], cwd=COMFY, stdout=log, stderr=subprocess.STDOUT)
     try:
         for _ in range(240):
@@ -109,7 +121,10 @@ def server(tmp_path_factory):
         yield dict(port=port, base=base, out=out, info=info, files={
             "model": os.path.basename(files["model"]), "text_encoder": os.path.basename(files["text_encoder"]),
             "vae": "wan_vae_w96.safetensors", "lora": "lora_tiny.safetensors",
-            "native_model": "wan2.1_t2v_tiny_native.safetensors", "native_text_encoder": "umt5_tiny_4096.safetensors"})
+            "native_model": "wan2.1_t2v_tiny_native.safetensors", "native_text_encoder": "umt5_tiny_4096.safetensors",
+            "i2v_model": os.path.basename(i2v["model"]), "clip_vision": os.path.basename(i2v["image_encoder"]),
+            "image": "start.png",
+            "model22": os.path.basename(wan22["model"]), "vae22": os.path.basename(wan22["vae"])})
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -120,16 +135,22 @@ def test_copy(server, name, prefix):
     """A copy of an example workflow with the tiny files and small sizes filled in."""
     wf = json.load(open(os.path.join(ROOT, "workflows", name)))
     f = server["files"]
+    wan22 = "wan2.2" in name
+    small = SMALL_22 if wan22 else SMALL
     for n in wf["nodes"]:
         w = n["widgets_values"]
         if n["type"] == "LoadFastVideoModel":
-            w[0], w[3] = f["model"], "fp32"
+            w[0], w[3] = f["model22" if wan22 else "model"], "fp32"
             if name.startswith("fastwan"):  # the folder holds its own text encoder and VAE
                 w[0] = FASTWAN_FOLDER
             elif "mixed" not in name:  # the mixed workflow loads only the DiT here
-                w[1], w[2] = f["text_encoder"], f["vae"]
+                w[1], w[2] = f["text_encoder"], f["vae22" if wan22 else "vae"]
+            if name.startswith("wan2.1_i2v"):  # (not wan2.2_ti2v)
+                w[0], w[8] = f["i2v_model"], f["clip_vision"]
         elif n["type"] == "FastVideoSampler":
-            w[0], w[1], w[2], w[3] = SMALL["width"], SMALL["height"], SMALL["num_frames"], SMALL["steps"]
+            w[0], w[1], w[2], w[3] = small["width"], small["height"], small["num_frames"], small["steps"]
+        elif n["type"] == "LoadImage":
+            w[0] = f["image"]
         elif n["type"] == "FastVideoLoRA":
             w[0] = f["lora"]
         elif n["type"] == "VAELoader":
@@ -219,9 +240,12 @@ def saved_video(out, prefix):
 
 @pytest.mark.parametrize("name", ["wan2.1_t2v_1.3B_fastvideo.json", "wan2.1_t2v_1.3B_fastvideo_fast.json",
                                   "wan2.1_t2v_1.3B_mixed_native.json", "wan2.1_t2v_14B_4step_lora.json",
-                                  "fastwan2.1_t2v_1.3B_3step.json"])
+                                  "fastwan2.1_t2v_1.3B_3step.json", "wan2.1_i2v_14B.json",
+                                  "wan2.2_ti2v_5B.json"])
 def test_workflow_through_comfy_cli_and_api(server, name, tmp_path):
     stem = name.replace(".json", "")
+    small = SMALL_22 if "wan2.2" in name else SMALL
+    size = (small["num_frames"], small["height"], small["width"])
     wf = test_copy(server, name, f"cli_{stem}")
     path = tmp_path / name
     path.write_text(json.dumps(wf))
@@ -229,14 +253,14 @@ def test_workflow_through_comfy_cli_and_api(server, name, tmp_path):
                         "--host", "127.0.0.1", "--port", str(server["port"]), "--wait"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert saved_video(server["out"], f"cli_{stem}") == (5, 32, 48)
+    assert saved_video(server["out"], f"cli_{stem}") == size
 
     api = to_api(test_copy(server, name, f"api_{stem}"), server["info"])
     code, resp = http(server["port"], "/prompt", {"prompt": api})
     assert code == 200, resp
     status = wait_done(server["port"], resp["prompt_id"])["status"]
     assert status["status_str"] == "success", status
-    assert saved_video(server["out"], f"api_{stem}") == (5, 32, 48)
+    assert saved_video(server["out"], f"api_{stem}") == size
 
 
 def test_interrupt_stops_within_a_step(server):

@@ -104,7 +104,7 @@ def test_decode_native_ksampler_latent(model):
     z = torch.randn(2, 16, 2, 4, 6)
     (image,) = call(fv.DecodeVAE, model=model, samples={"samples": z})
     assert image.shape == (5, 32, 48, 3)
-    with pytest.raises(FastVideoError, match="expected a Wan 2.1 video latent"):
+    with pytest.raises(FastVideoError, match="expected a Wan video latent"):
         call(fv.DecodeVAE, model=model, samples={"samples": torch.randn(1, 4, 8, 8)})
 
 

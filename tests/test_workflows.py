@@ -20,6 +20,7 @@ NATIVE = {
     "VAEDecode": (0, {"samples": "LATENT", "vae": "VAE"}, ["IMAGE"]),
     "CreateVideo": (1, {"images": "IMAGE", "audio": "AUDIO"}, ["VIDEO"]),
     "SaveVideo": (3, {"video": "VIDEO"}, []),
+    "LoadImage": (2, {}, ["IMAGE", "MASK"]),
 }
 
 
@@ -46,10 +47,11 @@ def required_widget_count(cls) -> int:
     return len(spec_of(cls, groups=("required",))[0])
 
 
-def test_there_are_five_workflows():
+def test_there_are_seven_workflows():
     names = [os.path.basename(p) for p in WORKFLOWS]
-    assert len(names) == 5 and any("fast" in n for n in names) and any("mixed_native" in n for n in names)
-    assert {"wan2.1_t2v_14B_4step_lora.json", "fastwan2.1_t2v_1.3B_3step.json"} <= set(names)
+    assert len(names) == 7 and any("fast" in n for n in names) and any("mixed_native" in n for n in names)
+    assert {"wan2.1_t2v_14B_4step_lora.json", "fastwan2.1_t2v_1.3B_3step.json", "wan2.1_i2v_14B.json",
+            "wan2.2_ti2v_5B.json"} <= set(names)
 
 
 def test_fastwan_workflow_is_the_3step_recipe():
@@ -71,6 +73,40 @@ def test_fastwan_workflow_is_the_3step_recipe():
     assert next(i for i in sampler["inputs"] if i["name"] == "negative")["link"] is None
     assert any(l[1] == loader["id"] and l[3] == attn["id"] for l in wf["links"])
     assert any(l[1] == attn["id"] and l[3] == sampler["id"] for l in wf["links"])
+
+
+def test_i2v_workflow_is_wan_480p_image_to_video():
+    """loader with the CLIP vision file, LoadImage → the sampler's image, Wan's 480p I2V settings, download links."""
+    wf = json.load(open(os.path.join(ROOT, "workflows", "wan2.1_i2v_14B.json")))
+    by_type = {n["type"]: n for n in wf["nodes"]}
+    loader, sampler = by_type["LoadFastVideoModel"], by_type["FastVideoSampler"]
+    loader_values = dict(zip([w[0] for w in spec_of(fv.LoadFastVideoModel)[0]], loader["widgets_values"]))
+    assert loader_values["model"].startswith("wan2.1_i2v_480p_14B") and loader_values["clip_vision"] == \
+        "clip_vision_h.safetensors"
+    values = dict(zip([w[0] for w in spec_of(fv.FastVideoSampler)[0]], sampler["widgets_values"]))
+    assert (values["width"], values["height"], values["steps"], values["cfg"], values["shift"]) == (832, 480, 40, 5.0,
+                                                                                                   3.0)
+    image_input = next(i for i in sampler["inputs"] if i["name"] == "image")
+    assert any(l[0] == image_input["link"] and l[1] == by_type["LoadImage"]["id"] for l in wf["links"])
+    linked = {m["name"]: m["directory"] for n in wf["nodes"] for m in n.get("properties", {}).get("models", [])}
+    assert linked == {loader_values["model"]: "diffusion_models", "umt5_xxl_fp8_e4m3fn_scaled.safetensors":
+                      "text_encoders", "wan_2.1_vae.safetensors": "vae", "clip_vision_h.safetensors": "clip_vision"}
+
+
+def test_wan22_ti2v_workflow_is_the_5b_recipe():
+    """An image into the sampler, the 5B's own size and settings, the Wan 2.2 VAE, 24 fps."""
+    wf = json.load(open(os.path.join(ROOT, "workflows", "wan2.2_ti2v_5B.json")))
+    by_type = {n["type"]: n for n in wf["nodes"]}
+    widgets, _ = spec_of(fv.FastVideoSampler)
+    values = dict(zip([w[0] for w in widgets], by_type["FastVideoSampler"]["widgets_values"]))
+    assert (values["width"], values["height"], values["num_frames"]) == (1280, 704, 121)
+    assert values["shift"] == 5.0 and values["cfg"] == 5.0
+    image = by_type["LoadImage"]
+    assert any(l[1] == image["id"] and l[3] == by_type["FastVideoSampler"]["id"] and l[5] == "IMAGE"
+               for l in wf["links"])
+    assert by_type["LoadFastVideoModel"]["widgets_values"][:3] == [
+        "wan2.2_ti2v_5B_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan2.2_vae.safetensors"]
+    assert by_type["CreateVideo"]["widgets_values"] == [24.0]
 
 
 def test_4step_lora_workflow_is_the_distilled_recipe():
@@ -103,7 +139,8 @@ def test_workflow_matches_definitions(path):
             assert required_widget_count(cls) <= len(n["widgets_values"]) <= len(widgets), \
                 (n["type"], n["widgets_values"], widgets)
             for value, (name, kind, opts) in zip(n["widgets_values"], widgets):
-                if isinstance(kind, list) and name not in ("model", "text_encoder", "vae", "lora_name"):  # files vary
+                if isinstance(kind, list) and name not in ("model", "text_encoder", "vae", "lora_name",
+                                                           "clip_vision"):  # files vary
                     assert value in kind, (n["type"], name, value)
                 if kind in ("INT", "FLOAT"):
                     assert opts.get("min", value) <= value <= opts.get("max", value), (n["type"], name, value)
@@ -127,7 +164,7 @@ def test_workflow_matches_definitions(path):
             assert [o["type"] for o in n["outputs"]] == outs
         for m in n.get("properties", {}).get("models", []):
             assert m["url"].startswith("https://") and m["url"].endswith(m["name"])
-            assert m["directory"] in ("diffusion_models", "text_encoders", "vae", "loras")
+            assert m["directory"] in ("diffusion_models", "text_encoders", "vae", "loras", "clip_vision")
     for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
         assert by_id[src]["outputs"][src_slot]["type"] == kind and link_id in by_id[src]["outputs"][src_slot]["links"]
         assert by_id[dst]["inputs"][dst_slot]["type"] == kind and by_id[dst]["inputs"][dst_slot]["link"] == link_id

@@ -1,4 +1,4 @@
-"""Load the Wan2.1 DiT from the files users have.
+"""Load the Wan2.1 DiT (text-to-video or image-to-video) from the files users have.
 
 Accepted: a diffusers folder (`transformer/config.json` + sharded safetensors and index), a
 diffusers-named single file, and an original/ComfyUI single file (optionally with the
@@ -49,12 +49,20 @@ def config_from_shapes(shapes: dict[str, tuple], num_heads: int | None = None, r
     if dim % num_heads:
         raise ModelFileError(f"{role}: width {dim} does not divide into {num_heads} heads; check config.json.")
     head = need(shapes, "head.head.weight", role, "the output head (head.head)")
+    image_dim = None
+    if any(k.startswith("img_emb.") for k in shapes):
+        if "img_emb.emb_pos" in shapes:
+            raise ModelFileError(f"{role} is a Wan2.1 first-last-frame (FLF2V) model, which is not supported yet; "
+                                 "use an image-to-video (I2V) or text-to-video model.")
+        image_dim = need(shapes, "img_emb.proj.1.weight", role, "the image embedding (img_emb.proj.1)")[1]
+        bounded(role, dim=image_dim)
+        need(shapes, "blocks.0.cross_attn.k_img.weight", role, "the image keys of cross-attention (k_img)")
     cfg = WanDiTConfig(
         dim=dim, in_channels=in_ch, patch_size=patch, num_heads=num_heads, num_layers=layers,
         ffn_dim=need(shapes, "blocks.0.ffn.0.weight", role, "the feed-forward of block 0")[0],
         text_dim=need(shapes, "text_embedding.0.weight", role, "the text embedding")[1],
         freq_dim=need(shapes, "time_embedding.0.weight", role, "the time embedding")[1],
-        out_channels=head[0] // math.prod(patch))
+        out_channels=head[0] // math.prod(patch), image_dim=image_dim)
     bounded(role, ffn=cfg.ffn_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, channels=cfg.out_channels)
     if _has_gate(shapes, dim, layers, role):
         cfg = dataclasses.replace(cfg, gate_compress=True)
@@ -86,8 +94,9 @@ def _check_diffusers_config(config: dict, role: str) -> int | None:
     cls = config.get("_class_name", "WanTransformer3DModel")
     if cls != "WanTransformer3DModel":
         raise ModelFileError(f"{role}: config.json describes a {cls}, not a WanTransformer3DModel.")
-    if config.get("image_dim") or config.get("added_kv_proj_dim"):
-        raise ModelFileError(f"{role}: this is a Wan image-to-video model; only text-to-video is supported yet.")
+    if config.get("pos_embed_seq_len"):
+        raise ModelFileError(f"{role}: config.json describes a Wan first-last-frame (FLF2V) model "
+                             "(pos_embed_seq_len), which is not supported yet.")
     heads = config.get("num_attention_heads")
     if heads is not None:
         bounded(f"{role} config.json", heads=heads)
@@ -102,8 +111,10 @@ def _read(path: str) -> tuple[Source, WanDiTConfig, str]:
     role = role_of(ROLE, path)
     source = Source(where.files, role)
     prefix, names = detect.strip_prefix(source.header)
-    kind = detect.expect_kind(source.header, ("wan_dit", "wan_dit_diffusers"), ROLE, path)
-    source.prefix, source.rename = prefix, (dit_name if kind == "wan_dit_diffusers" else source.rename)
+    kind = detect.expect_kind(source.header, ("wan_dit", "wan_dit_diffusers", "wan_i2v", "wan_i2v_diffusers"),
+                              ROLE, path)
+    diffusers_names = kind in ("wan_dit_diffusers", "wan_i2v_diffusers")
+    source.prefix, source.rename = prefix, (dit_name if diffusers_names else source.rename)
     num_heads = _check_diffusers_config(where.config, role) if where.config is not None else None
     shapes = source.shapes(RULES)
     layer_count(shapes, r"^blocks\.(\d+)\.", role)
@@ -131,9 +142,17 @@ def load_dit(path: str, *, device: torch.device | str = "cpu", dtype: torch.dtyp
     if fp8_matmul and weight_dtype is None:
         weight_dtype = torch.float8_e4m3fn
     source, cfg, role = _read(os.fspath(path))
-    if cfg.in_channels != 16:
-        raise ModelFileError(f"{role} takes {cfg.in_channels} input channels; Wan2.1 text-to-video takes 16 "
-                             "(Wan2.2 and image-to-video models are not supported yet).")
+    if cfg.image_dim is not None:  # Wan2.1 image-to-video: noise 16 + mask 4 + image latent 16
+        if cfg.in_channels != 36:
+            raise ModelFileError(f"{role} takes {cfg.in_channels} input channels; Wan2.1 image-to-video takes 36 "
+                                 "(16 noise + 4 mask + 16 image latent).")
+    elif cfg.in_channels not in (16, 48):  # 48: Wan2.2 TI2V-5B (its VAE's latent channels)
+        raise ModelFileError(f"{role} takes {cfg.in_channels} input channels; Wan2.1 text-to-video takes 16, "
+                             "Wan2.1 image-to-video 36 (with CLIP image layers) and Wan2.2 TI2V-5B 48 (other Wan2.2 "
+                             "models are not supported yet).")
+    if cfg.in_channels == 48 and cfg.out_channels != 48:
+        raise ModelFileError(f"{role} takes 48 input channels (Wan2.2 TI2V-5B) but its head gives "
+                             f"{cfg.out_channels}; a Wan2.2 TI2V-5B model gives 48. The file is damaged or mixed.")
     with torch.device("meta"):
         model = WanDiT(cfg)
     materialize(model, source, role=role, dtype=dtype, device=device, rules=RULES, weight_dtype=weight_dtype)

@@ -9,6 +9,13 @@ import re
 
 # DiT: (regex, replacement), applied in order.
 DIT_DIFFUSERS_TO_WAN = [
+    # image-to-video: the CLIP-token MLP and cross-attention's image keys/values
+    (r"^condition_embedder\.image_embedder\.norm1\.", "img_emb.proj.0."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "img_emb.proj.1."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "img_emb.proj.3."),
+    (r"^condition_embedder\.image_embedder\.norm2\.", "img_emb.proj.4."),
+    (r"\.attn2\.add_k_proj\.", ".cross_attn.k_img."), (r"\.attn2\.add_v_proj\.", ".cross_attn.v_img."),
+    (r"\.attn2\.norm_added_k\.", ".cross_attn.norm_k_img."),
     (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
     (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
     (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
@@ -55,8 +62,18 @@ def dit_name(name: str) -> str:
     return _apply(DIT_DIFFUSERS_TO_WAN, name)
 
 
-def vae_name(name: str, num_res_blocks: int = 2) -> str:
-    """A diffusers AutoencoderKLWan tensor name in original Wan naming."""
+def vae_name(name: str, num_res_blocks: int = 2, residual: bool = False) -> str:
+    """A diffusers AutoencoderKLWan tensor name in original Wan naming (residual: the Wan 2.2 VAE,
+    whose stages are nested: `down_blocks.i.resnets.j` ↔ `downsamples.i.downsamples.j`)."""
+    if residual:
+        for pat, rep in ((r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.downsamples.\1.downsamples.\2."),
+                         (r"^encoder\.down_blocks\.(\d+)\.downsampler\.",
+                          rf"encoder.downsamples.\1.downsamples.{num_res_blocks}."),
+                         (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", r"decoder.upsamples.\1.upsamples.\2."),
+                         (r"^decoder\.up_blocks\.(\d+)\.upsampler\.",
+                          rf"decoder.upsamples.\1.upsamples.{num_res_blocks + 1}.")):
+            name = re.sub(pat, rep, name)
+        return _apply(VAE_DIFFUSERS_TO_WAN, name)
     m = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.(.*)$", name)
     if m:  # each up block is (num_res_blocks + 1) resnets then one upsampler, flattened
         j = int(m.group(3)) if m.group(3) is not None else num_res_blocks + 1
@@ -66,3 +83,9 @@ def vae_name(name: str, num_res_blocks: int = 2) -> str:
 
 def is_diffusers_vae(names) -> bool:
     return any(n.startswith(("decoder.up_blocks.", "encoder.down_blocks.")) for n in names)
+
+
+def is_residual_vae(names) -> bool:
+    """The Wan 2.2 VAE (nested residual stages), in either naming."""
+    return any(n.startswith(("encoder.down_blocks.0.resnets.", "encoder.downsamples.0.downsamples.",
+                             "decoder.upsamples.0.upsamples.")) for n in names)

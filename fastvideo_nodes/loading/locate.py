@@ -17,6 +17,7 @@ COMPONENTS = {
     "transformer": ("Diffusion model", "diffusion_pytorch_model", "a Wan2.1 .safetensors file"),
     "vae": ("VAE", "diffusion_pytorch_model", "wan_2.1_vae.safetensors"),
     "text_encoder": ("Text encoder", "model", "a UMT5 .safetensors file (e.g. umt5_xxl_fp16.safetensors)"),
+    "image_encoder": ("Image encoder", "model", "a CLIP vision .safetensors file (e.g. clip_vision_h.safetensors)"),
 }
 
 
@@ -32,7 +33,8 @@ class Located:
 
 
 def locate(path: str | os.PathLike, component: str) -> Located:
-    """Resolve `path` for `component` ("transformer", "vae" or "text_encoder"); reads JSON, no weights."""
+    """Resolve `path` for `component` ("transformer", "vae", "text_encoder" or "image_encoder"); reads
+    JSON, no weights."""
     role, stem, expected = COMPONENTS[component]
     path = os.fspath(path)
     if not os.path.exists(path):

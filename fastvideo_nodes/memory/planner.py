@@ -81,17 +81,21 @@ class VideoShape:
     height: int = 480
     width: int = 832
     num_frames: int = 81
+    vae_stride: int = 8  # pixels per latent pixel: 8 (Wan 2.1 VAE, 16 channels) or 16 (Wan 2.2, 48)
 
     @property
     def tokens(self) -> int:
-        """DiT tokens: latent (T'=(F-1)/4+1, H/8, W/8), patched by (1, 2, 2)."""
-        return ((self.num_frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16)
+        """DiT tokens: latent (T'=(F-1)/4+1, H/s, W/s), patched by (1, 2, 2)."""
+        k = 2 * self.vae_stride
+        return ((self.num_frames - 1) // 4 + 1) * (self.height // k) * (self.width // k)
 
 
 def sampling_activation_bytes(c: Components, shape: VideoShape) -> int:
     """One DiT forward's peak (offload.activation_bytes: one block at bf16, fp32 residual) plus the
     sampler's fp32 latents (x, noise prediction, CFG delta and scheduler history: ~8 copies)."""
-    latent = 16 * ((shape.num_frames - 1) // 4 + 1) * (shape.height // 8) * (shape.width // 8) * 4
+    s = shape.vae_stride
+    channels = 48 if s == 16 else 16
+    latent = channels * ((shape.num_frames - 1) // 4 + 1) * (shape.height // s) * (shape.width // s) * 4
     return activation_bytes(c.dit.dim, c.dit.ffn_dim, shape.tokens) + 8 * latent
 
 
@@ -221,7 +225,7 @@ def _does_not_fit(c: Components, shape: VideoShape, budget: int, reserve: int, t
         ideas.append(f"num_frames={frames} at this size")
     for scale in (0.75, 0.5):  # same aspect, multiples of 16
         h, w = int(shape.height * scale) // 16 * 16, int(shape.width * scale) // 16 * 16
-        if h and w and fits(shape=VideoShape(h, w, shape.num_frames)):
+        if h and w and fits(shape=VideoShape(h, w, shape.num_frames, shape.vae_stride)):
             ideas.append(f"{w}x{h}")
             break
     if fits(c=replace(c, dit=c.dit.fp8())):

@@ -1,4 +1,4 @@
-"""Wan2.1 text-to-video diffusion transformer, top to bottom.
+"""Wan2.1 diffusion transformer (text-to-video, and image-to-video when `image_dim` is set), top to bottom.
 
 Tensor names follow the original Wan release (and ComfyUI's single files), so those files load
 as they are; `wan_loader` maps the diffusers names onto these.
@@ -9,6 +9,11 @@ Data path of one forward (B batch, S = T'·H'·W'/4 tokens, C = dim):
   text [B,L,4096] --MLP--> context [B,512,C]
   N × block(tokens, e0, context)   self-attn with 3D RoPE, cross-attn, FFN; fp32 residual stream
   head(tokens, e) --unpatchify--> velocity [B,16,T',H',W']
+
+Image-to-video (Wan2.1 I2V, cfg.image_dim = 1280, in_channels 36): the input is noise ++ condition
+(4-channel first-frame mask + 16-channel image latent, built by pipeline/image_condition.py), and the
+CLIP image tokens [B,257,1280] go through `img_emb` and are put before the text context; each
+cross-attention then adds a second attention over those tokens (own k_img/v_img/norm_k_img).
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ class WanDiTConfig:
     # FastWan (VSA-distilled): each self-attention has a `gate_compress` projection whose output
     # weighs VIDEO_SPARSE_ATTN's compressed branch.
     gate_compress: bool = False
+    image_dim: int | None = None  # CLIP-vision width (1280) for image-to-video; None = text-to-video
 
     @property
     def head_dim(self) -> int:
@@ -134,13 +140,28 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(SelfAttention):
+    def __init__(self, dim: int, num_heads: int, eps: float, text_len: int | None = None):
+        """text_len: set for image-to-video, where the context is image tokens ++ text_len text tokens."""
+        super().__init__(dim, num_heads, eps)
+        self.text_len = text_len
+        if text_len is not None:
+            self.k_img, self.v_img = Linear(dim, dim), Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps)
+
     def forward(self, x, context, attn: Attention):
-        """x [B,S,C] attends to the text context [B,L,C] → [B,S,C]."""
+        """x [B,S,C] attends to the text context [B,L,C] (image-to-video: [B,I+L,C], image first) → [B,S,C]."""
         heads = lambda t: t.unflatten(-1, (self.num_heads, -1))
+        image = None
+        if self.text_len is not None:
+            image, context = context[:, :-self.text_len], context[:, -self.text_len:]
         q = heads(self.norm_q(self.q(x)))
         k = heads(self.norm_k(self.k(context)))
         v = heads(self.v(context))
-        return self.o(attn.cross_attention(q, k, v).flatten(2))
+        out = attn.cross_attention(q, k, v).flatten(2)
+        if image is not None:  # Wan adds the two attentions before the output projection
+            k_img = heads(self.norm_k_img(self.k_img(image)))
+            out = out + attn.cross_attention(q, k_img, heads(self.v_img(image))).flatten(2)
+        return self.o(out)
 
 
 # ----------------------------------------------------------------------------- block and head
@@ -151,21 +172,28 @@ class WanBlock(nn.Module):
         self.eps = cfg.eps
         self.self_attn = SelfAttention(cfg.dim, cfg.num_heads, cfg.eps, cfg.gate_compress)
         self.norm3 = AffineLayerNorm(cfg.dim, eps=cfg.eps)  # cross-attn input norm (diffusers: norm2)
-        self.cross_attn = CrossAttention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.cross_attn = CrossAttention(cfg.dim, cfg.num_heads, cfg.eps,
+                                         text_len=cfg.text_len if cfg.image_dim is not None else None)
         self.ffn = nn.Sequential(Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  Linear(cfg.ffn_dim, cfg.dim))
         # shift, scale, gate for self-attn; shift, scale, gate for the FFN (added to e0).
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
 
     def forward(self, x, e0, context, rope, attn: Attention):
-        """x: fp32 residual stream [B,S,C]; e0: [B,6,C] fp32; context [B,L,C] compute dtype."""
+        """x: fp32 residual stream [B,S,C]; e0: [B,6,C] or per token [B,S,6,C] fp32; context [B,L,C]."""
         dtype = context.dtype
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + e0).unsqueeze(2).unbind(1)
-        h = layer_norm_modulate(x, shift_sa, scale_sa, self.eps, dtype)
-        x = torch.addcmul(x, self.self_attn(h, rope, attn), gate_sa)
+        if e0.ndim == 3:  # one timestep per sample: [B,6,C] → six [B,1,C]
+            mod = (self.modulation + e0).unsqueeze(2).unbind(1)
+            get = mod.__getitem__
+        else:  # per token (Wan 2.2 TI2V): each [B,S,C] of the six made when used (each is as big as x)
+            table = self.modulation[0]
+            get = lambda i: e0[:, :, i] + table[i]
+        # 0-2: shift, scale, gate of self-attention; 3-5: of the FFN
+        h = layer_norm_modulate(x, get(0), get(1), self.eps, dtype)
+        x = torch.addcmul(x, self.self_attn(h, rope, attn), get(2))
         x = x + self.cross_attn(self.norm3(x, dtype), context, attn)
-        h = layer_norm_modulate(x, shift_ff, scale_ff, self.eps, dtype)
-        return torch.addcmul(x, self.ffn[2](linear_gelu(cast(Linear, self.ffn[0]), h)), gate_ff)
+        h = layer_norm_modulate(x, get(3), get(4), self.eps, dtype)
+        return torch.addcmul(x, self.ffn[2](linear_gelu(cast(Linear, self.ffn[0]), h)), get(5))
 
 
 class Head(nn.Module):
@@ -176,8 +204,27 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))  # shift, scale
 
     def forward(self, x, e, dtype):
-        shift, scale = (self.modulation + e.unsqueeze(1)).unsqueeze(2).unbind(1)
+        """e: [B,C], or per token [B,S,C]."""
+        if e.ndim == 2:
+            shift, scale = (self.modulation + e.unsqueeze(1)).unsqueeze(2).unbind(1)
+        else:
+            shift, scale = (self.modulation.unsqueeze(0) + e.unsqueeze(2)).unbind(2)
         return self.head(layer_norm_modulate(x, shift, scale, self.eps, dtype))
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP image tokens → DiT width: LayerNorm, Linear, GELU, Linear, LayerNorm (Wan's `img_emb.proj`)."""
+
+    def __init__(self, image_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(AffineLayerNorm(image_dim, eps=1e-5), Linear(image_dim, image_dim), nn.GELU(),
+                                  Linear(image_dim, dim), AffineLayerNorm(dim, eps=1e-5))
+
+    def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[B,I,image_dim] → [B,I,dim] in dtype; the norms compute in float32."""
+        norm_in, fc1, act, fc2, norm_out = self.proj
+        h = fc2(act(fc1(norm_in(x, dtype))))
+        return norm_out(h, dtype)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -189,7 +236,7 @@ NEEDS_FASTWAN = ("attention backend VIDEO_SPARSE_ATTN needs a FastWan checkpoint
 # Parameters kept in float32 whatever the compute dtype: small, and the math around them is fp32.
 def keep_fp32(name: str) -> bool:
     return ("modulation" in name or name.startswith(("time_embedding", "time_projection"))
-            or ".norm3." in name)
+            or ".norm3." in name or name.startswith(("img_emb.proj.0.", "img_emb.proj.4.")))
 
 
 class WanDiT(nn.Module):
@@ -203,6 +250,8 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), Linear(cfg.dim, 6 * cfg.dim))
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
+        if cfg.image_dim is not None:
+            self.img_emb = ImageEmbedding(cfg.image_dim, cfg.dim)
         self._rope_cache: dict = {}
 
     @property
@@ -212,7 +261,12 @@ class WanDiT(nn.Module):
     # -- stages, public so that caches (TeaCache) and parallel wrappers can compose them
 
     def embed_time(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B] → e [B,C] and e0 [B,6,C], both float32."""
+        """[B] → e [B,C] and e0 [B,6,C], both float32. Per-token timesteps [B,S] (Wan 2.2 TI2V,
+        where the image's frame is at t = 0) → e [B,S,C] and e0 [B,S,6,C]."""
+        if timestep.ndim == 2:  # few distinct values (t and 0): embed each once, then gather per token
+            values, index = torch.unique(timestep, return_inverse=True)
+            e, e0 = self.embed_time(values)
+            return e[index], e0[index]
         e = self.time_embedding(sinusoidal_embedding(timestep, self.cfg.freq_dim))
         e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim))
         return e, e0
@@ -223,6 +277,21 @@ class WanDiT(nn.Module):
         if pad > 0:
             context = F.pad(context, (0, 0, 0, pad))
         return self.text_embedding(context.to(self.dtype))
+
+    def embed_context(self, context: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Text [B,L,text_dim] (and, for image-to-video, CLIP tokens [B,I,image_dim]) → the
+        cross-attention context [B,text_len,C], or [B,I+text_len,C] with the image tokens first."""
+        if (self.cfg.image_dim is None) != (image_embeds is None):
+            raise FastVideoError("image_embeds: an image-to-video model needs the CLIP image embeddings [B,257,1280]"
+                                 if image_embeds is None else
+                                 "image_embeds: given to a text-to-video model, which takes no image.")
+        text = self.embed_text(context)
+        if image_embeds is None:
+            return text
+        if image_embeds.ndim != 3 or image_embeds.shape[-1] != self.cfg.image_dim:
+            raise FastVideoError(f"image_embeds: expected [B,I,{self.cfg.image_dim}], got {tuple(image_embeds.shape)}.")
+        image = self.img_emb(image_embeds.to(text.device, self.dtype), self.dtype)
+        return torch.cat([image.expand(text.shape[0], -1, -1), text], dim=1)
 
     def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """[B,16,T',H',W'] → tokens [B,S,C] float32 and the token grid (t, h, w)."""
@@ -278,11 +347,15 @@ class WanDiT(nn.Module):
                 attention_backend: str | None = None, attention_options: AttentionOptions | None = None,
                 step: int | None = None, cache: BlockCache | None = None,
                 parallel: ParallelPlan | None = None, num_steps: int | None = None,
-                exact_attention_steps: int = 0) -> torch.Tensor:
+                exact_attention_steps: int = 0, condition: torch.Tensor | None = None,
+                image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity prediction.
 
-        x: latents in model space [B,16,T',H',W']; timestep: [B] in 0..1000; context: text
+        x: latents in model space [B,16,T',H',W'] (48 channels for Wan 2.2 TI2V-5B); timestep: [B]
+        in 0..1000, or per token [B,S] (S = T'·H'·W'/4, in token order); context: text
         embeddings [B,L,4096]. Returns float32 [B,16,T',H',W'].
+        Image-to-video: condition [B,20,T',H',W'] (mask ++ image latent) is concatenated to x on the
+        channels, and image_embeds [B,257,1280] are the CLIP tokens of the first frame.
         attention_backend: a name or None (env var, then auto); attention_options and step go to
         backends that use them (sliding tiles, video sparse). VIDEO_SPARSE_ATTN needs a FastWan
         model (cfg.gate_compress). step (0-based) of num_steps and exact_attention_steps N: an 8-bit
@@ -291,9 +364,22 @@ class WanDiT(nn.Module):
         parallel: a sequence-parallel plan with enter(tokens, rope, attn) → the local shard, its
         rope and an attention spec that exchanges heads, and exit(tokens) → the full sequence.
         """
+        batch = x.shape[0]
+        if condition is not None:
+            x = torch.cat([x, condition.to(x.device, x.dtype).expand(batch, -1, -1, -1, -1)], dim=1)
+        elif self.cfg.image_dim is not None and x.shape[1] != self.cfg.in_channels:
+            raise FastVideoError(f"the DiT takes {self.cfg.in_channels} input channels, got {x.shape[1]}; an "
+                                 "image-to-video model needs the image condition (20 channels) too.")
         tokens, grid = self.patchify(x)
-        e, e0 = self.embed_time(timestep.to(x.device).reshape(-1).expand(x.shape[0]))
-        context = self.embed_text(context)
+        timestep = timestep.to(x.device)
+        if timestep.ndim == 2:  # per token: [B,S] (or [1,S] for the whole batch)
+            if timestep.shape[1] != tokens.shape[1] or timestep.shape[0] not in (1, batch):
+                raise FastVideoError(f"timestep: per-token timesteps must be [batch, tokens] = [{batch}, "
+                                     f"{tokens.shape[1]}], got {list(timestep.shape)}.")
+            e, e0 = self.embed_time(timestep.expand(batch, -1))
+        else:
+            e, e0 = self.embed_time(timestep.reshape(-1).expand(batch))
+        context = self.embed_context(context, image_embeds)
         backend = backend_for_step(self.attention_backend_for(attention_backend, math.prod(grid)),
                                    step, num_steps, exact_attention_steps)
         if backend == "VIDEO_SPARSE_ATTN" and not self.cfg.gate_compress:
@@ -303,9 +389,15 @@ class WanDiT(nn.Module):
                              options=attention_options)
         rope = self.rope(grid, x.device)
         spec: Attention = attn
-        if parallel is not None:
+        e0_blocks = e0
+        if parallel is not None and e0.ndim == 4:
+            # Per-token modulation is sharded with its tokens: both ride through one enter(). The cache
+            # keeps the full e/e0, so every rank's TeaCache decides alike.
+            both, rope, spec = parallel.enter(torch.cat([tokens, e0.flatten(2)], dim=-1), rope, attn)
+            tokens, e0_blocks = both[..., :self.cfg.dim], both[..., self.cfg.dim:].unflatten(-1, (6, self.cfg.dim))
+        elif parallel is not None:
             tokens, rope, spec = parallel.enter(tokens, rope, attn)
-        run = lambda h: self.run_blocks(h, e0, context, rope, spec)
+        run = lambda h: self.run_blocks(h, e0_blocks, context, rope, spec)
         tokens = cache(tokens, e, e0, run) if cache is not None else run(tokens)
         if parallel is not None:
             tokens = parallel.exit(tokens)

@@ -164,9 +164,11 @@ class WorkerPool:
     # ------------------------------------------------------------------ running a job
 
     def sample(self, noise, positive, negative, settings, *, callback=None, cancel=None, stats=None,
-               attention_backend=None, attention_options=None, loras=(), exact_attention_steps=0):
+               attention_backend=None, attention_options=None, loras=(), exact_attention_steps=0,
+               first_frame=None):
         """Run the sampler on every rank with these (path, strength) LoRAs merged into each rank's
-        DiT; returns model-space latents [1,16,T',H',W'] float32 (CPU)."""
+        DiT; returns model-space latents [1,C,T',H',W'] float32 (CPU). first_frame: a Wan2.2 TI2V
+        image condition (pipeline/ti2v.FirstFrame), sent with the job."""
         with self._lock:  # one job at a time: messages of two callers must not mix
             if self._unfinished is not None:
                 self._drain()
@@ -177,7 +179,8 @@ class WorkerPool:
             job_id = next(self._jobs)
             job = dict(settings=settings, noise=shared[0], positive=shared[1], negative=shared[2],
                        attention_backend=attention_backend, attention_options=attention_options or {},
-                       loras=[(str(p), float(s)) for p, s in loras], exact_attention_steps=exact_attention_steps)
+                       loras=[(str(p), float(s)) for p, s in loras], exact_attention_steps=exact_attention_steps,
+                       first_frame=first_frame)
             self._unfinished = job_id
             self._send_all(("sample", job_id, job))
             try:
@@ -523,7 +526,8 @@ def _run_job(link: _Link, rank: int, device, dit, plan, job_id: int, job: dict):
             out = denoise(dit, job["noise"], job["positive"], job["negative"], job["settings"],
                           attention_backend=job["attention_backend"], attention_options=job["attention_options"],
                           callback=progress, cancel=cancel, parallel=plan, stats=stats,
-                          exact_attention_steps=job.get("exact_attention_steps", 0))
+                          exact_attention_steps=job.get("exact_attention_steps", 0),
+                          first_frame=job.get("first_frame"))
         link.send(("doing", job_id, "while sending the result"))
         result = out.float().cpu().share_memory_() if rank == 0 else None
         counts = dict(cond_forwards=stats.cond_forwards, uncond_forwards=stats.uncond_forwards,

@@ -5,6 +5,10 @@
                                          text_encoder="umt5_xxl_fp16.safetensors", vae="wan_2.1_vae.safetensors")
     result = gen.generate_video("a red fox in the snow", seed=42, output_path="fox.mp4")
 
+    gen = VideoGenerator.from_pretrained("wan2.1_i2v_480p_14B_fp16.safetensors", text_encoder=..., vae=...,
+                                         image_encoder="clip_vision_h.safetensors")  # image-to-video
+    result = gen.generate_video("the fox turns its head", image="fox.png")
+
     with VideoGenerator.from_pretrained(...) as gen:                          # close() frees it all
         gen.load()                                                             # optional: load now
 
@@ -43,6 +47,7 @@ from ..attention.video_sparse import VideoSparseOptions
 from ..errors import FastVideoError, ModelFileError
 from ..memory.planner import VideoShape
 from ..models.wan_vae import model_to_raw
+from . import ti2v
 from .options import LoadOptions, parse_device
 from .prompt_cache import PromptCache
 from .sampler import SamplingSettings, SamplingStats, check_finite_latents, denoise, initial_noise
@@ -160,21 +165,26 @@ class GenerationResult:
 
 @dataclass
 class ModelFiles:
-    """Where each component comes from; a diffusers folder supplies all three."""
+    """Where each component comes from; a diffusers folder supplies all of them (the image encoder
+    only for image-to-video: its image_encoder/ folder)."""
     model: str
     text_encoder: str | None = None
     vae: str | None = None
+    image_encoder: str | None = None
 
     @classmethod
-    def resolve(cls, model: str, text_encoder: str | None, vae: str | None) -> ModelFiles:
+    def resolve(cls, model: str, text_encoder: str | None, vae: str | None,
+                image_encoder: str | None = None) -> ModelFiles:
         model = os.fspath(model)
         if os.path.isdir(model):
             text_encoder = text_encoder or model
             vae = vae or model
+            if image_encoder is None and os.path.isdir(os.path.join(model, "image_encoder")):
+                image_encoder = model
         elif not os.path.exists(model):
             raise ModelFileError(f"model: {model!r} does not exist. Give a Wan2.1 .safetensors file or a "
                                  "diffusers folder.")
-        return cls(model, text_encoder, vae)
+        return cls(model, text_encoder, vae, None if image_encoder is None else os.fspath(image_encoder))
 
     def require(self, what: str) -> str:
         path = getattr(self, what)
@@ -197,6 +207,7 @@ class _Components:
         self.dit: Any = None
         self.text_encoder: Any = None
         self.vae: Any = None
+        self.image_encoder: Any = None  # models.clip_vision.ImageEncoder (image-to-video)
         self.offload: Any = None
         self.pools: dict[tuple, Any] = {}
         self.plan: Any = None
@@ -220,7 +231,7 @@ class _Components:
                     self.host.release(part)
         if self.text_encoder is not None:
             self.prompts.forget(self.text_encoder)
-        self.dit = self.text_encoder = self.vae = self.offload = self.plan = None
+        self.dit = self.text_encoder = self.vae = self.image_encoder = self.offload = self.plan = None
         self.homes.clear()
 
 
@@ -232,7 +243,7 @@ _SHARED_LOCK = threading.Lock()
 def _shared_parts(files: ModelFiles, options: LoadOptions) -> _Components:
     def norm(p):
         return None if p is None else os.path.abspath(os.fspath(p))
-    key = (norm(files.model), norm(files.text_encoder), norm(files.vae), options)
+    key = (norm(files.model), norm(files.text_encoder), norm(files.vae), norm(files.image_encoder), options)
     with _SHARED_LOCK:
         parts = _SHARED.get(key)
         if parts is None:
@@ -265,7 +276,7 @@ def _estimate_components(files: ModelFiles, options: LoadOptions, cfg):
     itemsize = torch.empty((), dtype=options.dtype).element_size()
     fp8 = options.weight_storage != "as_stored"
 
-    def sizes(path, component):
+    def sizes(path, component, may_store_fp8=True):
         if path is None:
             return {}
         out = {}
@@ -278,7 +289,7 @@ def _estimate_components(files: ModelFiles, options: LoadOptions, cfg):
                 n *= int(d)
             stored_fp8 = str(entry.get("dtype", "")).startswith("F8")
             linear = len(shape) == 2 and name.endswith(".weight") and "embed" not in name and "shared" not in name
-            out[name] = n * (1 if stored_fp8 or (fp8 and linear) else itemsize)
+            out[name] = n * (1 if stored_fp8 or (fp8 and linear and may_store_fp8) else itemsize)
         return out
 
     dit = sizes(files.model, "transformer")
@@ -297,14 +308,23 @@ def _estimate_components(files: ModelFiles, options: LoadOptions, cfg):
     if files.text_encoder is not None:
         header = all_keys(locate(files.text_encoder, "text_encoder").files, "text_encoder")
         text_dim = next((int(header[k]["shape"][1]) for k in te if k.endswith("shared.weight")), text_dim)
+    # The CLIP vision encoder (image-to-video) is placed with the text encoder: same phase. It is
+    # loaded in the compute dtype (no fp8 storage).
+    clip = sizes(files.image_encoder, "image_encoder", may_store_fp8=False) if cfg.image_dim is not None else {}
     return Components(DitSizes(max(per_block.values(), default=0), num_blocks, other, cfg.dim, cfg.ffn_dim),
-                      vae_bytes=sum(sizes(files.vae, "vae").values()), text_encoder_bytes=sum(te.values()),
-                      text_dim=text_dim)
+                      vae_bytes=sum(sizes(files.vae, "vae").values()),
+                      text_encoder_bytes=sum(te.values()) + sum(clip.values()), text_dim=text_dim)
+
+
+# What encode_image gives for sample(image_condition=): Wan2.1 I2V's (condition, CLIP embeds), or
+# Wan2.2 TI2V-5B's first frame.
+ImageCondition = tuple[torch.Tensor, torch.Tensor] | ti2v.FirstFrame
 
 
 def _latent_shape(latents: torch.Tensor) -> VideoShape:
     t, h, w = latents.shape[2:]
-    return VideoShape(h * 8, w * 8, (t - 1) * 4 + 1)
+    s = 16 if latents.shape[1] == 48 else 8  # Wan 2.2 VAE: 48 channels at 1/16
+    return VideoShape(h * s, w * s, (t - 1) * 4 + 1, vae_stride=s)
 
 
 class VideoGenerator:
@@ -386,11 +406,14 @@ class VideoGenerator:
         return max(0, plan.budget - plan.peak - DEFAULT_RESERVE)
 
     @classmethod
-    def from_pretrained(cls, model, *, text_encoder=None, vae=None, options: LoadOptions | None = None,
-                        attention_backend: str | None = None, num_gpus: int = 1,
-                        gpu_ids: list[int] | None = None, loras=None, exact_attention_steps: int = 0,
+    def from_pretrained(cls, model, *, text_encoder=None, vae=None, image_encoder=None,
+                        options: LoadOptions | None = None, attention_backend: str | None = None,
+                        num_gpus: int = 1, gpu_ids: list[int] | None = None, loras=None,
+                        exact_attention_steps: int = 0,
                         **load_keywords) -> VideoGenerator:
         """model: a diffusers folder, or a DiT .safetensors with text_encoder= and vae= files.
+        image_encoder: the CLIP vision file of an image-to-video model (clip_vision_h.safetensors);
+        a diffusers I2V folder brings its own image_encoder/.
         loras: [(path, strength), ...] merged into the DiT before it samples (see with_loras).
         exact_attention_steps N: with an 8-bit attention backend (SAGE_ATTN, INT8_ATTN, KITCHEN_INT8,
         or one `auto` picks), exact attention on the first and last N steps (0: 8-bit throughout).
@@ -398,8 +421,9 @@ class VideoGenerator:
         text_encoder_device). Those fields may also be given as keywords (they replace the ones of
         `options`), as may the older dtype=, weight_dtype=torch.float8_e4m3fn and fp8_matmul=True."""
         options = LoadOptions.from_keywords(options, **load_keywords)
-        return cls(ModelFiles.resolve(model, text_encoder, vae), options, attention_backend=attention_backend,
-                   num_gpus=num_gpus, gpu_ids=gpu_ids, loras=loras, exact_attention_steps=exact_attention_steps)
+        return cls(ModelFiles.resolve(model, text_encoder, vae, image_encoder), options,
+                   attention_backend=attention_backend, num_gpus=num_gpus, gpu_ids=gpu_ids, loras=loras,
+                   exact_attention_steps=exact_attention_steps)
 
     def with_parallel(self, num_gpus: int, gpu_ids: list[int] | None = None) -> VideoGenerator:
         """A generator whose sampling runs on a pool of `num_gpus` sequence-parallel workers; the
@@ -561,13 +585,15 @@ class VideoGenerator:
         spent, also kept in `load_s` and reported in each result's timings."""
         t0 = time.perf_counter()
         with self._parts.lock, _friendly_oom("loading"):
-            self._prepare(VideoShape(height, width, num_frames))
+            self._prepare(self._video_shape(height, width, num_frames))
             if self.num_gpus == 1:
                 self.dit  # noqa: B018  (loads)
             if self.files.text_encoder is not None:
                 self.text_encoder  # noqa: B018
             if self.files.vae is not None:
                 self.vae  # noqa: B018
+            if self.files.image_encoder is not None:
+                self.image_encoder  # noqa: B018
         return time.perf_counter() - t0
 
     @property
@@ -580,10 +606,14 @@ class VideoGenerator:
         """The memory plan the parts are placed by (memory/planner.MemoryPlan; None on a CPU)."""
         return self._parts.plan
 
+    def _video_shape(self, height: int, width: int, num_frames: int) -> VideoShape:
+        """A video of this size in the model's latent geometry (Wan2.2 TI2V-5B: 1/16)."""
+        return VideoShape(height, width, num_frames, vae_stride=ti2v.geometry(self.dit_config())[1])
+
     def _loading(self):
         parts = self._parts
         if parts.plan is None:
-            self._prepare(VideoShape())
+            self._prepare(self._video_shape(480, 832, 81))
         return _Timer(parts)
 
     @property
@@ -632,6 +662,120 @@ class VideoGenerator:
                 parts.vae = vae
         return parts.vae
 
+    @property
+    def image_encoder(self):
+        """The CLIP vision encoder of an image-to-video model, on the text encoder's device (same phase)."""
+        parts = self._parts
+        if parts.image_encoder is None:
+            path = self.files.require("image_encoder")
+            with parts.lock, _friendly_oom("loading the image encoder"), self._loading():
+                from ..loading.clip_vision import load_image_encoder
+                encoder = load_image_encoder(path, device=self._load_device("text_encoder"), dtype=self.dtype)
+                image_dim = self.dit_config().image_dim
+                if image_dim is not None and encoder.width != image_dim:
+                    raise ModelFileError(f"image_encoder: {os.path.basename(path)!r} gives {encoder.width}-wide image "
+                                         f"tokens but the model takes {image_dim} (Wan2.1 I2V: clip_vision_h, 1280).")
+                parts.image_encoder = encoder
+        return parts.image_encoder
+
+    def check_image(self, image, need_encoder: bool = True):
+        """The image read as the loaded model takes it: Wan2.1 I2V → an RGB PIL image (required);
+        Wan2.2 TI2V-5B → float32 [H,W,3] in 0..1, or None (the image is optional there); a
+        text-to-video model → None, and an image given to it is refused. Raises FastVideoError for
+        a bad image or a wrong combination.
+        need_encoder: the I2V image encoder file must be known (False when the CLIP embeds come ready)."""
+        from .image_condition import as_image
+        cfg = self.dit_config()
+        if ti2v.is_wan22(cfg):
+            return None if image is None else ti2v.load_image(image)
+        if cfg.image_dim is None:
+            if image is not None:
+                raise FastVideoError(f"image: the model {self.files.model!r} is Wan2.1 text-to-video, which takes no "
+                                     "image; for image-to-video load a Wan2.1 I2V model "
+                                     "(wan2.1_i2v_480p_14B_*.safetensors) with its CLIP vision encoder "
+                                     "(clip_vision_h.safetensors), or Wan2.2 TI2V-5B "
+                                     "(wan2.2_ti2v_5B_fp16.safetensors).")
+            return None
+        if image is None:
+            raise FastVideoError("image: this is an image-to-video model; give the start image (Python: image=..., "
+                                 "CLI: --image FILE, ComfyUI: the sampler's image input).")
+        if self.num_gpus > 1:
+            raise FastVideoError("image-to-video runs on one GPU for now; use num_gpus=1.")
+        if need_encoder:
+            self.files.require("image_encoder")
+        return as_image(image)
+
+    def encode_image(self, image, settings: SamplingSettings,
+                     image_embeds: torch.Tensor | None = None) -> ImageCondition:
+        """The image → its condition for the loaded model, for sample(image_condition=...):
+        - Wan2.1 I2V: (condition [1,20,T',H/8,W/8], CLIP image embeddings [1,257,1280]) float32 on CPU.
+          The CLIP encoder sees the image as given; the VAE the image fitted to settings' size
+          (pipeline/image_condition.py). image_embeds: CLIP penultimate hidden states made elsewhere
+          (ComfyUI's CLIPVisionEncode), used instead of this model's encoder.
+        - Wan2.2 TI2V-5B: a ti2v.FirstFrame, the image's VAE latent that stays in latent frame 0.
+        - a text-to-video model: FastVideoError.
+        image: anything check_image takes."""
+        if ti2v.is_wan22(self.dit_config()):
+            if image_embeds is not None:
+                raise FastVideoError("image_embeds (the sampler's clip_vision_output): Wan2.2 TI2V-5B uses no CLIP "
+                                     "image embeddings; leave it out.")
+            if image is None:
+                raise FastVideoError("image: none given; Wan2.2 TI2V-5B without an image is text-to-video, which "
+                                     "needs no encode_image.")
+            return self._encode_first_frame(image, settings)
+        return self._encode_i2v(image, settings, image_embeds)
+
+    def _encode_i2v(self, image, settings: SamplingSettings,
+                    image_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wan2.1 I2V: the start image → (condition, CLIP embeds); see encode_image."""
+        from ..memory.planner import decode_activation_bytes
+        from .image_condition import fit, vae_condition
+        picture = self.check_image(image, need_encoder=image_embeds is None)
+        if picture is None:
+            raise FastVideoError("image: this is a text-to-video model, which takes no image.")
+        if image_embeds is not None:
+            image_dim = self.dit_config().image_dim
+            if not isinstance(image_embeds, torch.Tensor) or image_embeds.ndim != 3 or \
+                    image_embeds.shape[-1] != image_dim:
+                got = tuple(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds)
+                raise FastVideoError(f"image_embeds: expected CLIP vision hidden states [1, tokens, {image_dim}] "
+                                     f"(clip_vision_h's penultimate layer), got {got}.")
+        shape = VideoShape(settings.height, settings.width, settings.num_frames)
+        with self._parts.lock, torch.inference_mode(), _friendly_oom("encoding the image"):
+            self._prepare(shape)
+            embeds = image_embeds[:1].float().cpu() if image_embeds is not None else self._clip_embeds(picture)
+            vae = self.vae
+            need = decode_activation_bytes(self._sizes(), shape) if self._parts.plan is not None else 0
+            with self._on_device("vae", vae, need):
+                condition = vae_condition(vae, fit(picture, settings.height, settings.width), settings.num_frames)
+        return condition, embeds
+
+    def _encode_first_frame(self, image, settings: SamplingSettings) -> ti2v.FirstFrame:
+        """Wan2.2 TI2V-5B: the image → the first-frame condition of a run of `settings`' size, encoded
+        by the VAE wherever the memory plan puts it."""
+        settings = self.check_settings(settings)
+        from ..memory.planner import decode_activation_bytes
+        with self._parts.lock, torch.inference_mode(), _friendly_oom("encoding the image"):
+            shape = VideoShape(settings.height, settings.width, 1, vae_stride=settings.vae_stride)
+            with _friendly_oom("loading"):
+                self._prepare(shape)
+                vae = self.vae
+            need = decode_activation_bytes(self._sizes(), shape, None) if self._parts.plan is not None else 0
+            with self._on_device("vae", vae, need):
+                return ti2v.first_frame_for(vae, image, settings)
+
+    def _clip_embeds(self, picture) -> torch.Tensor:
+        """The CLIP tokens of the RGB PIL image [1,257,1280] float32 on CPU, the encoder on the GPU for it."""
+        encoder = self.image_encoder
+        home = encoder.device
+        placed = self._where("text_encoder") in ("resident", "on_demand")
+        if home.type == "cpu" and self.device.type != "cpu" and placed:
+            encoder.model.to(self.device)  # in for this phase only (on demand, or kept by a memory host)
+        try:
+            return encoder.encode(picture)
+        finally:
+            encoder.model.to(home)
+
     # -- the three stages
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
@@ -666,17 +810,45 @@ class VideoGenerator:
         if resolve_backend(self.attention_backend) == "VIDEO_SPARSE_ATTN" and not cfg.gate_compress:
             from ..models.wan_dit import NEEDS_FASTWAN
             raise FastVideoError(NEEDS_FASTWAN)
+        settings = settings.with_geometry(*ti2v.geometry(cfg)).validate()  # 48 ch at 1/16 for Wan2.2 TI2V-5B
+        if self.files.vae is not None:
+            from ..loading import detect
+            from ..loading.files import all_keys
+            from ..loading.locate import locate
+            ti2v.check_pair(cfg, detect.kind_of(all_keys(locate(self.files.vae, "vae").files, "VAE")),
+                            self.files.model, self.files.vae)
         check_fits(settings, cfg.dim, cfg.ffn_dim, self.dtype, self.device, num_gpus=self.num_gpus)
         return settings
 
     def sample(self, positive: torch.Tensor, negative: torch.Tensor | None, settings: SamplingSettings, *,
                callback: Callable | None = None, cancel: Callable[[], bool] | None = None,
-               stats: SamplingStats | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Text embeddings → raw VAE-space latents [1,16,T',H',W'] float32 on CPU, with this
-        generator's LoRAs (merge seconds in stats.extra["lora_s"] when a merge ran).
+               stats: SamplingStats | None = None, noise: torch.Tensor | None = None,
+               image_condition: ImageCondition | None = None, condition: torch.Tensor | None = None,
+               image_embeds: torch.Tensor | None = None,
+               first_frame: ti2v.FirstFrame | None = None) -> torch.Tensor:
+        """Text embeddings → raw VAE-space latents [1,C,T',H',W'] float32 on CPU (C: 16, Wan2.2
+        TI2V-5B 48), with this generator's LoRAs (merge seconds in stats.extra["lora_s"] when a merge ran).
+        image_condition: what encode_image returned, for either image model; it stands for the seams
+        below. Wan2.1 image-to-video: condition and image_embeds (encode_image's pair). Wan2.2 TI2V-5B:
+        first_frame (encode_image's FirstFrame).
         Raises FastVideoError for bad settings before any work, and for non-finite results."""
-        self.check_settings(settings)
+        if isinstance(image_condition, ti2v.FirstFrame):
+            first_frame = image_condition
+        elif image_condition is not None:
+            condition, image_embeds = image_condition
+        settings = self.check_settings(settings)
         noise = initial_noise(settings) if noise is None else noise
+        if first_frame is not None and condition is not None:
+            raise FastVideoError("first_frame (Wan2.2 TI2V-5B) and condition (Wan2.1 I2V) are for different models; "
+                                 "give what encode_image returned for this one.")
+        if (condition is None) != (image_embeds is None):
+            raise FastVideoError("condition and image_embeds come together (from encode_image); got only one.")
+        if condition is not None and self.num_gpus > 1:
+            raise FastVideoError("image-to-video runs on one GPU for now; use num_gpus=1.")
+        if condition is not None and tuple(condition.shape[2:]) != tuple(settings.latent_shape[2:]):
+            raise FastVideoError(f"condition: latent grid {tuple(condition.shape[2:])} does not match the video size "
+                                 f"{settings.width}x{settings.height}, {settings.num_frames} frames; encode the image "
+                                 "again for these settings.")
         with self._parts.lock:
             self._ready_to_sample(settings)
             if self.num_gpus > 1:
@@ -684,7 +856,8 @@ class VideoGenerator:
                                                    cancel=cancel, stats=stats,
                                                    attention_backend=self.attention_backend,
                                                    attention_options=self.attention_options, loras=self.loras,
-                                                   exact_attention_steps=self.exact_attention_steps)
+                                                   exact_attention_steps=self.exact_attention_steps,
+                                                   first_frame=first_frame)
             else:
                 with _friendly_oom():
                     report = self._sync_loras()
@@ -695,14 +868,18 @@ class VideoGenerator:
                                             attention_backend=self.attention_backend,
                                             attention_options=self.attention_options, callback=callback,
                                             cancel=cancel, stats=stats,
-                                            exact_attention_steps=self.exact_attention_steps)
+                                            exact_attention_steps=self.exact_attention_steps,
+                                            condition=condition, image_embeds=image_embeds,
+                                            first_frame=first_frame)
         return model_to_raw(check_finite_latents(model_latents.float().cpu()))
 
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """Raw VAE-space latents [1,16,T',H',W'] → frames float32 [T,H,W,3] in 0..1 on CPU."""
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or latents.shape[:2] != (1, 16):
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or latents.shape[0] != 1 \
+                or latents.shape[1] not in (16, 48):
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise FastVideoError(f"latents: expected a Wan 2.1 video latent [1,16,T,H,W], got {shape}.")
+            raise FastVideoError(f"latents: expected a Wan video latent [1,16,T,H,W] (Wan 2.1 VAE) or [1,48,T,H,W] "
+                                 f"(Wan 2.2 VAE), got {shape}.")
         if tile is not None and (isinstance(tile, bool) or not isinstance(tile, numbers.Integral) or tile < 1):
             raise FastVideoError(f"tile must be a positive number of latent pixels (or None = whole frame), "
                                  f"got {tile!r}.")
@@ -713,6 +890,9 @@ class VideoGenerator:
             with _friendly_oom("loading"):
                 self._prepare(video, tile)
                 vae = self.vae
+            if vae.cfg.z_dim != latents.shape[1]:
+                raise FastVideoError(f"latents: {latents.shape[1]} channels, but the VAE ({self.files.vae}) decodes "
+                                     f"{vae.cfg.z_dim}; decode with the VAE the latents were made for.")
             need = decode_activation_bytes(self._sizes(), video, tile) if self._parts.plan is not None else 0
             with self._on_device("vae", vae, need):
                 return vae.decode_frames(latents.to(self.device), tile=tile)
@@ -720,7 +900,7 @@ class VideoGenerator:
     def _ready_to_sample(self, settings: SamplingSettings) -> None:
         """Plan for this shape (again only if it must) and let the host make room for sampling."""
         from ..memory.planner import sampling_activation_bytes
-        shape = VideoShape(settings.height, settings.width, settings.num_frames)
+        shape = VideoShape(settings.height, settings.width, settings.num_frames, vae_stride=settings.vae_stride)
         with _friendly_oom("loading"):
             self._prepare(shape)
             if self.num_gpus == 1:
@@ -760,13 +940,14 @@ class VideoGenerator:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def generate_video(self, prompt: str, *, negative_prompt: str | None = None, height: int = 480, width: int = 832,
-                       num_frames: int = 81, num_inference_steps: int = 50, guidance_scale: float | None = None,
+    def generate_video(self, prompt: str, *, negative_prompt: str | None = None, height: int | None = None,
+                       width: int | None = None, num_frames: int | None = None, num_inference_steps: int = 50,
+                       guidance_scale: float | None = None, image=None,
                        flow_shift: float | None = None, scheduler: str | None = None, seed: int = 0,
                        sigmas=None, spacing: str = "default",
                        cfg_gate: float = 1.0, teacache_threshold: float = 0.0, teacache_mode: str = "default",
                        output_path: str | None = None, callback: Callable | None = None,
-                       cancel: Callable[[], bool] | None = None, fps: int = 16,
+                       cancel: Callable[[], bool] | None = None, fps: int | None = None,
                        overwrite: bool = False) -> GenerationResult:
         """Prompt → video. flow_shift None: 5.0 at 720p and above, else 3.0 (diffusers' presets).
         Few-step (distilled) models: scheduler "euler" or "lcm" with spacing="simple" (ComfyUI's,
@@ -778,8 +959,22 @@ class VideoGenerator:
         VIDEO_SPARSE_ATTN at sparsity 0.8 when no backend was chosen; the log says so.
         output_path: .mp4, .mkv, .mov or .webm; an existing file is refused unless overwrite=True, and
         it is replaced only once the new video is complete. Every input is checked before any work.
+        image: a path, a PIL image or an IMAGE tensor [H,W,3] / [1,H,W,3] in 0..1, used as the loaded
+        model takes it: a Wan2.1 I2V model requires it (the start image, with its CLIP embeddings); a
+        Wan2.2 TI2V-5B takes it as the first frame (optional); a text-to-video model refuses it. An
+        image of another aspect ratio has its middle cut to the video's, then is resized.
+        height, width, num_frames, fps None: the model's own (Wan2.1: 480×832, 81 at 16 fps; Wan2.2
+        TI2V-5B: 704×1280, 121 at 24 fps, shift 5).
         Calls on one generator (and on those sharing its models) run one at a time."""
         guidance_scale, scheduler = self._model_defaults(guidance_scale, scheduler)
+        wan22 = ti2v.is_wan22(self.dit_config())
+        d_height, d_width, d_frames, d_fps = ti2v.WAN22_SIZE if wan22 else ti2v.WAN21_SIZE
+        height = d_height if height is None else height
+        width = d_width if width is None else width
+        num_frames = d_frames if num_frames is None else num_frames
+        fps = d_fps if fps is None else fps
+        if flow_shift is None and wan22:
+            flow_shift = ti2v.WAN22_SHIFT
         if flow_shift is None and all(isinstance(v, numbers.Real) for v in (height, width)):
             flow_shift = 5.0 if height * width >= 720 * 1280 else 3.0
         settings = SamplingSettings(height=height, width=width, num_frames=num_frames, steps=num_inference_steps,
@@ -794,12 +989,14 @@ class VideoGenerator:
             from ..video import check_fps, check_output_path
             check_output_path(output_path, overwrite=overwrite)
             check_fps(fps)
-        self.check_settings(settings)
+        settings = self.check_settings(settings)
+        picture = self.check_image(image)  # fails before any work on a bad image or one the model does not take
         if negative_prompt is None:
             from ..models.text_encoder import DEFAULT_NEGATIVE_PROMPT
             negative_prompt = DEFAULT_NEGATIVE_PROMPT
         with self._parts.lock:
-            return self._generate(prompt, negative_prompt, settings, output_path, callback, cancel, fps, overwrite)
+            return self._generate(prompt, negative_prompt, settings, output_path, callback, cancel, fps, overwrite,
+                                  picture)
 
     def _model_defaults(self, guidance_scale: float | None, scheduler: str | None) -> tuple[float, str]:
         """Fill in the unset guidance and scheduler: Wan's (5.0, unipc), or FastWan's (1, dmd), saying so."""
@@ -824,7 +1021,7 @@ class VideoGenerator:
         return guidance_scale, scheduler
 
     def _generate(self, prompt, negative_prompt, settings, output_path, callback, cancel, fps,
-                  overwrite) -> GenerationResult:
+                  overwrite, picture=None) -> GenerationResult:
         guidance_scale = settings.guidance_scale
         timings = {"load_s": self.load(height=settings.height, width=settings.width, num_frames=settings.num_frames)
                    if self._parts.dit is None and self.num_gpus == 1 else 0.0}
@@ -832,9 +1029,15 @@ class VideoGenerator:
         positive = self.encode_prompt(prompt)
         negative = self.encode_prompt(negative_prompt) if guidance_scale > 1.0 else None
         timings["encode_s"] = time.perf_counter() - t0
+        encoded = None
+        if picture is not None:
+            t0 = time.perf_counter()
+            encoded = self.encode_image(picture, settings)
+            timings["image_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         stats = SamplingStats()
-        latents = self.sample(positive, negative, settings, callback=callback, cancel=cancel, stats=stats)
+        latents = self.sample(positive, negative, settings, callback=callback, cancel=cancel, stats=stats,
+                              image_condition=encoded)
         timings["sample_s"] = time.perf_counter() - t0  # includes lora_s
         if self.loras or "lora_s" in stats.extra:  # a merge ran, or the LoRAs were merged already (0)
             timings["lora_s"] = stats.extra.get("lora_s", 0.0)

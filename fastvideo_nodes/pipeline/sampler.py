@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ..attention import AttentionOptions
 
 VAE_STRIDE_T, VAE_STRIDE_HW, LATENT_CHANNELS = 4, 8, 16
+GEOMETRIES = ((16, 8), (48, 16))  # (latent channels, spatial stride): Wan 2.1 VAE, Wan 2.2 VAE
 # Far beyond any useful schedule (Wan uses 50); it keeps the schedulers' arithmetic well away from trouble.
 MAX_STEPS = 1000
 MAX_SEED = 2**64 - 1  # ComfyUI's seed widget range, which torch.Generator.manual_seed also takes
@@ -62,15 +63,28 @@ class SamplingSettings:
     # DMD (scheduler "dmd", FastWan): the DiT timesteps, descending in 1..1000; None = FastWan's
     # 1000, 757, 522. The list decides the step count; DMD runs without guidance (guidance_scale 1).
     timesteps: tuple[int, ...] | None = None
+    # Latent geometry, from the model (not the user): Wan 2.1 = 16 channels at 1/8 of the pixels,
+    # Wan 2.2 TI2V-5B = 48 channels at 1/16 (see with_geometry).
+    latent_channels: int = LATENT_CHANNELS
+    vae_stride: int = VAE_STRIDE_HW
+
+    def with_geometry(self, latent_channels: int, vae_stride: int) -> SamplingSettings:
+        """A copy for a model whose VAE has this many latent channels and this spatial stride."""
+        return replace(self, latent_channels=latent_channels, vae_stride=vae_stride)
 
     def validate(self) -> SamplingSettings:
         """Raise FastVideoError naming the first bad setting and what would be valid."""
+        if (self.latent_channels, self.vae_stride) not in GEOMETRIES:
+            raise FastVideoError(f"latent geometry {self.latent_channels} channels at 1/{self.vae_stride} is not a "
+                                 "Wan VAE's; Wan2.1: 16 at 1/8, Wan2.2: 48 at 1/16.")
+        k = 2 * self.vae_stride  # the VAE's stride times the DiT's 2×2 patch
         for name in ("height", "width"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 16 or v % 16:
-                lo = max(16, _floor(v, 16))
-                raise FastVideoError(f"{name} must be a positive multiple of 16, got {v!r}; "
-                                     f"nearest valid: {lo} or {lo + 16}.")
+            if not _is_int(v) or v < k or v % k:
+                lo = max(k, _floor(v, k))
+                hint = "" if k == 16 else " for Wan2.2 TI2V-5B"
+                raise FastVideoError(f"{name} must be a positive multiple of {k}{hint}, got {v!r}; "
+                                     f"nearest valid: {lo} or {lo + k}.")
         n = self.num_frames
         if not _is_int(n) or n < 1 or (n - 1) % 4:
             lo = max(1, _floor(n - 1 if _is_real(n) else 0, 4) + 1)
@@ -126,8 +140,8 @@ class SamplingSettings:
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:
-        return (1, LATENT_CHANNELS, (self.num_frames - 1) // VAE_STRIDE_T + 1,
-                self.height // VAE_STRIDE_HW, self.width // VAE_STRIDE_HW)
+        return (1, self.latent_channels, (self.num_frames - 1) // VAE_STRIDE_T + 1,
+                self.height // self.vae_stride, self.width // self.vae_stride)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -169,10 +183,16 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
             settings: SamplingSettings, *, attention_backend: str | None = None,
             attention_options: AttentionOptions | None = None, callback: Callable | None = None,
             cancel: Callable[[], bool] | None = None,
-            parallel=None, stats: SamplingStats | None = None, exact_attention_steps: int = 0) -> torch.Tensor:
+            parallel=None, stats: SamplingStats | None = None, exact_attention_steps: int = 0,
+            condition: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
+            first_frame=None) -> torch.Tensor:
     """Run the sampler. Returns model-space latents, float32, on the DiT's device.
 
-    noise: [1,16,T',H',W'] float32; positive/negative: text embeddings [1,L,text_dim].
+    noise: [1,C,T',H',W'] float32; positive/negative: text embeddings [1,L,text_dim].
+    Wan2.1 image-to-video: condition [1,20,T',H',W'] joins the latents at every DiT call and
+    image_embeds [1,257,1280] the text, in both CFG passes (as diffusers' WanImageToVideoPipeline).
+    first_frame: a ti2v.FirstFrame (Wan2.2 TI2V with an image): the model sees the image's latent
+    in the first frame, at timestep 0 per token, and the result carries it.
     callback(step, total, x0): after each step with the model-space x0 estimate (for previews).
     cancel(): checked before each step; returning True stops with CancelledError.
     exact_attention_steps N: an 8-bit attention backend gives way to exact attention on the first and
@@ -197,12 +217,21 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
         coeffs = settings.teacache_coefficients or coefficients_for(dit.cfg.size_name, settings.teacache_mode)
         caches = tuple(TeaCache(settings.teacache_threshold, n, coeffs, settings.teacache_mode) for _ in range(2))
 
+    # Only image-to-video passes these, so text-to-video calls stay exactly as they were.
+    image: dict = {}
+    if condition is not None or image_embeds is not None:
+        if condition is None or image_embeds is None:
+            raise FastVideoError("condition and image_embeds come together (image-to-video); got only one.")
+        image = {"condition": condition.to(device, torch.float32), "image_embeds": image_embeds.to(device, dit.dtype)}
+
     def forward(x, t, context, cache, step):
         if cache is not None:
             cache.step = step
+        if first_frame is not None:
+            x, t = first_frame.model_input(x), first_frame.timesteps(t)
         return dit(x, t, context, attention_backend=attention_backend, attention_options=attention_options,
                    step=step, cache=cache, parallel=parallel, num_steps=n,
-                   exact_attention_steps=exact_attention_steps)
+                   exact_attention_steps=exact_attention_steps, **image)
 
     x = noise.to(device, torch.float32)
     delta: torch.Tensor | None = None
@@ -222,8 +251,10 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
                 assert delta is not None  # step 0 always runs both passes
                 v = v + (g - 1.0) * delta
         x0 = sched.denoised(v, x) if callback is not None else None
+        if x0 is not None and first_frame is not None:
+            x0 = first_frame.model_input(x0)
         x = sched.step(v, x)
         if callback is not None:
             callback(i + 1, n, x0)
     stats.teacache_skipped = sum(c.skipped for c in caches if c is not None)
-    return x
+    return x if first_frame is None else first_frame.model_input(x)

@@ -33,3 +33,26 @@ def diffusers_vae(base_dim: int = 8, seed: int = 0):
 
 def diffusers_to_original(state_dict: dict) -> dict:
     return {diffusers_to_wan_name(k): v for k, v in state_dict.items()}
+
+
+# -- Wan 2.2 (48 channels, residual stages, 2×2 pixel folding)
+
+def tiny_wan22_config(base_dim: int = 8, decoder_base_dim: int = 12) -> WanVAEConfig:
+    """The Wan 2.2 VAE's architecture at a tiny width (the real one: 160 / 256)."""
+    return WanVAEConfig(base_dim=base_dim, decoder_base_dim=decoder_base_dim, z_dim=48, residual=True, patch_size=2)
+
+
+def diffusers_vae22(base_dim: int = 8, decoder_base_dim: int = 12, seed: int = 0):
+    """diffusers AutoencoderKLWan with the Wan 2.2 config at a tiny width, seeded random weights. Test-only."""
+    from diffusers import AutoencoderKLWan
+
+    from ..models.wan_vae import LATENT_MEAN_22, LATENT_STD_22
+    vae: Any = AutoencoderKLWan(base_dim=base_dim, decoder_base_dim=decoder_base_dim, z_dim=48, is_residual=True,
+                                in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
+                                scale_factor_temporal=4, temperal_downsample=[False, True, True],
+                                latents_mean=LATENT_MEAN_22, latents_std=LATENT_STD_22)
+    return randomize_(vae, seed, scale=0.1).eval()
+
+
+def diffusers22_to_original(state_dict: dict) -> dict:
+    return {diffusers_to_wan_name(k, residual=True): v for k, v in state_dict.items()}
