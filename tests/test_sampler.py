@@ -239,3 +239,13 @@ def test_lcm_run_is_deterministic_per_seed(dit, prompts):
 def test_bad_few_step_settings(kw, needle):
     with pytest.raises(FastVideoError, match=needle):
         SamplingSettings(**kw).validate()
+
+
+def test_teacache_tables_follow_the_model_and_the_video_size():
+    """TeaCache4Wan2.1's tables: T2V by size; I2V by the checkpoint resolution the video matches."""
+    from fastvideo_nodes.pipeline.teacache import COEFFICIENTS
+    assert coefficients_for("14B", "default") == COEFFICIENTS[("14B", "default")]
+    assert coefficients_for("custom", "ret") == COEFFICIENTS[("1.3B", "ret")]
+    assert coefficients_for("14B", "default", image_to_video=True, pixels=480 * 832)[0] == -3.02331670e2
+    assert coefficients_for("14B", "default", image_to_video=True, pixels=720 * 1280)[0] == -114.36346466
+    assert coefficients_for("14B", "ret", image_to_video=True, pixels=720 * 1280)[0] == 8.10705460e3

@@ -214,7 +214,9 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
 
     caches: tuple[TeaCache | None, ...] = (None, None)
     if settings.teacache_threshold > 0:
-        coeffs = settings.teacache_coefficients or coefficients_for(dit.cfg.size_name, settings.teacache_mode)
+        coeffs = settings.teacache_coefficients or coefficients_for(
+            dit.cfg.size_name, settings.teacache_mode, image_to_video=dit.cfg.image_dim is not None,
+            pixels=settings.height * settings.width)
         caches = tuple(TeaCache(settings.teacache_threshold, n, coeffs, settings.teacache_mode) for _ in range(2))
 
     # Only image-to-video passes these, so text-to-video calls stay exactly as they were.

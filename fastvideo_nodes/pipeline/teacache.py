@@ -21,12 +21,22 @@ COEFFICIENTS = {
     ("14B", "default"): [-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404],
     ("1.3B", "ret"): [-5.21862437e4, 9.23041404e3, -5.28275948e2, 1.36987616e1, -4.99875664e-2],
     ("14B", "ret"): [-3.03318725e5, 4.90537029e4, -2.65530556e3, 5.87365115e1, -3.15583525e-1],
+    # Wan2.1 I2V-14B, fitted per checkpoint resolution (the forced steps are the same as for T2V).
+    ("I2V-480P", "default"): [-3.02331670e2, 2.23948934e2, -5.25463970e1, 5.87348440, -2.01973289e-1],
+    ("I2V-720P", "default"): [-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683],
+    ("I2V-480P", "ret"): [2.57151496e5, -3.54229917e4, 1.40286849e3, -1.35890334e1, 1.32517977e-1],
+    ("I2V-720P", "ret"): [8.10705460e3, 2.13393892e3, -3.72934672e2, 1.66203073e1, -4.17769401e-2],
 }
 MODES = ("default", "ret")
 
 
-def coefficients_for(size_name: str, mode: str) -> list[float]:
-    """Published coefficients for a DiT size; models of other sizes (tiny tests) use the 1.3B ones."""
+def coefficients_for(size_name: str, mode: str, *, image_to_video: bool = False,
+                     pixels: int = 480 * 832) -> list[float]:
+    """Published coefficients for a DiT size; models of other sizes (tiny tests) use the 1.3B ones.
+    Image-to-video models take the table of the I2V checkpoint for the video's size (720P above 480×832
+    pixels). Others (Wan2.2 TI2V-5B) have none published and use the 1.3B table."""
+    if image_to_video:
+        return COEFFICIENTS[("I2V-720P" if pixels > 480 * 832 else "I2V-480P", mode)]
     return COEFFICIENTS[("14B" if size_name == "14B" else "1.3B", mode)]
 
 
