@@ -49,19 +49,9 @@ def check_pair(dit_cfg, vae_kind: str, model_path: str, vae_path: str) -> None:
 def load_image(image) -> torch.Tensor:
     """A file path, a PIL image, a ComfyUI IMAGE ([1,H,W,3] or [H,W,3] in 0..1) or a uint8 array
     [H,W,3] → float32 [H,W,3] in 0..1 on CPU."""
-    if isinstance(image, (str, os.PathLike)):
-        from PIL import Image, UnidentifiedImageError
-        path = os.fspath(image)
-        if not os.path.isfile(path):
-            raise FastVideoError(f"image: {path!r} does not exist; give a PNG/JPEG/WebP file.")
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise FastVideoError(f"image: {path!r} is not an image PIL can read ({e}); give a PNG, JPEG or "
-                                 "WebP file.") from None
-    if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
-        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, (str, os.PathLike)) or (hasattr(image, "convert") and hasattr(image, "size")):
+        from .image_condition import as_image  # files and PIL images are read as for Wan2.1 I2V
+        image = np.asarray(as_image(image))
     if isinstance(image, np.ndarray):
         if image.dtype == np.uint8:
             image = torch.from_numpy(image.astype(np.float32) / 255.0)
