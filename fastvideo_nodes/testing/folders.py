@@ -30,12 +30,15 @@ MODEL_INDEX = {
 }
 
 
-def build_model_set(root: str, seed: int = 0) -> dict:
-    """Write root/diffusers (folder), root/comfy (fp16 single files), root/comfy_fp32; return their paths."""
+def build_model_set(root: str, seed: int = 0, *, transformer=None, model_name: str = "wan2.1_t2v_tiny.safetensors",
+                    model_index: dict | None = None) -> dict:
+    """Write root/diffusers (folder), root/comfy (fp16 single files), root/comfy_fp32; return their paths.
+    transformer: a diffusers WanTransformer3DModel to write (default: the tiny T2V one)."""
     folder = os.path.join(root, "diffusers")
-    transformer = tiny_dit.diffusers_transformer(tiny_dit.TINY_DIT, seed=seed)
+    if transformer is None:
+        transformer = tiny_dit.diffusers_transformer(tiny_dit.TINY_DIT, seed=seed)
     transformer.save_pretrained(os.path.join(folder, "transformer"))
-    umt5 = tiny_te.random_umt5(d_model=tiny_dit.TINY_DIT.text_dim, seed=seed + 1)
+    umt5 = tiny_te.random_umt5(d_model=transformer.config.text_dim, seed=seed + 1)
     tiny_te.save_diffusers(umt5, folder)
     vae = tiny_vae.diffusers_vae(base_dim=8, seed=seed + 2)
     vae.save_pretrained(os.path.join(folder, "vae"))
@@ -43,14 +46,14 @@ def build_model_set(root: str, seed: int = 0) -> dict:
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(UNIPC_CONFIG, f, indent=1)
     with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(MODEL_INDEX, f, indent=1)
+        json.dump(model_index or MODEL_INDEX, f, indent=1)
 
     out: dict[str, Any] = {"folder": folder}
     for name, dtype in (("comfy", torch.float16), ("comfy_fp32", torch.float32)):
         d = os.path.join(root, name)
         out[name] = {
             "model": tiny_dit.save_original(tiny_dit.diffusers_to_original(transformer.state_dict()),
-                                            os.path.join(d, "wan2.1_t2v_tiny.safetensors"), dtype=dtype),
+                                            os.path.join(d, model_name), dtype=dtype),
             "text_encoder": tiny_te.save_comfy(umt5, os.path.join(d, "umt5_tiny.safetensors"), dtype=dtype),
             "vae": tiny_vae.save_original(tiny_vae.diffusers_to_original(vae.state_dict()),
                                           os.path.join(d, "wan_2.1_vae_tiny.safetensors"), dtype=dtype),

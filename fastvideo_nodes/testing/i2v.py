@@ -18,9 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import dit as tiny_dit
-from . import text_encoder as tiny_te
-from . import vae as tiny_vae
-from .folders import UNIPC_CONFIG
+from .folders import build_model_set
 
 # CLIP: 2 heads of 80 (the ViT-H head size the single-file loader assumes), 56×56 images in 14-pixel
 # patches → 16 patches + the class token = 17 tokens (the real encoder gives 257 of width 1280).
@@ -90,30 +88,11 @@ def diffusers_i2v_transformer(cfg=TINY_I2V, seed: int = 0):
 
 def build_i2v_model_set(root: str, seed: int = 0) -> dict:
     """Write root/diffusers (folder) and root/comfy, root/comfy_fp32 (single files); return their paths."""
-    folder = os.path.join(root, "diffusers")
-    transformer = diffusers_i2v_transformer(TINY_I2V, seed=seed)
-    transformer.save_pretrained(os.path.join(folder, "transformer"))
-    umt5 = tiny_te.random_umt5(d_model=TINY_I2V.text_dim, seed=seed + 1)
-    tiny_te.save_diffusers(umt5, folder)
-    vae = tiny_vae.diffusers_vae(base_dim=8, seed=seed + 2)
-    vae.save_pretrained(os.path.join(folder, "vae"))
+    out = build_model_set(root, seed, transformer=diffusers_i2v_transformer(TINY_I2V, seed=seed),
+                          model_name="wan2.1_i2v_tiny.safetensors", model_index=MODEL_INDEX)
     clip = random_clip_vision(seed=seed + 3)
-    save_clip_diffusers(clip, folder)
-    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(UNIPC_CONFIG, f, indent=1)
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(MODEL_INDEX, f, indent=1)
-
-    out: dict[str, Any] = {"folder": folder}
+    save_clip_diffusers(clip, out["folder"])
     for name, dtype in (("comfy", torch.float16), ("comfy_fp32", torch.float32)):
-        d = os.path.join(root, name)
-        out[name] = {
-            "model": tiny_dit.save_original(tiny_dit.diffusers_to_original(transformer.state_dict()),
-                                            os.path.join(d, "wan2.1_i2v_tiny.safetensors"), dtype=dtype),
-            "text_encoder": tiny_te.save_comfy(umt5, os.path.join(d, "umt5_tiny.safetensors"), dtype=dtype),
-            "vae": tiny_vae.save_original(tiny_vae.diffusers_to_original(vae.state_dict()),
-                                          os.path.join(d, "wan_2.1_vae_tiny.safetensors"), dtype=dtype),
-            "image_encoder": save_clip_comfy(clip, os.path.join(d, "clip_vision_tiny.safetensors"), dtype=dtype),
-        }
+        out[name]["image_encoder"] = save_clip_comfy(clip, os.path.join(root, name, "clip_vision_tiny.safetensors"),
+                                                     dtype=dtype)
     return out
