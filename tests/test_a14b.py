@@ -1,0 +1,202 @@
+"""Wan2.2 A14B: two experts (high noise for t ≥ boundary·1000, low noise after), each with its own
+guidance; latents equal diffusers' WanPipeline with transformer_2 on the same tiny random weights,
+the switch at the right step, the idle expert off the device on a small budget, and bad inputs."""
+import pytest
+import torch
+
+from fastvideo_nodes.errors import FastVideoError, ModelFileError
+from fastvideo_nodes.models.wan_vae import raw_to_model
+from fastvideo_nodes.pipeline import experts as experts_mod
+from fastvideo_nodes.pipeline.generator import VideoGenerator
+from fastvideo_nodes.pipeline.sampler import SamplingSettings
+from fastvideo_nodes.pipeline.schedulers import make_scheduler
+
+diffusers = pytest.importorskip("diffusers")
+
+PROMPT, NEGATIVE = "a small red boat drifting on a calm lake", "blurry, static"
+SIZE = dict(height=32, width=48, num_frames=5)
+STEPS, SHIFT, G_HIGH, G_LOW = 6, 12.0, 4.0, 3.0
+
+
+@pytest.fixture(scope="module")
+def a14b_set(tmp_path_factory):
+    from fastvideo_nodes.testing.a14b import build_a14b_set
+    return build_a14b_set(str(tmp_path_factory.mktemp("a14b")), seed=0)
+
+
+@pytest.fixture(scope="module")
+def want(a14b_set):
+    from diffusers import WanPipeline
+    pipe = WanPipeline.from_pretrained(a14b_set["folder"], torch_dtype=torch.float32)
+    assert pipe.transformer_2 is not None and pipe.config.boundary_ratio == 0.875
+    with torch.no_grad():
+        out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=G_HIGH,
+                   guidance_scale_2=G_LOW, generator=torch.Generator("cpu").manual_seed(3), output_type="latent",
+                   **SIZE)
+    return out.frames
+
+
+def _settings(**kw):
+    return SamplingSettings(**{"steps": STEPS, "shift": SHIFT, "guidance_scale": G_HIGH, "guidance_scale_low": G_LOW,
+                               "seed": 3, **SIZE, **kw})
+
+
+def _comfy(a14b_set, **kw):
+    c = a14b_set["comfy_fp32"]
+    return VideoGenerator.from_pretrained(c["model"], low_noise_model=c["low_noise_model"],
+                                          text_encoder=c["text_encoder"], vae=c["vae"], device="cpu", dtype="fp32",
+                                          **kw)
+
+
+def _latents(gen, settings):
+    return raw_to_model(gen.sample(gen.encode_prompt(PROMPT), gen.encode_prompt(NEGATIVE), settings))
+
+
+def test_schedule_crosses_the_boundary():
+    """The test's schedule really uses both experts (else parity would prove nothing)."""
+    sched = make_scheduler("unipc", STEPS, SHIFT)
+    which = experts_mod.expert_per_step(sched.timesteps, 0.875)
+    assert 0 < which.count(experts_mod.HIGH) < STEPS and which == sorted(which)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "comfy"])
+def test_latents_equal_diffusers_two_experts(a14b_set, want, layout):
+    gen = (VideoGenerator.from_pretrained(a14b_set["folder"], device="cpu", dtype="fp32") if layout == "diffusers"
+           else _comfy(a14b_set))
+    assert gen.files.low_noise_model is not None
+    settings = _settings() if layout == "comfy" else _settings(boundary=None)  # folder: its boundary_ratio
+    err = (_latents(gen, settings) - want).abs().max().item()
+    print(f"A14B {layout}: max abs err {err:.2e} (latent scale {want.abs().max():.2f})")
+    assert err <= 1e-3
+
+
+def test_each_step_runs_the_right_expert_and_guidance(a14b_set, monkeypatch):
+    gen = _comfy(a14b_set)
+    calls = []
+    for name, dit in (("high", gen.dit), ("low", gen.dit_low)):
+        real = dit.forward
+
+        def spy(x, t, context, *a, _name=name, _real=real, **kw):
+            calls.append((_name, int(t.reshape(-1)[0])))
+            return _real(x, t, context, *a, **kw)
+        monkeypatch.setattr(dit, "forward", spy)
+    boundary = 0.9
+    _latents(gen, _settings(boundary=boundary))
+    timesteps = [int(t) for t in make_scheduler("unipc", STEPS, SHIFT).timesteps]
+    expected = [("high" if t >= boundary * 1000 else "low", t) for t in timesteps for _ in range(2)]  # cond, uncond
+    assert calls == expected
+    assert {n for n, _ in calls} == {"high", "low"}
+
+
+def test_low_expert_guidance_is_used(a14b_set, want):
+    """Another low-noise guidance changes only what the low expert makes: not equal to the reference."""
+    gen = _comfy(a14b_set)
+    other = _latents(gen, _settings(boundary=0.875, guidance_scale_low=1.0))
+    assert (other - want).abs().max().item() > 1e-2
+
+
+def test_small_budget_keeps_one_expert_on_the_device(a14b_set, want):
+    """A budget with room for one DiT only: the idle expert lives in host memory and is swapped in at
+    the switch; the result is unchanged."""
+    from fastvideo_nodes.memory.planner import GiB
+    gen = _comfy(a14b_set, gpu_memory_gb=1.0)
+    gen.load(**SIZE)
+    assert gen._parts.experts is None
+    plan = gen.memory_plan
+    assert plan is not None and not plan.dit_blocks_streamed
+    # Squeeze the budget until a second DiT no longer fits (the plan itself is unchanged).
+    dit_bytes = gen._sizes().dit.total
+    gen._parts.plan = type(plan)(**{**plan.__dict__, "budget": plan.peak + GiB // 2 + dit_bytes // 2})
+    seen = []
+    for k, dit in enumerate((gen.dit, gen.dit_low)):
+        dit.register_forward_pre_hook(lambda m, a, k=k: seen.append((k, gen._parts.experts.active)))
+    got = _latents(gen, _settings(boundary=0.875))
+    ex = gen._parts.experts
+    assert ex.mode == "swap" and ex.switches == 2  # high swapped in, then low in place of it
+    assert seen and all(k == active for k, active in seen)
+    assert ex.homes[experts_mod.HIGH].device.type == "cpu"  # the idle one went home
+    assert (got - want).abs().max().item() <= 1e-3
+
+
+def test_room_for_both_keeps_both_resident(a14b_set):
+    gen = _comfy(a14b_set, gpu_memory_gb=8.0)
+    gen.load(**SIZE)
+    gen.sample(gen.encode_prompt(PROMPT), None, _settings(boundary=0.875, guidance_scale=1.0, guidance_scale_low=1.0))
+    assert gen._parts.experts.mode == "resident" and gen._parts.experts.switches == 0
+
+
+def test_streamed_plan_moves_the_offload_to_the_active_expert(a14b_set, want):
+    gen = _comfy(a14b_set, gpu_memory_gb=1.5)  # its own parts (the registry shares by options)
+    gen.load(**SIZE)
+    assert gen._parts.experts is None
+    plan = gen.memory_plan
+    gen._parts.plan = type(plan)(**{**plan.__dict__, "dit_blocks_resident": 1})
+    got = _latents(gen, _settings(boundary=0.875))
+    ex = gen._parts.experts
+    assert ex.mode == "stream" and ex.offloads[experts_mod.HIGH] is None
+    assert ex.offloads[experts_mod.LOW] is not None and ex.offloads[experts_mod.LOW].resident == 1
+    assert (got - want).abs().max().item() <= 1e-3
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize("boundary", [0.0, 1.0, -0.5, 1.5, float("nan"), "0.8"])
+def test_boundary_outside_0_1(boundary):
+    with pytest.raises(FastVideoError, match=r"boundary must be a number between 0 and 1 \(exclusive\)"):
+        _settings(boundary=boundary).validate()
+
+
+def test_bad_guidance_low():
+    with pytest.raises(FastVideoError, match="guidance_scale_low must be a finite number ≥ 0"):
+        _settings(guidance_scale_low=-1.0).validate()
+
+
+def test_low_expert_of_another_size(a14b_set, tmp_path):
+    from fastvideo_nodes.testing import dit as tiny_dit
+    other = tiny_dit.random_dit(tiny_dit.WanDiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=3, text_dim=32))
+    path = tiny_dit.save_original(other.state_dict(), str(tmp_path / "low_3_layers.safetensors"), dtype=None)
+    c = a14b_set["comfy_fp32"]
+    with pytest.raises(ModelFileError) as e:
+        VideoGenerator.from_pretrained(c["model"], low_noise_model=path, device="cpu")
+    msg = str(e.value)
+    assert "'low_3_layers.safetensors' is not the twin of the high-noise expert" in msg
+    assert "'wan2.2_t2v_high_noise_tiny.safetensors'" in msg and "num_layers 2 vs 3" in msg
+
+
+def test_low_expert_with_a_5b_model(a14b_set, tmp_path):
+    import dataclasses
+
+    from fastvideo_nodes.testing import dit as tiny_dit
+    five = tiny_dit.random_dit(dataclasses.replace(tiny_dit.TINY_DIT, in_channels=48, out_channels=48))
+    path = tiny_dit.save_original(five.state_dict(), str(tmp_path / "ti2v.safetensors"), dtype=None)
+    with pytest.raises(ModelFileError, match="is Wan2.2 TI2V-5B, a single model; only Wan2.2 A14B comes as two"):
+        VideoGenerator.from_pretrained(path, low_noise_model=a14b_set["comfy_fp32"]["low_noise_model"], device="cpu")
+
+
+def test_low_expert_missing_file(a14b_set, tmp_path):
+    with pytest.raises(ModelFileError, match="low_noise_model: .* does not exist"):
+        VideoGenerator.from_pretrained(a14b_set["comfy_fp32"]["model"], low_noise_model=str(tmp_path / "nope"))
+
+
+def test_boundary_on_a_one_dit_model(a14b_set):
+    c = a14b_set["comfy_fp32"]
+    gen = VideoGenerator.from_pretrained(c["model"], text_encoder=c["text_encoder"], vae=c["vae"], device="cpu")
+    with pytest.raises(FastVideoError, match="boundary: only a two-expert model"):
+        gen.generate_video(PROMPT, boundary=0.8, num_inference_steps=2, **SIZE)
+
+
+def test_loras_refused_with_two_experts(a14b_set, tmp_path):
+    from fastvideo_nodes.testing.dit import TINY_DIT
+    from fastvideo_nodes.testing.lora import save_random_lora
+    lora = save_random_lora(TINY_DIT, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(FastVideoError, match="LoRAs on a two-expert model"):
+        _comfy(a14b_set, loras=[(lora, 1.0)])
+    gen = _comfy(a14b_set).with_loras([(lora, 1.0)])
+    with pytest.raises(FastVideoError, match="LoRAs on a two-expert model"):
+        gen.sample(gen.encode_prompt(PROMPT), None, _settings(boundary=0.875))
+
+
+def test_published_defaults():
+    assert experts_mod.T2V_A14B.boundary == 0.875 and experts_mod.I2V_A14B.boundary == 0.9
+    assert (experts_mod.T2V_A14B.guidance_high, experts_mod.T2V_A14B.guidance_low) == (4.0, 3.0)
