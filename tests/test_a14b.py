@@ -200,3 +200,63 @@ def test_loras_refused_with_two_experts(a14b_set, tmp_path):
 def test_published_defaults():
     assert experts_mod.T2V_A14B.boundary == 0.875 and experts_mod.I2V_A14B.boundary == 0.9
     assert (experts_mod.T2V_A14B.guidance_high, experts_mod.T2V_A14B.guidance_low) == (4.0, 3.0)
+
+
+# ----------------------------------------------------------------------------- CLI and node faces
+
+
+def test_cli_flags_reach_the_two_experts(a14b_set, tmp_path):
+    """--low-noise-model, --boundary and --guidance-scale-low give the API's latents."""
+    from safetensors.torch import load_file
+
+    from fastvideo_nodes.cli import main as cli_main
+    c = a14b_set["comfy_fp32"]
+    lat = str(tmp_path / "l.safetensors")
+    code = cli_main(["generate", "--model", c["model"], "--low-noise-model", c["low_noise_model"],
+                     "--text-encoder", c["text_encoder"], "--vae", c["vae"], "--prompt", PROMPT,
+                     "--negative-prompt", NEGATIVE, "--device", "cpu", "--precision", "fp32", "--height", "32",
+                     "--width", "48", "--num-frames", "5", "--steps", str(STEPS), "--seed", "3",
+                     "--boundary", "0.9", "--guidance-scale", "4", "--guidance-scale-low", "2",
+                     "--output", str(tmp_path / "o.mp4"), "--latents-out", lat])
+    assert code == 0
+    gen = _comfy(a14b_set)
+    want = gen.sample(gen.encode_prompt(PROMPT), gen.encode_prompt(NEGATIVE),
+                      _settings(boundary=0.9, guidance_scale_low=2.0))
+    assert (load_file(lat)["latents"] - want).abs().max().item() <= 1e-4
+
+
+def test_cli_bad_boundary_is_one_clear_line(a14b_set, tmp_path, capsys):
+    from fastvideo_nodes.cli import main as cli_main
+    c = a14b_set["comfy_fp32"]
+    code = cli_main(["generate", "--model", c["model"], "--low-noise-model", c["low_noise_model"],
+                     "--text-encoder", c["text_encoder"], "--vae", c["vae"], "--prompt", PROMPT, "--device", "cpu",
+                     "--boundary", "1.2", "--output", str(tmp_path / "o.mp4")])
+    assert code != 0 and "boundary must be a number between 0 and 1" in capsys.readouterr().err
+
+
+def test_generate_video_defaults_are_wan22s(a14b_set, monkeypatch):
+    """No guidance, shift or boundary given: 4.0 / 3.0, shift 12, the folder's boundary_ratio."""
+    gen = VideoGenerator.from_pretrained(a14b_set["folder"], device="cpu", dtype="fp32")
+    seen = {}
+
+    def fake_sample(pos, neg, settings, **kw):
+        seen["settings"] = settings
+        raise RuntimeError("stop")
+    monkeypatch.setattr(gen, "sample", fake_sample)
+    with pytest.raises(RuntimeError, match="stop"):
+        gen.generate_video(PROMPT, num_inference_steps=2, **SIZE)
+    s = seen["settings"]
+    assert (s.guidance_scale, s.guidance_scale_low, s.shift, s.boundary) == (4.0, 3.0, 12.0, 0.875)
+
+
+def test_sampler_node_passes_boundary_and_cfg_low(a14b_set):
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import nodes as fv
+    settings = fv.sampling_nodes._settings(48, 32, 5, STEPS, G_HIGH, SHIFT, "unipc", 3, 1.0, 0.0, boundary=0.875,
+                                           cfg_low=G_LOW)
+    assert (settings.boundary, settings.guidance_scale_low) == (0.875, G_LOW)
+    unset = fv.sampling_nodes._settings(48, 32, 5, STEPS, G_HIGH, SHIFT, "unipc", 3, 1.0, 0.0)
+    assert (unset.boundary, unset.guidance_scale_low) == (None, None)
+    assert "boundary must be a number between 0 and 1" in fv.FastVideoSampler.VALIDATE_INPUTS(boundary=-0.1)
