@@ -115,7 +115,8 @@ class FastVideoSampler:
         neg = _embedding(negative, "negative") if negative is not None else None
         encoded = None
         # An I2V model without an image goes on too: the engine says what is missing (as for a mismatch).
-        if image is not None or model.dit_config().image_dim is not None:
+        cfg = model.dit_config()
+        if image is not None or cfg.image_dim is not None or cfg.in_channels == 36:  # 36: Wan2.2 I2V-A14B
             first = image[:1] if getattr(image, "ndim", 0) == 4 else image
             encoded = model.encode_image(first, settings, image_embeds=_clip_tokens(clip_vision_output))
         latents = model.sample(_embedding(positive, "positive"), neg, settings,

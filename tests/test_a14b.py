@@ -260,3 +260,68 @@ def test_sampler_node_passes_boundary_and_cfg_low(a14b_set):
     unset = fv.sampling_nodes._settings(48, 32, 5, STEPS, G_HIGH, SHIFT, "unipc", 3, 1.0, 0.0)
     assert (unset.boundary, unset.guidance_scale_low) == (None, None)
     assert "boundary must be a number between 0 and 1" in fv.FastVideoSampler.VALIDATE_INPUTS(boundary=-0.1)
+
+
+# ----------------------------------------------------------------------------- I2V-A14B
+
+I2V_STEPS, I2V_SHIFT, I2V_G = 6, 5.0, 3.5
+
+
+@pytest.fixture(scope="module")
+def i2v_set(tmp_path_factory):
+    from fastvideo_nodes.testing.a14b import build_a14b_set
+    return build_a14b_set(str(tmp_path_factory.mktemp("i2v_a14b")), seed=4, i2v=True)
+
+
+@pytest.fixture(scope="module")
+def picture():
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (SIZE["height"], SIZE["width"], 3), dtype=np.uint8))
+
+
+def test_i2v_latents_equal_diffusers_two_experts(i2v_set, picture, monkeypatch):
+    """WanImageToVideoPipeline with transformer_2, no image encoder (Wan2.2 I2V has no CLIP branch):
+    our folder and our two single files give its latents."""
+    from diffusers import WanImageToVideoPipeline
+    from diffusers.pipelines.wan import pipeline_wan, pipeline_wan_i2v
+    monkeypatch.setattr(pipeline_wan_i2v, "basic_clean", pipeline_wan.basic_clean)  # skips ftfy, as test_i2v
+    pipe = WanImageToVideoPipeline.from_pretrained(i2v_set["folder"], torch_dtype=torch.float32)
+    assert pipe.image_encoder is None and pipe.config.boundary_ratio == 0.9
+    with torch.no_grad():
+        want = pipe(image=picture, prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=I2V_STEPS,
+                    guidance_scale=I2V_G, guidance_scale_2=2.5, generator=torch.Generator("cpu").manual_seed(5),
+                    output_type="latent", **SIZE).frames
+    settings = SamplingSettings(steps=I2V_STEPS, shift=I2V_SHIFT, guidance_scale=I2V_G, guidance_scale_low=2.5,
+                                seed=5, **SIZE)
+    which = experts_mod.expert_per_step(make_scheduler("unipc", I2V_STEPS, I2V_SHIFT).timesteps, 0.9)
+    assert 0 < which.count(experts_mod.HIGH) < I2V_STEPS
+    c = i2v_set["comfy_fp32"]
+    for gen in (VideoGenerator.from_pretrained(i2v_set["folder"], device="cpu", dtype="fp32"),
+                VideoGenerator.from_pretrained(c["model"], low_noise_model=c["low_noise_model"],
+                                               text_encoder=c["text_encoder"], vae=c["vae"], device="cpu",
+                                               dtype="fp32")):
+        encoded = gen.encode_image(picture, settings)
+        assert encoded[1] is None and encoded[0].shape[1] == 20  # mask 4 + image latent 16, no CLIP tokens
+        got = raw_to_model(gen.sample(gen.encode_prompt(PROMPT), gen.encode_prompt(NEGATIVE), settings,
+                                      image_condition=encoded))
+        err = (got - want).abs().max().item()
+        print(f"I2V-A14B: max abs err {err:.2e}")
+        assert err <= 1e-3
+
+
+def test_i2v_a14b_needs_an_image_and_has_its_defaults(i2v_set, monkeypatch):
+    gen = VideoGenerator.from_pretrained(i2v_set["folder"], device="cpu", dtype="fp32")
+    with pytest.raises(FastVideoError, match="this is an image-to-video model; give the start image"):
+        gen.generate_video(PROMPT, num_inference_steps=2, **SIZE)
+    seen = {}
+
+    def fake_sample(pos, neg, settings, **kw):
+        seen["settings"] = settings
+        raise RuntimeError("stop")
+    monkeypatch.setattr(gen, "sample", fake_sample)
+    with pytest.raises(RuntimeError, match="stop"):
+        gen.generate_video(PROMPT, image=torch.zeros(32, 48, 3), num_inference_steps=2, **SIZE)
+    s = seen["settings"]
+    assert (s.guidance_scale, s.guidance_scale_low, s.shift, s.boundary) == (3.5, 3.5, 5.0, 0.9)

@@ -76,9 +76,9 @@ def check_pair(high_cfg, low_cfg, high_path: str, low_path: str) -> None:
     if high_cfg.dim == 1536:
         raise ModelFileError(f"low_noise_model: {name_high!r} is Wan2.1 1.3B, a single model; only Wan2.2 A14B "
                              "(wan2.2_t2v_high_noise_14B_*.safetensors) comes as two experts.")
-    if high_cfg.in_channels != 16:
-        raise ModelFileError(f"model: {name_high!r} takes {high_cfg.in_channels} input channels; two experts are "
-                             "supported for Wan2.2 T2V-A14B (16). I2V-A14B (36) is not supported yet.")
+    if high_cfg.in_channels not in (16, 36):
+        raise ModelFileError(f"model: {name_high!r} takes {high_cfg.in_channels} input channels; Wan2.2 A14B's "
+                             "experts take 16 (T2V) or 36 (I2V).")
     fields = ("dim", "ffn_dim", "num_heads", "num_layers", "in_channels", "out_channels", "text_dim",
               "patch_size", "image_dim", "gate_compress")
     diff = [f"{f} {getattr(high_cfg, f)} vs {getattr(low_cfg, f)}" for f in fields
@@ -87,6 +87,11 @@ def check_pair(high_cfg, low_cfg, high_path: str, low_path: str) -> None:
         raise ModelFileError(f"low_noise_model: {name_low!r} is not the twin of the high-noise expert "
                              f"{name_high!r} ({', '.join(diff)}); give the two experts of one Wan2.2 A14B release "
                              "(…_high_noise_14B_… and …_low_noise_14B_…).")
+
+
+def preset_for(cfg) -> Preset:
+    """Wan2.2's published defaults for this expert pair: I2V-A14B (36 input channels) or T2V-A14B."""
+    return I2V_A14B if cfg.in_channels == 36 else T2V_A14B
 
 
 def expert_per_step(timesteps: Iterable, boundary: float) -> list[int]:

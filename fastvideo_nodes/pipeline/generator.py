@@ -333,7 +333,7 @@ def _estimate_components(files: ModelFiles, options: LoadOptions, cfg):
 
 # What encode_image gives for sample(image_condition=): Wan2.1 I2V's (condition, CLIP embeds), or
 # Wan2.2 TI2V-5B's first frame.
-ImageCondition = tuple[torch.Tensor, torch.Tensor] | ti2v.FirstFrame
+ImageCondition = tuple[torch.Tensor, torch.Tensor | None] | ti2v.FirstFrame  # None: Wan2.2 I2V-A14B, no CLIP
 
 
 def _latent_shape(latents: torch.Tensor) -> VideoShape:
@@ -758,7 +758,8 @@ class VideoGenerator:
         cfg = self.dit_config()
         if ti2v.is_wan22(cfg):
             return None if image is None else ti2v.load_image(image)
-        if cfg.image_dim is None:
+        clip = cfg.image_dim is not None
+        if cfg.image_dim is None and cfg.in_channels != 36:  # 36 without CLIP layers: Wan2.2 I2V-A14B
             if image is not None:
                 raise FastVideoError(f"image: the model {self.files.model!r} is Wan2.1 text-to-video, which takes no "
                                      "image; for image-to-video load a Wan2.1 I2V model "
@@ -771,7 +772,7 @@ class VideoGenerator:
                                  "CLI: --image FILE, ComfyUI: the sampler's image input).")
         if self.num_gpus > 1:
             raise FastVideoError("image-to-video runs on one GPU for now; use num_gpus=1.")
-        if need_encoder:
+        if need_encoder and clip:
             self.files.require("image_encoder")
         return as_image(image)
 
@@ -796,15 +797,18 @@ class VideoGenerator:
         return self._encode_i2v(image, settings, image_embeds)
 
     def _encode_i2v(self, image, settings: SamplingSettings,
-                    image_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                    image_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Wan2.1 I2V: the start image → (condition, CLIP embeds); see encode_image."""
         from ..memory.planner import decode_activation_bytes
         from .image_condition import fit, vae_condition
         picture = self.check_image(image, need_encoder=image_embeds is None)
         if picture is None:
             raise FastVideoError("image: this is a text-to-video model, which takes no image.")
+        image_dim = self.dit_config().image_dim
+        if image_embeds is not None and image_dim is None:
+            raise FastVideoError("image_embeds (the sampler's clip_vision_output): Wan2.2 I2V-A14B uses no CLIP "
+                                 "image embeddings; leave it out.")
         if image_embeds is not None:
-            image_dim = self.dit_config().image_dim
             if not isinstance(image_embeds, torch.Tensor) or image_embeds.ndim != 3 or \
                     image_embeds.shape[-1] != image_dim:
                 got = tuple(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds)
@@ -813,7 +817,8 @@ class VideoGenerator:
         shape = VideoShape(settings.height, settings.width, settings.num_frames)
         with self._parts.lock, torch.inference_mode(), _friendly_oom("encoding the image"):
             self._prepare(shape)
-            embeds = image_embeds[:1].float().cpu() if image_embeds is not None else self._clip_embeds(picture)
+            embeds = (image_embeds[:1].float().cpu() if image_embeds is not None
+                      else self._clip_embeds(picture) if image_dim is not None else None)
             vae = self.vae
             need = decode_activation_bytes(self._sizes(), shape) if self._parts.plan is not None else 0
             with self._on_device("vae", vae, need):
@@ -912,7 +917,7 @@ class VideoGenerator:
         if first_frame is not None and condition is not None:
             raise FastVideoError("first_frame (Wan2.2 TI2V-5B) and condition (Wan2.1 I2V) are for different models; "
                                  "give what encode_image returned for this one.")
-        if (condition is None) != (image_embeds is None):
+        if (condition is None) != (image_embeds is None) and self.dit_config().image_dim is not None:
             raise FastVideoError("condition and image_embeds come together (from encode_image); got only one.")
         if condition is not None and self.num_gpus > 1:
             raise FastVideoError("image-to-video runs on one GPU for now; use num_gpus=1.")
@@ -950,7 +955,7 @@ class VideoGenerator:
         DiT: boundary and guidance_scale_low refused (they would silently do nothing)."""
         from dataclasses import replace
 
-        from .experts import T2V_A14B, folder_boundary
+        from .experts import folder_boundary, preset_for
         if self.files.low_noise_model is None:
             for name in ("boundary", "guidance_scale_low"):
                 if getattr(settings, name) is not None:
@@ -963,7 +968,8 @@ class VideoGenerator:
                                  "expert needs its own LoRA list.")
         if settings.boundary is None:
             boundary = folder_boundary(self.files.model)
-            settings = replace(settings, boundary=T2V_A14B.boundary if boundary is None else boundary)
+            default = preset_for(self.dit_config()).boundary
+            settings = replace(settings, boundary=default if boundary is None else boundary)
         return settings
 
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
@@ -1065,11 +1071,12 @@ class VideoGenerator:
         given: the low one follows it (as diffusers). flow_shift None: 12 (Wan2.2 T2V-A14B).
         Calls on one generator (and on those sharing its models) run one at a time."""
         if self.files.low_noise_model is not None:
-            from .experts import T2V_A14B
+            from .experts import preset_for
+            preset = preset_for(self.dit_config())
             if guidance_scale is None:
-                guidance_scale = T2V_A14B.guidance_high
-                guidance_scale_low = T2V_A14B.guidance_low if guidance_scale_low is None else guidance_scale_low
-            flow_shift = T2V_A14B.shift if flow_shift is None else flow_shift
+                guidance_scale = preset.guidance_high
+                guidance_scale_low = preset.guidance_low if guidance_scale_low is None else guidance_scale_low
+            flow_shift = preset.shift if flow_shift is None else flow_shift
         guidance_scale, scheduler = self._model_defaults(guidance_scale, scheduler)
         wan22 = ti2v.is_wan22(self.dit_config())
         d_height, d_width, d_frames, d_fps = ti2v.WAN22_SIZE if wan22 else ti2v.WAN21_SIZE

@@ -248,9 +248,10 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
     # Only image-to-video passes these, so text-to-video calls stay exactly as they were.
     image: dict = {}
     if condition is not None or image_embeds is not None:
-        if condition is None or image_embeds is None:
-            raise FastVideoError("condition and image_embeds come together (image-to-video); got only one.")
-        image = {"condition": condition.to(device, torch.float32), "image_embeds": image_embeds.to(device, dit.dtype)}
+        if condition is None:  # Wan2.2 I2V-A14B takes a condition without CLIP embeddings; never the reverse
+            raise FastVideoError("image_embeds without condition: image-to-video needs the image condition too.")
+        image = {"condition": condition.to(device, torch.float32),
+                 "image_embeds": None if image_embeds is None else image_embeds.to(device, dit.dtype)}
 
     def forward(model, x, t, context, cache, step):
         if cache is not None:
