@@ -53,7 +53,8 @@ DEMO_OUTPUT = "fastvideo_demo.mp4"
 def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     if not demo:
         p.add_argument("--model", required=True,
-                       help="diffusers folder, or a Wan2.1 (T2V, I2V) or Wan2.2 TI2V-5B DiT .safetensors")
+                       help="diffusers folder, or a Wan2.1 (T2V, I2V) or Wan2.2 TI2V-5B DiT .safetensors, "
+                            "or Wan2.2 A14B's high-noise expert (with --low-noise-model)")
         p.add_argument("--text-encoder", help="UMT5 .safetensors (needed with a single-file model)")
         p.add_argument("--vae", help="Wan VAE .safetensors, 2.1 (2.2 for TI2V-5B); needed with a single-file model")
         p.add_argument("--image", default=None, metavar="FILE",

@@ -192,6 +192,10 @@ def test_loras_refused_with_two_experts(a14b_set, tmp_path):
     lora = save_random_lora(TINY_DIT, str(tmp_path / "lora.safetensors"))
     with pytest.raises(FastVideoError, match="LoRAs on a two-expert model"):
         _comfy(a14b_set, loras=[(lora, 1.0)])
+    gen = _comfy(a14b_set)
+    gen.load(**SIZE)
+    with pytest.raises(FastVideoError, match="LoRAs on a two-expert model"):
+        gen.set_loras([(lora, 1.0)])
     gen = _comfy(a14b_set).with_loras([(lora, 1.0)])
     with pytest.raises(FastVideoError, match="LoRAs on a two-expert model"):
         gen.sample(gen.encode_prompt(PROMPT), None, _settings(boundary=0.875))
@@ -325,3 +329,32 @@ def test_i2v_a14b_needs_an_image_and_has_its_defaults(i2v_set, monkeypatch):
         gen.generate_video(PROMPT, image=torch.zeros(32, 48, 3), num_inference_steps=2, **SIZE)
     s = seen["settings"]
     assert (s.guidance_scale, s.guidance_scale_low, s.shift, s.boundary) == (3.5, 3.5, 5.0, 0.9)
+
+
+# ----------------------------------------------------------------------------- on a GPU (the lead runs these)
+
+
+@pytest.mark.gpu
+def test_cuda_placements_equal_cpu(a14b_set):
+    """Both resident, swapped from pinned memory, and streamed: the CPU's latents on CUDA (fp32)."""
+    from fastvideo_nodes.memory.planner import GiB
+    cpu = _latents(_comfy(a14b_set), _settings(boundary=0.875))
+    modes = {}
+    for mode, kw in (("resident", {}), ("stream", {"gpu_memory_gb": 1e-6}), ("swap", {"gpu_memory_gb": 2.0})):
+        c = a14b_set["comfy_fp32"]
+        gen = VideoGenerator.from_pretrained(c["model"], low_noise_model=c["low_noise_model"],
+                                             text_encoder=c["text_encoder"], vae=c["vae"], device="cuda",
+                                             dtype="fp32", attention_backend="TORCH_SDPA", **kw)
+        gen.load(**SIZE)
+        if mode == "swap":  # room for one DiT only
+            plan = gen.memory_plan
+            gen._parts.plan = type(plan)(**{**plan.__dict__,
+                                            "budget": plan.peak + GiB // 2 + gen._sizes().dit.total // 2})
+        got = _latents(gen, _settings(boundary=0.875)).cpu()
+        modes[mode] = gen._parts.experts.mode
+        assert (got - cpu).abs().max().item() < 1e-2, mode
+        if mode == "swap":
+            assert gen._parts.experts.homes[experts_mod.HIGH].device.type == "cpu"
+            assert all(p.device.type == "cpu" for p in gen.dit.parameters())  # the idle expert left the GPU
+        gen.close()
+    assert modes == {"resident": "resident", "stream": "stream", "swap": "swap"}

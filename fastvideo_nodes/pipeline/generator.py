@@ -413,6 +413,9 @@ class VideoGenerator:
     def _sync_loras(self):
         """Patch the in-process DiT (maybe shared with other generators) to this generator's LoRAs;
         returns the MergeReport, or None when it already carries exactly them. Call under the lock."""
+        if self.files.low_noise_model is not None and self.loras:
+            raise FastVideoError("loras: LoRAs on a two-expert model (Wan2.2 A14B) are not supported yet; each "
+                                 "expert needs its own LoRA list.")
         dit = self.dit
         if list(getattr(dit, "loras", [])) == list(self.loras):
             return None
