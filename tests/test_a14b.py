@@ -358,3 +358,42 @@ def test_cuda_placements_equal_cpu(a14b_set):
             assert all(p.device.type == "cpu" for p in gen.dit.parameters())  # the idle expert left the GPU
         gen.close()
     assert modes == {"resident": "resident", "stream": "stream", "swap": "swap"}
+
+
+def _block_runs(gen):
+    """Per expert, the steps at which its blocks ran (TeaCache skips them)."""
+    runs = {"high": [], "low": []}
+    for name, dit in (("high", gen.dit), ("low", gen.dit_low)):
+        dit.blocks[0].register_forward_pre_hook(lambda m, a, _n=name: runs[_n].append(1))
+    return runs
+
+
+def test_cfg_gate_applies_to_each_experts_span(a14b_set):
+    """cfg_gate 0.5: each expert runs the unconditional pass on the first half of its own steps, so
+    the low-noise expert has a guidance direction of its own (not the high-noise one's)."""
+    gen = _comfy(a14b_set)
+    which = experts_mod.expert_per_step(make_scheduler("unipc", STEPS, SHIFT).timesteps, 0.875)
+    high, low = which.count(0), which.count(1)
+    runs = _block_runs(gen)
+    from fastvideo_nodes.pipeline.sampler import SamplingStats
+    stats = SamplingStats()
+    gen.sample(gen.encode_prompt(PROMPT), gen.encode_prompt(NEGATIVE), _settings(boundary=0.875, cfg_gate=0.5),
+               stats=stats)
+    import math
+    assert stats.uncond_forwards == math.ceil(high * 0.5) + math.ceil(low * 0.5)
+    assert len(runs["high"]) == high + math.ceil(high * 0.5) and len(runs["low"]) == low + math.ceil(low * 0.5)
+
+
+def test_teacache_starts_afresh_at_the_switch(a14b_set):
+    """A threshold nothing reaches: the blocks run only on forced steps (the first and last) and on the
+    low-noise expert's first step, where its cache is new (the high expert's residual does not apply)."""
+    gen = _comfy(a14b_set)
+    which = experts_mod.expert_per_step(make_scheduler("unipc", STEPS, SHIFT).timesteps, 0.875)
+    assert which.count(1) >= 2  # the switch step is not the last step
+    runs = _block_runs(gen)
+    from fastvideo_nodes.pipeline.sampler import SamplingStats
+    stats = SamplingStats()
+    gen.sample(gen.encode_prompt(PROMPT), gen.encode_prompt(NEGATIVE),
+               _settings(boundary=0.875, teacache_threshold=100.0, teacache_coefficients=[1.0, 0.0]), stats=stats)
+    assert len(runs["high"]) == 2 and len(runs["low"]) == 4  # (cond + uncond) × steps run
+    assert stats.teacache_skipped == 2 * (STEPS - 3)
