@@ -53,7 +53,8 @@ DEMO_OUTPUT = "fastvideo_demo.mp4"
 def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     if not demo:
         p.add_argument("--model", required=True,
-                       help="diffusers folder, or a Wan2.1 (T2V, I2V) or Wan2.2 TI2V-5B DiT .safetensors")
+                       help="diffusers folder, or a Wan2.1 (T2V, I2V) or Wan2.2 TI2V-5B DiT .safetensors, "
+                            "or Wan2.2 A14B's high-noise expert (with --low-noise-model)")
         p.add_argument("--text-encoder", help="UMT5 .safetensors (needed with a single-file model)")
         p.add_argument("--vae", help="Wan VAE .safetensors, 2.1 (2.2 for TI2V-5B); needed with a single-file model")
         p.add_argument("--image", default=None, metavar="FILE",
@@ -62,6 +63,15 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
                             "to the video's, then resized to --width x --height")
         p.add_argument("--image-encoder", default=None, metavar="FILE",
                        help="CLIP vision .safetensors of an image-to-video model (clip_vision_h.safetensors)")
+        p.add_argument("--low-noise-model", default=None, metavar="FILE",
+                       help="Wan2.2 A14B: the low-noise expert (wan2.2_t2v_low_noise_14B_*.safetensors); --model is "
+                            "then the high-noise one. A diffusers A14B folder brings its transformer_2/")
+        p.add_argument("--boundary", type=float, default=None, metavar="F",
+                       help="Wan2.2 A14B: the low-noise expert takes over below timestep F*1000 (default: the "
+                            "folder's boundary_ratio, else 0.875)")
+        p.add_argument("--guidance-scale-low", type=float, default=None, metavar="F",
+                       help="Wan2.2 A14B: the low-noise expert's guidance (default 3.0 with --guidance-scale "
+                            "unset (then 4.0), else equal to --guidance-scale)")
     p.add_argument("--prompt", default="A red fox trotting through fresh snow at dawn, cinematic" if demo else None,
                    required=not demo)
     p.add_argument("--negative-prompt", default=None, help="default: Wan 2.1's negative prompt")
@@ -170,7 +180,8 @@ def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
     gen = VideoGenerator.from_pretrained(model, text_encoder=text_encoder, vae=vae, options=load_options(args),
                                          attention_backend=args.attention_backend, num_gpus=args.num_gpus,
                                          loras=loras, exact_attention_steps=args.exact_attention_steps,
-                                         image_encoder=getattr(args, "image_encoder", None))
+                                         image_encoder=getattr(args, "image_encoder", None),
+                                         low_noise_model=getattr(args, "low_noise_model", None))
     if args.sparsity is not None:
         from .attention.video_sparse import VideoSparseOptions
         gen = gen.with_attention_backend(args.attention_backend, VideoSparseOptions(args.sparsity),
@@ -183,7 +194,8 @@ def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
             cfg_gate=args.cfg_gate,
             teacache_threshold=args.teacache_threshold, teacache_mode=args.teacache_mode,
             output_path=args.output, callback=progress, fps=args.fps, overwrite=args.overwrite,
-            image=getattr(args, "image", None))
+            image=getattr(args, "image", None), boundary=getattr(args, "boundary", None),
+            guidance_scale_low=getattr(args, "guidance_scale_low", None))
     finally:
         gen.close()
     if args.latents_out:

@@ -17,7 +17,8 @@ MODEL = "FASTVIDEO_MODEL"
 class LoadFastVideoModel:
     """Wan 2.1 text-to-video or image-to-video files → a FastVideo model, loaded now (placed by the
     memory plan). Image-to-video also needs the CLIP vision file (clip_vision), unless a diffusers
-    I2V folder brings its own image_encoder/.
+    I2V folder brings its own image_encoder/. Wan2.2 A14B: model = the high-noise expert and
+    low_noise_model = the low-noise one (same folder).
 
     Nothing here holds the weights: the returned generator does (ComfyUI keeps it as this node's
     output), and generators of the same files and options share one loaded set. When this node
@@ -46,6 +47,9 @@ class LoadFastVideoModel:
             "clip_vision": (["(none)"] + comfy_api.folder_names("clip_vision"), {"tooltip":
                             "image-to-video: the CLIP vision file (clip_vision_h.safetensors); a diffusers I2V "
                             "folder brings its own"}),
+            "low_noise_model": (["(none)"] + comfy_api.folder_names("diffusion_models"), {"tooltip":
+                                "Wan2.2 A14B: the low-noise expert (model is then the high-noise one); a "
+                                "diffusers A14B folder brings its own transformer_2/"}),
         }}
 
     RETURN_TYPES = (MODEL,)
@@ -71,17 +75,18 @@ class LoadFastVideoModel:
                            text_encoder_device="cpu" if text_encoder_device == "cpu" else None)
 
     def load(self, model, text_encoder, vae, precision, weight_storage, compile=False, gpu_memory_gb=0.0,
-             text_encoder_device="gpu", clip_vision="(none)"):
+             text_encoder_device="gpu", clip_vision="(none)", low_noise_model="(none)"):
         from fastvideo_nodes.pipeline.generator import VideoGenerator
 
         path = comfy_api.full_path("diffusion_models", model)
         te = None if text_encoder.startswith("(") else comfy_api.full_path("text_encoders", text_encoder)
         va = None if vae.startswith("(") else comfy_api.full_path("vae", vae)
         image_encoder = None if clip_vision.startswith("(") else comfy_api.full_path("clip_vision", clip_vision)
+        low = None if low_noise_model.startswith("(") else comfy_api.full_path("diffusion_models", low_noise_model)
         options, host = comfy_api.memory_host(
             self.options(precision, weight_storage, compile, gpu_memory_gb, text_encoder_device))
         gen = VideoGenerator.from_pretrained(path, text_encoder=te, vae=va, image_encoder=image_encoder,
-                                             options=options)
+                                             low_noise_model=low, options=options)
         previous = self._previous() if self._previous is not None else None
         if previous is not None and previous._parts is not gen._parts:
             previous.close()  # its weights leave before the new ones come in

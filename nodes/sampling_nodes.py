@@ -86,6 +86,11 @@ class FastVideoSampler:
                                 "middle cut to the video's, then resized to width × height)"}),
             "clip_vision_output": ("CLIP_VISION_OUTPUT", {"tooltip": "Wan2.1 image-to-video: native CLIPVisionEncode "
                                    "of the start image, instead of the loader's clip_vision file"}),
+            "boundary": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.999, "step": 0.005, "tooltip":
+                         "Wan2.2 A14B: the low-noise expert takes over below timestep boundary·1000; 0 = the "
+                         "model's (0.875 for T2V)"}),
+            "cfg_low": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip":
+                        "Wan2.2 A14B: the low-noise expert's cfg (cfg is the high-noise one's); 0 = same as cfg"}),
         }}
 
     RETURN_TYPES = ("LATENT",)
@@ -94,23 +99,25 @@ class FastVideoSampler:
 
     @classmethod
     def VALIDATE_INPUTS(cls, width=832, height=480, num_frames=81, steps=50, cfg=5.0, shift=3.0, scheduler="unipc",
-                        seed=0, cfg_gate=1.0, teacache_threshold=0.0, spacing="default", sigmas="", **_):
+                        seed=0, cfg_gate=1.0, teacache_threshold=0.0, spacing="default", sigmas="", boundary=0.0,
+                        cfg_low=0.0, **_):
         try:
             _settings(width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
-                      teacache_threshold, spacing, sigmas).validate()
+                      teacache_threshold, spacing, sigmas, boundary, cfg_low).validate()
         except FastVideoError as e:
             return str(e)
         return True
 
     def sample(self, model, positive, width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
                teacache_threshold, negative=None, spacing="default", sigmas="", image=None,
-               clip_vision_output=None):
+               clip_vision_output=None, boundary=0.0, cfg_low=0.0):
         settings = _settings(width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
-                             teacache_threshold, spacing, sigmas)
+                             teacache_threshold, spacing, sigmas, boundary, cfg_low)
         neg = _embedding(negative, "negative") if negative is not None else None
         encoded = None
         # An I2V model without an image goes on too: the engine says what is missing (as for a mismatch).
-        if image is not None or model.dit_config().image_dim is not None:
+        cfg = model.dit_config()
+        if image is not None or cfg.image_dim is not None or cfg.in_channels == 36:  # 36: Wan2.2 I2V-A14B
             first = image[:1] if getattr(image, "ndim", 0) == 4 else image
             encoded = model.encode_image(first, settings, image_embeds=_clip_tokens(clip_vision_output))
         latents = model.sample(_embedding(positive, "positive"), neg, settings,
@@ -131,11 +138,13 @@ def _clip_tokens(output):
 
 
 def _settings(width, height, num_frames, steps, cfg, shift, scheduler, seed, cfg_gate,
-              teacache_threshold, spacing="default", sigmas="") -> SamplingSettings:
-    """The node's inputs under the engine's names; the one place both VALIDATE_INPUTS and sample build them."""
+              teacache_threshold, spacing="default", sigmas="", boundary=0.0, cfg_low=0.0) -> SamplingSettings:
+    """The node's inputs under the engine's names; the one place both VALIDATE_INPUTS and sample build them.
+    boundary and cfg_low 0 (widgets have no None): the model's boundary, the low expert at cfg."""
     return SamplingSettings(height=height, width=width, num_frames=num_frames, steps=steps, guidance_scale=cfg,
                             shift=shift, scheduler=scheduler, seed=seed, cfg_gate=cfg_gate,
-                            teacache_threshold=teacache_threshold, spacing=spacing, sigmas=parse_sigmas(sigmas))
+                            teacache_threshold=teacache_threshold, spacing=spacing, sigmas=parse_sigmas(sigmas),
+                            boundary=boundary or None, guidance_scale_low=cfg_low or None)
 
 
 class DecodeVAE:

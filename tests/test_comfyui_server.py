@@ -86,6 +86,11 @@ def server(tmp_path_factory):
     wan22 = build_wan22_set(str(base / "set22"), seed=8)["comfy_fp32"]
     shutil.copy(wan22["model"], base / "models" / "diffusion_models")
     shutil.copy(wan22["vae"], base / "models" / "vae")
+    # Wan2.2 A14B: its two experts (the T2V set's text encoder and VAE serve them).
+    from fastvideo_nodes.testing.a14b import build_a14b_set
+    a14b = build_a14b_set(str(base / "a14b"), seed=9)["comfy_fp32"]
+    for key in ("model", "low_noise_model"):
+        shutil.copy(a14b[key], base / "models" / "diffusion_models")
     (base / "extra.yaml").write_text(f"fastvideo_test:\n    base_path: {base}\n"
                                      "    diffusion_models: models/diffusion_models\n"
                                      "    text_encoders: models/text_encoders\n    vae: models/vae\n"
@@ -124,7 +129,8 @@ def server(tmp_path_factory):
             "native_model": "wan2.1_t2v_tiny_native.safetensors", "native_text_encoder": "umt5_tiny_4096.safetensors",
             "i2v_model": os.path.basename(i2v["model"]), "clip_vision": os.path.basename(i2v["image_encoder"]),
             "image": "start.png",
-            "model22": os.path.basename(wan22["model"]), "vae22": os.path.basename(wan22["vae"])})
+            "model22": os.path.basename(wan22["model"]), "vae22": os.path.basename(wan22["vae"]),
+            "a14b_high": os.path.basename(a14b["model"]), "a14b_low": os.path.basename(a14b["low_noise_model"])})
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -135,7 +141,8 @@ def test_copy(server, name, prefix):
     """A copy of an example workflow with the tiny files and small sizes filled in."""
     wf = json.load(open(os.path.join(ROOT, "workflows", name)))
     f = server["files"]
-    wan22 = "wan2.2" in name
+    a14b = "A14B" in name  # Wan2.2 A14B: two experts at Wan2.1's latent geometry
+    wan22 = "wan2.2" in name and not a14b
     small = SMALL_22 if wan22 else SMALL
     for n in wf["nodes"]:
         w = n["widgets_values"]
@@ -147,6 +154,8 @@ def test_copy(server, name, prefix):
                 w[1], w[2] = f["text_encoder"], f["vae22" if wan22 else "vae"]
             if name.startswith("wan2.1_i2v"):  # (not wan2.2_ti2v)
                 w[0], w[8] = f["i2v_model"], f["clip_vision"]
+            if a14b:
+                w[0], w[9] = f["a14b_high"], f["a14b_low"]
         elif n["type"] == "FastVideoSampler":
             w[0], w[1], w[2], w[3] = small["width"], small["height"], small["num_frames"], small["steps"]
         elif n["type"] == "LoadImage":
@@ -241,10 +250,10 @@ def saved_video(out, prefix):
 @pytest.mark.parametrize("name", ["wan2.1_t2v_1.3B_fastvideo.json", "wan2.1_t2v_1.3B_fastvideo_fast.json",
                                   "wan2.1_t2v_1.3B_mixed_native.json", "wan2.1_t2v_14B_4step_lora.json",
                                   "fastwan2.1_t2v_1.3B_3step.json", "wan2.1_i2v_14B.json",
-                                  "wan2.2_ti2v_5B.json"])
+                                  "wan2.2_ti2v_5B.json", "wan2.2_t2v_A14B.json"])
 def test_workflow_through_comfy_cli_and_api(server, name, tmp_path):
     stem = name.replace(".json", "")
-    small = SMALL_22 if "wan2.2" in name else SMALL
+    small = SMALL_22 if "wan2.2" in name and "A14B" not in name else SMALL
     size = (small["num_frames"], small["height"], small["width"])
     wf = test_copy(server, name, f"cli_{stem}")
     path = tmp_path / name

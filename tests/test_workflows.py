@@ -47,11 +47,11 @@ def required_widget_count(cls) -> int:
     return len(spec_of(cls, groups=("required",))[0])
 
 
-def test_there_are_seven_workflows():
+def test_there_are_eight_workflows():
     names = [os.path.basename(p) for p in WORKFLOWS]
-    assert len(names) == 7 and any("fast" in n for n in names) and any("mixed_native" in n for n in names)
+    assert len(names) == 8 and any("fast" in n for n in names) and any("mixed_native" in n for n in names)
     assert {"wan2.1_t2v_14B_4step_lora.json", "fastwan2.1_t2v_1.3B_3step.json", "wan2.1_i2v_14B.json",
-            "wan2.2_ti2v_5B.json"} <= set(names)
+            "wan2.2_ti2v_5B.json", "wan2.2_t2v_A14B.json"} <= set(names)
 
 
 def test_fastwan_workflow_is_the_3step_recipe():
@@ -109,6 +109,25 @@ def test_wan22_ti2v_workflow_is_the_5b_recipe():
     assert by_type["CreateVideo"]["widgets_values"] == [24.0]
 
 
+def test_a14b_workflow_is_the_two_expert_recipe():
+    """Both experts into the loader (with download links), Wan2.2 T2V-A14B's published settings: 40 steps,
+    shift 12, boundary 0.875, cfg 4 for the high-noise expert and 3 for the low-noise one, 16 fps."""
+    wf = json.load(open(os.path.join(ROOT, "workflows", "wan2.2_t2v_A14B.json")))
+    by_type = {n["type"]: n for n in wf["nodes"]}
+    loader = by_type["LoadFastVideoModel"]
+    widgets, _ = spec_of(fv.LoadFastVideoModel)
+    lv = dict(zip([w[0] for w in widgets], loader["widgets_values"]))
+    assert "high_noise_14B" in lv["model"] and "low_noise_14B" in lv["low_noise_model"]
+    assert {lv["model"], lv["low_noise_model"]} <= {m["name"] for m in loader["properties"]["models"]}
+    widgets, _ = spec_of(fv.FastVideoSampler)
+    values = dict(zip([w[0] for w in widgets], by_type["FastVideoSampler"]["widgets_values"]))
+    assert (values["steps"], values["shift"], values["boundary"], values["cfg"], values["cfg_low"]) == \
+        (40, 12.0, 0.875, 4.0, 3.0)
+    settings = fv.sampling_nodes._settings(**{k: v for k, v in values.items() if k != "control_after_generate"})
+    assert (settings.boundary, settings.guidance_scale_low) == (0.875, 3.0)
+    assert by_type["CreateVideo"]["widgets_values"] == [16.0]
+
+
 def test_4step_lora_workflow_is_the_distilled_recipe():
     """loader → LoRA → sampler at 4 steps, CFG 1, simple spacing, shift 5; download links for every file."""
     wf = json.load(open(os.path.join(ROOT, "workflows", "wan2.1_t2v_14B_4step_lora.json")))
@@ -140,7 +159,7 @@ def test_workflow_matches_definitions(path):
                 (n["type"], n["widgets_values"], widgets)
             for value, (name, kind, opts) in zip(n["widgets_values"], widgets):
                 if isinstance(kind, list) and name not in ("model", "text_encoder", "vae", "lora_name",
-                                                           "clip_vision"):  # files vary
+                                                           "clip_vision", "low_noise_model"):  # files vary
                     assert value in kind, (n["type"], name, value)
                 if kind in ("INT", "FLOAT"):
                     assert opts.get("min", value) <= value <= opts.get("max", value), (n["type"], name, value)

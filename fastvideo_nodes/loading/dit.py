@@ -142,7 +142,9 @@ def load_dit(path: str, *, device: torch.device | str = "cpu", dtype: torch.dtyp
     if fp8_matmul and weight_dtype is None:
         weight_dtype = torch.float8_e4m3fn
     source, cfg, role = _read(os.fspath(path))
-    if cfg.image_dim is not None:  # Wan2.1 image-to-video: noise 16 + mask 4 + image latent 16
+    if cfg.image_dim is not None or cfg.in_channels == 36:
+        # Image-to-video: noise 16 + mask 4 + image latent 16 (Wan2.1 I2V with CLIP layers; Wan2.2
+        # I2V-A14B's experts without them).
         if cfg.in_channels != 36:
             raise ModelFileError(f"{role} takes {cfg.in_channels} input channels; Wan2.1 image-to-video takes 36 "
                                  "(16 noise + 4 mask + 16 image latent).")

@@ -367,7 +367,7 @@ class WanDiT(nn.Module):
         batch = x.shape[0]
         if condition is not None:
             x = torch.cat([x, condition.to(x.device, x.dtype).expand(batch, -1, -1, -1, -1)], dim=1)
-        elif self.cfg.image_dim is not None and x.shape[1] != self.cfg.in_channels:
+        elif (self.cfg.image_dim is not None or self.cfg.in_channels == 36) and x.shape[1] != self.cfg.in_channels:
             raise FastVideoError(f"the DiT takes {self.cfg.in_channels} input channels, got {x.shape[1]}; an "
                                  "image-to-video model needs the image condition (20 channels) too.")
         tokens, grid = self.patchify(x)

@@ -171,20 +171,29 @@ class ModelFiles:
     text_encoder: str | None = None
     vae: str | None = None
     image_encoder: str | None = None
+    low_noise_model: str | None = None  # Wan2.2 A14B: the low-noise expert (model is the high-noise one)
 
     @classmethod
     def resolve(cls, model: str, text_encoder: str | None, vae: str | None,
-                image_encoder: str | None = None) -> ModelFiles:
+                image_encoder: str | None = None, low_noise_model: str | None = None) -> ModelFiles:
         model = os.fspath(model)
+        if low_noise_model is not None:
+            low_noise_model = os.fspath(low_noise_model)
+            if not os.path.exists(low_noise_model):
+                raise ModelFileError(f"low_noise_model: {low_noise_model!r} does not exist. Give the low-noise "
+                                     "expert of Wan2.2 A14B (wan2.2_t2v_low_noise_14B_*.safetensors).")
         if os.path.isdir(model):
             text_encoder = text_encoder or model
             vae = vae or model
             if image_encoder is None and os.path.isdir(os.path.join(model, "image_encoder")):
                 image_encoder = model
+            if low_noise_model is None and os.path.isdir(os.path.join(model, "transformer_2")):
+                low_noise_model = os.path.join(model, "transformer_2")  # a Wan2.2 A14B diffusers folder
         elif not os.path.exists(model):
             raise ModelFileError(f"model: {model!r} does not exist. Give a Wan2.1 .safetensors file or a "
                                  "diffusers folder.")
-        return cls(model, text_encoder, vae, None if image_encoder is None else os.fspath(image_encoder))
+        return cls(model, text_encoder, vae, None if image_encoder is None else os.fspath(image_encoder),
+                   low_noise_model)
 
     def require(self, what: str) -> str:
         path = getattr(self, what)
@@ -208,6 +217,8 @@ class _Components:
         self.text_encoder: Any = None
         self.vae: Any = None
         self.image_encoder: Any = None  # models.clip_vision.ImageEncoder (image-to-video)
+        self.dit_low: Any = None  # Wan2.2 A14B: the low-noise expert
+        self.experts: Any = None  # pipeline/experts.Experts over dit and dit_low, placed by the plan
         self.offload: Any = None
         self.pools: dict[tuple, Any] = {}
         self.plan: Any = None
@@ -223,6 +234,8 @@ class _Components:
         for pool in self.pools.values():
             pool.close()
         self.pools.clear()
+        if self.experts is not None:
+            self.experts.release()
         if self.offload is not None:
             self.offload.disable(to="cpu")  # hooks off, blocks to host memory (then dropped)
         if self.host is not None:
@@ -232,6 +245,7 @@ class _Components:
         if self.text_encoder is not None:
             self.prompts.forget(self.text_encoder)
         self.dit = self.text_encoder = self.vae = self.image_encoder = self.offload = self.plan = None
+        self.dit_low = self.experts = None
         self.homes.clear()
 
 
@@ -243,7 +257,8 @@ _SHARED_LOCK = threading.Lock()
 def _shared_parts(files: ModelFiles, options: LoadOptions) -> _Components:
     def norm(p):
         return None if p is None else os.path.abspath(os.fspath(p))
-    key = (norm(files.model), norm(files.text_encoder), norm(files.vae), norm(files.image_encoder), options)
+    key = (norm(files.model), norm(files.text_encoder), norm(files.vae), norm(files.image_encoder),
+           norm(files.low_noise_model), options)
     with _SHARED_LOCK:
         parts = _SHARED.get(key)
         if parts is None:
@@ -318,7 +333,7 @@ def _estimate_components(files: ModelFiles, options: LoadOptions, cfg):
 
 # What encode_image gives for sample(image_condition=): Wan2.1 I2V's (condition, CLIP embeds), or
 # Wan2.2 TI2V-5B's first frame.
-ImageCondition = tuple[torch.Tensor, torch.Tensor] | ti2v.FirstFrame
+ImageCondition = tuple[torch.Tensor, torch.Tensor | None] | ti2v.FirstFrame  # None: Wan2.2 I2V-A14B, no CLIP
 
 
 def _latent_shape(latents: torch.Tensor) -> VideoShape:
@@ -352,6 +367,16 @@ class VideoGenerator:
         if self.num_gpus < 1:
             raise FastVideoError(f"num_gpus must be at least 1, got {num_gpus}.")
         self.gpu_ids = gpu_ids
+        if files.low_noise_model is not None:
+            from ..loading.dit import read_dit_config
+            from .experts import check_pair
+            check_pair(read_dit_config(files.model), read_dit_config(files.low_noise_model), files.model,
+                       files.low_noise_model)
+            if self.num_gpus > 1:
+                raise FastVideoError("Wan2.2 A14B (two experts) runs on one GPU for now; use num_gpus=1.")
+            if self.loras:
+                raise FastVideoError("loras: LoRAs on a two-expert model (Wan2.2 A14B) are not supported yet; "
+                                     "each expert needs its own LoRA list.")
         self._parts = _shared_parts(files, self.options)
 
     def with_attention_backend(self, name: str | None, options: AttentionOptions | None = None,
@@ -388,6 +413,9 @@ class VideoGenerator:
     def _sync_loras(self):
         """Patch the in-process DiT (maybe shared with other generators) to this generator's LoRAs;
         returns the MergeReport, or None when it already carries exactly them. Call under the lock."""
+        if self.files.low_noise_model is not None and self.loras:
+            raise FastVideoError("loras: LoRAs on a two-expert model (Wan2.2 A14B) are not supported yet; each "
+                                 "expert needs its own LoRA list.")
         dit = self.dit
         if list(getattr(dit, "loras", [])) == list(self.loras):
             return None
@@ -406,7 +434,7 @@ class VideoGenerator:
         return max(0, plan.budget - plan.peak - DEFAULT_RESERVE)
 
     @classmethod
-    def from_pretrained(cls, model, *, text_encoder=None, vae=None, image_encoder=None,
+    def from_pretrained(cls, model, *, text_encoder=None, vae=None, image_encoder=None, low_noise_model=None,
                         options: LoadOptions | None = None, attention_backend: str | None = None,
                         num_gpus: int = 1, gpu_ids: list[int] | None = None, loras=None,
                         exact_attention_steps: int = 0,
@@ -414,6 +442,8 @@ class VideoGenerator:
         """model: a diffusers folder, or a DiT .safetensors with text_encoder= and vae= files.
         image_encoder: the CLIP vision file of an image-to-video model (clip_vision_h.safetensors);
         a diffusers I2V folder brings its own image_encoder/.
+        low_noise_model: Wan2.2 A14B's low-noise expert file (wan2.2_t2v_low_noise_14B_*.safetensors;
+        model is then the high-noise one); a diffusers A14B folder brings its own transformer_2/.
         loras: [(path, strength), ...] merged into the DiT before it samples (see with_loras).
         exact_attention_steps N: with an 8-bit attention backend (SAGE_ATTN, INT8_ATTN, KITCHEN_INT8,
         or one `auto` picks), exact attention on the first and last N steps (0: 8-bit throughout).
@@ -421,7 +451,7 @@ class VideoGenerator:
         text_encoder_device). Those fields may also be given as keywords (they replace the ones of
         `options`), as may the older dtype=, weight_dtype=torch.float8_e4m3fn and fp8_matmul=True."""
         options = LoadOptions.from_keywords(options, **load_keywords)
-        return cls(ModelFiles.resolve(model, text_encoder, vae, image_encoder), options,
+        return cls(ModelFiles.resolve(model, text_encoder, vae, image_encoder, low_noise_model), options,
                    attention_backend=attention_backend, num_gpus=num_gpus, gpu_ids=gpu_ids, loras=loras,
                    exact_attention_steps=exact_attention_steps)
 
@@ -506,6 +536,14 @@ class VideoGenerator:
         """Move loaded parts to a new plan's places."""
         parts, old = self._parts, self._parts.plan
         parts.plan = plan
+        if parts.experts is not None:  # placed again by the new plan at the next sampling
+            parts.experts.release()
+            parts.experts = None
+            if parts.offload is not None:
+                parts.offload.disable(to="cpu")
+                parts.offload = None
+            parts.dit.to("cpu")
+            self._place_dit(parts.dit)
         if parts.dit is not None and plan.dit_blocks_resident != old.dit_blocks_resident:
             if parts.offload is not None:
                 parts.offload.disable(to="cpu")
@@ -631,6 +669,45 @@ class VideoGenerator:
         return parts.dit
 
     @property
+    def dit_low(self):
+        """Wan2.2 A14B's low-noise expert, loaded on the CPU; _experts() places it by the plan."""
+        parts = self._parts
+        if parts.dit_low is None:
+            path = self.files.low_noise_model
+            if path is None:
+                raise FastVideoError("low_noise_model: this model has one DiT; only Wan2.2 A14B has a low-noise "
+                                     "expert.")
+            with parts.lock, _friendly_oom("loading the low-noise expert"), self._loading():
+                from ..loading.dit import load_dit
+                opts = self.options
+                dit = load_dit(path, device="cpu", dtype=self.dtype, weight_dtype=opts.weight_dtype,
+                               fp8_matmul=opts.fp8_matmul)
+                parts.dit_low = dit.compile_blocks() if opts.compile else dit
+        return parts.dit_low
+
+    def _experts(self):
+        """The two experts placed by the memory plan (made once per plan): both resident when the plan
+        has room for a second DiT, else one at a time (swapped from pinned memory, or streamed)."""
+        from ..memory.planner import DEFAULT_RESERVE
+        from .experts import Experts
+        parts = self._parts
+        if parts.experts is None:
+            high, low = self.dit, self.dit_low
+            plan = parts.plan
+            if plan is None:
+                mode = "resident"
+            elif plan.dit_blocks_streamed:
+                mode = "stream"
+            elif plan.peak + self._sizes().dit.total + DEFAULT_RESERVE <= plan.budget:
+                mode = "resident"
+            else:
+                mode = "swap"
+            parts.experts = Experts(high, low, device=self.device, mode=mode, offload=parts.offload,
+                                    blocks_on_gpu=0 if plan is None else plan.dit_blocks_resident)
+            logger.info("%s", parts.experts.describe())
+        return parts.experts
+
+    @property
     def offload_note(self) -> str | None:
         return self._parts.offload.describe() if self._parts.offload is not None else None
 
@@ -688,7 +765,8 @@ class VideoGenerator:
         cfg = self.dit_config()
         if ti2v.is_wan22(cfg):
             return None if image is None else ti2v.load_image(image)
-        if cfg.image_dim is None:
+        clip = cfg.image_dim is not None
+        if cfg.image_dim is None and cfg.in_channels != 36:  # 36 without CLIP layers: Wan2.2 I2V-A14B
             if image is not None:
                 raise FastVideoError(f"image: the model {self.files.model!r} is Wan2.1 text-to-video, which takes no "
                                      "image; for image-to-video load a Wan2.1 I2V model "
@@ -701,7 +779,7 @@ class VideoGenerator:
                                  "CLI: --image FILE, ComfyUI: the sampler's image input).")
         if self.num_gpus > 1:
             raise FastVideoError("image-to-video runs on one GPU for now; use num_gpus=1.")
-        if need_encoder:
+        if need_encoder and clip:
             self.files.require("image_encoder")
         return as_image(image)
 
@@ -726,15 +804,18 @@ class VideoGenerator:
         return self._encode_i2v(image, settings, image_embeds)
 
     def _encode_i2v(self, image, settings: SamplingSettings,
-                    image_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                    image_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Wan2.1 I2V: the start image → (condition, CLIP embeds); see encode_image."""
         from ..memory.planner import decode_activation_bytes
         from .image_condition import fit, vae_condition
         picture = self.check_image(image, need_encoder=image_embeds is None)
         if picture is None:
             raise FastVideoError("image: this is a text-to-video model, which takes no image.")
+        image_dim = self.dit_config().image_dim
+        if image_embeds is not None and image_dim is None:
+            raise FastVideoError("image_embeds (the sampler's clip_vision_output): Wan2.2 I2V-A14B uses no CLIP "
+                                 "image embeddings; leave it out.")
         if image_embeds is not None:
-            image_dim = self.dit_config().image_dim
             if not isinstance(image_embeds, torch.Tensor) or image_embeds.ndim != 3 or \
                     image_embeds.shape[-1] != image_dim:
                 got = tuple(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds)
@@ -743,7 +824,8 @@ class VideoGenerator:
         shape = VideoShape(settings.height, settings.width, settings.num_frames)
         with self._parts.lock, torch.inference_mode(), _friendly_oom("encoding the image"):
             self._prepare(shape)
-            embeds = image_embeds[:1].float().cpu() if image_embeds is not None else self._clip_embeds(picture)
+            embeds = (image_embeds[:1].float().cpu() if image_embeds is not None
+                      else self._clip_embeds(picture) if image_dim is not None else None)
             vae = self.vae
             need = decode_activation_bytes(self._sizes(), shape) if self._parts.plan is not None else 0
             with self._on_device("vae", vae, need):
@@ -837,11 +919,12 @@ class VideoGenerator:
         elif image_condition is not None:
             condition, image_embeds = image_condition
         settings = self.check_settings(settings)
+        settings = self._expert_settings(settings)
         noise = initial_noise(settings) if noise is None else noise
         if first_frame is not None and condition is not None:
             raise FastVideoError("first_frame (Wan2.2 TI2V-5B) and condition (Wan2.1 I2V) are for different models; "
                                  "give what encode_image returned for this one.")
-        if (condition is None) != (image_embeds is None):
+        if (condition is None) != (image_embeds is None) and self.dit_config().image_dim is not None:
             raise FastVideoError("condition and image_embeds come together (from encode_image); got only one.")
         if condition is not None and self.num_gpus > 1:
             raise FastVideoError("image-to-video runs on one GPU for now; use num_gpus=1.")
@@ -859,12 +942,13 @@ class VideoGenerator:
                                                    exact_attention_steps=self.exact_attention_steps,
                                                    first_frame=first_frame)
             else:
+                two = self.files.low_noise_model is not None
                 with _friendly_oom():
-                    report = self._sync_loras()
+                    report = None if two else self._sync_loras()
                 if report is not None and stats is not None:
                     stats.extra["lora_s"] = report.seconds
                 with torch.inference_mode(), _friendly_oom():
-                    model_latents = denoise(self.dit, noise, positive, negative, settings,
+                    model_latents = denoise(self._experts() if two else self.dit, noise, positive, negative, settings,
                                             attention_backend=self.attention_backend,
                                             attention_options=self.attention_options, callback=callback,
                                             cancel=cancel, stats=stats,
@@ -872,6 +956,28 @@ class VideoGenerator:
                                             condition=condition, image_embeds=image_embeds,
                                             first_frame=first_frame)
         return model_to_raw(check_finite_latents(model_latents.float().cpu()))
+
+    def _expert_settings(self, settings: SamplingSettings) -> SamplingSettings:
+        """Two experts: the boundary filled in (the folder's boundary_ratio, else Wan2.2's 0.875); one
+        DiT: boundary and guidance_scale_low refused (they would silently do nothing)."""
+        from dataclasses import replace
+
+        from .experts import folder_boundary, preset_for
+        if self.files.low_noise_model is None:
+            for name in ("boundary", "guidance_scale_low"):
+                if getattr(settings, name) is not None:
+                    raise FastVideoError(f"{name}: only a two-expert model (Wan2.2 A14B, loaded with "
+                                         f"low_noise_model) takes it; {os.path.basename(self.files.model)!r} has "
+                                         "one DiT. Leave it out.")
+            return settings
+        if self.loras:
+            raise FastVideoError("loras: LoRAs on a two-expert model (Wan2.2 A14B) are not supported yet; each "
+                                 "expert needs its own LoRA list.")
+        if settings.boundary is None:
+            boundary = folder_boundary(self.files.model)
+            default = preset_for(self.dit_config()).boundary
+            settings = replace(settings, boundary=default if boundary is None else boundary)
+        return settings
 
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """Raw VAE-space latents [1,16,T',H',W'] → frames float32 [T,H,W,3] in 0..1 on CPU."""
@@ -948,7 +1054,8 @@ class VideoGenerator:
                        cfg_gate: float = 1.0, teacache_threshold: float = 0.0, teacache_mode: str = "default",
                        output_path: str | None = None, callback: Callable | None = None,
                        cancel: Callable[[], bool] | None = None, fps: int | None = None,
-                       overwrite: bool = False) -> GenerationResult:
+                       overwrite: bool = False, boundary: float | None = None,
+                       guidance_scale_low: float | None = None) -> GenerationResult:
         """Prompt → video. flow_shift None: 5.0 at 720p and above, else 3.0 (diffusers' presets).
         Few-step (distilled) models: scheduler "euler" or "lcm" with spacing="simple" (ComfyUI's,
         what the 4-step distill LoRAs were trained for), or sigmas=[1, 0.9375, 0.8333, 0.625] used as
@@ -965,7 +1072,18 @@ class VideoGenerator:
         image of another aspect ratio has its middle cut to the video's, then is resized.
         height, width, num_frames, fps None: the model's own (Wan2.1: 480×832, 81 at 16 fps; Wan2.2
         TI2V-5B: 704×1280, 121 at 24 fps, shift 5).
+        Wan2.2 A14B (two experts): boundary (0..1) is where the low-noise expert takes over (None: the
+        folder's boundary_ratio, else 0.875); guidance_scale is the high-noise expert's and
+        guidance_scale_low the low-noise one's. Both None: Wan2.2's 4.0 and 3.0; only guidance_scale
+        given: the low one follows it (as diffusers). flow_shift None: 12 (Wan2.2 T2V-A14B).
         Calls on one generator (and on those sharing its models) run one at a time."""
+        if self.files.low_noise_model is not None:
+            from .experts import preset_for
+            preset = preset_for(self.dit_config())
+            if guidance_scale is None:
+                guidance_scale = preset.guidance_high
+                guidance_scale_low = preset.guidance_low if guidance_scale_low is None else guidance_scale_low
+            flow_shift = preset.shift if flow_shift is None else flow_shift
         guidance_scale, scheduler = self._model_defaults(guidance_scale, scheduler)
         wan22 = ti2v.is_wan22(self.dit_config())
         d_height, d_width, d_frames, d_fps = ti2v.WAN22_SIZE if wan22 else ti2v.WAN21_SIZE
@@ -981,7 +1099,8 @@ class VideoGenerator:
                                     guidance_scale=guidance_scale,
                                     shift=3.0 if flow_shift is None else flow_shift, scheduler=scheduler, seed=seed,
                                     cfg_gate=cfg_gate, teacache_threshold=teacache_threshold,
-                                    teacache_mode=teacache_mode, spacing=spacing, sigmas=parse_sigmas(sigmas))
+                                    teacache_mode=teacache_mode, spacing=spacing, sigmas=parse_sigmas(sigmas),
+                                    boundary=boundary, guidance_scale_low=guidance_scale_low)
         check_prompt(prompt, "prompt")
         if negative_prompt is not None:
             check_prompt(negative_prompt, "negative_prompt")
@@ -989,7 +1108,7 @@ class VideoGenerator:
             from ..video import check_fps, check_output_path
             check_output_path(output_path, overwrite=overwrite)
             check_fps(fps)
-        settings = self.check_settings(settings)
+        settings = self._expert_settings(self.check_settings(settings))
         picture = self.check_image(image)  # fails before any work on a bad image or one the model does not take
         if negative_prompt is None:
             from ..models.text_encoder import DEFAULT_NEGATIVE_PROMPT
@@ -1022,7 +1141,7 @@ class VideoGenerator:
 
     def _generate(self, prompt, negative_prompt, settings, output_path, callback, cancel, fps,
                   overwrite, picture=None) -> GenerationResult:
-        guidance_scale = settings.guidance_scale
+        guidance_scale = max(settings.guidance_scale, settings.guidance_scale_low or 0.0)
         timings = {"load_s": self.load(height=settings.height, width=settings.width, num_frames=settings.num_frames)
                    if self._parts.dit is None and self.num_gpus == 1 else 0.0}
         t0 = time.perf_counter()

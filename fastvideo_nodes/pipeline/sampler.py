@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import CancelledError, FastVideoError
+from .experts import Experts, expert_per_step
 from .schedulers import DMD_TIMESTEPS, SCHEDULERS, SPACINGS, check_sigmas, check_timesteps, make_scheduler
 from .teacache import MODES, TeaCache, coefficients_for
 
@@ -67,6 +68,10 @@ class SamplingSettings:
     # Wan 2.2 TI2V-5B = 48 channels at 1/16 (see with_geometry).
     latent_channels: int = LATENT_CHANNELS
     vae_stride: int = VAE_STRIDE_HW
+    # Wan2.2 A14B (two experts, pipeline/experts.py): the high-noise expert serves t ≥ boundary·1000
+    # with guidance_scale, the low-noise one the rest with guidance_scale_low (None: guidance_scale).
+    boundary: float | None = None
+    guidance_scale_low: float | None = None
 
     def with_geometry(self, latent_channels: int, vae_stride: int) -> SamplingSettings:
         """A copy for a model whose VAE has this many latent channels and this spatial stride."""
@@ -110,6 +115,14 @@ class SamplingSettings:
             raise FastVideoError(f"shift must be > 0, got {self.shift}.")
         if self.guidance_scale < 0:
             raise FastVideoError(f"guidance_scale must be ≥ 0, got {self.guidance_scale}.")
+        if self.boundary is not None:
+            from .experts import check_boundary
+            check_boundary(self.boundary)
+        if self.guidance_scale_low is not None:
+            g = self.guidance_scale_low
+            if not _is_real(g) or not math.isfinite(g) or g < 0:
+                raise FastVideoError(f"guidance_scale_low must be a finite number ≥ 0 (the low-noise expert's "
+                                     f"guidance), got {g!r}.")
         if self.spacing not in SPACINGS:
             raise FastVideoError(f"spacing {self.spacing!r} is unknown; use one of {', '.join(SPACINGS)}.")
         if self.sigmas is not None:
@@ -195,20 +208,35 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
     in the first frame, at timestep 0 per token, and the result carries it.
     callback(step, total, x0): after each step with the model-space x0 estimate (for previews).
     cancel(): checked before each step; returning True stops with CancelledError.
+    dit may be an experts.Experts (Wan2.2 A14B): each step runs the expert its timestep belongs to
+    (settings.boundary), with that expert's guidance. TeaCache state and the CFG gate's guidance
+    direction are reset at the switch: both describe the other expert's outputs. The gate fraction
+    applies to each expert's own span of steps.
     exact_attention_steps N: an 8-bit attention backend gives way to exact attention on the first and
     last N steps (the hybrid schedule; the DiT decides per forward).
     """
     settings.validate()
     stats = stats if stats is not None else SamplingStats()
-    device = next(dit.parameters()).device
+    experts = dit if isinstance(dit, Experts) else None
+    if experts is not None and settings.boundary is None:
+        raise FastVideoError("boundary: a two-expert model (Wan2.2 A14B) needs the boundary where the low-noise "
+                             "expert takes over (0.875 for T2V).")
     generator = step_noise_generator(settings) if settings.scheduler in ("lcm", "dmd") else None
     sched = make_scheduler(settings.scheduler, settings.steps, settings.shift, spacing=settings.spacing,
                            sigmas=settings.sigmas, generator=generator, timesteps=settings.timesteps)
     n = settings.num_steps
-    g = settings.guidance_scale
-    do_cfg = g > 1.0 and negative is not None
-    # CFG gate: both passes only for steps i < N·X (at least the first, to have a guidance direction).
-    uncond_steps = max(1, math.ceil(n * settings.cfg_gate))
+    # Which model serves each step, and its guidance: one DiT, or two experts split at the boundary.
+    which = [0] * n
+    if experts is not None and settings.boundary is not None:
+        which = expert_per_step(sched.timesteps, settings.boundary)
+    g_low = settings.guidance_scale if settings.guidance_scale_low is None else settings.guidance_scale_low
+    scales = (settings.guidance_scale, g_low)
+    do_cfg = max(scales[k] for k in set(which)) > 1.0 and negative is not None
+    # CFG gate: both passes only for the first ⌈span·X⌉ steps of each model's span of steps (at least
+    # its first, to have a guidance direction of its own).
+    span_start = [which.index(which[i]) for i in range(n)]
+    uncond_steps = {k: max(1, math.ceil(which.count(k) * settings.cfg_gate)) for k in set(which)}
+    device = next((experts.use(which[0]) if experts is not None else dit).parameters()).device
     positive = positive.to(device, dit.dtype)
     negative = negative.to(device, dit.dtype) if do_cfg and negative is not None else None
 
@@ -222,30 +250,39 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
     # Only image-to-video passes these, so text-to-video calls stay exactly as they were.
     image: dict = {}
     if condition is not None or image_embeds is not None:
-        if condition is None or image_embeds is None:
-            raise FastVideoError("condition and image_embeds come together (image-to-video); got only one.")
-        image = {"condition": condition.to(device, torch.float32), "image_embeds": image_embeds.to(device, dit.dtype)}
+        if condition is None:  # Wan2.2 I2V-A14B takes a condition without CLIP embeddings; never the reverse
+            raise FastVideoError("image_embeds without condition: image-to-video needs the image condition too.")
+        image = {"condition": condition.to(device, torch.float32),
+                 "image_embeds": None if image_embeds is None else image_embeds.to(device, dit.dtype)}
 
-    def forward(x, t, context, cache, step):
+    def forward(model, x, t, context, cache, step):
         if cache is not None:
             cache.step = step
         if first_frame is not None:
             x, t = first_frame.model_input(x), first_frame.timesteps(t)
-        return dit(x, t, context, attention_backend=attention_backend, attention_options=attention_options,
+        return model(x, t, context, attention_backend=attention_backend, attention_options=attention_options,
                    step=step, cache=cache, parallel=parallel, num_steps=n,
                    exact_attention_steps=exact_attention_steps, **image)
 
     x = noise.to(device, torch.float32)
     delta: torch.Tensor | None = None
+    skipped = 0
     for i, t in enumerate(sched.timesteps):
         if cancel is not None and cancel():
             raise CancelledError(f"cancelled before step {i + 1} of {n}.")
+        k = which[i]
+        model = experts.use(k) if experts is not None else dit
+        if i > 0 and k != which[i - 1]:  # the other expert: nothing cached from the first one applies
+            skipped += sum(c.skipped for c in caches if c is not None)
+            caches = tuple(None if c is None else TeaCache(c.threshold, n, c.coefficients, c.mode) for c in caches)
+            delta = None
+        g = scales[k]
         t = t.to(device).reshape(1)
-        v = forward(x, t, positive, caches[0], i)
+        v = forward(model, x, t, positive, caches[0], i)
         stats.cond_forwards += 1
-        if do_cfg:
-            if i < uncond_steps:
-                v_uncond = forward(x, t, negative, caches[1], i)
+        if do_cfg and g > 1.0:  # an expert at guidance ≤ 1 needs no unconditional pass
+            if i - span_start[i] < uncond_steps[k]:
+                v_uncond = forward(model, x, t, negative, caches[1], i)
                 stats.uncond_forwards += 1
                 delta = v - v_uncond
                 v = v_uncond + g * delta
@@ -258,5 +295,5 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
         x = sched.step(v, x)
         if callback is not None:
             callback(i + 1, n, x0)
-    stats.teacache_skipped = sum(c.skipped for c in caches if c is not None)
+    stats.teacache_skipped = skipped + sum(c.skipped for c in caches if c is not None)
     return x if first_frame is None else first_frame.model_input(x)

@@ -1,0 +1,399 @@
+"""Wan2.2 A14B: two experts (high noise for t ≥ boundary·1000, low noise after), each with its own
+guidance; latents equal diffusers' WanPipeline with transformer_2 on the same tiny random weights,
+the switch at the right step, the idle expert off the device on a small budget, and bad inputs."""
+import pytest
+import torch
+
+from fastvideo_nodes.errors import FastVideoError, ModelFileError
+from fastvideo_nodes.models.wan_vae import raw_to_model
+from fastvideo_nodes.pipeline import experts as experts_mod
+from fastvideo_nodes.pipeline.generator import VideoGenerator
+from fastvideo_nodes.pipeline.sampler import SamplingSettings
+from fastvideo_nodes.pipeline.schedulers import make_scheduler
+
+diffusers = pytest.importorskip("diffusers")
+
+PROMPT, NEGATIVE = "a small red boat drifting on a calm lake", "blurry, static"
+SIZE = dict(height=32, width=48, num_frames=5)
+STEPS, SHIFT, G_HIGH, G_LOW = 6, 12.0, 4.0, 3.0
+
+
+@pytest.fixture(scope="module")
+def a14b_set(tmp_path_factory):
+    from fastvideo_nodes.testing.a14b import build_a14b_set
+    return build_a14b_set(str(tmp_path_factory.mktemp("a14b")), seed=0)
+
+
+@pytest.fixture(scope="module")
+def want(a14b_set):
+    from diffusers import WanPipeline
+    pipe = WanPipeline.from_pretrained(a14b_set["folder"], torch_dtype=torch.float32)
+    assert pipe.transformer_2 is not None and pipe.config.boundary_ratio == 0.875
+    with torch.no_grad():
+        out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=G_HIGH,
+                   guidance_scale_2=G_LOW, generator=torch.Generator("cpu").manual_seed(3), output_type="latent",
+                   **SIZE)
+    return out.frames
+
+
+def _settings(**kw):
+    return SamplingSettings(**{"steps": STEPS, "shift": SHIFT, "guidance_scale": G_HIGH, "guidance_scale_low": G_LOW,
+                               "seed": 3, **SIZE, **kw})
+
+
+def _comfy(a14b_set, **kw):
+    c = a14b_set["comfy_fp32"]
+    return VideoGenerator.from_pretrained(c["model"], low_noise_model=c["low_noise_model"],
+                                          text_encoder=c["text_encoder"], vae=c["vae"], device="cpu", dtype="fp32",
+                                          **kw)
+
+
+def _latents(gen, settings):
+    return raw_to_model(gen.sample(gen.encode_prompt(PROMPT), gen.encode_prompt(NEGATIVE), settings))
+
+
+def test_schedule_crosses_the_boundary():
+    """The test's schedule really uses both experts (else parity would prove nothing)."""
+    sched = make_scheduler("unipc", STEPS, SHIFT)
+    which = experts_mod.expert_per_step(sched.timesteps, 0.875)
+    assert 0 < which.count(experts_mod.HIGH) < STEPS and which == sorted(which)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "comfy"])
+def test_latents_equal_diffusers_two_experts(a14b_set, want, layout):
+    gen = (VideoGenerator.from_pretrained(a14b_set["folder"], device="cpu", dtype="fp32") if layout == "diffusers"
+           else _comfy(a14b_set))
+    assert gen.files.low_noise_model is not None
+    settings = _settings() if layout == "comfy" else _settings(boundary=None)  # folder: its boundary_ratio
+    err = (_latents(gen, settings) - want).abs().max().item()
+    print(f"A14B {layout}: max abs err {err:.2e} (latent scale {want.abs().max():.2f})")
+    assert err <= 1e-3
+
+
+def test_each_step_runs_the_right_expert_and_guidance(a14b_set, monkeypatch):
+    gen = _comfy(a14b_set)
+    calls = []
+    for name, dit in (("high", gen.dit), ("low", gen.dit_low)):
+        real = dit.forward
+
+        def spy(x, t, context, *a, _name=name, _real=real, **kw):
+            calls.append((_name, int(t.reshape(-1)[0])))
+            return _real(x, t, context, *a, **kw)
+        monkeypatch.setattr(dit, "forward", spy)
+    boundary = 0.9
+    _latents(gen, _settings(boundary=boundary))
+    timesteps = [int(t) for t in make_scheduler("unipc", STEPS, SHIFT).timesteps]
+    expected = [("high" if t >= boundary * 1000 else "low", t) for t in timesteps for _ in range(2)]  # cond, uncond
+    assert calls == expected
+    assert {n for n, _ in calls} == {"high", "low"}
+
+
+def test_low_expert_guidance_is_used(a14b_set, want):
+    """Another low-noise guidance changes only what the low expert makes: not equal to the reference."""
+    gen = _comfy(a14b_set)
+    other = _latents(gen, _settings(boundary=0.875, guidance_scale_low=1.0))
+    assert (other - want).abs().max().item() > 1e-2
+
+
+def test_small_budget_keeps_one_expert_on_the_device(a14b_set, want):
+    """A budget with room for one DiT only: the idle expert lives in host memory and is swapped in at
+    the switch; the result is unchanged."""
+    from fastvideo_nodes.memory.planner import GiB
+    gen = _comfy(a14b_set, gpu_memory_gb=1.0)
+    gen.load(**SIZE)
+    assert gen._parts.experts is None
+    plan = gen.memory_plan
+    assert plan is not None and not plan.dit_blocks_streamed
+    # Squeeze the budget until a second DiT no longer fits (the plan itself is unchanged).
+    dit_bytes = gen._sizes().dit.total
+    gen._parts.plan = type(plan)(**{**plan.__dict__, "budget": plan.peak + GiB // 2 + dit_bytes // 2})
+    seen = []
+    for k, dit in enumerate((gen.dit, gen.dit_low)):
+        dit.register_forward_pre_hook(lambda m, a, k=k: seen.append((k, gen._parts.experts.active)))
+    got = _latents(gen, _settings(boundary=0.875))
+    ex = gen._parts.experts
+    assert ex.mode == "swap" and ex.switches == 2  # high swapped in, then low in place of it
+    assert seen and all(k == active for k, active in seen)
+    assert ex.homes[experts_mod.HIGH].device.type == "cpu"  # the idle one went home
+    assert (got - want).abs().max().item() <= 1e-3
+
+
+def test_room_for_both_keeps_both_resident(a14b_set):
+    gen = _comfy(a14b_set, gpu_memory_gb=8.0)
+    gen.load(**SIZE)
+    gen.sample(gen.encode_prompt(PROMPT), None, _settings(boundary=0.875, guidance_scale=1.0, guidance_scale_low=1.0))
+    assert gen._parts.experts.mode == "resident" and gen._parts.experts.switches == 0
+
+
+def test_streamed_plan_moves_the_offload_to_the_active_expert(a14b_set, want):
+    gen = _comfy(a14b_set, gpu_memory_gb=1.5)  # its own parts (the registry shares by options)
+    gen.load(**SIZE)
+    assert gen._parts.experts is None
+    plan = gen.memory_plan
+    gen._parts.plan = type(plan)(**{**plan.__dict__, "dit_blocks_resident": 1})
+    got = _latents(gen, _settings(boundary=0.875))
+    ex = gen._parts.experts
+    assert ex.mode == "stream" and ex.offloads[experts_mod.HIGH] is None
+    assert ex.offloads[experts_mod.LOW] is not None and ex.offloads[experts_mod.LOW].resident == 1
+    assert (got - want).abs().max().item() <= 1e-3
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize("boundary", [0.0, 1.0, -0.5, 1.5, float("nan"), "0.8"])
+def test_boundary_outside_0_1(boundary):
+    with pytest.raises(FastVideoError, match=r"boundary must be a number between 0 and 1 \(exclusive\)"):
+        _settings(boundary=boundary).validate()
+
+
+def test_bad_guidance_low():
+    with pytest.raises(FastVideoError, match="guidance_scale_low must be a finite number ≥ 0"):
+        _settings(guidance_scale_low=-1.0).validate()
+
+
+def test_low_expert_of_another_size(a14b_set, tmp_path):
+    from fastvideo_nodes.testing import dit as tiny_dit
+    other = tiny_dit.random_dit(tiny_dit.WanDiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=3, text_dim=32))
+    path = tiny_dit.save_original(other.state_dict(), str(tmp_path / "low_3_layers.safetensors"), dtype=None)
+    c = a14b_set["comfy_fp32"]
+    with pytest.raises(ModelFileError) as e:
+        VideoGenerator.from_pretrained(c["model"], low_noise_model=path, device="cpu")
+    msg = str(e.value)
+    assert "'low_3_layers.safetensors' is not the twin of the high-noise expert" in msg
+    assert "'wan2.2_t2v_high_noise_tiny.safetensors'" in msg and "num_layers 2 vs 3" in msg
+
+
+def test_low_expert_with_a_5b_model(a14b_set, tmp_path):
+    import dataclasses
+
+    from fastvideo_nodes.testing import dit as tiny_dit
+    five = tiny_dit.random_dit(dataclasses.replace(tiny_dit.TINY_DIT, in_channels=48, out_channels=48))
+    path = tiny_dit.save_original(five.state_dict(), str(tmp_path / "ti2v.safetensors"), dtype=None)
+    with pytest.raises(ModelFileError, match="is Wan2.2 TI2V-5B, a single model; only Wan2.2 A14B comes as two"):
+        VideoGenerator.from_pretrained(path, low_noise_model=a14b_set["comfy_fp32"]["low_noise_model"], device="cpu")
+
+
+def test_low_expert_missing_file(a14b_set, tmp_path):
+    with pytest.raises(ModelFileError, match="low_noise_model: .* does not exist"):
+        VideoGenerator.from_pretrained(a14b_set["comfy_fp32"]["model"], low_noise_model=str(tmp_path / "nope"))
+
+
+def test_boundary_on_a_one_dit_model(a14b_set):
+    c = a14b_set["comfy_fp32"]
+    gen = VideoGenerator.from_pretrained(c["model"], text_encoder=c["text_encoder"], vae=c["vae"], device="cpu")
+    with pytest.raises(FastVideoError, match="boundary: only a two-expert model"):
+        gen.generate_video(PROMPT, boundary=0.8, num_inference_steps=2, **SIZE)
+
+
+def test_loras_refused_with_two_experts(a14b_set, tmp_path):
+    from fastvideo_nodes.testing.dit import TINY_DIT
+    from fastvideo_nodes.testing.lora import save_random_lora
+    lora = save_random_lora(TINY_DIT, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(FastVideoError, match="LoRAs on a two-expert model"):
+        _comfy(a14b_set, loras=[(lora, 1.0)])
+    gen = _comfy(a14b_set)
+    gen.load(**SIZE)
+    with pytest.raises(FastVideoError, match="LoRAs on a two-expert model"):
+        gen.set_loras([(lora, 1.0)])
+    gen = _comfy(a14b_set).with_loras([(lora, 1.0)])
+    with pytest.raises(FastVideoError, match="LoRAs on a two-expert model"):
+        gen.sample(gen.encode_prompt(PROMPT), None, _settings(boundary=0.875))
+
+
+def test_published_defaults():
+    assert experts_mod.T2V_A14B.boundary == 0.875 and experts_mod.I2V_A14B.boundary == 0.9
+    assert (experts_mod.T2V_A14B.guidance_high, experts_mod.T2V_A14B.guidance_low) == (4.0, 3.0)
+
+
+# ----------------------------------------------------------------------------- CLI and node faces
+
+
+def test_cli_flags_reach_the_two_experts(a14b_set, tmp_path):
+    """--low-noise-model, --boundary and --guidance-scale-low give the API's latents."""
+    from safetensors.torch import load_file
+
+    from fastvideo_nodes.cli import main as cli_main
+    c = a14b_set["comfy_fp32"]
+    lat = str(tmp_path / "l.safetensors")
+    code = cli_main(["generate", "--model", c["model"], "--low-noise-model", c["low_noise_model"],
+                     "--text-encoder", c["text_encoder"], "--vae", c["vae"], "--prompt", PROMPT,
+                     "--negative-prompt", NEGATIVE, "--device", "cpu", "--precision", "fp32", "--height", "32",
+                     "--width", "48", "--num-frames", "5", "--steps", str(STEPS), "--seed", "3",
+                     "--boundary", "0.9", "--guidance-scale", "4", "--guidance-scale-low", "2",
+                     "--output", str(tmp_path / "o.mp4"), "--latents-out", lat])
+    assert code == 0
+    gen = _comfy(a14b_set)
+    want = gen.sample(gen.encode_prompt(PROMPT), gen.encode_prompt(NEGATIVE),
+                      _settings(boundary=0.9, guidance_scale_low=2.0))
+    assert (load_file(lat)["latents"] - want).abs().max().item() <= 1e-4
+
+
+def test_cli_bad_boundary_is_one_clear_line(a14b_set, tmp_path, capsys):
+    from fastvideo_nodes.cli import main as cli_main
+    c = a14b_set["comfy_fp32"]
+    code = cli_main(["generate", "--model", c["model"], "--low-noise-model", c["low_noise_model"],
+                     "--text-encoder", c["text_encoder"], "--vae", c["vae"], "--prompt", PROMPT, "--device", "cpu",
+                     "--boundary", "1.2", "--output", str(tmp_path / "o.mp4")])
+    assert code != 0 and "boundary must be a number between 0 and 1" in capsys.readouterr().err
+
+
+def test_generate_video_defaults_are_wan22s(a14b_set, monkeypatch):
+    """No guidance, shift or boundary given: 4.0 / 3.0, shift 12, the folder's boundary_ratio."""
+    gen = VideoGenerator.from_pretrained(a14b_set["folder"], device="cpu", dtype="fp32")
+    seen = {}
+
+    def fake_sample(pos, neg, settings, **kw):
+        seen["settings"] = settings
+        raise RuntimeError("stop")
+    monkeypatch.setattr(gen, "sample", fake_sample)
+    with pytest.raises(RuntimeError, match="stop"):
+        gen.generate_video(PROMPT, num_inference_steps=2, **SIZE)
+    s = seen["settings"]
+    assert (s.guidance_scale, s.guidance_scale_low, s.shift, s.boundary) == (4.0, 3.0, 12.0, 0.875)
+
+
+def test_sampler_node_passes_boundary_and_cfg_low(a14b_set):
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import nodes as fv
+    settings = fv.sampling_nodes._settings(48, 32, 5, STEPS, G_HIGH, SHIFT, "unipc", 3, 1.0, 0.0, boundary=0.875,
+                                           cfg_low=G_LOW)
+    assert (settings.boundary, settings.guidance_scale_low) == (0.875, G_LOW)
+    unset = fv.sampling_nodes._settings(48, 32, 5, STEPS, G_HIGH, SHIFT, "unipc", 3, 1.0, 0.0)
+    assert (unset.boundary, unset.guidance_scale_low) == (None, None)
+    assert "boundary must be a number between 0 and 1" in fv.FastVideoSampler.VALIDATE_INPUTS(boundary=-0.1)
+
+
+# ----------------------------------------------------------------------------- I2V-A14B
+
+I2V_STEPS, I2V_SHIFT, I2V_G = 6, 5.0, 3.5
+
+
+@pytest.fixture(scope="module")
+def i2v_set(tmp_path_factory):
+    from fastvideo_nodes.testing.a14b import build_a14b_set
+    return build_a14b_set(str(tmp_path_factory.mktemp("i2v_a14b")), seed=4, i2v=True)
+
+
+@pytest.fixture(scope="module")
+def picture():
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (SIZE["height"], SIZE["width"], 3), dtype=np.uint8))
+
+
+def test_i2v_latents_equal_diffusers_two_experts(i2v_set, picture, monkeypatch):
+    """WanImageToVideoPipeline with transformer_2, no image encoder (Wan2.2 I2V has no CLIP branch):
+    our folder and our two single files give its latents."""
+    from diffusers import WanImageToVideoPipeline
+    from diffusers.pipelines.wan import pipeline_wan, pipeline_wan_i2v
+    monkeypatch.setattr(pipeline_wan_i2v, "basic_clean", pipeline_wan.basic_clean)  # skips ftfy, as test_i2v
+    pipe = WanImageToVideoPipeline.from_pretrained(i2v_set["folder"], torch_dtype=torch.float32)
+    assert pipe.image_encoder is None and pipe.config.boundary_ratio == 0.9
+    with torch.no_grad():
+        want = pipe(image=picture, prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=I2V_STEPS,
+                    guidance_scale=I2V_G, guidance_scale_2=2.5, generator=torch.Generator("cpu").manual_seed(5),
+                    output_type="latent", **SIZE).frames
+    settings = SamplingSettings(steps=I2V_STEPS, shift=I2V_SHIFT, guidance_scale=I2V_G, guidance_scale_low=2.5,
+                                seed=5, **SIZE)
+    which = experts_mod.expert_per_step(make_scheduler("unipc", I2V_STEPS, I2V_SHIFT).timesteps, 0.9)
+    assert 0 < which.count(experts_mod.HIGH) < I2V_STEPS
+    c = i2v_set["comfy_fp32"]
+    for gen in (VideoGenerator.from_pretrained(i2v_set["folder"], device="cpu", dtype="fp32"),
+                VideoGenerator.from_pretrained(c["model"], low_noise_model=c["low_noise_model"],
+                                               text_encoder=c["text_encoder"], vae=c["vae"], device="cpu",
+                                               dtype="fp32")):
+        encoded = gen.encode_image(picture, settings)
+        assert encoded[1] is None and encoded[0].shape[1] == 20  # mask 4 + image latent 16, no CLIP tokens
+        got = raw_to_model(gen.sample(gen.encode_prompt(PROMPT), gen.encode_prompt(NEGATIVE), settings,
+                                      image_condition=encoded))
+        err = (got - want).abs().max().item()
+        print(f"I2V-A14B: max abs err {err:.2e}")
+        assert err <= 1e-3
+
+
+def test_i2v_a14b_needs_an_image_and_has_its_defaults(i2v_set, monkeypatch):
+    gen = VideoGenerator.from_pretrained(i2v_set["folder"], device="cpu", dtype="fp32")
+    with pytest.raises(FastVideoError, match="this is an image-to-video model; give the start image"):
+        gen.generate_video(PROMPT, num_inference_steps=2, **SIZE)
+    seen = {}
+
+    def fake_sample(pos, neg, settings, **kw):
+        seen["settings"] = settings
+        raise RuntimeError("stop")
+    monkeypatch.setattr(gen, "sample", fake_sample)
+    with pytest.raises(RuntimeError, match="stop"):
+        gen.generate_video(PROMPT, image=torch.zeros(32, 48, 3), num_inference_steps=2, **SIZE)
+    s = seen["settings"]
+    assert (s.guidance_scale, s.guidance_scale_low, s.shift, s.boundary) == (3.5, 3.5, 5.0, 0.9)
+
+
+# ----------------------------------------------------------------------------- on a GPU (the lead runs these)
+
+
+@pytest.mark.gpu
+def test_cuda_placements_equal_cpu(a14b_set):
+    """Both resident, swapped from pinned memory, and streamed: the CPU's latents on CUDA (fp32)."""
+    from fastvideo_nodes.memory.planner import GiB
+    cpu = _latents(_comfy(a14b_set), _settings(boundary=0.875))
+    modes = {}
+    for mode, kw in (("resident", {}), ("stream", {"gpu_memory_gb": 1e-6}), ("swap", {"gpu_memory_gb": 2.0})):
+        c = a14b_set["comfy_fp32"]
+        gen = VideoGenerator.from_pretrained(c["model"], low_noise_model=c["low_noise_model"],
+                                             text_encoder=c["text_encoder"], vae=c["vae"], device="cuda",
+                                             dtype="fp32", attention_backend="TORCH_SDPA", **kw)
+        gen.load(**SIZE)
+        if mode == "swap":  # room for one DiT only
+            plan = gen.memory_plan
+            gen._parts.plan = type(plan)(**{**plan.__dict__,
+                                            "budget": plan.peak + GiB // 2 + gen._sizes().dit.total // 2})
+        got = _latents(gen, _settings(boundary=0.875)).cpu()
+        modes[mode] = gen._parts.experts.mode
+        assert (got - cpu).abs().max().item() < 1e-2, mode
+        if mode == "swap":
+            assert gen._parts.experts.homes[experts_mod.HIGH].device.type == "cpu"
+            assert all(p.device.type == "cpu" for p in gen.dit.parameters())  # the idle expert left the GPU
+        gen.close()
+    assert modes == {"resident": "resident", "stream": "stream", "swap": "swap"}
+
+
+def _block_runs(gen):
+    """Per expert, the steps at which its blocks ran (TeaCache skips them)."""
+    runs = {"high": [], "low": []}
+    for name, dit in (("high", gen.dit), ("low", gen.dit_low)):
+        dit.blocks[0].register_forward_pre_hook(lambda m, a, _n=name: runs[_n].append(1))
+    return runs
+
+
+def test_cfg_gate_applies_to_each_experts_span(a14b_set):
+    """cfg_gate 0.5: each expert runs the unconditional pass on the first half of its own steps, so
+    the low-noise expert has a guidance direction of its own (not the high-noise one's)."""
+    gen = _comfy(a14b_set)
+    which = experts_mod.expert_per_step(make_scheduler("unipc", STEPS, SHIFT).timesteps, 0.875)
+    high, low = which.count(0), which.count(1)
+    runs = _block_runs(gen)
+    from fastvideo_nodes.pipeline.sampler import SamplingStats
+    stats = SamplingStats()
+    gen.sample(gen.encode_prompt(PROMPT), gen.encode_prompt(NEGATIVE), _settings(boundary=0.875, cfg_gate=0.5),
+               stats=stats)
+    import math
+    assert stats.uncond_forwards == math.ceil(high * 0.5) + math.ceil(low * 0.5)
+    assert len(runs["high"]) == high + math.ceil(high * 0.5) and len(runs["low"]) == low + math.ceil(low * 0.5)
+
+
+def test_teacache_starts_afresh_at_the_switch(a14b_set):
+    """A threshold nothing reaches: the blocks run only on forced steps (the first and last) and on the
+    low-noise expert's first step, where its cache is new (the high expert's residual does not apply)."""
+    gen = _comfy(a14b_set)
+    which = experts_mod.expert_per_step(make_scheduler("unipc", STEPS, SHIFT).timesteps, 0.875)
+    assert which.count(1) >= 2  # the switch step is not the last step
+    runs = _block_runs(gen)
+    from fastvideo_nodes.pipeline.sampler import SamplingStats
+    stats = SamplingStats()
+    gen.sample(gen.encode_prompt(PROMPT), gen.encode_prompt(NEGATIVE),
+               _settings(boundary=0.875, teacache_threshold=100.0, teacache_coefficients=[1.0, 0.0]), stats=stats)
+    assert len(runs["high"]) == 2 and len(runs["low"]) == 4  # (cond + uncond) × steps run
+    assert stats.teacache_skipped == 2 * (STEPS - 3)
