@@ -18,11 +18,9 @@ import torch
 
 from ..errors import ModelFileError
 from ..models.clip_vision import ImageEncoder, vision_tower
-from . import detect
 from .bounds import bounded, layer_count, need
 from .files import read_json
-from .locate import locate
-from .materialize import Rules, Source, materialize, role_of
+from .materialize import Rules, materialize, open_component
 
 ROLE = "Image encoder"
 LAYERS = r"^vision_model\.encoder\.layers\.(\d+)\."
@@ -106,10 +104,8 @@ def load_image_encoder(path: str, *, device="cpu", dtype: torch.dtype = torch.fl
     from transformers import CLIPVisionModel
 
     path = os.fspath(path)
-    where = locate(path, "image_encoder")
-    role = role_of(ROLE, path)
-    source = Source(where.files, role)
-    detect.expect_kind(source.header, ("clip_vision",), ROLE, path)
+    where, source, _ = open_component(path, "image_encoder", ROLE, ("clip_vision",))
+    role = source.role
     if any(k.startswith("visual.transformer.") for k in source.header):
         raise ModelFileError(f"{role}: {path!r} uses open_clip's tensor names (visual.transformer.*); load the "
                              "transformers-named file instead (Comfy-Org clip_vision_h.safetensors).")

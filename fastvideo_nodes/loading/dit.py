@@ -21,8 +21,7 @@ from ..ops.linear import enable_fp8_matmul, fp8_matmul_supported
 from . import detect
 from .bounds import bounded, layer_count, need
 from .keymaps import dit_name
-from .locate import locate
-from .materialize import Rules, Source, materialize, role_of
+from .materialize import Rules, Source, materialize, open_component
 
 logger = logging.getLogger(__name__)
 
@@ -107,12 +106,10 @@ def _check_diffusers_config(config: dict, role: str) -> int | None:
 
 def _read(path: str) -> tuple[Source, WanDiTConfig, str]:
     """Locate, read the headers and the architecture; no tensor data, no model."""
-    where = locate(path, "transformer")
-    role = role_of(ROLE, path)
-    source = Source(where.files, role)
+    where, source, kind = open_component(path, "transformer", ROLE,
+                                         ("wan_dit", "wan_dit_diffusers", "wan_i2v", "wan_i2v_diffusers"))
+    role = source.role
     prefix, names = detect.strip_prefix(source.header)
-    kind = detect.expect_kind(source.header, ("wan_dit", "wan_dit_diffusers", "wan_i2v", "wan_i2v_diffusers"),
-                              ROLE, path)
     diffusers_names = kind in ("wan_dit_diffusers", "wan_i2v_diffusers")
     source.prefix, source.rename = prefix, (dit_name if diffusers_names else source.rename)
     num_heads = _check_diffusers_config(where.config, role) if where.config is not None else None

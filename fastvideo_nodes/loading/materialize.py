@@ -23,7 +23,9 @@ from torch import nn
 
 from ..errors import ModelFileError
 from ..ops.linear import FP8_DTYPES, Linear, quantize_fp8
+from . import detect
 from .files import FLOAT_DTYPES, all_keys, iter_tensors
+from .locate import Located, locate
 
 SCALE = ".scale_weight"
 _never = lambda name: False
@@ -190,6 +192,15 @@ def materialize(module: nn.Module, source: Source, *, role: str, dtype: torch.dt
                 m_lack, _, attr_lack = lack.rpartition(".")
                 setattr(module.get_submodule(m_lack), attr_lack, getattr(module.get_submodule(m_have), attr))
     module.eval().requires_grad_(False)
+
+
+def open_component(path: str, component: str, role: str, kinds: tuple[str, ...]) -> tuple[Located, Source, str]:
+    """The first step of every loader: locate `path` as `component` (loading.locate), read its headers
+    (no tensor data) and check that it is one of `kinds` (loading.detect). Returns (where, source, kind);
+    source.role names the file in messages."""
+    where = locate(path, component)
+    source = Source(where.files, role_of(role, path))
+    return where, source, detect.expect_kind(source.header, kinds, role, path)
 
 
 def role_of(role: str, path: str | os.PathLike) -> str:

@@ -18,8 +18,7 @@ from ..ops.linear import Linear
 from . import detect
 from .bounds import bounded, layer_count, need
 from .files import read_json
-from .locate import locate
-from .materialize import Rules, Source, check_header, materialize, role_of
+from .materialize import Rules, Source, check_header, materialize, open_component
 
 ROLE = "Text encoder"
 SPIECE = "spiece_model"
@@ -128,10 +127,8 @@ def load_text_encoder(path: str, *, device="cpu", dtype: torch.dtype = torch.flo
     from transformers import UMT5EncoderModel
 
     path = os.fspath(path)
-    where = locate(path, "text_encoder")
-    role = role_of(ROLE, path)
-    source = Source(where.files, role)
-    detect.expect_kind(source.header, ("umt5",), ROLE, path)
+    where, source, _ = open_component(path, "text_encoder", ROLE, ("umt5",))
+    role = source.role
     source.prefix, _ = detect.strip_prefix(source.header)
     shapes = source.shapes(RULES)
 

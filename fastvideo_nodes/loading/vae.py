@@ -15,8 +15,7 @@ from ..models.wan_vae import WanVAE, WanVAEConfig
 from . import detect
 from .bounds import bounded, need
 from .keymaps import is_diffusers_vae, is_residual_vae, vae_name
-from .locate import locate
-from .materialize import Source, materialize, role_of
+from .materialize import materialize, open_component
 
 ROLE = "VAE"
 
@@ -57,10 +56,8 @@ def config_from_shapes(shapes: dict[str, tuple], role: str = ROLE) -> WanVAEConf
 
 def load_vae(path: str, *, device="cpu", dtype: torch.dtype = torch.float32) -> WanVAE:
     path = os.fspath(path)
-    where = locate(path, "vae")
-    role = role_of(ROLE, path)
-    source = Source(where.files, role)
-    detect.expect_kind(source.header, ("wan_vae", "wan22_vae"), ROLE, path)
+    where, source, _ = open_component(path, "vae", ROLE, ("wan_vae", "wan22_vae"))
+    role = source.role
     source.prefix, names = detect.strip_prefix(source.header)
     if where.config is not None:
         _check_diffusers_config(where.config, role)
