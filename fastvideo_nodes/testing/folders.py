@@ -31,9 +31,10 @@ MODEL_INDEX = {
 
 
 def build_model_set(root: str, seed: int = 0, *, transformer=None, model_name: str = "wan2.1_t2v_tiny.safetensors",
-                    model_index: dict | None = None) -> dict:
+                    model_index: dict | None = None, scheduler: dict | None = None) -> dict:
     """Write root/diffusers (folder), root/comfy (fp16 single files), root/comfy_fp32; return their paths.
-    transformer: a diffusers WanTransformer3DModel to write (default: the tiny T2V one)."""
+    transformer: a diffusers WanTransformer3DModel to write (default: the tiny T2V one); model_index and
+    scheduler: that folder's model_index.json and scheduler config (default: Wan2.1 T2V's)."""
     folder = os.path.join(root, "diffusers")
     if transformer is None:
         transformer = tiny_dit.diffusers_transformer(tiny_dit.TINY_DIT, seed=seed)
@@ -44,7 +45,7 @@ def build_model_set(root: str, seed: int = 0, *, transformer=None, model_name: s
     vae.save_pretrained(os.path.join(folder, "vae"))
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(UNIPC_CONFIG, f, indent=1)
+        json.dump(scheduler or UNIPC_CONFIG, f, indent=1)
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(model_index or MODEL_INDEX, f, indent=1)
 
