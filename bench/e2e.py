@@ -99,6 +99,36 @@ class CardPeak:
         self.peak = max(self.peak, self.used_gib())
 
 
+class PhasePeaks:
+    """Per-phase memory of our generator's calls: wraps this instance's encode_prompt / sample /
+    decode (generate_video calls them through self) and records, for each phase, torch's allocated
+    and reserved peaks and the NVML card peak while it ran, in GiB."""
+
+    def __init__(self, gen, card: CardPeak | None = None):
+        self.peaks: dict[str, dict] = {}
+        for name in ("encode_prompt", "sample", "decode"):
+            setattr(gen, name, self._wrap(name, getattr(gen, name)))
+
+    def _wrap(self, name, fn):
+        def run(*a, **k):
+            if DEVICE != "cuda":
+                return fn(*a, **k)
+            torch.cuda.reset_peak_memory_stats()
+            with CardPeak() as card:
+                out = fn(*a, **k)
+                sync()
+            mine = self.peaks.setdefault(name, {"allocated": 0.0, "reserved": 0.0, "card": 0.0})
+            mine["allocated"] = max(mine["allocated"], cuda_gib("max_memory_allocated"))
+            mine["reserved"] = max(mine["reserved"], cuda_gib("max_memory_reserved"))
+            mine["card"] = max(mine["card"], round(card.peak, 2))
+            return out
+        return run
+
+    def take(self) -> dict:
+        out, self.peaks = self.peaks, {}
+        return out
+
+
 @contextlib.contextmanager
 def timed_part(parts: dict, name: str):
     sync()
@@ -221,7 +251,10 @@ def run_ours(folder: str, args, backend: str | None, label: str) -> None:
     if hasattr(gen, "load"):
         gen.load()  # loading is reported apart from the first generation
     sync()
-    log(kind="load", impl="ours", variant=label, size=args.size, s=round(time.perf_counter() - t0, 2))
+    log(kind="load", impl="ours", variant=label, size=args.size, s=round(time.perf_counter() - t0, 2),
+        plan=gen.memory_plan.describe() if gen.memory_plan is not None else None,
+        card_gib=round(CardPeak().used_gib(), 2), reserved_gib=cuda_gib("memory_reserved"))
+    phases = PhasePeaks(gen)
     for call in ("first", "second"):
         with CardPeak() as card:
             sync()
@@ -236,13 +269,27 @@ def run_ours(folder: str, args, backend: str | None, label: str) -> None:
             total_s=round(total, 2), encode_s=round(t.get("encode_s", 0), 3),
             denoise_s=round(t.get("sample_s", 0), 2), decode_s=round(t.get("decode_s", 0), 2),
             card_peak_gib=round(card.peak, 2), torch_peak_gib=cuda_gib("max_memory_allocated"),
-            attention=(r.attention or {}).get("choice", (r.attention or {}).get("requested")))
+            attention=(r.attention or {}).get("choice", (r.attention or {}).get("requested")),
+            phases=phases.take())
         release()
     gen.close()
     del gen, r
     release()
     log(kind="after_drop", impl="ours", variant=label, size=args.size,
         allocated_gib=cuda_gib("memory_allocated"))
+
+
+def emulate_card(card_gb: float) -> None:
+    """A smaller card on a big one: torch's allocator gets (card − what NVML shows in use now, the
+    CUDA context) of room, and when it runs out it frees its cache and retries before failing, as
+    on a real card of that size."""
+    torch.cuda.init()
+    torch.zeros(1, device="cuda")  # the context exists now
+    context = CardPeak().used_gib()
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    torch.cuda.set_per_process_memory_fraction(max(0.0, card_gb - context) / total)
+    log(kind="emulated_card", card_gb=card_gb, context_gib=round(context, 2),
+        allocator_cap_gib=round(card_gb - context, 2))
 
 
 def table() -> str:
@@ -278,6 +325,9 @@ def main():
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--gpu-memory-gb", type=float, default=None, help="ours: the memory budget (None: fit the card)")
     ap.add_argument("--backends", default="TORCH_SDPA,auto", help="ours: attention backends, one run each")
+    ap.add_argument("--card-gb", type=float, default=None,
+                    help="emulate a card of this size: cap torch's allocator so that it, plus what the CUDA "
+                         "context already holds, stays within it (as a real card of that size would force)")
     ap.add_argument("--parts", default="build,diffusers,ours")
     args = ap.parse_args()
     parts = args.parts.split(",")
@@ -285,6 +335,8 @@ def main():
     DEVICE = args.device
     os.makedirs(args.out, exist_ok=True)
     log(kind="env", torch=torch.__version__, gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu")
+    if args.card_gb is not None and DEVICE == "cuda":
+        emulate_card(args.card_gb)
     folder = build_folder(args.models, args.size) if "build" in parts else \
         os.path.join(args.models, f"Wan2.1-T2V-{args.size}-random")
 
