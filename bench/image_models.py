@@ -13,7 +13,7 @@ peak (NVML).
   random tensors through hard links: speed does not depend on values, and disk is 64 GiB), boundary
   0.875, guidance 4 / 3 (the published defaults).
 
-    python3 bench/image_models.py --out $OUT --todo i2v,a14b,a14b_24 --steps 10 [--drop-i2v]
+    python3 bench/image_models.py --out $OUT --todo a14b,a14b_24,i2v --steps 10 --drop
 
 GPU only (the CPU tests hold both models to diffusers on tiny weights).
 """
@@ -219,7 +219,8 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup-steps", type=int, default=2)
     ap.add_argument("--skip-budget-warmup", action="store_true")
-    ap.add_argument("--drop-i2v", action="store_true", help="delete the I2V folder after its run (disk room)")
+    ap.add_argument("--drop", action="store_true",
+                    help="delete a model's folder after its last run (the disk holds one 14B pair at a time)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     log(kind="env", torch=torch.__version__, gpu=torch.cuda.get_device_name(), steps=args.steps)
@@ -231,19 +232,24 @@ def main():
         except Exception as e:  # one failing part must not hide the others' figures
             log(kind="error", part=f"{fn.__name__}{a[:1]}", error=repr(e)[:600])
             release()
-    if "i2v" in todo:
-        folder = build_i2v(args.models)
-        for stack in args.stacks.split(","):
-            attempt(run_diffusers if stack == "diffusers" else run_ours, "i2v", folder, args)
-        if args.drop_i2v:
-            shutil.rmtree(folder)
-    if "a14b" in todo or "a14b_24" in todo:
-        folder = build_a14b(args.models)
-        if "a14b" in todo:
+    for item in todo:  # in the order given
+        if item == "i2v":
+            folder = build_i2v(args.models)
             for stack in args.stacks.split(","):
-                attempt(run_diffusers if stack == "diffusers" else run_ours, "a14b", folder, args)
-        if "a14b_24" in todo:
-            attempt(run_ours, "a14b", folder, args, 24.0)
+                attempt(run_diffusers if stack == "diffusers" else run_ours, "i2v", folder, args)
+        elif item in ("a14b", "a14b_24"):
+            folder = build_a14b(args.models)
+            if item == "a14b":
+                for stack in args.stacks.split(","):
+                    attempt(run_diffusers if stack == "diffusers" else run_ours, "a14b", folder, args)
+            else:
+                attempt(run_ours, "a14b", folder, args, 24.0)
+        else:
+            raise SystemExit(f"--todo: unknown {item!r}")
+        if args.drop and item in ("i2v", "a14b_24"):  # the 14B folders do not fit the disk together
+            shutil.rmtree(folder)
+            if item == "a14b_24":
+                shutil.rmtree(os.path.join(args.models, "Wan2.1-T2V-14B-random"), ignore_errors=True)
     md = table()
     print(md)
     with open(os.path.join(args.out, "image_models.json"), "w") as f:
