@@ -214,7 +214,7 @@ def table() -> str:
 
 def main():
     ap = e2e.common_args()
-    ap.add_argument("--todo", default="i2v,a14b,a14b_24", help="i2v, a14b (ours and diffusers), a14b_24 (ours, 24 GiB)")
+    ap.add_argument("--todo", default="a14b,a14b_24,i2v", help="i2v, a14b (ours and diffusers), a14b_24 (ours, 24 GiB)")
     ap.add_argument("--stacks", default="diffusers,ours")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup-steps", type=int, default=2)
