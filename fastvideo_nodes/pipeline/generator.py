@@ -31,12 +31,9 @@ import copy
 import logging
 import numbers
 import os
-import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -47,9 +44,9 @@ from ..errors import FastVideoError, ModelFileError
 from ..memory.planner import VideoShape
 from ..models.wan_vae import model_to_raw
 from . import ti2v
+from .components import LoadTimer, ModelFiles, shared_parts
 from .inputs import check_loras, check_prompt, parse_gpu_ids, parse_sigmas
 from .options import LoadOptions, parse_device
-from .prompt_cache import PromptCache
 from .sampler import SamplingSettings, SamplingStats, check_finite_latents, denoise, initial_noise
 
 logger = logging.getLogger(__name__)
@@ -82,122 +79,6 @@ class GenerationResult:
     stats: SamplingStats | None = None
     output_path: str | None = None
     attention: dict | None = None  # the backend asked for, and what `auto` chose and why (see attention_used)
-
-
-@dataclass
-class ModelFiles:
-    """Where each component comes from; a diffusers folder supplies all of them (the image encoder
-    only for image-to-video: its image_encoder/ folder)."""
-    model: str
-    text_encoder: str | None = None
-    vae: str | None = None
-    image_encoder: str | None = None
-    low_noise_model: str | None = None  # Wan2.2 A14B: the low-noise expert (model is the high-noise one)
-
-    @classmethod
-    def resolve(cls, model: str, text_encoder: str | None, vae: str | None,
-                image_encoder: str | None = None, low_noise_model: str | None = None) -> ModelFiles:
-        model = os.fspath(model)
-        if low_noise_model is not None:
-            low_noise_model = os.fspath(low_noise_model)
-            if not os.path.exists(low_noise_model):
-                raise ModelFileError(f"low_noise_model: {low_noise_model!r} does not exist. Give the low-noise "
-                                     "expert of Wan2.2 A14B (wan2.2_t2v_low_noise_14B_*.safetensors).")
-        if os.path.isdir(model):
-            text_encoder = text_encoder or model
-            vae = vae or model
-            if image_encoder is None and os.path.isdir(os.path.join(model, "image_encoder")):
-                image_encoder = model
-            if low_noise_model is None and os.path.isdir(os.path.join(model, "transformer_2")):
-                low_noise_model = os.path.join(model, "transformer_2")  # a Wan2.2 A14B diffusers folder
-        elif not os.path.exists(model):
-            raise ModelFileError(f"model: {model!r} does not exist. Give a Wan2.1 .safetensors file or a "
-                                 "diffusers folder.")
-        return cls(model, text_encoder, vae, None if image_encoder is None else os.fspath(image_encoder),
-                   low_noise_model)
-
-    def require(self, what: str) -> str:
-        path = getattr(self, what)
-        if path is None:
-            flag = what.replace("_", "-")
-            raise ModelFileError(f"{what}: not given. With a single-file model, name the {what.replace('_', ' ')} "
-                                 f"file too (Python: {what}=..., CLI: --{flag} FILE).")
-        return path
-
-
-class _Components:
-    """Loaded parts, shared by generators made from the same files and load options.
-
-    The lock serialises runs on these parts: the models hold per-run state (the VAE's stream cache,
-    offload hooks), so two threads on one set would corrupt each other's run. `plan` is the memory
-    plan the parts are placed by; `homes` the pinned host copies of parts moved in for their phase."""
-
-    def __init__(self, lock: threading.RLock | None = None):
-        self.lock = lock or threading.RLock()
-        self.dit: Any = None
-        self.text_encoder: Any = None
-        self.vae: Any = None
-        self.image_encoder: Any = None  # models.clip_vision.ImageEncoder (image-to-video)
-        self.dit_low: Any = None  # Wan2.2 A14B: the low-noise expert
-        self.experts: Any = None  # pipeline/experts.Experts over dit and dit_low, placed by the plan
-        self.offload: Any = None
-        self.pools: dict[tuple, Any] = {}
-        self.plan: Any = None
-        self.sizes: Any = None
-        self.budget: int | None = None
-        self.homes: dict[str, Any] = {}
-        self.host: Any = None  # a memory host (ComfyUI's model management), see set_memory_host
-        self.prompts = PromptCache()
-        self.load_s = 0.0
-
-    def release(self) -> None:
-        """Drop every loaded part and stop every pool; using them again loads them again."""
-        for pool in self.pools.values():
-            pool.close()
-        self.pools.clear()
-        if self.experts is not None:
-            self.experts.release()
-        if self.offload is not None:
-            self.offload.disable(to="cpu")  # hooks off, blocks to host memory (then dropped)
-        if self.host is not None:
-            for part in (self.text_encoder and self.text_encoder.model, self.vae):
-                if part is not None:
-                    self.host.release(part)
-        if self.text_encoder is not None:
-            self.prompts.forget(self.text_encoder)
-        self.dit = self.text_encoder = self.vae = self.image_encoder = self.offload = self.plan = None
-        self.dit_low = self.experts = None
-        self.homes.clear()
-
-
-# Parts by (files, options), held weakly: the registry never keeps weights no generator uses.
-_SHARED: weakref.WeakValueDictionary[tuple, _Components] = weakref.WeakValueDictionary()
-_SHARED_LOCK = threading.Lock()
-
-
-def _shared_parts(files: ModelFiles, options: LoadOptions) -> _Components:
-    def norm(p):
-        return None if p is None else os.path.abspath(os.fspath(p))
-    key = (norm(files.model), norm(files.text_encoder), norm(files.vae), norm(files.image_encoder),
-           norm(files.low_noise_model), options)
-    with _SHARED_LOCK:
-        parts = _SHARED.get(key)
-        if parts is None:
-            parts = _SHARED[key] = _Components()
-        return parts
-
-
-class _Timer:
-    """Adds the seconds spent inside to parts.load_s."""
-
-    def __init__(self, parts: _Components):
-        self.parts = parts
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.parts.load_s += time.perf_counter() - self.t0
 
 
 def _estimate_components(files: ModelFiles, options: LoadOptions, cfg):
@@ -298,7 +179,7 @@ class VideoGenerator:
             if self.loras:
                 raise FastVideoError("loras: LoRAs on a two-expert model (Wan2.2 A14B) are not supported yet; "
                                      "each expert needs its own LoRA list.")
-        self._parts = _shared_parts(files, self.options)
+        self._parts = shared_parts(files, self.options)
 
     def with_attention_backend(self, name: str | None, options: AttentionOptions | None = None,
                                exact_steps: int = 0) -> VideoGenerator:
@@ -573,7 +454,7 @@ class VideoGenerator:
         parts = self._parts
         if parts.plan is None:
             self._prepare(self._video_shape(480, 832, 81))
-        return _Timer(parts)
+        return LoadTimer(parts)
 
     @property
     def dit(self):
