@@ -41,24 +41,17 @@ from ..attention import AttentionOptions
 from ..attention.sliding_tile import SlidingTileOptions
 from ..attention.video_sparse import VideoSparseOptions
 from ..errors import FastVideoError, ModelFileError
+from ..memory.placement import Placement, buffers_to
 from ..memory.planner import VideoShape
 from ..models.wan_vae import model_to_raw
 from . import ti2v
 from .components import LoadTimer, ModelFiles, shared_parts
 from .inputs import check_loras, check_prompt, parse_gpu_ids, parse_sigmas
-from .options import LoadOptions, parse_device
+from .options import LoadOptions
 from .sampler import SamplingSettings, SamplingStats, check_finite_latents, denoise, initial_noise
 
 logger = logging.getLogger(__name__)
 
-
-def _buffers_to(dit, device: torch.device) -> None:
-    """Buffers live on the compute device, also in blocks whose weights stream from CPU memory; a
-    LoRA merge may register a new fp8 scale next to a weight that rests in CPU memory."""
-    for mod in dit.modules():
-        for key, b in mod._buffers.items():
-            if b is not None and b.device != device:
-                mod._buffers[key] = b.to(device)
 
 
 @contextlib.contextmanager
@@ -81,56 +74,6 @@ class GenerationResult:
     attention: dict | None = None  # the backend asked for, and what `auto` chose and why (see attention_used)
 
 
-def _estimate_components(files: ModelFiles, options: LoadOptions, cfg):
-    """memory/planner.Components from the file headers: each tensor at the compute dtype's size,
-    fp8 (one byte) where it will be stored as fp8 (2-D linear weights with fp8 storage, and
-    tensors already fp8 in the file). A part without a file counts as zero."""
-    import re
-
-    from ..loading.files import all_keys
-    from ..loading.locate import locate
-    from ..memory.planner import Components, DitSizes
-    itemsize = torch.empty((), dtype=options.dtype).element_size()
-    fp8 = options.weight_storage != "as_stored"
-
-    def sizes(path, component, may_store_fp8=True):
-        if path is None:
-            return {}
-        out = {}
-        for name, entry in all_keys(locate(path, component).files, component).items():
-            if name == "__metadata__" or not isinstance(entry, dict):
-                continue
-            shape = entry.get("shape", [])
-            n = 1
-            for d in shape:
-                n *= int(d)
-            stored_fp8 = str(entry.get("dtype", "")).startswith("F8")
-            linear = len(shape) == 2 and name.endswith(".weight") and "embed" not in name and "shared" not in name
-            out[name] = n * (1 if stored_fp8 or (fp8 and linear and may_store_fp8) else itemsize)
-        return out
-
-    dit = sizes(files.model, "transformer")
-    block = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-    per_block: dict[int, int] = {}
-    other = 0
-    for name, n in dit.items():
-        m = block.search(name)
-        if m:
-            per_block[int(m.group(1))] = per_block.get(int(m.group(1)), 0) + n
-        else:
-            other += n
-    num_blocks = max(len(per_block), 1)
-    te = sizes(files.text_encoder, "text_encoder")
-    text_dim = 4096  # UMT5-XXL; else read from the embedding's width
-    if files.text_encoder is not None:
-        header = all_keys(locate(files.text_encoder, "text_encoder").files, "text_encoder")
-        text_dim = next((int(header[k]["shape"][1]) for k in te if k.endswith("shared.weight")), text_dim)
-    # The CLIP vision encoder (image-to-video) is placed with the text encoder: same phase. It is
-    # loaded in the compute dtype (no fp8 storage).
-    clip = sizes(files.image_encoder, "image_encoder", may_store_fp8=False) if cfg.image_dim is not None else {}
-    return Components(DitSizes(max(per_block.values(), default=0), num_blocks, other, cfg.dim, cfg.ffn_dim),
-                      vae_bytes=sum(sizes(files.vae, "vae").values()),
-                      text_encoder_bytes=sum(te.values()) + sum(clip.values()), text_dim=text_dim)
 
 
 # What encode_image gives for sample(image_condition=): Wan2.1 I2V's (condition, CLIP embeds), or
@@ -156,8 +99,6 @@ class VideoGenerator:
         self.options = LoadOptions.from_keywords(options, **load_keywords)
         self.device = self.options.torch_device
         self.dtype = self.options.dtype
-        self.text_encoder_device = (parse_device(self.options.text_encoder_device, "text_encoder_device")
-                                    if self.options.text_encoder_device else None)
         self.attention_options = attention_options
         if attention_backend is not None:
             from ..attention import resolve_backend
@@ -180,6 +121,7 @@ class VideoGenerator:
                 raise FastVideoError("loras: LoRAs on a two-expert model (Wan2.2 A14B) are not supported yet; "
                                      "each expert needs its own LoRA list.")
         self._parts = shared_parts(files, self.options)
+        self.placement = Placement(self._parts, files, self.options)
 
     def with_attention_backend(self, name: str | None, options: AttentionOptions | None = None,
                                exact_steps: int = 0) -> VideoGenerator:
@@ -222,18 +164,9 @@ class VideoGenerator:
         if list(getattr(dit, "loras", [])) == list(self.loras):
             return None
         from ..loading.lora import set_loras
-        report = set_loras(dit, self.loras, backup_room=self._spare_gpu_bytes())
-        _buffers_to(dit, dit.text_embedding[0].weight.device)  # the device compile_blocks uses too
+        report = set_loras(dit, self.loras, backup_room=self.placement.spare_gpu_bytes())
+        buffers_to(dit, dit.text_embedding[0].weight.device)  # the device compile_blocks uses too
         return report
-
-    def _spare_gpu_bytes(self) -> int:
-        """GPU bytes the plan leaves free at its peak, for copies such as the LoRA base backup; 0 when
-        blocks stream (the room is the streaming's) or inside ComfyUI (its models may need it)."""
-        from ..memory.planner import DEFAULT_RESERVE
-        plan = self._parts.plan
-        if plan is None or plan.dit_blocks_streamed or self._parts.host is not None:
-            return 0
-        return max(0, plan.budget - plan.peak - DEFAULT_RESERVE)
 
     @classmethod
     def from_pretrained(cls, model, *, text_encoder=None, vae=None, image_encoder=None, low_noise_model=None,
@@ -279,144 +212,6 @@ class VideoGenerator:
         models. Call before loading; parts already loaded keep their placement."""
         self._parts.host = host
 
-    def _sizes(self):
-        """Sizes of the three parts from their file headers (no weights read), as the loaders will
-        store them: compute dtype, fp8 linears with fp8 storage (and in files already fp8)."""
-        if self._parts.sizes is None:
-            self._parts.sizes = _estimate_components(self.files, self.options, self.dit_config())
-        return self._parts.sizes
-
-    def _budget(self) -> int | None:
-        """GPU bytes to plan for (the user's gpu_memory_gb, else the host's view, else free memory),
-        measured once per load; None on a CPU device without gpu_memory_gb (nothing to plan)."""
-        from ..memory.planner import budget_bytes
-        parts = self._parts
-        if parts.budget is None:
-            if self.options.gpu_memory_gb is None and self.device.type != "cuda":
-                return None
-            free = parts.host.budget(self.device) if parts.host is not None else None
-            parts.budget = budget_bytes(self.device, gpu_memory_gb=self.options.gpu_memory_gb, free_bytes=free)
-        return parts.budget
-
-    def _text_encoder_elsewhere(self) -> bool:
-        """The user put the encoder on another device than the main one (cpu, or another GPU)."""
-        return self.text_encoder_device is not None and self.text_encoder_device != self.device
-
-    def _make_plan(self, shape: VideoShape, tile: int | None = None):
-        from ..memory.planner import lowest_plan, plan_memory
-        budget = self._budget()
-        if budget is None:
-            return None
-        sizes = self._sizes()
-        on_cpu = self._text_encoder_elsewhere() or self.files.text_encoder is None
-        try:
-            return plan_memory(sizes, shape, budget, text_encoder_on_cpu=on_cpu, decode_tile=tile)
-        except FastVideoError as e:
-            if self._parts.host is None or not self._parts.host.minimal:
-                logger.warning("%s Trying with the least GPU memory anyway.", e)
-            return lowest_plan(sizes, shape, budget, decode_tile=tile)
-
-    def _prepare(self, shape: VideoShape, tile: int | None = None) -> None:
-        """Plan (once per load) and place; plan again when this shape does not fit the current plan."""
-        from ..memory.planner import DEFAULT_RESERVE, peak_of
-        parts = self._parts
-        if parts.plan is None:
-            parts.plan = self._make_plan(shape, tile)
-            if parts.plan is not None:
-                logger.info("%s (for %dx%d, %d frames)", parts.plan.describe(), shape.width, shape.height,
-                            shape.num_frames)
-            return
-        if peak_of(parts.plan, self._sizes(), shape, tile) + DEFAULT_RESERVE <= parts.plan.budget:
-            return
-        plan = self._make_plan(shape, tile)
-        if plan is not None and plan != parts.plan:
-            logger.info("%s (planned again for %dx%d, %d frames)", plan.describe(), shape.width, shape.height,
-                        shape.num_frames)
-            self._replace(plan)
-
-    def _replace(self, plan) -> None:
-        """Move loaded parts to a new plan's places."""
-        parts, old = self._parts, self._parts.plan
-        parts.plan = plan
-        if parts.experts is not None:  # placed again by the new plan at the next sampling
-            parts.experts.release()
-            parts.experts = None
-            if parts.offload is not None:
-                parts.offload.disable(to="cpu")
-                parts.offload = None
-            parts.dit.to("cpu")
-            self._place_dit(parts.dit)
-        if parts.dit is not None and plan.dit_blocks_resident != old.dit_blocks_resident:
-            if parts.offload is not None:
-                parts.offload.disable(to="cpu")
-                parts.offload = None
-            parts.dit.to("cpu")
-            self._place_dit(parts.dit)
-        for name, module in (("vae", parts.vae), ("text_encoder", parts.text_encoder and parts.text_encoder.model)):
-            if module is not None and getattr(plan, name) != getattr(old, name):
-                home = parts.homes.pop(name, None)
-                if home is not None:
-                    home.to_host()
-                module.to("cpu")
-                self._place(name, module)
-
-    def _where(self, name: str) -> str:
-        """Placement of the text encoder or VAE: resident | on_demand | cpu (no plan: resident)."""
-        plan = self._parts.plan
-        if name == "text_encoder" and self._text_encoder_elsewhere():
-            return "elsewhere"
-        return "resident" if plan is None else getattr(plan, name)
-
-    def _load_device(self, name: str) -> torch.device:
-        where = self._where(name)
-        if where == "elsewhere":
-            return self.text_encoder_device or self.device
-        if where == "resident" and self._parts.host is None:
-            return self.device
-        return torch.device("cpu")
-
-    def _place(self, name: str, module) -> None:
-        """After loading on _load_device: keep pinned host copies for a part moved in per phase."""
-        from ..memory.planner import PinnedHome
-        if self.device.type == "cpu" or self._parts.host is not None:
-            return  # nothing to move on a CPU; the host makes its own copies
-        if self._where(name) == "on_demand":
-            self._parts.homes[name] = PinnedHome(module)
-        elif self._where(name) == "resident":
-            module.to(self.device)
-
-    def _place_dit(self, dit) -> None:
-        plan = self._parts.plan
-        if plan is not None and plan.dit_blocks_streamed:
-            from ..memory.offload import enable_block_offload
-            self._parts.offload = enable_block_offload(dit, device=self.device, blocks_on_gpu=plan.dit_blocks_resident)
-            logger.info("%s", self._parts.offload.describe())
-        else:
-            dit.to(self.device)
-
-    @contextlib.contextmanager
-    def _on_device(self, name: str, module, memory_required: int):
-        """The part is on its compute device for the block: the host loads it, or its pinned home
-        is copied in and dropped afterwards; a resident part is already there."""
-        parts = self._parts
-        if parts.host is not None and self._where(name) in ("resident", "on_demand") and self.device.type != "cpu":
-            parts.host.use(module, self.device, name, memory_required)
-            yield
-            return
-        home = parts.homes.get(name)
-        if home is None:
-            yield
-            return
-        home.to_device(self.device)
-        try:
-            yield
-        finally:
-            home.to_host()
-            if self.device.type == "cuda":
-                # Hand the part's blocks back: left cached, the next phase's differently sized
-                # tensors stack on top (a 14B planned for 24 GiB used 33.8 on the card, 21.4 allocated).
-                torch.cuda.empty_cache()
-
     # -- components, loaded on first use (or all at once by load())
 
     def load(self, *, height: int = 480, width: int = 832, num_frames: int = 81) -> float:
@@ -425,7 +220,7 @@ class VideoGenerator:
         spent, also kept in `load_s` and reported in each result's timings."""
         t0 = time.perf_counter()
         with self._parts.lock, _friendly_oom("loading"):
-            self._prepare(self._video_shape(height, width, num_frames))
+            self.placement.prepare(self._video_shape(height, width, num_frames))
             if self.num_gpus == 1:
                 self.dit  # noqa: B018  (loads)
             if self.files.text_encoder is not None:
@@ -453,7 +248,7 @@ class VideoGenerator:
     def _loading(self):
         parts = self._parts
         if parts.plan is None:
-            self._prepare(self._video_shape(480, 832, 81))
+            self.placement.prepare(self._video_shape(480, 832, 81))
         return LoadTimer(parts)
 
     @property
@@ -466,7 +261,7 @@ class VideoGenerator:
                 device = self.device if plan is None or not plan.dit_blocks_streamed else torch.device("cpu")
                 dit = load_dit(self.files.model, device=device, dtype=self.dtype, weight_dtype=opts.weight_dtype,
                                fp8_matmul=opts.fp8_matmul)
-                self._place_dit(dit)
+                self.placement.place_dit(dit)
                 parts.dit = dit.compile_blocks() if opts.compile else dit
         return parts.dit
 
@@ -490,22 +285,14 @@ class VideoGenerator:
     def _experts(self):
         """The two experts placed by the memory plan (made once per plan): both resident when the plan
         has room for a second DiT, else one at a time (swapped from pinned memory, or streamed)."""
-        from ..memory.planner import DEFAULT_RESERVE
         from .experts import Experts
         parts = self._parts
         if parts.experts is None:
             high, low = self.dit, self.dit_low
             plan = parts.plan
-            if plan is None:
-                mode = "resident"
-            elif plan.dit_blocks_streamed:
-                mode = "stream"
-            elif plan.peak + self._sizes().dit.total + DEFAULT_RESERVE <= plan.budget:
-                mode = "resident"
-            else:
-                mode = "swap"
-            parts.experts = Experts(high, low, device=self.device, mode=mode, offload=parts.offload,
-                                    blocks_on_gpu=0 if plan is None else plan.dit_blocks_resident)
+            resident_blocks = 0 if plan is None else plan.dit_blocks_resident
+            parts.experts = Experts(high, low, device=self.device, mode=self.placement.expert_mode(),
+                                    offload=parts.offload, blocks_on_gpu=resident_blocks)
             logger.info("%s", parts.experts.describe())
         return parts.experts
 
@@ -520,12 +307,12 @@ class VideoGenerator:
             path = self.files.require("text_encoder")
             with parts.lock, _friendly_oom("loading the text encoder"), self._loading():
                 from ..loading.text_encoder import load_text_encoder
-                device = self._load_device("text_encoder")
+                device = self.placement.load_device("text_encoder")
                 # On a CPU next to a GPU, in bf16: half the host memory of fp32, at bf16's accuracy.
-                runs_on_cpu = self._where("text_encoder") == "cpu" or device.type == "cpu"
+                runs_on_cpu = self.placement.where("text_encoder") == "cpu" or device.type == "cpu"
                 dtype = torch.bfloat16 if runs_on_cpu and self.device.type == "cuda" else self.dtype
                 te = load_text_encoder(path, device=device, dtype=dtype, weight_dtype=self.options.weight_dtype)
-                self._place("text_encoder", te.model)
+                self.placement.place("text_encoder", te.model)
                 parts.text_encoder = te
         return parts.text_encoder
 
@@ -536,8 +323,8 @@ class VideoGenerator:
             path = self.files.require("vae")
             with parts.lock, _friendly_oom("loading the VAE"), self._loading():
                 from ..loading.vae import load_vae
-                vae = load_vae(path, device=self._load_device("vae"), dtype=self.dtype)
-                self._place("vae", vae)
+                vae = load_vae(path, device=self.placement.load_device("vae"), dtype=self.dtype)
+                self.placement.place("vae", vae)
                 parts.vae = vae
         return parts.vae
 
@@ -549,7 +336,7 @@ class VideoGenerator:
             path = self.files.require("image_encoder")
             with parts.lock, _friendly_oom("loading the image encoder"), self._loading():
                 from ..loading.clip_vision import load_image_encoder
-                encoder = load_image_encoder(path, device=self._load_device("text_encoder"), dtype=self.dtype)
+                encoder = load_image_encoder(path, device=self.placement.load_device("text_encoder"), dtype=self.dtype)
                 image_dim = self.dit_config().image_dim
                 if image_dim is not None and encoder.width != image_dim:
                     raise ModelFileError(f"image_encoder: {os.path.basename(path)!r} gives {encoder.width}-wide image "
@@ -608,7 +395,6 @@ class VideoGenerator:
     def _encode_i2v(self, image, settings: SamplingSettings,
                     image_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Wan2.1 I2V: the start image → (condition, CLIP embeds); see encode_image."""
-        from ..memory.planner import decode_activation_bytes
         from .image_condition import fit, vae_condition
         picture = self.check_image(image, need_encoder=image_embeds is None)
         if picture is None:
@@ -625,12 +411,12 @@ class VideoGenerator:
                                      f"(clip_vision_h's penultimate layer), got {got}.")
         shape = VideoShape(settings.height, settings.width, settings.num_frames)
         with self._parts.lock, torch.inference_mode(), _friendly_oom("encoding the image"):
-            self._prepare(shape)
+            self.placement.prepare(shape)
             embeds = (image_embeds[:1].float().cpu() if image_embeds is not None
                       else self._clip_embeds(picture) if image_dim is not None else None)
             vae = self.vae
-            need = decode_activation_bytes(self._sizes(), shape) if self._parts.plan is not None else 0
-            with self._on_device("vae", vae, need):
+            need = self.placement.vae_bytes_needed(shape)
+            with self.placement.on_device("vae", vae, need):
                 condition = vae_condition(vae, fit(picture, settings.height, settings.width), settings.num_frames)
         return condition, embeds
 
@@ -638,21 +424,20 @@ class VideoGenerator:
         """Wan2.2 TI2V-5B: the image → the first-frame condition of a run of `settings`' size, encoded
         by the VAE wherever the memory plan puts it."""
         settings = self.check_settings(settings)
-        from ..memory.planner import decode_activation_bytes
         with self._parts.lock, torch.inference_mode(), _friendly_oom("encoding the image"):
             shape = VideoShape(settings.height, settings.width, 1, vae_stride=settings.vae_stride)
             with _friendly_oom("loading"):
-                self._prepare(shape)
+                self.placement.prepare(shape)
                 vae = self.vae
-            need = decode_activation_bytes(self._sizes(), shape, None) if self._parts.plan is not None else 0
-            with self._on_device("vae", vae, need):
+            need = self.placement.vae_bytes_needed(shape)
+            with self.placement.on_device("vae", vae, need):
                 return ti2v.first_frame_for(vae, image, settings)
 
     def _clip_embeds(self, picture) -> torch.Tensor:
         """The CLIP tokens of the RGB PIL image [1,257,1280] float32 on CPU, the encoder on the GPU for it."""
         encoder = self.image_encoder
         home = encoder.device
-        placed = self._where("text_encoder") in ("resident", "on_demand")
+        placed = self.placement.where("text_encoder") in ("resident", "on_demand")
         if home.type == "cpu" and self.device.type != "cpu" and placed:
             encoder.model.to(self.device)  # in for this phase only (on demand, or kept by a memory host)
         try:
@@ -675,11 +460,10 @@ class VideoGenerator:
             return self._parts.prompts.encode(enc, prompts, self._encode_uncached)
 
     def _encode_uncached(self, prompts: list[str]) -> torch.Tensor:
-        from ..memory.planner import encode_activation_bytes
         enc = self._parts.text_encoder
-        need = encode_activation_bytes(self._sizes()) if self._parts.plan is not None else 0
+        need = self.placement.encoder_bytes_needed()
         with torch.inference_mode(), _friendly_oom("encoding the prompts"), \
-                self._on_device("text_encoder", enc.model, need):
+                self.placement.on_device("text_encoder", enc.model, need):
             return enc.encode(prompts).float().cpu()
 
     def check_settings(self, settings: SamplingSettings) -> SamplingSettings:
@@ -792,31 +576,26 @@ class VideoGenerator:
             raise FastVideoError(f"tile must be a positive number of latent pixels (or None = whole frame), "
                                  f"got {tile!r}.")
         check_finite_latents(latents)
-        from ..memory.planner import decode_activation_bytes
         with self._parts.lock, torch.inference_mode(), _friendly_oom("decoding"):
             video = _latent_shape(latents)
             with _friendly_oom("loading"):
-                self._prepare(video, tile)
+                self.placement.prepare(video, tile)
                 vae = self.vae
             if vae.cfg.z_dim != latents.shape[1]:
                 raise FastVideoError(f"latents: {latents.shape[1]} channels, but the VAE ({self.files.vae}) decodes "
                                      f"{vae.cfg.z_dim}; decode with the VAE the latents were made for.")
-            need = decode_activation_bytes(self._sizes(), video, tile) if self._parts.plan is not None else 0
-            with self._on_device("vae", vae, need):
+            need = self.placement.vae_bytes_needed(video, tile)
+            with self.placement.on_device("vae", vae, need):
                 return vae.decode_frames(latents.to(self.device), tile=tile)
 
     def _ready_to_sample(self, settings: SamplingSettings) -> None:
         """Plan for this shape (again only if it must) and let the host make room for sampling."""
-        from ..memory.planner import sampling_activation_bytes
         shape = VideoShape(settings.height, settings.width, settings.num_frames, vae_stride=settings.vae_stride)
         with _friendly_oom("loading"):
-            self._prepare(shape)
+            self.placement.prepare(shape)
             if self.num_gpus == 1:
                 self.dit  # noqa: B018  (loaded before the host is asked for room)
-        plan, host = self._parts.plan, self._parts.host
-        if host is not None and plan is not None:
-            streamed = 2 * self._sizes().dit.block_bytes if plan.dit_blocks_streamed else 0
-            host.before_sampling(self.device, sampling_activation_bytes(self._sizes(), shape) + streamed)
+        self.placement.make_room_for_sampling(shape)
 
     def pool(self):
         """The sequence-parallel worker pool for this generator's GPUs (started on first use, kept
