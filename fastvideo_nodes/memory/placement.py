@@ -16,7 +16,7 @@ import re
 import torch
 
 from ..errors import FastVideoError
-from .offload import enable_block_offload
+from .offload import enable_block_offload, out_of_memory_error
 from .planner import (
     DEFAULT_RESERVE,
     Components,
@@ -33,6 +33,15 @@ from .planner import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def friendly_oom(phase: str | None = None):
+    """CUDA out-of-memory → a FastVideoError naming the settings to change; the process stays usable."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        raise out_of_memory_error(e, phase) from None
 
 
 def buffers_to(dit, device: torch.device) -> None:

@@ -26,7 +26,6 @@ reloads anything from disk); worker pools get the list with each job and patch t
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import numbers
@@ -41,27 +40,18 @@ from ..attention import AttentionOptions
 from ..attention.sliding_tile import SlidingTileOptions
 from ..attention.video_sparse import VideoSparseOptions
 from ..errors import FastVideoError, ModelFileError
-from ..memory.placement import Placement, buffers_to
+from ..memory.placement import Placement, buffers_to, friendly_oom
 from ..memory.planner import VideoShape
 from ..models.wan_vae import model_to_raw
-from . import ti2v
+from . import conditioning, ti2v
 from .components import LoadTimer, ModelFiles, shared_parts
+from .conditioning import ImageCondition
 from .inputs import check_loras, check_prompt, parse_gpu_ids, parse_sigmas
 from .options import LoadOptions
 from .sampler import SamplingSettings, SamplingStats, check_finite_latents, denoise, initial_noise
 
 logger = logging.getLogger(__name__)
 
-
-
-@contextlib.contextmanager
-def _friendly_oom(phase: str | None = None):
-    """CUDA out-of-memory → a FastVideoError naming the settings to change; the process stays usable."""
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError as e:
-        from ..memory.offload import out_of_memory_error
-        raise out_of_memory_error(e, phase) from None
 
 
 @dataclass
@@ -76,9 +66,6 @@ class GenerationResult:
 
 
 
-# What encode_image gives for sample(image_condition=): Wan2.1 I2V's (condition, CLIP embeds), or
-# Wan2.2 TI2V-5B's first frame.
-ImageCondition = tuple[torch.Tensor, torch.Tensor | None] | ti2v.FirstFrame  # None: Wan2.2 I2V-A14B, no CLIP
 
 
 def _latent_shape(latents: torch.Tensor) -> VideoShape:
@@ -219,7 +206,7 @@ class VideoGenerator:
         shape (a later call of another shape plans again only when it must). Returns the seconds
         spent, also kept in `load_s` and reported in each result's timings."""
         t0 = time.perf_counter()
-        with self._parts.lock, _friendly_oom("loading"):
+        with self._parts.lock, friendly_oom("loading"):
             self.placement.prepare(self._video_shape(height, width, num_frames))
             if self.num_gpus == 1:
                 self.dit  # noqa: B018  (loads)
@@ -255,7 +242,7 @@ class VideoGenerator:
     def dit(self):
         parts = self._parts
         if parts.dit is None:
-            with parts.lock, _friendly_oom("loading the DiT"), self._loading():
+            with parts.lock, friendly_oom("loading the DiT"), self._loading():
                 from ..loading.dit import load_dit
                 plan, opts = parts.plan, self.options
                 device = self.device if plan is None or not plan.dit_blocks_streamed else torch.device("cpu")
@@ -274,7 +261,7 @@ class VideoGenerator:
             if path is None:
                 raise FastVideoError("low_noise_model: this model has one DiT; only Wan2.2 A14B has a low-noise "
                                      "expert.")
-            with parts.lock, _friendly_oom("loading the low-noise expert"), self._loading():
+            with parts.lock, friendly_oom("loading the low-noise expert"), self._loading():
                 from ..loading.dit import load_dit
                 opts = self.options
                 dit = load_dit(path, device="cpu", dtype=self.dtype, weight_dtype=opts.weight_dtype,
@@ -305,7 +292,7 @@ class VideoGenerator:
         parts = self._parts
         if parts.text_encoder is None:
             path = self.files.require("text_encoder")
-            with parts.lock, _friendly_oom("loading the text encoder"), self._loading():
+            with parts.lock, friendly_oom("loading the text encoder"), self._loading():
                 from ..loading.text_encoder import load_text_encoder
                 device = self.placement.load_device("text_encoder")
                 # On a CPU next to a GPU, in bf16: half the host memory of fp32, at bf16's accuracy.
@@ -321,7 +308,7 @@ class VideoGenerator:
         parts = self._parts
         if parts.vae is None:
             path = self.files.require("vae")
-            with parts.lock, _friendly_oom("loading the VAE"), self._loading():
+            with parts.lock, friendly_oom("loading the VAE"), self._loading():
                 from ..loading.vae import load_vae
                 vae = load_vae(path, device=self.placement.load_device("vae"), dtype=self.dtype)
                 self.placement.place("vae", vae)
@@ -334,7 +321,7 @@ class VideoGenerator:
         parts = self._parts
         if parts.image_encoder is None:
             path = self.files.require("image_encoder")
-            with parts.lock, _friendly_oom("loading the image encoder"), self._loading():
+            with parts.lock, friendly_oom("loading the image encoder"), self._loading():
                 from ..loading.clip_vision import load_image_encoder
                 encoder = load_image_encoder(path, device=self.placement.load_device("text_encoder"), dtype=self.dtype)
                 image_dim = self.dit_config().image_dim
@@ -350,27 +337,7 @@ class VideoGenerator:
         text-to-video model → None, and an image given to it is refused. Raises FastVideoError for
         a bad image or a wrong combination.
         need_encoder: the I2V image encoder file must be known (False when the CLIP embeds come ready)."""
-        from .image_condition import as_image
-        cfg = self.dit_config()
-        if ti2v.is_wan22(cfg):
-            return None if image is None else ti2v.load_image(image)
-        clip = cfg.image_dim is not None
-        if cfg.image_dim is None and cfg.in_channels != 36:  # 36 without CLIP layers: Wan2.2 I2V-A14B
-            if image is not None:
-                raise FastVideoError(f"image: the model {self.files.model!r} is Wan2.1 text-to-video, which takes no "
-                                     "image; for image-to-video load a Wan2.1 I2V model "
-                                     "(wan2.1_i2v_480p_14B_*.safetensors) with its CLIP vision encoder "
-                                     "(clip_vision_h.safetensors), or Wan2.2 TI2V-5B "
-                                     "(wan2.2_ti2v_5B_fp16.safetensors).")
-            return None
-        if image is None:
-            raise FastVideoError("image: this is an image-to-video model; give the start image (Python: image=..., "
-                                 "CLI: --image FILE, ComfyUI: the sampler's image input).")
-        if self.num_gpus > 1:
-            raise FastVideoError("image-to-video runs on one GPU for now; use num_gpus=1.")
-        if need_encoder and clip:
-            self.files.require("image_encoder")
-        return as_image(image)
+        return conditioning.check_image(self, image, need_encoder)
 
     def encode_image(self, image, settings: SamplingSettings,
                      image_embeds: torch.Tensor | None = None) -> ImageCondition:
@@ -379,71 +346,11 @@ class VideoGenerator:
           The CLIP encoder sees the image as given; the VAE the image fitted to settings' size
           (pipeline/image_condition.py). image_embeds: CLIP penultimate hidden states made elsewhere
           (ComfyUI's CLIPVisionEncode), used instead of this model's encoder.
+        - Wan2.2 I2V-A14B: (condition, None).
         - Wan2.2 TI2V-5B: a ti2v.FirstFrame, the image's VAE latent that stays in latent frame 0.
         - a text-to-video model: FastVideoError.
         image: anything check_image takes."""
-        if ti2v.is_wan22(self.dit_config()):
-            if image_embeds is not None:
-                raise FastVideoError("image_embeds (the sampler's clip_vision_output): Wan2.2 TI2V-5B uses no CLIP "
-                                     "image embeddings; leave it out.")
-            if image is None:
-                raise FastVideoError("image: none given; Wan2.2 TI2V-5B without an image is text-to-video, which "
-                                     "needs no encode_image.")
-            return self._encode_first_frame(image, settings)
-        return self._encode_i2v(image, settings, image_embeds)
-
-    def _encode_i2v(self, image, settings: SamplingSettings,
-                    image_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Wan2.1 I2V: the start image → (condition, CLIP embeds); see encode_image."""
-        from .image_condition import fit, vae_condition
-        picture = self.check_image(image, need_encoder=image_embeds is None)
-        if picture is None:
-            raise FastVideoError("image: this is a text-to-video model, which takes no image.")
-        image_dim = self.dit_config().image_dim
-        if image_embeds is not None and image_dim is None:
-            raise FastVideoError("image_embeds (the sampler's clip_vision_output): Wan2.2 I2V-A14B uses no CLIP "
-                                 "image embeddings; leave it out.")
-        if image_embeds is not None:
-            if not isinstance(image_embeds, torch.Tensor) or image_embeds.ndim != 3 or \
-                    image_embeds.shape[-1] != image_dim:
-                got = tuple(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds)
-                raise FastVideoError(f"image_embeds: expected CLIP vision hidden states [1, tokens, {image_dim}] "
-                                     f"(clip_vision_h's penultimate layer), got {got}.")
-        shape = VideoShape(settings.height, settings.width, settings.num_frames)
-        with self._parts.lock, torch.inference_mode(), _friendly_oom("encoding the image"):
-            self.placement.prepare(shape)
-            embeds = (image_embeds[:1].float().cpu() if image_embeds is not None
-                      else self._clip_embeds(picture) if image_dim is not None else None)
-            vae = self.vae
-            need = self.placement.vae_bytes_needed(shape)
-            with self.placement.on_device("vae", vae, need):
-                condition = vae_condition(vae, fit(picture, settings.height, settings.width), settings.num_frames)
-        return condition, embeds
-
-    def _encode_first_frame(self, image, settings: SamplingSettings) -> ti2v.FirstFrame:
-        """Wan2.2 TI2V-5B: the image → the first-frame condition of a run of `settings`' size, encoded
-        by the VAE wherever the memory plan puts it."""
-        settings = self.check_settings(settings)
-        with self._parts.lock, torch.inference_mode(), _friendly_oom("encoding the image"):
-            shape = VideoShape(settings.height, settings.width, 1, vae_stride=settings.vae_stride)
-            with _friendly_oom("loading"):
-                self.placement.prepare(shape)
-                vae = self.vae
-            need = self.placement.vae_bytes_needed(shape)
-            with self.placement.on_device("vae", vae, need):
-                return ti2v.first_frame_for(vae, image, settings)
-
-    def _clip_embeds(self, picture) -> torch.Tensor:
-        """The CLIP tokens of the RGB PIL image [1,257,1280] float32 on CPU, the encoder on the GPU for it."""
-        encoder = self.image_encoder
-        home = encoder.device
-        placed = self.placement.where("text_encoder") in ("resident", "on_demand")
-        if home.type == "cpu" and self.device.type != "cpu" and placed:
-            encoder.model.to(self.device)  # in for this phase only (on demand, or kept by a memory host)
-        try:
-            return encoder.encode(picture)
-        finally:
-            encoder.model.to(home)
+        return conditioning.encode_image(self, image, settings, image_embeds)
 
     # -- the three stages
 
@@ -462,7 +369,7 @@ class VideoGenerator:
     def _encode_uncached(self, prompts: list[str]) -> torch.Tensor:
         enc = self._parts.text_encoder
         need = self.placement.encoder_bytes_needed()
-        with torch.inference_mode(), _friendly_oom("encoding the prompts"), \
+        with torch.inference_mode(), friendly_oom("encoding the prompts"), \
                 self.placement.on_device("text_encoder", enc.model, need):
             return enc.encode(prompts).float().cpu()
 
@@ -500,24 +407,10 @@ class VideoGenerator:
         below. Wan2.1 image-to-video: condition and image_embeds (encode_image's pair). Wan2.2 TI2V-5B:
         first_frame (encode_image's FirstFrame).
         Raises FastVideoError for bad settings before any work, and for non-finite results."""
-        if isinstance(image_condition, ti2v.FirstFrame):
-            first_frame = image_condition
-        elif image_condition is not None:
-            condition, image_embeds = image_condition
-        settings = self.check_settings(settings)
-        settings = self._expert_settings(settings)
+        settings = self._expert_settings(self.check_settings(settings))
         noise = initial_noise(settings) if noise is None else noise
-        if first_frame is not None and condition is not None:
-            raise FastVideoError("first_frame (Wan2.2 TI2V-5B) and condition (Wan2.1 I2V) are for different models; "
-                                 "give what encode_image returned for this one.")
-        if (condition is None) != (image_embeds is None) and self.dit_config().image_dim is not None:
-            raise FastVideoError("condition and image_embeds come together (from encode_image); got only one.")
-        if condition is not None and self.num_gpus > 1:
-            raise FastVideoError("image-to-video runs on one GPU for now; use num_gpus=1.")
-        if condition is not None and tuple(condition.shape[2:]) != tuple(settings.latent_shape[2:]):
-            raise FastVideoError(f"condition: latent grid {tuple(condition.shape[2:])} does not match the video size "
-                                 f"{settings.width}x{settings.height}, {settings.num_frames} frames; encode the image "
-                                 "again for these settings.")
+        condition, image_embeds, first_frame = conditioning.sample_inputs(self, settings, image_condition, condition,
+                                                                          image_embeds, first_frame)
         with self._parts.lock:
             self._ready_to_sample(settings)
             if self.num_gpus > 1:
@@ -529,11 +422,11 @@ class VideoGenerator:
                                                    first_frame=first_frame)
             else:
                 two = self.files.low_noise_model is not None
-                with _friendly_oom():
+                with friendly_oom():
                     report = None if two else self._sync_loras()
                 if report is not None and stats is not None:
                     stats.extra["lora_s"] = report.seconds
-                with torch.inference_mode(), _friendly_oom():
+                with torch.inference_mode(), friendly_oom():
                     model_latents = denoise(self._experts() if two else self.dit, noise, positive, negative, settings,
                                             attention_backend=self.attention_backend,
                                             attention_options=self.attention_options, callback=callback,
@@ -576,9 +469,9 @@ class VideoGenerator:
             raise FastVideoError(f"tile must be a positive number of latent pixels (or None = whole frame), "
                                  f"got {tile!r}.")
         check_finite_latents(latents)
-        with self._parts.lock, torch.inference_mode(), _friendly_oom("decoding"):
+        with self._parts.lock, torch.inference_mode(), friendly_oom("decoding"):
             video = _latent_shape(latents)
-            with _friendly_oom("loading"):
+            with friendly_oom("loading"):
                 self.placement.prepare(video, tile)
                 vae = self.vae
             if vae.cfg.z_dim != latents.shape[1]:
@@ -591,7 +484,7 @@ class VideoGenerator:
     def _ready_to_sample(self, settings: SamplingSettings) -> None:
         """Plan for this shape (again only if it must) and let the host make room for sampling."""
         shape = VideoShape(settings.height, settings.width, settings.num_frames, vae_stride=settings.vae_stride)
-        with _friendly_oom("loading"):
+        with friendly_oom("loading"):
             self.placement.prepare(shape)
             if self.num_gpus == 1:
                 self.dit  # noqa: B018  (loaded before the host is asked for room)
