@@ -437,26 +437,12 @@ class VideoGenerator:
         return model_to_raw(check_finite_latents(model_latents.float().cpu()))
 
     def _expert_settings(self, settings: SamplingSettings) -> SamplingSettings:
-        """Two experts: the boundary filled in (the folder's boundary_ratio, else Wan2.2's 0.875); one
-        DiT: boundary and guidance_scale_low refused (they would silently do nothing)."""
-        from dataclasses import replace
-
-        from .experts import folder_boundary, preset_for
-        if self.files.low_noise_model is None:
-            for name in ("boundary", "guidance_scale_low"):
-                if getattr(settings, name) is not None:
-                    raise FastVideoError(f"{name}: only a two-expert model (Wan2.2 A14B, loaded with "
-                                         f"low_noise_model) takes it; {os.path.basename(self.files.model)!r} has "
-                                         "one DiT. Leave it out.")
-            return settings
-        if self.loras:
+        """settings with the boundary filled in for two experts; see experts.expert_settings."""
+        from .experts import expert_settings
+        if self.files.low_noise_model is not None and self.loras:
             raise FastVideoError("loras: LoRAs on a two-expert model (Wan2.2 A14B) are not supported yet; each "
                                  "expert needs its own LoRA list.")
-        if settings.boundary is None:
-            boundary = folder_boundary(self.files.model)
-            default = preset_for(self.dit_config()).boundary
-            settings = replace(settings, boundary=default if boundary is None else boundary)
-        return settings
+        return expert_settings(settings, self.files.model, self.files.low_noise_model is not None, self.dit_config())
 
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """Raw VAE-space latents [1,16,T',H',W'] → frames float32 [T,H,W,3] in 0..1 on CPU."""
@@ -552,12 +538,9 @@ class VideoGenerator:
         given: the low one follows it (as diffusers). flow_shift None: 12 (Wan2.2 T2V-A14B).
         Calls on one generator (and on those sharing its models) run one at a time."""
         if self.files.low_noise_model is not None:
-            from .experts import preset_for
-            preset = preset_for(self.dit_config())
-            if guidance_scale is None:
-                guidance_scale = preset.guidance_high
-                guidance_scale_low = preset.guidance_low if guidance_scale_low is None else guidance_scale_low
-            flow_shift = preset.shift if flow_shift is None else flow_shift
+            from .experts import preset_defaults
+            guidance_scale, guidance_scale_low, flow_shift = preset_defaults(self.dit_config(), guidance_scale,
+                                                                             guidance_scale_low, flow_shift)
         guidance_scale, scheduler = self._model_defaults(guidance_scale, scheduler)
         wan22 = ti2v.is_wan22(self.dit_config())
         d_height, d_width, d_frames, d_fps = ti2v.WAN22_SIZE if wan22 else ti2v.WAN21_SIZE
