@@ -13,10 +13,12 @@
         gen.load()                                                             # optional: load now
 
 Components load on first use (or all at once in `load()`, timed apart) and stay where the memory
-plan put them (memory/planner.py): with room for everything, nothing moves between calls; else DiT
-blocks stream and the VAE or text encoder move in from pinned memory only for their phase. Loaded
-parts are shared by every generator made from the same files and options (a weak registry: the
-last generator to go frees them), and so are their cached prompt embeddings.
+plan put them (memory/planner.py decides, memory/placement.py carries it out): with room for
+everything, nothing moves between calls; else DiT blocks stream and the VAE or text encoder move in
+from pinned memory only for their phase. Loaded parts are shared by every generator made from the
+same files and options (pipeline/components.py, a weak registry: the last generator to go frees
+them), and so are their cached prompt embeddings. The image side of a run is pipeline/conditioning.py,
+the two experts of Wan2.2 A14B pipeline/experts.py, the shared input checks pipeline/inputs.py.
 
 LoRAs belong to a generator, not to the weights: `from_pretrained(..., loras=[(path, strength)])`,
 `gen.with_loras([...])` (another generator on the same loaded weights) or `gen.set_loras([...])`.
