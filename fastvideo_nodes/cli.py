@@ -170,7 +170,8 @@ def _check_outputs(args) -> None:
 
 
 def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
-    from .pipeline.generator import VideoGenerator, parse_sigmas
+    from .pipeline.generator import VideoGenerator
+    from .pipeline.inputs import parse_sigmas
 
     _check_outputs(args)
     from .attention import check_exact_steps

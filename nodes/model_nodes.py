@@ -182,7 +182,7 @@ class FastVideoParallelWorkers:
     def launch(self, model, num_gpus, gpu_ids=""):
         import torch
 
-        from fastvideo_nodes.pipeline.generator import parse_gpu_ids
+        from fastvideo_nodes.pipeline.inputs import parse_gpu_ids
         ids = parse_gpu_ids(gpu_ids)
         visible = torch.cuda.device_count()
         if model.device.type == "cuda":

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from fastvideo_nodes.errors import FastVideoError
-from fastvideo_nodes.pipeline.generator import check_prompt, parse_sigmas
+from fastvideo_nodes.pipeline.inputs import check_prompt, parse_sigmas
 from fastvideo_nodes.pipeline.sampler import SamplingSettings
 from fastvideo_nodes.pipeline.schedulers import SCHEDULERS, SPACINGS
 

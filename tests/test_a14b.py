@@ -105,7 +105,7 @@ def test_small_budget_keeps_one_expert_on_the_device(a14b_set, want):
     plan = gen.memory_plan
     assert plan is not None and not plan.dit_blocks_streamed
     # Squeeze the budget until a second DiT no longer fits (the plan itself is unchanged).
-    dit_bytes = gen._sizes().dit.total
+    dit_bytes = gen.placement.sizes().dit.total
     gen._parts.plan = type(plan)(**{**plan.__dict__, "budget": plan.peak + GiB // 2 + dit_bytes // 2})
     seen = []
     for k, dit in enumerate((gen.dit, gen.dit_low)):
@@ -349,7 +349,7 @@ def test_cuda_placements_equal_cpu(a14b_set):
         if mode == "swap":  # room for one DiT only
             plan = gen.memory_plan
             gen._parts.plan = type(plan)(**{**plan.__dict__,
-                                            "budget": plan.peak + GiB // 2 + gen._sizes().dit.total // 2})
+                                            "budget": plan.peak + GiB // 2 + gen.placement.sizes().dit.total // 2})
         got = _latents(gen, _settings(boundary=0.875)).cpu()
         modes[mode] = gen._parts.experts.mode
         assert (got - cpu).abs().max().item() < 1e-2, mode

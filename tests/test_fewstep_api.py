@@ -16,7 +16,8 @@ from fastvideo_nodes.cli import main as cli_main
 from fastvideo_nodes.cli import parse_lora
 from fastvideo_nodes.errors import FastVideoError, ModelFileError
 from fastvideo_nodes.models.wan_dit import WanDiTConfig
-from fastvideo_nodes.pipeline.generator import VideoGenerator, check_loras, parse_sigmas
+from fastvideo_nodes.pipeline.generator import VideoGenerator
+from fastvideo_nodes.pipeline.inputs import check_loras, parse_sigmas
 from fastvideo_nodes.pipeline.sampler import SamplingSettings, SamplingStats
 from fastvideo_nodes.testing.dit import TINY_DIT, quantize_fp8, random_dit, save_original
 from fastvideo_nodes.testing.lora import save_random_lora

@@ -373,9 +373,9 @@ def test_lora_on_image_layers_merges_into_the_i2v_model(model_set, tmp_path, pre
 def test_memory_estimate_counts_the_image_encoder_with_the_text_encoder(model_set):
     from fastvideo_nodes.loading.files import all_keys
     c = model_set["comfy"]
-    with_clip = comfy_generator(c)._sizes()
+    with_clip = comfy_generator(c).placement.sizes()
     without = VideoGenerator.from_pretrained(c["model"], text_encoder=c["text_encoder"], vae=c["vae"],
-                                             device="cpu", dtype="fp32")._sizes()
+                                             device="cpu", dtype="fp32").placement.sizes()
     clip_elements = sum(int(np.prod(e["shape"])) for e in all_keys([c["image_encoder"]], "x").values())
     assert with_clip.text_encoder_bytes - without.text_encoder_bytes == 4 * clip_elements  # fp32 compute dtype
 

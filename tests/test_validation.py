@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fastvideo_nodes.errors import FastVideoError
-from fastvideo_nodes.pipeline.generator import VideoGenerator, parse_gpu_ids
+from fastvideo_nodes.pipeline.generator import VideoGenerator
+from fastvideo_nodes.pipeline.inputs import parse_gpu_ids
 from fastvideo_nodes.pipeline.sampler import MAX_SEED, SamplingSettings, initial_noise
 from fastvideo_nodes.pipeline.size_check import check_fits, estimate_bytes
 

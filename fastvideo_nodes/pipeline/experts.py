@@ -17,7 +17,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -92,6 +92,35 @@ def check_pair(high_cfg, low_cfg, high_path: str, low_path: str) -> None:
 def preset_for(cfg) -> Preset:
     """Wan2.2's published defaults for this expert pair: I2V-A14B (36 input channels) or T2V-A14B."""
     return I2V_A14B if cfg.in_channels == 36 else T2V_A14B
+
+
+def preset_defaults(cfg, guidance_scale: float | None, guidance_scale_low: float | None,
+                    flow_shift: float | None) -> tuple[float | None, float | None, float | None]:
+    """The unset ones of (guidance_scale, guidance_scale_low, flow_shift) from Wan2.2's preset. Both
+    guidance scales unset: the preset's pair; only guidance_scale set: guidance_scale_low stays None,
+    so the low-noise expert follows it (as diffusers)."""
+    preset = preset_for(cfg)
+    if guidance_scale is None:
+        guidance_scale = preset.guidance_high
+        guidance_scale_low = preset.guidance_low if guidance_scale_low is None else guidance_scale_low
+    return guidance_scale, guidance_scale_low, preset.shift if flow_shift is None else flow_shift
+
+
+def expert_settings(settings, model: str, two_experts: bool, cfg):
+    """Sampling settings for this DiT (cfg, from `model`): with two experts the boundary filled in (the
+    folder's boundary_ratio, else the preset's: T2V 0.875, I2V 0.9); with one, boundary and
+    guidance_scale_low refused (they would silently do nothing)."""
+    if not two_experts:
+        for name in ("boundary", "guidance_scale_low"):
+            if getattr(settings, name) is not None:
+                raise FastVideoError(f"{name}: only a two-expert model (Wan2.2 A14B, loaded with "
+                                     f"low_noise_model) takes it; {os.path.basename(model)!r} has "
+                                     "one DiT. Leave it out.")
+        return settings
+    if settings.boundary is None:
+        boundary = folder_boundary(model)
+        settings = replace(settings, boundary=preset_for(cfg).boundary if boundary is None else boundary)
+    return settings
 
 
 def expert_per_step(timesteps: Iterable, boundary: float) -> list[int]:

@@ -13,10 +13,12 @@
         gen.load()                                                             # optional: load now
 
 Components load on first use (or all at once in `load()`, timed apart) and stay where the memory
-plan put them (memory/planner.py): with room for everything, nothing moves between calls; else DiT
-blocks stream and the VAE or text encoder move in from pinned memory only for their phase. Loaded
-parts are shared by every generator made from the same files and options (a weak registry: the
-last generator to go frees them), and so are their cached prompt embeddings.
+plan put them (memory/planner.py decides, memory/placement.py carries it out): with room for
+everything, nothing moves between calls; else DiT blocks stream and the VAE or text encoder move in
+from pinned memory only for their phase. Loaded parts are shared by every generator made from the
+same files and options (pipeline/components.py, a weak registry: the last generator to go frees
+them), and so are their cached prompt embeddings. The image side of a run is pipeline/conditioning.py,
+the two experts of Wan2.2 A14B pipeline/experts.py, the shared input checks pipeline/inputs.py.
 
 LoRAs belong to a generator, not to the weights: `from_pretrained(..., loras=[(path, strength)])`,
 `gen.with_loras([...])` (another generator on the same loaded weights) or `gen.set_loras([...])`.
@@ -26,18 +28,13 @@ reloads anything from disk); worker pools get the list with each job and patch t
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import math
 import numbers
 import os
-import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -45,112 +42,18 @@ from ..attention import AttentionOptions
 from ..attention.sliding_tile import SlidingTileOptions
 from ..attention.video_sparse import VideoSparseOptions
 from ..errors import FastVideoError, ModelFileError
+from ..memory.placement import Placement, buffers_to, friendly_oom
 from ..memory.planner import VideoShape
 from ..models.wan_vae import model_to_raw
-from . import ti2v
-from .options import LoadOptions, parse_device
-from .prompt_cache import PromptCache
+from . import conditioning, ti2v
+from .components import LoadTimer, ModelFiles, shared_parts
+from .conditioning import ImageCondition
+from .inputs import check_loras, check_prompt, parse_gpu_ids, parse_sigmas
+from .options import LoadOptions
 from .sampler import SamplingSettings, SamplingStats, check_finite_latents, denoise, initial_noise
 
 logger = logging.getLogger(__name__)
 
-def parse_gpu_ids(gpu_ids, name: str = "gpu_ids") -> list[int] | None:
-    """"0,2" / [0, 2] → [0, 2]; None or "" → None (the first num_gpus GPUs)."""
-    if gpu_ids is None:
-        return None
-    if isinstance(gpu_ids, str):
-        parts = [p.strip() for p in gpu_ids.split(",") if p.strip()]  # "0,1," is fine
-        if not all(p.isascii() and p.isdigit() for p in parts):
-            raise FastVideoError(f"{name} must be comma-separated GPU indices such as 0,1 (or empty), "
-                                 f"got {gpu_ids!r}.")
-        ids = [int(p) for p in parts]
-    else:
-        try:
-            given = list(gpu_ids)
-        except TypeError:
-            given = None
-        if given is None or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and int(i) >= 0
-                                    for i in given):
-            raise FastVideoError(f"{name} must be a list of GPU indices such as [0, 1], got {gpu_ids!r}.")
-        ids = [int(i) for i in given]
-    if len(set(ids)) != len(ids):
-        raise FastVideoError(f"{name} names a GPU twice: {ids}; each GPU can run one worker.")
-    return ids or None
-
-
-def parse_sigmas(value, name: str = "sigmas") -> tuple[float, ...] | None:
-    """None, "" → None (steps and shift decide); "1, 0.9375, 0.8333" or a list of numbers → a tuple
-    (the range and order are checked with the other sampling settings)."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    parts = [p.strip() for p in value.replace(";", ",").split(",") if p.strip()] if isinstance(value, str) else value
-    try:
-        out = tuple(float(p) for p in parts)
-    except (TypeError, ValueError):
-        raise FastVideoError(f"{name} must be numbers separated by commas, from 1 down towards 0 "
-                             f"(e.g. 1, 0.9375, 0.8333, 0.625), got {value!r}.") from None
-    if any(isinstance(p, bool) for p in parts):
-        raise FastVideoError(f"{name} must be numbers, got {value!r}.")
-    return out
-
-
-def check_loras(loras, name: str = "loras") -> tuple[tuple[str, float], ...]:
-    """[(path, strength), ...] → a checked tuple of (absolute path, float strength).
-
-    Only what can be checked without a model: each file is a readable .safetensors (not a pickle)
-    and each strength a finite number. Whether the LoRA fits the DiT is checked when it is merged."""
-    from ..loading.files import check_safetensors
-    from ..loading.lora import ROLE
-    if loras is None:
-        return ()
-    if isinstance(loras, (str, os.PathLike)) or not isinstance(loras, (list, tuple)):
-        raise FastVideoError(f"{name} must be a list of (path, strength) pairs such as "
-                             f"[('lightx2v_lora.safetensors', 1.0)], got {loras!r}.")
-    out = []
-    for i, item in enumerate(loras):
-        if not (isinstance(item, (list, tuple)) and len(item) == 2):
-            raise FastVideoError(f"{name}[{i}] must be a (path, strength) pair, got {item!r}.")
-        path, strength = item
-        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength):
-            raise FastVideoError(f"{name}[{i}]: the strength must be a finite number (1.0 = as trained, "
-                                 f"0 = off), got {strength!r}.")
-        if not isinstance(path, (str, os.PathLike)):
-            raise FastVideoError(f"{name}[{i}]: the path must be a file name, got {path!r}.")
-        path = os.path.abspath(os.fspath(path))
-        check_safetensors(path, ROLE)
-        out.append((path, float(strength)))
-    return tuple(out)
-
-
-def _buffers_to(dit, device: torch.device) -> None:
-    """Buffers live on the compute device, also in blocks whose weights stream from CPU memory; a
-    LoRA merge may register a new fp8 scale next to a weight that rests in CPU memory."""
-    for mod in dit.modules():
-        for key, b in mod._buffers.items():
-            if b is not None and b.device != device:
-                mod._buffers[key] = b.to(device)
-
-
-def check_prompt(text, name: str = "prompt") -> str:
-    """A str the tokenizer can take: text that is valid UTF-8 (no lone surrogates such as '\\udcff')."""
-    if not isinstance(text, str):
-        raise FastVideoError(f"{name} must be text, got {type(text).__name__}.")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise FastVideoError(f"{name} is not valid UTF-8 text (character {e.start}: {text[e.start]!r}); "
-                             "remove or retype that character.") from None
-    return text
-
-
-@contextlib.contextmanager
-def _friendly_oom(phase: str | None = None):
-    """CUDA out-of-memory → a FastVideoError naming the settings to change; the process stays usable."""
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError as e:
-        from ..memory.offload import out_of_memory_error
-        raise out_of_memory_error(e, phase) from None
 
 
 @dataclass
@@ -163,177 +66,8 @@ class GenerationResult:
     attention: dict | None = None  # the backend asked for, and what `auto` chose and why (see attention_used)
 
 
-@dataclass
-class ModelFiles:
-    """Where each component comes from; a diffusers folder supplies all of them (the image encoder
-    only for image-to-video: its image_encoder/ folder)."""
-    model: str
-    text_encoder: str | None = None
-    vae: str | None = None
-    image_encoder: str | None = None
-    low_noise_model: str | None = None  # Wan2.2 A14B: the low-noise expert (model is the high-noise one)
-
-    @classmethod
-    def resolve(cls, model: str, text_encoder: str | None, vae: str | None,
-                image_encoder: str | None = None, low_noise_model: str | None = None) -> ModelFiles:
-        model = os.fspath(model)
-        if low_noise_model is not None:
-            low_noise_model = os.fspath(low_noise_model)
-            if not os.path.exists(low_noise_model):
-                raise ModelFileError(f"low_noise_model: {low_noise_model!r} does not exist. Give the low-noise "
-                                     "expert of Wan2.2 A14B (wan2.2_t2v_low_noise_14B_*.safetensors).")
-        if os.path.isdir(model):
-            text_encoder = text_encoder or model
-            vae = vae or model
-            if image_encoder is None and os.path.isdir(os.path.join(model, "image_encoder")):
-                image_encoder = model
-            if low_noise_model is None and os.path.isdir(os.path.join(model, "transformer_2")):
-                low_noise_model = os.path.join(model, "transformer_2")  # a Wan2.2 A14B diffusers folder
-        elif not os.path.exists(model):
-            raise ModelFileError(f"model: {model!r} does not exist. Give a Wan2.1 .safetensors file or a "
-                                 "diffusers folder.")
-        return cls(model, text_encoder, vae, None if image_encoder is None else os.fspath(image_encoder),
-                   low_noise_model)
-
-    def require(self, what: str) -> str:
-        path = getattr(self, what)
-        if path is None:
-            flag = what.replace("_", "-")
-            raise ModelFileError(f"{what}: not given. With a single-file model, name the {what.replace('_', ' ')} "
-                                 f"file too (Python: {what}=..., CLI: --{flag} FILE).")
-        return path
 
 
-class _Components:
-    """Loaded parts, shared by generators made from the same files and load options.
-
-    The lock serialises runs on these parts: the models hold per-run state (the VAE's stream cache,
-    offload hooks), so two threads on one set would corrupt each other's run. `plan` is the memory
-    plan the parts are placed by; `homes` the pinned host copies of parts moved in for their phase."""
-
-    def __init__(self, lock: threading.RLock | None = None):
-        self.lock = lock or threading.RLock()
-        self.dit: Any = None
-        self.text_encoder: Any = None
-        self.vae: Any = None
-        self.image_encoder: Any = None  # models.clip_vision.ImageEncoder (image-to-video)
-        self.dit_low: Any = None  # Wan2.2 A14B: the low-noise expert
-        self.experts: Any = None  # pipeline/experts.Experts over dit and dit_low, placed by the plan
-        self.offload: Any = None
-        self.pools: dict[tuple, Any] = {}
-        self.plan: Any = None
-        self.sizes: Any = None
-        self.budget: int | None = None
-        self.homes: dict[str, Any] = {}
-        self.host: Any = None  # a memory host (ComfyUI's model management), see set_memory_host
-        self.prompts = PromptCache()
-        self.load_s = 0.0
-
-    def release(self) -> None:
-        """Drop every loaded part and stop every pool; using them again loads them again."""
-        for pool in self.pools.values():
-            pool.close()
-        self.pools.clear()
-        if self.experts is not None:
-            self.experts.release()
-        if self.offload is not None:
-            self.offload.disable(to="cpu")  # hooks off, blocks to host memory (then dropped)
-        if self.host is not None:
-            for part in (self.text_encoder and self.text_encoder.model, self.vae):
-                if part is not None:
-                    self.host.release(part)
-        if self.text_encoder is not None:
-            self.prompts.forget(self.text_encoder)
-        self.dit = self.text_encoder = self.vae = self.image_encoder = self.offload = self.plan = None
-        self.dit_low = self.experts = None
-        self.homes.clear()
-
-
-# Parts by (files, options), held weakly: the registry never keeps weights no generator uses.
-_SHARED: weakref.WeakValueDictionary[tuple, _Components] = weakref.WeakValueDictionary()
-_SHARED_LOCK = threading.Lock()
-
-
-def _shared_parts(files: ModelFiles, options: LoadOptions) -> _Components:
-    def norm(p):
-        return None if p is None else os.path.abspath(os.fspath(p))
-    key = (norm(files.model), norm(files.text_encoder), norm(files.vae), norm(files.image_encoder),
-           norm(files.low_noise_model), options)
-    with _SHARED_LOCK:
-        parts = _SHARED.get(key)
-        if parts is None:
-            parts = _SHARED[key] = _Components()
-        return parts
-
-
-class _Timer:
-    """Adds the seconds spent inside to parts.load_s."""
-
-    def __init__(self, parts: _Components):
-        self.parts = parts
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.parts.load_s += time.perf_counter() - self.t0
-
-
-def _estimate_components(files: ModelFiles, options: LoadOptions, cfg):
-    """memory/planner.Components from the file headers: each tensor at the compute dtype's size,
-    fp8 (one byte) where it will be stored as fp8 (2-D linear weights with fp8 storage, and
-    tensors already fp8 in the file). A part without a file counts as zero."""
-    import re
-
-    from ..loading.files import all_keys
-    from ..loading.locate import locate
-    from ..memory.planner import Components, DitSizes
-    itemsize = torch.empty((), dtype=options.dtype).element_size()
-    fp8 = options.weight_storage != "as_stored"
-
-    def sizes(path, component, may_store_fp8=True):
-        if path is None:
-            return {}
-        out = {}
-        for name, entry in all_keys(locate(path, component).files, component).items():
-            if name == "__metadata__" or not isinstance(entry, dict):
-                continue
-            shape = entry.get("shape", [])
-            n = 1
-            for d in shape:
-                n *= int(d)
-            stored_fp8 = str(entry.get("dtype", "")).startswith("F8")
-            linear = len(shape) == 2 and name.endswith(".weight") and "embed" not in name and "shared" not in name
-            out[name] = n * (1 if stored_fp8 or (fp8 and linear and may_store_fp8) else itemsize)
-        return out
-
-    dit = sizes(files.model, "transformer")
-    block = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-    per_block: dict[int, int] = {}
-    other = 0
-    for name, n in dit.items():
-        m = block.search(name)
-        if m:
-            per_block[int(m.group(1))] = per_block.get(int(m.group(1)), 0) + n
-        else:
-            other += n
-    num_blocks = max(len(per_block), 1)
-    te = sizes(files.text_encoder, "text_encoder")
-    text_dim = 4096  # UMT5-XXL; else read from the embedding's width
-    if files.text_encoder is not None:
-        header = all_keys(locate(files.text_encoder, "text_encoder").files, "text_encoder")
-        text_dim = next((int(header[k]["shape"][1]) for k in te if k.endswith("shared.weight")), text_dim)
-    # The CLIP vision encoder (image-to-video) is placed with the text encoder: same phase. It is
-    # loaded in the compute dtype (no fp8 storage).
-    clip = sizes(files.image_encoder, "image_encoder", may_store_fp8=False) if cfg.image_dim is not None else {}
-    return Components(DitSizes(max(per_block.values(), default=0), num_blocks, other, cfg.dim, cfg.ffn_dim),
-                      vae_bytes=sum(sizes(files.vae, "vae").values()),
-                      text_encoder_bytes=sum(te.values()) + sum(clip.values()), text_dim=text_dim)
-
-
-# What encode_image gives for sample(image_condition=): Wan2.1 I2V's (condition, CLIP embeds), or
-# Wan2.2 TI2V-5B's first frame.
-ImageCondition = tuple[torch.Tensor, torch.Tensor | None] | ti2v.FirstFrame  # None: Wan2.2 I2V-A14B, no CLIP
 
 
 def _latent_shape(latents: torch.Tensor) -> VideoShape:
@@ -354,8 +88,6 @@ class VideoGenerator:
         self.options = LoadOptions.from_keywords(options, **load_keywords)
         self.device = self.options.torch_device
         self.dtype = self.options.dtype
-        self.text_encoder_device = (parse_device(self.options.text_encoder_device, "text_encoder_device")
-                                    if self.options.text_encoder_device else None)
         self.attention_options = attention_options
         if attention_backend is not None:
             from ..attention import resolve_backend
@@ -377,7 +109,8 @@ class VideoGenerator:
             if self.loras:
                 raise FastVideoError("loras: LoRAs on a two-expert model (Wan2.2 A14B) are not supported yet; "
                                      "each expert needs its own LoRA list.")
-        self._parts = _shared_parts(files, self.options)
+        self._parts = shared_parts(files, self.options)
+        self.placement = Placement(self._parts, files, self.options)
 
     def with_attention_backend(self, name: str | None, options: AttentionOptions | None = None,
                                exact_steps: int = 0) -> VideoGenerator:
@@ -420,18 +153,9 @@ class VideoGenerator:
         if list(getattr(dit, "loras", [])) == list(self.loras):
             return None
         from ..loading.lora import set_loras
-        report = set_loras(dit, self.loras, backup_room=self._spare_gpu_bytes())
-        _buffers_to(dit, dit.text_embedding[0].weight.device)  # the device compile_blocks uses too
+        report = set_loras(dit, self.loras, backup_room=self.placement.spare_gpu_bytes())
+        buffers_to(dit, dit.text_embedding[0].weight.device)  # the device compile_blocks uses too
         return report
-
-    def _spare_gpu_bytes(self) -> int:
-        """GPU bytes the plan leaves free at its peak, for copies such as the LoRA base backup; 0 when
-        blocks stream (the room is the streaming's) or inside ComfyUI (its models may need it)."""
-        from ..memory.planner import DEFAULT_RESERVE
-        plan = self._parts.plan
-        if plan is None or plan.dit_blocks_streamed or self._parts.host is not None:
-            return 0
-        return max(0, plan.budget - plan.peak - DEFAULT_RESERVE)
 
     @classmethod
     def from_pretrained(cls, model, *, text_encoder=None, vae=None, image_encoder=None, low_noise_model=None,
@@ -477,144 +201,6 @@ class VideoGenerator:
         models. Call before loading; parts already loaded keep their placement."""
         self._parts.host = host
 
-    def _sizes(self):
-        """Sizes of the three parts from their file headers (no weights read), as the loaders will
-        store them: compute dtype, fp8 linears with fp8 storage (and in files already fp8)."""
-        if self._parts.sizes is None:
-            self._parts.sizes = _estimate_components(self.files, self.options, self.dit_config())
-        return self._parts.sizes
-
-    def _budget(self) -> int | None:
-        """GPU bytes to plan for (the user's gpu_memory_gb, else the host's view, else free memory),
-        measured once per load; None on a CPU device without gpu_memory_gb (nothing to plan)."""
-        from ..memory.planner import budget_bytes
-        parts = self._parts
-        if parts.budget is None:
-            if self.options.gpu_memory_gb is None and self.device.type != "cuda":
-                return None
-            free = parts.host.budget(self.device) if parts.host is not None else None
-            parts.budget = budget_bytes(self.device, gpu_memory_gb=self.options.gpu_memory_gb, free_bytes=free)
-        return parts.budget
-
-    def _text_encoder_elsewhere(self) -> bool:
-        """The user put the encoder on another device than the main one (cpu, or another GPU)."""
-        return self.text_encoder_device is not None and self.text_encoder_device != self.device
-
-    def _make_plan(self, shape: VideoShape, tile: int | None = None):
-        from ..memory.planner import lowest_plan, plan_memory
-        budget = self._budget()
-        if budget is None:
-            return None
-        sizes = self._sizes()
-        on_cpu = self._text_encoder_elsewhere() or self.files.text_encoder is None
-        try:
-            return plan_memory(sizes, shape, budget, text_encoder_on_cpu=on_cpu, decode_tile=tile)
-        except FastVideoError as e:
-            if self._parts.host is None or not self._parts.host.minimal:
-                logger.warning("%s Trying with the least GPU memory anyway.", e)
-            return lowest_plan(sizes, shape, budget, decode_tile=tile)
-
-    def _prepare(self, shape: VideoShape, tile: int | None = None) -> None:
-        """Plan (once per load) and place; plan again when this shape does not fit the current plan."""
-        from ..memory.planner import DEFAULT_RESERVE, peak_of
-        parts = self._parts
-        if parts.plan is None:
-            parts.plan = self._make_plan(shape, tile)
-            if parts.plan is not None:
-                logger.info("%s (for %dx%d, %d frames)", parts.plan.describe(), shape.width, shape.height,
-                            shape.num_frames)
-            return
-        if peak_of(parts.plan, self._sizes(), shape, tile) + DEFAULT_RESERVE <= parts.plan.budget:
-            return
-        plan = self._make_plan(shape, tile)
-        if plan is not None and plan != parts.plan:
-            logger.info("%s (planned again for %dx%d, %d frames)", plan.describe(), shape.width, shape.height,
-                        shape.num_frames)
-            self._replace(plan)
-
-    def _replace(self, plan) -> None:
-        """Move loaded parts to a new plan's places."""
-        parts, old = self._parts, self._parts.plan
-        parts.plan = plan
-        if parts.experts is not None:  # placed again by the new plan at the next sampling
-            parts.experts.release()
-            parts.experts = None
-            if parts.offload is not None:
-                parts.offload.disable(to="cpu")
-                parts.offload = None
-            parts.dit.to("cpu")
-            self._place_dit(parts.dit)
-        if parts.dit is not None and plan.dit_blocks_resident != old.dit_blocks_resident:
-            if parts.offload is not None:
-                parts.offload.disable(to="cpu")
-                parts.offload = None
-            parts.dit.to("cpu")
-            self._place_dit(parts.dit)
-        for name, module in (("vae", parts.vae), ("text_encoder", parts.text_encoder and parts.text_encoder.model)):
-            if module is not None and getattr(plan, name) != getattr(old, name):
-                home = parts.homes.pop(name, None)
-                if home is not None:
-                    home.to_host()
-                module.to("cpu")
-                self._place(name, module)
-
-    def _where(self, name: str) -> str:
-        """Placement of the text encoder or VAE: resident | on_demand | cpu (no plan: resident)."""
-        plan = self._parts.plan
-        if name == "text_encoder" and self._text_encoder_elsewhere():
-            return "elsewhere"
-        return "resident" if plan is None else getattr(plan, name)
-
-    def _load_device(self, name: str) -> torch.device:
-        where = self._where(name)
-        if where == "elsewhere":
-            return self.text_encoder_device or self.device
-        if where == "resident" and self._parts.host is None:
-            return self.device
-        return torch.device("cpu")
-
-    def _place(self, name: str, module) -> None:
-        """After loading on _load_device: keep pinned host copies for a part moved in per phase."""
-        from ..memory.planner import PinnedHome
-        if self.device.type == "cpu" or self._parts.host is not None:
-            return  # nothing to move on a CPU; the host makes its own copies
-        if self._where(name) == "on_demand":
-            self._parts.homes[name] = PinnedHome(module)
-        elif self._where(name) == "resident":
-            module.to(self.device)
-
-    def _place_dit(self, dit) -> None:
-        plan = self._parts.plan
-        if plan is not None and plan.dit_blocks_streamed:
-            from ..memory.offload import enable_block_offload
-            self._parts.offload = enable_block_offload(dit, device=self.device, blocks_on_gpu=plan.dit_blocks_resident)
-            logger.info("%s", self._parts.offload.describe())
-        else:
-            dit.to(self.device)
-
-    @contextlib.contextmanager
-    def _on_device(self, name: str, module, memory_required: int):
-        """The part is on its compute device for the block: the host loads it, or its pinned home
-        is copied in and dropped afterwards; a resident part is already there."""
-        parts = self._parts
-        if parts.host is not None and self._where(name) in ("resident", "on_demand") and self.device.type != "cpu":
-            parts.host.use(module, self.device, name, memory_required)
-            yield
-            return
-        home = parts.homes.get(name)
-        if home is None:
-            yield
-            return
-        home.to_device(self.device)
-        try:
-            yield
-        finally:
-            home.to_host()
-            if self.device.type == "cuda":
-                # Hand the part's blocks back: left cached, the next phase's differently sized
-                # tensors stack on top (a 14B planned for 24 GiB used 33.8 on the card, 21.4 allocated).
-                torch.cuda.empty_cache()
-
     # -- components, loaded on first use (or all at once by load())
 
     def load(self, *, height: int = 480, width: int = 832, num_frames: int = 81) -> float:
@@ -622,8 +208,8 @@ class VideoGenerator:
         shape (a later call of another shape plans again only when it must). Returns the seconds
         spent, also kept in `load_s` and reported in each result's timings."""
         t0 = time.perf_counter()
-        with self._parts.lock, _friendly_oom("loading"):
-            self._prepare(self._video_shape(height, width, num_frames))
+        with self._parts.lock, friendly_oom("loading"):
+            self.placement.prepare(self._video_shape(height, width, num_frames))
             if self.num_gpus == 1:
                 self.dit  # noqa: B018  (loads)
             if self.files.text_encoder is not None:
@@ -651,20 +237,20 @@ class VideoGenerator:
     def _loading(self):
         parts = self._parts
         if parts.plan is None:
-            self._prepare(self._video_shape(480, 832, 81))
-        return _Timer(parts)
+            self.placement.prepare(self._video_shape(480, 832, 81))
+        return LoadTimer(parts)
 
     @property
     def dit(self):
         parts = self._parts
         if parts.dit is None:
-            with parts.lock, _friendly_oom("loading the DiT"), self._loading():
+            with parts.lock, friendly_oom("loading the DiT"), self._loading():
                 from ..loading.dit import load_dit
                 plan, opts = parts.plan, self.options
                 device = self.device if plan is None or not plan.dit_blocks_streamed else torch.device("cpu")
                 dit = load_dit(self.files.model, device=device, dtype=self.dtype, weight_dtype=opts.weight_dtype,
                                fp8_matmul=opts.fp8_matmul)
-                self._place_dit(dit)
+                self.placement.place_dit(dit)
                 parts.dit = dit.compile_blocks() if opts.compile else dit
         return parts.dit
 
@@ -677,7 +263,7 @@ class VideoGenerator:
             if path is None:
                 raise FastVideoError("low_noise_model: this model has one DiT; only Wan2.2 A14B has a low-noise "
                                      "expert.")
-            with parts.lock, _friendly_oom("loading the low-noise expert"), self._loading():
+            with parts.lock, friendly_oom("loading the low-noise expert"), self._loading():
                 from ..loading.dit import load_dit
                 opts = self.options
                 dit = load_dit(path, device="cpu", dtype=self.dtype, weight_dtype=opts.weight_dtype,
@@ -688,22 +274,14 @@ class VideoGenerator:
     def _experts(self):
         """The two experts placed by the memory plan (made once per plan): both resident when the plan
         has room for a second DiT, else one at a time (swapped from pinned memory, or streamed)."""
-        from ..memory.planner import DEFAULT_RESERVE
         from .experts import Experts
         parts = self._parts
         if parts.experts is None:
             high, low = self.dit, self.dit_low
             plan = parts.plan
-            if plan is None:
-                mode = "resident"
-            elif plan.dit_blocks_streamed:
-                mode = "stream"
-            elif plan.peak + self._sizes().dit.total + DEFAULT_RESERVE <= plan.budget:
-                mode = "resident"
-            else:
-                mode = "swap"
-            parts.experts = Experts(high, low, device=self.device, mode=mode, offload=parts.offload,
-                                    blocks_on_gpu=0 if plan is None else plan.dit_blocks_resident)
+            resident_blocks = 0 if plan is None else plan.dit_blocks_resident
+            parts.experts = Experts(high, low, device=self.device, mode=self.placement.expert_mode(),
+                                    offload=parts.offload, blocks_on_gpu=resident_blocks)
             logger.info("%s", parts.experts.describe())
         return parts.experts
 
@@ -716,14 +294,14 @@ class VideoGenerator:
         parts = self._parts
         if parts.text_encoder is None:
             path = self.files.require("text_encoder")
-            with parts.lock, _friendly_oom("loading the text encoder"), self._loading():
+            with parts.lock, friendly_oom("loading the text encoder"), self._loading():
                 from ..loading.text_encoder import load_text_encoder
-                device = self._load_device("text_encoder")
+                device = self.placement.load_device("text_encoder")
                 # On a CPU next to a GPU, in bf16: half the host memory of fp32, at bf16's accuracy.
-                runs_on_cpu = self._where("text_encoder") == "cpu" or device.type == "cpu"
+                runs_on_cpu = self.placement.where("text_encoder") == "cpu" or device.type == "cpu"
                 dtype = torch.bfloat16 if runs_on_cpu and self.device.type == "cuda" else self.dtype
                 te = load_text_encoder(path, device=device, dtype=dtype, weight_dtype=self.options.weight_dtype)
-                self._place("text_encoder", te.model)
+                self.placement.place("text_encoder", te.model)
                 parts.text_encoder = te
         return parts.text_encoder
 
@@ -732,10 +310,10 @@ class VideoGenerator:
         parts = self._parts
         if parts.vae is None:
             path = self.files.require("vae")
-            with parts.lock, _friendly_oom("loading the VAE"), self._loading():
+            with parts.lock, friendly_oom("loading the VAE"), self._loading():
                 from ..loading.vae import load_vae
-                vae = load_vae(path, device=self._load_device("vae"), dtype=self.dtype)
-                self._place("vae", vae)
+                vae = load_vae(path, device=self.placement.load_device("vae"), dtype=self.dtype)
+                self.placement.place("vae", vae)
                 parts.vae = vae
         return parts.vae
 
@@ -745,9 +323,9 @@ class VideoGenerator:
         parts = self._parts
         if parts.image_encoder is None:
             path = self.files.require("image_encoder")
-            with parts.lock, _friendly_oom("loading the image encoder"), self._loading():
+            with parts.lock, friendly_oom("loading the image encoder"), self._loading():
                 from ..loading.clip_vision import load_image_encoder
-                encoder = load_image_encoder(path, device=self._load_device("text_encoder"), dtype=self.dtype)
+                encoder = load_image_encoder(path, device=self.placement.load_device("text_encoder"), dtype=self.dtype)
                 image_dim = self.dit_config().image_dim
                 if image_dim is not None and encoder.width != image_dim:
                     raise ModelFileError(f"image_encoder: {os.path.basename(path)!r} gives {encoder.width}-wide image "
@@ -761,27 +339,7 @@ class VideoGenerator:
         text-to-video model → None, and an image given to it is refused. Raises FastVideoError for
         a bad image or a wrong combination.
         need_encoder: the I2V image encoder file must be known (False when the CLIP embeds come ready)."""
-        from .image_condition import as_image
-        cfg = self.dit_config()
-        if ti2v.is_wan22(cfg):
-            return None if image is None else ti2v.load_image(image)
-        clip = cfg.image_dim is not None
-        if cfg.image_dim is None and cfg.in_channels != 36:  # 36 without CLIP layers: Wan2.2 I2V-A14B
-            if image is not None:
-                raise FastVideoError(f"image: the model {self.files.model!r} is Wan2.1 text-to-video, which takes no "
-                                     "image; for image-to-video load a Wan2.1 I2V model "
-                                     "(wan2.1_i2v_480p_14B_*.safetensors) with its CLIP vision encoder "
-                                     "(clip_vision_h.safetensors), or Wan2.2 TI2V-5B "
-                                     "(wan2.2_ti2v_5B_fp16.safetensors).")
-            return None
-        if image is None:
-            raise FastVideoError("image: this is an image-to-video model; give the start image (Python: image=..., "
-                                 "CLI: --image FILE, ComfyUI: the sampler's image input).")
-        if self.num_gpus > 1:
-            raise FastVideoError("image-to-video runs on one GPU for now; use num_gpus=1.")
-        if need_encoder and clip:
-            self.files.require("image_encoder")
-        return as_image(image)
+        return conditioning.check_image(self, image, need_encoder)
 
     def encode_image(self, image, settings: SamplingSettings,
                      image_embeds: torch.Tensor | None = None) -> ImageCondition:
@@ -790,73 +348,11 @@ class VideoGenerator:
           The CLIP encoder sees the image as given; the VAE the image fitted to settings' size
           (pipeline/image_condition.py). image_embeds: CLIP penultimate hidden states made elsewhere
           (ComfyUI's CLIPVisionEncode), used instead of this model's encoder.
+        - Wan2.2 I2V-A14B: (condition, None).
         - Wan2.2 TI2V-5B: a ti2v.FirstFrame, the image's VAE latent that stays in latent frame 0.
         - a text-to-video model: FastVideoError.
         image: anything check_image takes."""
-        if ti2v.is_wan22(self.dit_config()):
-            if image_embeds is not None:
-                raise FastVideoError("image_embeds (the sampler's clip_vision_output): Wan2.2 TI2V-5B uses no CLIP "
-                                     "image embeddings; leave it out.")
-            if image is None:
-                raise FastVideoError("image: none given; Wan2.2 TI2V-5B without an image is text-to-video, which "
-                                     "needs no encode_image.")
-            return self._encode_first_frame(image, settings)
-        return self._encode_i2v(image, settings, image_embeds)
-
-    def _encode_i2v(self, image, settings: SamplingSettings,
-                    image_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Wan2.1 I2V: the start image → (condition, CLIP embeds); see encode_image."""
-        from ..memory.planner import decode_activation_bytes
-        from .image_condition import fit, vae_condition
-        picture = self.check_image(image, need_encoder=image_embeds is None)
-        if picture is None:
-            raise FastVideoError("image: this is a text-to-video model, which takes no image.")
-        image_dim = self.dit_config().image_dim
-        if image_embeds is not None and image_dim is None:
-            raise FastVideoError("image_embeds (the sampler's clip_vision_output): Wan2.2 I2V-A14B uses no CLIP "
-                                 "image embeddings; leave it out.")
-        if image_embeds is not None:
-            if not isinstance(image_embeds, torch.Tensor) or image_embeds.ndim != 3 or \
-                    image_embeds.shape[-1] != image_dim:
-                got = tuple(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds)
-                raise FastVideoError(f"image_embeds: expected CLIP vision hidden states [1, tokens, {image_dim}] "
-                                     f"(clip_vision_h's penultimate layer), got {got}.")
-        shape = VideoShape(settings.height, settings.width, settings.num_frames)
-        with self._parts.lock, torch.inference_mode(), _friendly_oom("encoding the image"):
-            self._prepare(shape)
-            embeds = (image_embeds[:1].float().cpu() if image_embeds is not None
-                      else self._clip_embeds(picture) if image_dim is not None else None)
-            vae = self.vae
-            need = decode_activation_bytes(self._sizes(), shape) if self._parts.plan is not None else 0
-            with self._on_device("vae", vae, need):
-                condition = vae_condition(vae, fit(picture, settings.height, settings.width), settings.num_frames)
-        return condition, embeds
-
-    def _encode_first_frame(self, image, settings: SamplingSettings) -> ti2v.FirstFrame:
-        """Wan2.2 TI2V-5B: the image → the first-frame condition of a run of `settings`' size, encoded
-        by the VAE wherever the memory plan puts it."""
-        settings = self.check_settings(settings)
-        from ..memory.planner import decode_activation_bytes
-        with self._parts.lock, torch.inference_mode(), _friendly_oom("encoding the image"):
-            shape = VideoShape(settings.height, settings.width, 1, vae_stride=settings.vae_stride)
-            with _friendly_oom("loading"):
-                self._prepare(shape)
-                vae = self.vae
-            need = decode_activation_bytes(self._sizes(), shape, None) if self._parts.plan is not None else 0
-            with self._on_device("vae", vae, need):
-                return ti2v.first_frame_for(vae, image, settings)
-
-    def _clip_embeds(self, picture) -> torch.Tensor:
-        """The CLIP tokens of the RGB PIL image [1,257,1280] float32 on CPU, the encoder on the GPU for it."""
-        encoder = self.image_encoder
-        home = encoder.device
-        placed = self._where("text_encoder") in ("resident", "on_demand")
-        if home.type == "cpu" and self.device.type != "cpu" and placed:
-            encoder.model.to(self.device)  # in for this phase only (on demand, or kept by a memory host)
-        try:
-            return encoder.encode(picture)
-        finally:
-            encoder.model.to(home)
+        return conditioning.encode_image(self, image, settings, image_embeds)
 
     # -- the three stages
 
@@ -873,11 +369,10 @@ class VideoGenerator:
             return self._parts.prompts.encode(enc, prompts, self._encode_uncached)
 
     def _encode_uncached(self, prompts: list[str]) -> torch.Tensor:
-        from ..memory.planner import encode_activation_bytes
         enc = self._parts.text_encoder
-        need = encode_activation_bytes(self._sizes()) if self._parts.plan is not None else 0
-        with torch.inference_mode(), _friendly_oom("encoding the prompts"), \
-                self._on_device("text_encoder", enc.model, need):
+        need = self.placement.encoder_bytes_needed()
+        with torch.inference_mode(), friendly_oom("encoding the prompts"), \
+                self.placement.on_device("text_encoder", enc.model, need):
             return enc.encode(prompts).float().cpu()
 
     def check_settings(self, settings: SamplingSettings) -> SamplingSettings:
@@ -914,24 +409,10 @@ class VideoGenerator:
         below. Wan2.1 image-to-video: condition and image_embeds (encode_image's pair). Wan2.2 TI2V-5B:
         first_frame (encode_image's FirstFrame).
         Raises FastVideoError for bad settings before any work, and for non-finite results."""
-        if isinstance(image_condition, ti2v.FirstFrame):
-            first_frame = image_condition
-        elif image_condition is not None:
-            condition, image_embeds = image_condition
-        settings = self.check_settings(settings)
-        settings = self._expert_settings(settings)
+        settings = self._expert_settings(self.check_settings(settings))
         noise = initial_noise(settings) if noise is None else noise
-        if first_frame is not None and condition is not None:
-            raise FastVideoError("first_frame (Wan2.2 TI2V-5B) and condition (Wan2.1 I2V) are for different models; "
-                                 "give what encode_image returned for this one.")
-        if (condition is None) != (image_embeds is None) and self.dit_config().image_dim is not None:
-            raise FastVideoError("condition and image_embeds come together (from encode_image); got only one.")
-        if condition is not None and self.num_gpus > 1:
-            raise FastVideoError("image-to-video runs on one GPU for now; use num_gpus=1.")
-        if condition is not None and tuple(condition.shape[2:]) != tuple(settings.latent_shape[2:]):
-            raise FastVideoError(f"condition: latent grid {tuple(condition.shape[2:])} does not match the video size "
-                                 f"{settings.width}x{settings.height}, {settings.num_frames} frames; encode the image "
-                                 "again for these settings.")
+        condition, image_embeds, first_frame = conditioning.sample_inputs(self, settings, image_condition, condition,
+                                                                          image_embeds, first_frame)
         with self._parts.lock:
             self._ready_to_sample(settings)
             if self.num_gpus > 1:
@@ -943,11 +424,11 @@ class VideoGenerator:
                                                    first_frame=first_frame)
             else:
                 two = self.files.low_noise_model is not None
-                with _friendly_oom():
+                with friendly_oom():
                     report = None if two else self._sync_loras()
                 if report is not None and stats is not None:
                     stats.extra["lora_s"] = report.seconds
-                with torch.inference_mode(), _friendly_oom():
+                with torch.inference_mode(), friendly_oom():
                     model_latents = denoise(self._experts() if two else self.dit, noise, positive, negative, settings,
                                             attention_backend=self.attention_backend,
                                             attention_options=self.attention_options, callback=callback,
@@ -958,26 +439,12 @@ class VideoGenerator:
         return model_to_raw(check_finite_latents(model_latents.float().cpu()))
 
     def _expert_settings(self, settings: SamplingSettings) -> SamplingSettings:
-        """Two experts: the boundary filled in (the folder's boundary_ratio, else Wan2.2's 0.875); one
-        DiT: boundary and guidance_scale_low refused (they would silently do nothing)."""
-        from dataclasses import replace
-
-        from .experts import folder_boundary, preset_for
-        if self.files.low_noise_model is None:
-            for name in ("boundary", "guidance_scale_low"):
-                if getattr(settings, name) is not None:
-                    raise FastVideoError(f"{name}: only a two-expert model (Wan2.2 A14B, loaded with "
-                                         f"low_noise_model) takes it; {os.path.basename(self.files.model)!r} has "
-                                         "one DiT. Leave it out.")
-            return settings
-        if self.loras:
+        """settings with the boundary filled in for two experts; see experts.expert_settings."""
+        from .experts import expert_settings
+        if self.files.low_noise_model is not None and self.loras:
             raise FastVideoError("loras: LoRAs on a two-expert model (Wan2.2 A14B) are not supported yet; each "
                                  "expert needs its own LoRA list.")
-        if settings.boundary is None:
-            boundary = folder_boundary(self.files.model)
-            default = preset_for(self.dit_config()).boundary
-            settings = replace(settings, boundary=default if boundary is None else boundary)
-        return settings
+        return expert_settings(settings, self.files.model, self.files.low_noise_model is not None, self.dit_config())
 
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """Raw VAE-space latents [1,16,T',H',W'] → frames float32 [T,H,W,3] in 0..1 on CPU."""
@@ -990,31 +457,26 @@ class VideoGenerator:
             raise FastVideoError(f"tile must be a positive number of latent pixels (or None = whole frame), "
                                  f"got {tile!r}.")
         check_finite_latents(latents)
-        from ..memory.planner import decode_activation_bytes
-        with self._parts.lock, torch.inference_mode(), _friendly_oom("decoding"):
+        with self._parts.lock, torch.inference_mode(), friendly_oom("decoding"):
             video = _latent_shape(latents)
-            with _friendly_oom("loading"):
-                self._prepare(video, tile)
+            with friendly_oom("loading"):
+                self.placement.prepare(video, tile)
                 vae = self.vae
             if vae.cfg.z_dim != latents.shape[1]:
                 raise FastVideoError(f"latents: {latents.shape[1]} channels, but the VAE ({self.files.vae}) decodes "
                                      f"{vae.cfg.z_dim}; decode with the VAE the latents were made for.")
-            need = decode_activation_bytes(self._sizes(), video, tile) if self._parts.plan is not None else 0
-            with self._on_device("vae", vae, need):
+            need = self.placement.vae_bytes_needed(video, tile)
+            with self.placement.on_device("vae", vae, need):
                 return vae.decode_frames(latents.to(self.device), tile=tile)
 
     def _ready_to_sample(self, settings: SamplingSettings) -> None:
         """Plan for this shape (again only if it must) and let the host make room for sampling."""
-        from ..memory.planner import sampling_activation_bytes
         shape = VideoShape(settings.height, settings.width, settings.num_frames, vae_stride=settings.vae_stride)
-        with _friendly_oom("loading"):
-            self._prepare(shape)
+        with friendly_oom("loading"):
+            self.placement.prepare(shape)
             if self.num_gpus == 1:
                 self.dit  # noqa: B018  (loaded before the host is asked for room)
-        plan, host = self._parts.plan, self._parts.host
-        if host is not None and plan is not None:
-            streamed = 2 * self._sizes().dit.block_bytes if plan.dit_blocks_streamed else 0
-            host.before_sampling(self.device, sampling_activation_bytes(self._sizes(), shape) + streamed)
+        self.placement.make_room_for_sampling(shape)
 
     def pool(self):
         """The sequence-parallel worker pool for this generator's GPUs (started on first use, kept
@@ -1078,12 +540,9 @@ class VideoGenerator:
         given: the low one follows it (as diffusers). flow_shift None: 12 (Wan2.2 T2V-A14B).
         Calls on one generator (and on those sharing its models) run one at a time."""
         if self.files.low_noise_model is not None:
-            from .experts import preset_for
-            preset = preset_for(self.dit_config())
-            if guidance_scale is None:
-                guidance_scale = preset.guidance_high
-                guidance_scale_low = preset.guidance_low if guidance_scale_low is None else guidance_scale_low
-            flow_shift = preset.shift if flow_shift is None else flow_shift
+            from .experts import preset_defaults
+            guidance_scale, guidance_scale_low, flow_shift = preset_defaults(self.dit_config(), guidance_scale,
+                                                                             guidance_scale_low, flow_shift)
         guidance_scale, scheduler = self._model_defaults(guidance_scale, scheduler)
         wan22 = ti2v.is_wan22(self.dit_config())
         d_height, d_width, d_frames, d_fps = ti2v.WAN22_SIZE if wan22 else ti2v.WAN21_SIZE
