@@ -49,3 +49,24 @@ def test_a_budget_below_the_context_leaves_no_room(monkeypatch):
     card.install(monkeypatch)
     assert planner.hold_to_budget("cuda:0", 1 * GiB) == 0
     assert card.fraction == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_generator_holds_its_budget_until_closed(tiny_model_set):
+    """gpu_memory_gb on a GPU caps the allocator for the generator's life; close() lets go."""
+    from fastvideo_nodes import VideoGenerator
+    files = tiny_model_set["comfy"]
+    gen = VideoGenerator.from_pretrained(files["model"], text_encoder=files["text_encoder"], vae=files["vae"],
+                                         device="cuda", gpu_memory_gb=2)
+    gen.load(height=64, width=64, num_frames=9)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    assert gen._parts.held is not None
+    if fraction is not None:
+        total = torch.cuda.get_device_properties(0).total_memory
+        assert fraction() * total <= 2 * GiB
+    gen.generate_video("a fox", height=64, width=64, num_frames=9, num_inference_steps=2, seed=0)
+    gen.close()
+    assert gen._parts.held is None
+    if fraction is not None:
+        assert fraction() == 1.0

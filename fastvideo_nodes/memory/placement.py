@@ -26,6 +26,7 @@ from .planner import (
     budget_bytes,
     decode_activation_bytes,
     encode_activation_bytes,
+    hold_to_budget,
     lowest_plan,
     peak_of,
     plan_memory,
@@ -135,7 +136,13 @@ class Placement:
             if self.options.gpu_memory_gb is None and self.device.type != "cuda":
                 return None
             free = parts.host.budget(self.device) if parts.host is not None else None
-            parts.budget = budget_bytes(self.device, gpu_memory_gb=self.options.gpu_memory_gb, free_bytes=free)
+            budget = budget_bytes(self.device, gpu_memory_gb=self.options.gpu_memory_gb, free_bytes=free)
+            if self.options.gpu_memory_gb is not None and self.device.type == "cuda" and parts.host is None:
+                # The budget is for the whole card: hold the allocator to it (ComfyUI's models
+                # manage memory their own way, so not under a host).
+                budget = hold_to_budget(self.device, budget)
+                parts.held = self.device
+            parts.budget = budget
         return parts.budget
 
     def text_encoder_elsewhere(self) -> bool:
