@@ -1,0 +1,229 @@
+"""VIDEO_SPARSE_ATTN's Triton kernel: under Triton's CPU interpreter against the dense-mask reference
+(tests/test_video_sparse.py) and the FlexAttention path, its tables, its place in compiled graphs, and on a
+GPU at FastWan's 480p shape."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvideo_nodes.attention import video_sparse as vs
+from fastvideo_nodes.errors import FastVideoError
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- Triton interpreter (CPU)
+
+# One process for every case: the interpreter must be chosen before triton is imported, and the
+# imports cost more than a case. Each case: (grid, sparsity, D, B, dtype, gated). Half precision is
+# fp16 here: Triton 3.9's interpreter multiplies bf16 tl.dot operands as raw bits (bf16 runs on the GPU).
+INTERPRETED = r"""
+import json, math, sys, warnings
+import torch
+warnings.filterwarnings("ignore")
+sys.path.insert(0, "tests")
+from test_video_sparse import reference
+from fastvideo_nodes.attention import attention, video_sparse as vs, video_sparse_kernel as K
+
+def inputs(grid, b, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, math.prod(grid), 2, d, generator=g).to(dtype) for _ in range(4)]
+
+def diff(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+res = {"fused": [], "plain": [], "chunks": []}
+CASES = [((5, 6, 7), 0.0, 64, 1, "float32", True), ((5, 6, 7), 0.5, 128, 2, "float32", True),
+         ((5, 6, 7), 0.8, 64, 2, "float32", True), ((4, 8, 8), 0.0, 128, 1, "float32", True),
+         ((4, 8, 8), 0.5, 64, 2, "float32", True), ((4, 8, 8), 0.8, 128, 1, "float32", True),
+         ((3, 5, 9), 0.0, 64, 2, "float32", True), ((3, 5, 9), 0.5, 128, 1, "float32", False),
+         ((3, 5, 9), 0.8, 64, 1, "float32", True), ((5, 6, 7), 0.8, 128, 2, "float16", True),
+         ((3, 5, 9), 0.5, 64, 1, "float16", True)]
+for i, (grid, sp, d, b, dtype, gated) in enumerate(CASES):
+    q, k, v, gate = inputs(grid, b, d, getattr(torch, dtype), seed=i)
+    gate = gate if gated else None
+    opts = vs.VideoSparseOptions(sp)
+    out = vs.attend(q, k, v, grid=grid, gate=gate, options=opts, impl="triton")
+    flex = vs.attend(q, k, v, grid=grid, gate=gate, options=opts, impl="flex")
+    want = reference(q, k, v, grid, gate, sp)[0]
+    res["fused"].append(dict(case=[list(grid), sp, d, b, dtype, gated], ref=diff(out, want), flex=diff(out, flex),
+                             dtype=str(out.dtype), shape=list(out.shape),
+                             cos=torch.nn.functional.cosine_similarity(out.double().flatten(), want.flatten(),
+                                                                       dim=0).item()))
+
+# The plain sparse branch in the padded layout (identity slot table, no compressed branch).
+for grid, sp in (((5, 6, 7), 0.5), ((3, 5, 9), 0.8)):
+    q, k, v, _ = inputs(grid, 2, 64, torch.float32, seed=20)
+    lay = vs.layout(grid, "cpu")
+    qt, kt, vt, _, index, n_full = vs.prepare(q, k, v, lay, sp)
+    out = torch.full_like(qt, float("nan"))
+    ident = torch.arange(qt.shape[1], dtype=torch.int32)
+    K.attention(qt, kt, vt, index, n_full, lay.counts, ident, out)
+    sparse = reference(q, k, v, grid, None, sp)[1]
+    res["plain"].append(dict(grid=list(grid), ref=diff(out[:, lay.slot], sparse), finite=bool(out.isfinite().all())))
+
+# Every key-piece size gives the same result.
+grid = (5, 6, 7)
+q, k, v, gate = inputs(grid, 1, 64, torch.float32, seed=30)
+want = reference(q, k, v, grid, gate, 0.5)[0]
+lay = vs.layout(grid, "cpu")
+qt, kt, vt, comp, index, n_full = vs.prepare(q, k, v, lay, 0.5)
+for name in ("w4s3c16", "w4s3", "w4s3c64"):
+    out = torch.empty_like(q)
+    K.attention(qt, kt, vt, index, n_full, lay.counts, lay.token, out, comp=comp, gate=gate, cfg=K.CONFIGS[name])
+    res["chunks"].append(dict(cfg=name, ref=diff(out, want)))
+
+# The dispatch under torch.compile: one graph holding the custom op, no recompile for new values.
+vs.kernel_applies = lambda q, v: True  # as on a GPU
+graphs = []
+def backend(gm, example):
+    graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+    return gm
+def block(q, k, v, gate):
+    return attention(q * 1.0, k, v, backend="VIDEO_SPARSE_ATTN", grid=grid, gate=gate,
+                     options=vs.VideoSparseOptions(0.5)) + 1.0
+compiled = torch.compile(block, fullgraph=True, backend=backend)
+first = compiled(q, k, v, gate)
+second = compiled(q + 0.5, k, v, gate)
+res["compiled"] = dict(graphs=len(graphs), op=any("video_sparse_attention" in t for t in graphs[0]),
+                       first=diff(first, want + 1.0),
+                       second=diff(second, reference(q + 0.5, k, v, grid, gate, 0.5)[0] + 1.0))
+print(json.dumps(res))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
+    run = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_kernel_equals_dense_mask_reference_and_flex(interpreted):
+    """Grids with partial edge tiles (5,6,7: one full tile of 8; 3,5,9: none) and without (4,8,8),
+    sparsity 0 / 0.5 / 0.8, D 64 and 128, B 1 and 2, with and without a gate."""
+    cases = interpreted["fused"]
+    assert len(cases) == 11
+    for c in cases:
+        grid, sp, d, b, dtype, gated = c["case"]
+        assert c["shape"] == [b, math.prod(grid), 2, d] and c["dtype"] == f"torch.{dtype}", c
+        if dtype == "float32":
+            assert c["ref"] < 1e-5 and c["flex"] < 1e-5, c
+        else:  # P is rounded to the input dtype before P·V, as every flash kernel does
+            assert c["cos"] > 0.9999 and c["ref"] < 5e-3 and c["flex"] < 5e-3, c
+
+
+def test_plain_sparse_branch_in_padded_layout(interpreted):
+    for c in interpreted["plain"]:
+        assert c["ref"] < 1e-5 and c["finite"], c  # padded query rows are written too, and finite
+
+
+def test_every_key_piece_size_agrees(interpreted):
+    assert [c["cfg"] for c in interpreted["chunks"]] == ["w4s3c16", "w4s3", "w4s3c64"]
+    for c in interpreted["chunks"]:
+        assert c["ref"] < 1e-5, c
+
+
+def test_compiled_block_keeps_one_graph_with_the_op(interpreted):
+    c = interpreted["compiled"]
+    assert c["graphs"] == 1 and c["op"], c  # fullgraph: no break; a second call with new values: no recompile
+    assert c["first"] < 1e-5 and c["second"] < 1e-5, c
+
+
+# ----------------------------------------------------------------------------- tables and dispatch (CPU)
+
+def test_tables_put_full_tiles_first():
+    pytest.importorskip("triton")
+    from fastvideo_nodes.attention.video_sparse_kernel import tables
+    full = torch.tensor([True, False, True, False, True])
+    chosen = torch.tensor([[[[3, 0, 4], [1, 3, 2], [4, 2, 1]]]])
+    index, n_full = tables(chosen, full)
+    assert index.dtype == n_full.dtype == torch.int32
+    assert index[0, 0].tolist() == [[0, 4, 3], [2, 1, 3], [2, 4, 1]] and n_full[0, 0].tolist() == [2, 1, 2]
+
+
+def test_kernel_is_only_chosen_where_it_applies():
+    q = torch.zeros(1, 64, 2, 128, dtype=torch.bfloat16)
+    assert not vs.kernel_applies(q, q)  # CPU: FlexAttention
+    with pytest.raises(FastVideoError, match=r"impl must be one of auto, triton, flex, got 'cuda'"):
+        vs.attend(q, q, q, grid=(4, 4, 4), impl="cuda")
+
+
+# ----------------------------------------------------------------------------- GPU
+
+def masked_reference(q, k, v, gate, grid, sparsity):
+    """The sparse branch as dense fp32 attention under the kernel's own tile choice (so that near-ties in
+    the top-k cannot differ), one head at a time, plus compressed · gate: [B, S, H, D] fp32."""
+    lay = vs.layout(grid, str(q.device))
+    qt, kt, vt, comp, index, _ = vs.prepare(q, k, v, lay, sparsity)
+    n, b, h = lay.num_tiles, q.shape[0], q.shape[2]
+    tile = torch.arange(n * 64, device=q.device) // 64
+    out = torch.empty(b, n * 64, h, q.shape[-1], device=q.device)
+    for i in range(b):
+        for j in range(h):
+            picked = torch.zeros(n, n, dtype=torch.bool, device=q.device).scatter_(-1, index[i, j].long(), True)
+            allowed = picked[tile][:, tile] & lay.valid[None, :]
+            logits = (qt[i, :, j].float() @ kt[i, :, j].float().T) / math.sqrt(q.shape[-1])
+            out[i, :, j] = logits.masked_fill_(~allowed, -math.inf).softmax(-1) @ vt[i, :, j].float()
+            del logits, allowed
+    return out[:, lay.slot] + comp.transpose(1, 2)[:, lay.slot // 64] * gate.float()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sparsity", [0.8, 0.9])
+def test_gpu_kernel_equals_flex_and_reference_at_480p(sparsity):
+    grid, heads = (21, 30, 52), 12
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, gate = (torch.randn(1, math.prod(grid), heads, 128, device="cuda", generator=g).bfloat16()
+                     for _ in range(4))
+    opts = vs.VideoSparseOptions(sparsity)
+    assert vs.kernel_applies(q, v)
+    out = vs.attend(q, k, v, grid=grid, gate=gate, options=opts)
+    flex = vs.attend(q, k, v, grid=grid, gate=gate, options=opts, impl="flex")
+    want = masked_reference(q, k, v, gate, grid, sparsity)
+    for got in (out, flex):
+        assert got.dtype == torch.bfloat16 and got.shape == q.shape
+        assert F.cosine_similarity(got.float().flatten(), want.flatten(), dim=0).item() > 0.9999
+        assert (got.float() - want).abs().max().item() < 3e-2
+    assert (out.float() - flex.float()).abs().max().item() < 3e-2
+
+
+@pytest.mark.gpu
+def test_gpu_every_config_and_autotune_agree():
+    from fastvideo_nodes.attention import video_sparse_kernel as K
+    grid = (5, 18, 26)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v, gate = (torch.randn(2, math.prod(grid), 4, 64, device="cuda", generator=g).half() for _ in range(4))
+    lay = vs.layout(grid, "cuda")
+    qt, kt, vt, comp, index, n_full = vs.prepare(q, k, v, lay, 0.8)
+    base = vs.attend(q, k, v, grid=grid, gate=gate).float()
+    for cfg in [*K.CONFIGS.values(), None]:
+        out = K.attention(qt, kt, vt, index, n_full, lay.counts, lay.token, torch.empty_like(q), comp=comp,
+                          gate=gate, cfg=cfg)
+        assert (out.float() - base).abs().max().item() < 1e-2, cfg
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_dispatch_is_one_graph():
+    from fastvideo_nodes.attention import attention
+    grid = (8, 16, 16)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q, k, v, gate = (torch.randn(1, math.prod(grid), 4, 128, device="cuda", generator=g).bfloat16()
+                     for _ in range(4))
+    block = lambda q, k, v, gate: attention(q, k, v, backend="VIDEO_SPARSE_ATTN", grid=grid, gate=gate) * 1.0
+    compiled = torch.compile(block, fullgraph=True)
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        assert torch.equal(compiled(q, k, v, gate), block(q, k, v, gate))
+        assert torch.equal(compiled(q * 2, k, v, gate), block(q * 2, k, v, gate))
+    finally:
+        torch._dynamo.config.error_on_recompile = False
