@@ -38,7 +38,7 @@ def inputs(grid, b, d, dtype, seed):
 def diff(a, b):
     return (a.double() - b.double()).abs().max().item()
 
-res = {"fused": [], "plain": [], "chunks": []}
+res = {"fused": [], "plain": [], "configs": []}
 CASES = [((5, 6, 7), 0.0, 64, 1, "float32", True), ((5, 6, 7), 0.5, 128, 2, "float32", True),
          ((5, 6, 7), 0.8, 64, 2, "float32", True), ((4, 8, 8), 0.0, 128, 1, "float32", True),
          ((4, 8, 8), 0.5, 64, 2, "float32", True), ((4, 8, 8), 0.8, 128, 1, "float32", True),
@@ -61,23 +61,23 @@ for i, (grid, sp, d, b, dtype, gated) in enumerate(CASES):
 for grid, sp in (((5, 6, 7), 0.5), ((3, 5, 9), 0.8)):
     q, k, v, _ = inputs(grid, 2, 64, torch.float32, seed=20)
     lay = vs.layout(grid, "cpu")
-    qt, kt, vt, _, index, n_full = vs.prepare(q, k, v, lay, sp)
+    qt, kt, vt, _, index, ends = vs.prepare(q, k, v, lay, sp)
     out = torch.full_like(qt, float("nan"))
     ident = torch.arange(qt.shape[1], dtype=torch.int32)
-    K.attention(qt, kt, vt, index, n_full, lay.counts, ident, out)
+    K.attention(qt, kt, vt, index, ends, lay.counts, ident, out)
     sparse = reference(q, k, v, grid, None, sp)[1]
     res["plain"].append(dict(grid=list(grid), ref=diff(out[:, lay.slot], sparse), finite=bool(out.isfinite().all())))
 
-# Every key-piece size gives the same result.
+# Pointer and TMA loads agree; (5, 6, 7) has tiles of every group (64, 48, 32, 24, 16, 12, 8, 6 tokens).
 grid = (5, 6, 7)
-q, k, v, gate = inputs(grid, 1, 64, torch.float32, seed=30)
-want = reference(q, k, v, grid, gate, 0.5)[0]
+q, k, v, gate = inputs(grid, 2, 64, torch.float32, seed=30)
+want = reference(q, k, v, grid, gate, 0.3)[0]
 lay = vs.layout(grid, "cpu")
-qt, kt, vt, comp, index, n_full = vs.prepare(q, k, v, lay, 0.5)
-for name in ("w4s3c16", "w4s3", "w4s3c64"):
+qt, kt, vt, comp, index, ends = vs.prepare(q, k, v, lay, 0.3)
+for name in ("w4s3", "w4s3_tma"):
     out = torch.empty_like(q)
-    K.attention(qt, kt, vt, index, n_full, lay.counts, lay.token, out, comp=comp, gate=gate, cfg=K.CONFIGS[name])
-    res["chunks"].append(dict(cfg=name, ref=diff(out, want)))
+    K.attention(qt, kt, vt, index, ends, lay.counts, lay.token, out, comp=comp, gate=gate, cfg=K.CONFIGS[name])
+    res["configs"].append(dict(cfg=name, ref=diff(out, want), groups=sorted(set(lay.counts.tolist()))))
 
 # The dispatch under torch.compile: one graph holding the custom op, no recompile for new values.
 vs.kernel_applies = lambda q, v: True  # as on a GPU
@@ -92,7 +92,7 @@ compiled = torch.compile(block, fullgraph=True, backend=backend)
 first = compiled(q, k, v, gate)
 second = compiled(q + 0.5, k, v, gate)
 res["compiled"] = dict(graphs=len(graphs), op=any("video_sparse_attention" in t for t in graphs[0]),
-                       first=diff(first, want + 1.0),
+                       first=diff(first, reference(q, k, v, grid, gate, 0.5)[0] + 1.0),
                        second=diff(second, reference(q + 0.5, k, v, grid, gate, 0.5)[0] + 1.0))
 print(json.dumps(res))
 """
@@ -127,10 +127,10 @@ def test_plain_sparse_branch_in_padded_layout(interpreted):
         assert c["ref"] < 1e-5 and c["finite"], c  # padded query rows are written too, and finite
 
 
-def test_every_key_piece_size_agrees(interpreted):
-    assert [c["cfg"] for c in interpreted["chunks"]] == ["w4s3c16", "w4s3", "w4s3c64"]
-    for c in interpreted["chunks"]:
-        assert c["ref"] < 1e-5, c
+def test_pointer_and_tma_loads_agree(interpreted):
+    assert [c["cfg"] for c in interpreted["configs"]] == ["w4s3", "w4s3_tma"]
+    for c in interpreted["configs"]:
+        assert c["ref"] < 1e-5 and c["groups"] == [6, 8, 12, 16, 24, 32, 48, 64], c
 
 
 def test_compiled_block_keeps_one_graph_with_the_op(interpreted):
@@ -141,14 +141,15 @@ def test_compiled_block_keeps_one_graph_with_the_op(interpreted):
 
 # ----------------------------------------------------------------------------- tables and dispatch (CPU)
 
-def test_tables_put_full_tiles_first():
+def test_tables_group_tiles_by_the_piece_they_are_read_in():
     pytest.importorskip("triton")
     from fastvideo_nodes.attention.video_sparse_kernel import tables
-    full = torch.tensor([True, False, True, False, True])
-    chosen = torch.tensor([[[[3, 0, 4], [1, 3, 2], [4, 2, 1]]]])
-    index, n_full = tables(chosen, full)
-    assert index.dtype == n_full.dtype == torch.int32
-    assert index[0, 0].tolist() == [[0, 4, 3], [2, 1, 3], [2, 4, 1]] and n_full[0, 0].tolist() == [2, 1, 2]
+    counts = torch.tensor([64, 16, 64, 33, 8, 32, 17])  # groups: full, ≤16, full, more, ≤16, ≤32, ≤32
+    chosen = torch.tensor([[[[3, 0, 4, 6], [1, 5, 2, 3], [6, 4, 5, 1], [3, 2, 6, 0]]]])
+    index, ends = tables(chosen, counts)
+    assert index.dtype == ends.dtype == torch.int32
+    assert index[0, 0].tolist() == [[0, 4, 6, 3], [2, 1, 5, 3], [1, 4, 5, 6], [0, 2, 6, 3]]
+    assert ends[0, 0].tolist() == [[1, 2, 3], [1, 2, 3], [0, 2, 4], [2, 2, 3]]
 
 
 def test_kernel_is_only_chosen_where_it_applies():
@@ -204,10 +205,10 @@ def test_gpu_every_config_and_autotune_agree():
     g = torch.Generator(device="cuda").manual_seed(1)
     q, k, v, gate = (torch.randn(2, math.prod(grid), 4, 64, device="cuda", generator=g).half() for _ in range(4))
     lay = vs.layout(grid, "cuda")
-    qt, kt, vt, comp, index, n_full = vs.prepare(q, k, v, lay, 0.8)
+    qt, kt, vt, comp, index, ends = vs.prepare(q, k, v, lay, 0.8)
     base = vs.attend(q, k, v, grid=grid, gate=gate).float()
     for cfg in [*K.CONFIGS.values(), None]:
-        out = K.attention(qt, kt, vt, index, n_full, lay.counts, lay.token, torch.empty_like(q), comp=comp,
+        out = K.attention(qt, kt, vt, index, ends, lay.counts, lay.token, torch.empty_like(q), comp=comp,
                           gate=gate, cfg=cfg)
         assert (out.float() - base).abs().max().item() < 1e-2, cfg
 

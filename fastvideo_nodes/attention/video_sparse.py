@@ -206,12 +206,12 @@ def kernel_applies(q: torch.Tensor, v: torch.Tensor) -> bool:
 
 def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, sparsity: float):
     """Everything before the sparse kernel: padded tiles [B, N·64, H, D], the compressed branch
-    [B, H, N, D] fp32 (contiguous) and the kernel's tables (index [B, H, N, k], full count [B, H, N])."""
+    [B, H, N, D] fp32 (contiguous) and the kernel's tables (index [B, H, N, k], group ends [B, H, N, 3])."""
     from .video_sparse_kernel import tables
     qt, kt, vt = (_to_tiles(x, lay) for x in (q, k, v))
     scores, out_c = compressed(qt, kt, vt, lay)
-    index, n_full = tables(top_tiles(scores, sparsity), lay.full)
-    return qt, kt, vt, out_c.contiguous(), index, n_full
+    index, ends = tables(top_tiles(scores, sparsity), lay.counts)
+    return qt, kt, vt, out_c.contiguous(), index, ends
 
 
 @torch.library.custom_op("fastvideo::video_sparse_attention", mutates_args=())
@@ -219,10 +219,10 @@ def _video_sparse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: to
                      grid: list[int], sparsity: float) -> torch.Tensor:
     from .video_sparse_kernel import attention
     lay = layout((grid[0], grid[1], grid[2]), str(q.device))
-    qt, kt, vt, out_c, index, n_full = prepare(q, k, v, lay, sparsity)
+    qt, kt, vt, out_c, index, ends = prepare(q, k, v, lay, sparsity)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        return attention(qt, kt, vt, index, n_full, lay.counts, lay.token, out, comp=out_c, gate=gate)
+        return attention(qt, kt, vt, index, ends, lay.counts, lay.token, out, comp=out_c, gate=gate)
 
 
 @_video_sparse_op.register_fake

@@ -1,10 +1,11 @@
 """Triton kernel of VIDEO_SPARSE_ATTN's sparse branch: exact attention over each query tile's chosen key tiles.
 
 One program = one 64-token query tile of one (batch, head). It loads the tile once, walks the key tiles
-of its row of the index table (full tiles first, then the tiles with padding), and keeps the softmax
-online in fp32 with exp2 (log2(e)/√D folded into one scale). Full tiles take no mask; a tile with
-padding is read in CHUNK-token pieces up to its real count (its real tokens come first), so an edge
-tile of 16 tokens costs a 32-key piece instead of a 64-key one, and only those pieces are masked.
+of its row of the index table and keeps the softmax online in fp32 with exp2 (log2(e)/√D folded into
+one scale). A row lists its full tiles first: they are read whole and take no mask. The tiles with
+padding follow, grouped by their real count (real tokens come first in a tile): ≤ 16 tokens are read
+as a 16-key piece, ≤ 32 as a 32-key piece, more as the whole tile, each under the count mask. At
+480p the edge tiles hold 8, 16 or 32 tokens, so none of them costs a whole 64-key block.
 
 The epilogue is fused: `sparse + compressed · gate` is formed in fp32 and written straight to the
 token-order output through the slot → token table, so neither the padded sparse result nor the
@@ -16,6 +17,7 @@ with the last dim contiguous); bf16/fp16 on the GPU, fp32 too under the interpre
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -31,66 +33,81 @@ BLOCK = 64  # tokens per 4×4×4 tile
 class Config:
     num_warps: int = 4
     num_stages: int = 3
-    chunk: int = 32  # key piece for tiles with padding: 64 = whole tiles under the mask
+    tma: bool = False  # tiles through Hopper's tensor-memory accelerator (host tensor descriptors)
 
 
-# Offered to the bench (and to autotune, `attention(cfg=None)`); DEFAULT is what attend() runs.
+# Offered to the bench (and, the pointer ones, to autotune: `attention(cfg=None)`); DEFAULT is what
+# attend() runs until the bench has picked one on the H200.
 CONFIGS = {
     "w4s2": Config(4, 2), "w4s3": Config(4, 3), "w4s4": Config(4, 4),
     "w8s2": Config(8, 2), "w8s3": Config(8, 3), "w8s4": Config(8, 4),
-    "w4s3c64": Config(4, 3, 64), "w4s3c16": Config(4, 3, 16),
+    "w4s2_tma": Config(4, 2, True), "w4s3_tma": Config(4, 3, True), "w4s4_tma": Config(4, 4, True),
+    "w8s3_tma": Config(8, 3, True),
 }
 DEFAULT = CONFIGS["w4s3"]
+# Key pieces by a tile's real count (real tokens come first in a tile): a full tile is read whole
+# with no mask; a tile with padding is read in the smallest piece that holds its tokens, masked.
+PIECES = (16, 32, 64)
 
 
 @triton.jit
-def _online(acc, l_i, m_i, q, k, v, qk_scale, live, MASK: tl.constexpr):
-    """One key block into the running softmax: q [BM, D], k/v [BN, D], live [BN] (MASK only)."""
-    s = tl.dot(q, tl.trans(k))
-    if MASK:
-        s = tl.where(live[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, l_i, m_new
+def _pieces(acc, l_i, m_i, q, K, V, idx, counts, lo, hi, b, h, P, sxb, sxs, sxh, qk_scale,
+            D: tl.constexpr, PIECE: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr):
+    """Entries lo..hi of one index row, each read as a PIECE-token block from its tile's start, into the
+    running softmax of the query tile q [64, D]. K, V: pointers, or descriptors of PIECE × D blocks."""
+    offs_n = tl.arange(0, PIECE)
+    offs_d = tl.arange(0, D)
+    for i in range(lo, hi):
+        j = tl.load(idx + i)
+        if TMA:
+            k = K.load([(b * P + j * BLOCK).to(tl.int32), (h * D).to(tl.int32)])
+            v = V.load([(b * P + j * BLOCK).to(tl.int32), (h * D).to(tl.int32)])
+        else:
+            kv = b * sxb + h * sxh + (j.to(tl.int64) * BLOCK + offs_n)[:, None] * sxs + offs_d[None, :]
+            k = tl.load(K + kv)
+            v = tl.load(V + kv)
+        s = tl.dot(q, tl.trans(k))
+        if MASK:
+            s = tl.where((offs_n < tl.load(counts + j))[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
-def _vsa_fwd(Q, K, V, IDX, NFULL, COUNTS, COMP, GATE, TOK, O,
-             N, H, k_tiles, sxb, sxs, sxh, sgb, sgs, sgh, sob, sos, soh, qk_scale,
-             D: tl.constexpr, CHUNK: tl.constexpr, HAS_COMP: tl.constexpr, HAS_GATE: tl.constexpr):
+def _vsa_fwd(Q, K64, V64, K16, V16, K32, V32, IDX, ENDS, COUNTS, COMP, GATE, TOK, O,
+             N, H, P, k_tiles, sxb, sxs, sxh, sgb, sgs, sgh, sob, sos, soh, qk_scale,
+             D: tl.constexpr, HAS_COMP: tl.constexpr, HAS_GATE: tl.constexpr, TMA: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D)
-    base = b * sxb + h * sxh  # q, k and v tiles share one layout
-    q = tl.load(Q + base + (tile * BLOCK + offs_m)[:, None] * sxs + offs_d[None, :])
+    if TMA:
+        q = Q.load([(b * P + tile * BLOCK).to(tl.int32), (h * D).to(tl.int32)])
+    else:
+        q = tl.load(Q + b * sxb + h * sxh + (tile * BLOCK + offs_m)[:, None] * sxs + offs_d[None, :])
     row = bh.to(tl.int64) * N + tile
     idx = IDX + row * k_tiles
-    n_full = tl.load(NFULL + row)
+    e_full = tl.load(ENDS + row * 3)
+    e_16 = tl.load(ENDS + row * 3 + 1)
+    e_32 = tl.load(ENDS + row * 3 + 2)
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, D], tl.float32)
-    offs_n = tl.arange(0, BLOCK)
-    for i in range(0, n_full):
-        j = tl.load(idx + i).to(tl.int64)
-        kv = base + (j * BLOCK + offs_n)[:, None] * sxs + offs_d[None, :]
-        k = tl.load(K + kv)
-        v = tl.load(V + kv)
-        acc, l_i, m_i = _online(acc, l_i, m_i, q, k, v, qk_scale, offs_n, False)
-    offs_c = tl.arange(0, CHUNK)
-    for i in range(n_full, k_tiles):
-        j = tl.load(idx + i).to(tl.int64)
-        count = tl.load(COUNTS + j)
-        for c in range(0, tl.cdiv(count, CHUNK)):  # real tokens come first: stop at the last real one
-            kv = base + (j * BLOCK + c * CHUNK + offs_c)[:, None] * sxs + offs_d[None, :]
-            k = tl.load(K + kv)
-            v = tl.load(V + kv)
-            acc, l_i, m_i = _online(acc, l_i, m_i, q, k, v, qk_scale, c * CHUNK + offs_c < count, True)
+    acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K64, V64, idx, COUNTS, 0, e_full, b, h, P, sxb, sxs, sxh,
+                            qk_scale, D, BLOCK, False, TMA)
+    acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K16, V16, idx, COUNTS, e_full, e_16, b, h, P, sxb, sxs, sxh,
+                            qk_scale, D, 16, True, TMA)
+    acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K32, V32, idx, COUNTS, e_16, e_32, b, h, P, sxb, sxs, sxh,
+                            qk_scale, D, 32, True, TMA)
+    acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K64, V64, idx, COUNTS, e_32, k_tiles, b, h, P, sxb, sxs, sxh,
+                            qk_scale, D, BLOCK, True, TMA)
     out = acc / l_i[:, None]
     tok = tl.load(TOK + tile * BLOCK + offs_m)  # output row of each slot, -1 for padding
     live = tok >= 0
@@ -108,29 +125,42 @@ def _vsa_fwd(Q, K, V, IDX, NFULL, COUNTS, COMP, GATE, TOK, O,
 
 
 _AUTOTUNED = triton.autotune(
-    [triton.Config({}, num_warps=c.num_warps, num_stages=c.num_stages) for c in CONFIGS.values() if c.chunk == 32],
+    [triton.Config({}, num_warps=c.num_warps, num_stages=c.num_stages) for c in CONFIGS.values() if not c.tma],
     key=["D", "k_tiles"])(_vsa_fwd)
 
 
-def tables(chosen: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """chosen [B, H, N, k] key tiles per query tile, full [N] tiles without padding →
-    (index table [B, H, N, k] int32 with each row's full tiles first, full-tile count [B, H, N] int32)."""
-    n = full.numel()
-    is_full = full[chosen]
-    order = torch.sort(chosen + n * (~is_full).long(), dim=-1).values % n
-    return order.to(torch.int32).contiguous(), is_full.sum(-1, dtype=torch.int32).contiguous()
+def tables(chosen: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """chosen [B, H, N, k] key tiles per query tile, counts [N] real tokens per tile → (index table
+    [B, H, N, k] int32, each row ordered full tiles, then tiles of ≤ 16, ≤ 32 and more real tokens;
+    ends [B, H, N, 3] int32, where the first three of those groups end)."""
+    n = counts.numel()
+    bounds = torch.tensor([16, 32, BLOCK - 1], device=counts.device)
+    group = ((torch.bucketize(counts, bounds) + 1) % 4)[chosen]  # 0 full, 1 ≤ 16, 2 ≤ 32, 3 more
+    order = torch.sort(chosen + n * group, dim=-1).values % n
+    ends = torch.stack([(group <= g).sum(-1, dtype=torch.int32) for g in range(3)], dim=-1)
+    return order.to(torch.int32).contiguous(), ends.contiguous()
 
 
-def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch.Tensor, n_full: torch.Tensor,
+@functools.cache
+def _tensor_descriptor():
+    """Host-side TMA descriptors (Triton 3.4+); without them the pointer kernel runs."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        return TensorDescriptor
+    except ImportError:
+        return None
+
+
+def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch.Tensor, ends: torch.Tensor,
               counts: torch.Tensor, tokens: torch.Tensor, out: torch.Tensor, comp: torch.Tensor | None = None,
               gate: torch.Tensor | None = None, cfg: Config | None = DEFAULT) -> torch.Tensor:
     """The sparse branch, written into `out`.
 
-    qt, kt, vt: [B, N·64, H, D] padded tiles (same strides, last dim contiguous); index [B, H, N, k]
-    int32 and n_full [B, H, N] int32 from `tables`; counts [N] real tokens per tile (any int); tokens
-    [N·64] int32: the row of `out` each slot goes to (-1: padding, not written); out [B, S_out, H, D];
-    comp [B, H, N, D] fp32 (contiguous) and gate [B, S_out, H, D]: when given, out = sparse + comp · gate
-    (gate None: + comp). cfg None: Triton's autotune over CONFIGS' whole-piece settings.
+    qt, kt, vt: [B, N·64, H, D] padded tiles (same strides, last dim contiguous; TMA wants them
+    contiguous); index [B, H, N, k] and ends [B, H, N, 3] from `tables`; counts [N] real tokens per
+    tile (any int); tokens [N·64] int32: the row of `out` each slot goes to (-1: padding, not written);
+    out [B, S_out, H, D]; comp [B, H, N, D] fp32 (contiguous) and gate [B, S_out, H, D]: when given,
+    out = sparse + comp · gate (gate None: + comp). cfg None: Triton's autotune over the pointer CONFIGS.
     """
     B, P, H, D = qt.shape
     N, k_tiles = index.shape[2], index.shape[3]
@@ -140,13 +170,20 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
         raise ValueError(f"video sparse kernel: tiles {tuple(qt.shape)} do not fit {N} tiles of {BLOCK} "
                          f"with a power-of-two D ≥ 16")
     g = gate if gate is not None else out  # a placeholder pointer when unused
-    args = (qt, kt, vt, index, n_full, counts, comp if comp is not None else qt, g, tokens, out,
-            N, H, k_tiles, qt.stride(0), qt.stride(1), qt.stride(2), g.stride(0), g.stride(1), g.stride(2),
+    tma = cfg is not None and cfg.tma and _tensor_descriptor() is not None and qt.is_contiguous()
+    if tma:
+        desc = lambda x, rows: _tensor_descriptor().from_tensor(x.view(B * P, H * D), [rows, D])
+        tiles = (desc(qt, BLOCK), desc(kt, BLOCK), desc(vt, BLOCK), desc(kt, 16), desc(vt, 16),
+                 desc(kt, 32), desc(vt, 32))
+    else:
+        tiles = (qt, kt, vt, kt, vt, kt, vt)
+    args = (*tiles, index, ends, counts, comp if comp is not None else qt, g, tokens, out,
+            N, H, P, k_tiles, qt.stride(0), qt.stride(1), qt.stride(2), g.stride(0), g.stride(1), g.stride(2),
             out.stride(0), out.stride(1), out.stride(2), LOG2E / math.sqrt(D))
     launch = (N, B * H)
-    flags = dict(D=D, HAS_COMP=comp is not None, HAS_GATE=gate is not None)
+    flags = dict(D=D, HAS_COMP=comp is not None, HAS_GATE=gate is not None, TMA=tma)
     if cfg is None:
-        _AUTOTUNED[launch](*args, CHUNK=32, **flags)
+        _AUTOTUNED[launch](*args, **flags)
     else:
-        _vsa_fwd[launch](*args, CHUNK=cfg.chunk, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _vsa_fwd[launch](*args, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
