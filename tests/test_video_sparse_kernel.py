@@ -41,8 +41,7 @@ def diff(a, b):
 res = {"fused": [], "plain": [], "configs": []}
 CASES = [((5, 6, 7), 0.0, 64, 1, "float32", True), ((5, 6, 7), 0.5, 128, 2, "float32", True),
          ((5, 6, 7), 0.8, 64, 2, "float32", True), ((4, 8, 8), 0.0, 128, 1, "float32", True),
-         ((4, 8, 8), 0.5, 64, 2, "float32", True), ((4, 8, 8), 0.8, 128, 1, "float32", True),
-         ((3, 5, 9), 0.0, 64, 2, "float32", True), ((3, 5, 9), 0.5, 128, 1, "float32", False),
+         ((4, 8, 8), 0.5, 64, 2, "float32", True), ((3, 5, 9), 0.5, 128, 1, "float32", False),
          ((3, 5, 9), 0.8, 64, 1, "float32", True), ((5, 6, 7), 0.8, 128, 2, "float16", True),
          ((3, 5, 9), 0.5, 64, 1, "float16", True)]
 for i, (grid, sp, d, b, dtype, gated) in enumerate(CASES):
@@ -70,7 +69,7 @@ for grid, sp in (((5, 6, 7), 0.5), ((3, 5, 9), 0.8)):
 
 # Pointer and TMA loads agree; (5, 6, 7) has tiles of every group (64, 48, 32, 24, 16, 12, 8, 6 tokens).
 grid = (5, 6, 7)
-q, k, v, gate = inputs(grid, 2, 64, torch.float32, seed=30)
+q, k, v, gate = inputs(grid, 1, 64, torch.float32, seed=30)
 want = reference(q, k, v, grid, gate, 0.3)[0]
 lay = vs.layout(grid, "cpu")
 qt, kt, vt, comp, index, ends = vs.prepare(q, k, v, lay, 0.3)
@@ -112,7 +111,7 @@ def test_kernel_equals_dense_mask_reference_and_flex(interpreted):
     """Grids with partial edge tiles (5,6,7: one full tile of 8; 3,5,9: none) and without (4,8,8),
     sparsity 0 / 0.5 / 0.8, D 64 and 128, B 1 and 2, with and without a gate."""
     cases = interpreted["fused"]
-    assert len(cases) == 11
+    assert len(cases) == 9
     for c in cases:
         grid, sp, d, b, dtype, gated = c["case"]
         assert c["shape"] == [b, math.prod(grid), 2, d] and c["dtype"] == f"torch.{dtype}", c

@@ -128,8 +128,12 @@ def _tile_means(x: torch.Tensor, lay: Layout) -> torch.Tensor:
 
 def compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """The compression branch on padded tiles: (scores [B, H, N, N], out [B, H, N, D]), float32."""
-    qc, kc, vc = (_tile_means(x, lay) for x in (q, k, v))
-    scores = qc @ kc.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return compressed_from_means(*(_tile_means(x, lay) for x in (q, k, v)))
+
+
+def compressed_from_means(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile means [B, H, N, D] float32 → (scores [B, H, N, N], out [B, H, N, D])."""
+    scores = qc @ kc.transpose(-1, -2) / math.sqrt(qc.shape[-1])
     return scores, scores.softmax(-1) @ vc
 
 
@@ -205,11 +209,12 @@ def kernel_applies(q: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, sparsity: float):
-    """Everything before the sparse kernel: padded tiles [B, N·64, H, D], the compressed branch
-    [B, H, N, D] fp32 (contiguous) and the kernel's tables (index [B, H, N, k], group ends [B, H, N, 3])."""
-    from .video_sparse_kernel import tables
-    qt, kt, vt = (_to_tiles(x, lay) for x in (q, k, v))
-    scores, out_c = compressed(qt, kt, vt, lay)
+    """Everything before the sparse kernel, with the kernel's own gather (one pass per input for
+    tiles and means): padded tiles [B, N·64, H, D], the compressed branch [B, H, N, D] fp32
+    (contiguous) and the kernel's tables (index [B, H, N, k], group ends [B, H, N, 3])."""
+    from .video_sparse_kernel import gather, tables
+    (qt, qc), (kt, kc), (vt, vc) = (gather(x, lay.token, lay.counts) for x in (q, k, v))
+    scores, out_c = compressed_from_means(qc, kc, vc)
     index, ends = tables(top_tiles(scores, sparsity), lay.counts)
     return qt, kt, vt, out_c.contiguous(), index, ends
 

@@ -12,8 +12,10 @@ token-order output through the slot → token table, so neither the padded spars
 broadcast compressed branch ever goes through memory. With no compressed branch and an identity
 table the same kernel writes the plain padded sparse output (the tests and the bench use that).
 
-Inputs are the padded tile-major tensors `video_sparse._to_tiles` makes, [B, N·64, H, D] (any strides
-with the last dim contiguous); bf16/fp16 on the GPU, fp32 too under the interpreter.
+Inputs are padded tile-major tensors [B, N·64, H, D] (the last dim contiguous): `gather` makes them
+from token order in one pass that also yields the fp32 tile means of the compressed branch (in place
+of a zero fill, a scatter and a reduction per input). bf16/fp16 on the GPU, fp32 too under the
+interpreter.
 """
 from __future__ import annotations
 
@@ -122,6 +124,39 @@ def _vsa_fwd(Q, K64, V64, K16, V16, K32, V32, IDX, ENDS, COUNTS, COMP, GATE, TOK
             out += comp[None, :]
     tl.store(O + b * sob + h * soh + tok[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=live[:, None])
+
+
+@triton.jit
+def _gather(X, TOK, COUNTS, T, M, N, H, sxb, sxs, sxh, stb, sts, sth, D: tl.constexpr):
+    """One tile of one (batch, head): its tokens from token order into the padded tile (zeros in the
+    padding) and their fp32 mean over the real ones. One read of x for both."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    slots = tile * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    tok = tl.load(TOK + slots)
+    live = tok >= 0
+    x = tl.load(X + b * sxb + h * sxh + tl.where(live, tok, 0).to(tl.int64)[:, None] * sxs + offs_d[None, :],
+                mask=live[:, None], other=0.0)
+    tl.store(T + b * stb + h * sth + slots.to(tl.int64)[:, None] * sts + offs_d[None, :], x)
+    mean = tl.sum(x.to(tl.float32), 0) / tl.load(COUNTS + tile).to(tl.float32)
+    tl.store(M + (bh.to(tl.int64) * N + tile) * D + offs_d, mean)
+
+
+def gather(x: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, S, H, D] (last dim contiguous) → (padded tiles [B, N·64, H, D] contiguous, tile means
+    [B, H, N, D] fp32), with tokens [N·64] the layout's slot → token table and counts [N] its tile sizes."""
+    B, _, H, D = x.shape
+    N = counts.numel()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    tiles = torch.empty(B, N * BLOCK, H, D, dtype=x.dtype, device=x.device)
+    means = torch.empty(B, H, N, D, dtype=torch.float32, device=x.device)
+    _gather[(N, B * H)](x, tokens, counts, tiles, means, N, H, x.stride(0), x.stride(1), x.stride(2),
+                        tiles.stride(0), tiles.stride(1), tiles.stride(2), D=D)
+    return tiles, means
 
 
 _AUTOTUNED = triton.autotune(
