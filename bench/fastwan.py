@@ -81,36 +81,43 @@ def kernel() -> None:
 
 
 def kernel_split(q, k, v, gate, lay, sparsity: float, dense_tflops: float) -> None:
-    """Where the Triton call's time goes: the steps before the kernel, then per config the kernel with
+    """Where the Triton call's time goes: the steps before the kernel (and, for comparison, the Flex
+    path's torch gather of the three inputs, which its tile means then read again), then per config the kernel with
     the fused epilogue (the real call) and without it (plain padded output; the difference is the
     epilogue), with TFLOP/s over the work the kernel does (padded pieces) and over the real tokens."""
     from fastvideo_nodes.attention import video_sparse as vs
     from fastvideo_nodes.attention import video_sparse_kernel as K
-    tiles = [vs._to_tiles(x, lay) for x in (q, k, v)]
-    scores, _ = vs.compressed(*tiles, lay)
+    gathered = [K.gather(x, lay.token, lay.counts) for x in (q, k, v)]
+    means = [m for _, m in gathered]
+    scores, _ = vs.compressed_from_means(*means)
     chosen = vs.top_tiles(scores, sparsity)
-    steps = {"to_tiles_ms": lambda: [vs._to_tiles(x, lay) for x in (q, k, v)],
-             "compressed_ms": lambda: vs.compressed(*tiles, lay),
+    steps = {"gather_ms": lambda: [K.gather(x, lay.token, lay.counts) for x in (q, k, v)],
+             "compressed_ms": lambda: vs.compressed_from_means(*means),
              "topk_ms": lambda: vs.top_tiles(scores, sparsity),
              "tables_ms": lambda: K.tables(chosen, lay.counts),
-             "prepare_ms": lambda: vs.prepare(q, k, v, lay, sparsity)}
+             "prepare_ms": lambda: vs.prepare(q, k, v, lay, sparsity),
+             "flex_to_tiles_ms": lambda: [vs._to_tiles(x, lay) for x in (q, k, v)]}
     log(kind="vsa_split", sparsity=sparsity, **{name: round(cuda_ms(fn), 3) for name, fn in steps.items()})
     qt, kt, vt, comp, index, ends = vs.prepare(q, k, v, lay, sparsity)
     counts = lay.counts[index.long()]
     piece = torch.where(counts == 64, 64, torch.where(counts <= 16, 16, torch.where(counts <= 32, 32, 64)))
     dim = q.shape[-1]
-    work = 4 * dim * 64 * piece.sum().item()  # the kernel's MMA work: 64 query rows × each piece
+    rows = torch.where(lay.counts <= 16, 16, torch.where(lay.counts <= 32, 32, 64))  # split_q's query rows
+    works = {False: 4 * dim * 64 * piece.sum().item(),  # the kernel's MMA work: query rows × each key piece
+             True: 4 * dim * (rows[None, None, :] * piece.sum(-1)).sum().item()}
     real = 4 * dim * (lay.counts[None, None, :] * counts.sum(-1)).sum().item()  # real query × real key tokens
     out, plain_out = torch.empty_like(q), torch.empty_like(qt)
     ident = torch.arange(qt.shape[1], dtype=torch.int32, device=q.device)
     for name, cfg in [*K.CONFIGS.items(), ("autotune", None)]:
         try:
             fused = cuda_ms(lambda: K.attention(qt, kt, vt, index, ends, lay.counts, lay.token, out, comp=comp,
-                                                gate=gate, cfg=cfg))
-            plain = cuda_ms(lambda: K.attention(qt, kt, vt, index, ends, lay.counts, ident, plain_out, cfg=cfg))
+                                                gate=gate, cfg=cfg, query_groups=lay.query_groups))
+            plain = cuda_ms(lambda: K.attention(qt, kt, vt, index, ends, lay.counts, ident, plain_out, cfg=cfg,
+                                                query_groups=lay.query_groups))
         except Exception as e:  # a config this GPU or Triton cannot build: the row says why
             log(kind="vsa_config", sparsity=sparsity, config=name, error=f"{e!r:.300}")
             continue
+        work = works[cfg is None or cfg.split_q]
         log(kind="vsa_config", sparsity=sparsity, config=name, fused_ms=round(fused, 3), plain_ms=round(plain, 3),
             epilogue_ms=round(fused - plain, 3), tflops_work=round(work / plain / 1e9),
             tflops_real=round(real / plain / 1e9), efficiency_vs_cudnn=round(work / plain / 1e9 / dense_tflops, 3),

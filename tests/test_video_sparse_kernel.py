@@ -56,16 +56,21 @@ for i, (grid, sp, d, b, dtype, gated) in enumerate(CASES):
                              cos=torch.nn.functional.cosine_similarity(out.double().flatten(), want.flatten(),
                                                                        dim=0).item()))
 
-# The plain sparse branch in the padded layout (identity slot table, no compressed branch).
+# The plain sparse branch in the padded layout (identity slot table, no compressed branch): all 64
+# rows of every query tile as one launch, then the layout's launches by real count (real rows only).
 for grid, sp in (((5, 6, 7), 0.5), ((3, 5, 9), 0.8)):
     q, k, v, _ = inputs(grid, 2, 64, torch.float32, seed=20)
     lay = vs.layout(grid, "cpu")
     qt, kt, vt, _, index, ends = vs.prepare(q, k, v, lay, sp)
-    out = torch.full_like(qt, float("nan"))
     ident = torch.arange(qt.shape[1], dtype=torch.int32)
-    K.attention(qt, kt, vt, index, ends, lay.counts, ident, out)
     sparse = reference(q, k, v, grid, None, sp)[1]
-    res["plain"].append(dict(grid=list(grid), ref=diff(out[:, lay.slot], sparse), finite=bool(out.isfinite().all())))
+    row = dict(grid=list(grid), groups=[[r, ids.tolist()] for r, ids in lay.query_groups])
+    for name, groups in (("whole", None), ("split", lay.query_groups)):
+        out = torch.full_like(qt, float("nan"))
+        K.attention(qt, kt, vt, index, ends, lay.counts, ident, out, query_groups=groups)
+        row[name] = diff(out[:, lay.slot], sparse)
+        row[name + "_finite"] = bool(out.isfinite().all())
+    res["plain"].append(row)
 
 # Pointer and TMA loads agree; (5, 6, 7) has tiles of every group (64, 48, 32, 24, 16, 12, 8, 6 tokens).
 grid = (5, 6, 7)
@@ -123,7 +128,12 @@ def test_kernel_equals_dense_mask_reference_and_flex(interpreted):
 
 def test_plain_sparse_branch_in_padded_layout(interpreted):
     for c in interpreted["plain"]:
-        assert c["ref"] < 1e-5 and c["finite"], c  # padded query rows are written too, and finite
+        assert c["whole"] < 1e-5 and c["whole_finite"], c  # padded query rows are written too, and finite
+        assert c["split"] < 1e-5, c
+    # (5, 6, 7): the full tile and those of 48 as 64 rows, 32 and 24 as 32, the t-edge tiles (≤ 16) as 16;
+    # (3, 5, 9): tiles of 48 and of 12, 12 and 3 tokens.
+    assert [c["groups"] for c in interpreted["plain"]] == [
+        [[64, [0, 1]], [32, [2, 3]], [16, [4, 5, 6, 7]]], [[64, [0, 1]], [16, [2, 3, 4, 5]]]]
 
 
 def test_pointer_and_tma_loads_agree(interpreted):
@@ -211,7 +221,7 @@ def test_gpu_every_config_and_autotune_agree():
     base = vs.attend(q, k, v, grid=grid, gate=gate).float()
     for cfg in [*K.CONFIGS.values(), None]:
         out = K.attention(qt, kt, vt, index, ends, lay.counts, lay.token, torch.empty_like(q), comp=comp,
-                          gate=gate, cfg=cfg)
+                          gate=gate, cfg=cfg, query_groups=lay.query_groups)
         assert (out.float() - base).abs().max().item() < 1e-2, cfg
 
 

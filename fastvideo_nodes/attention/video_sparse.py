@@ -80,16 +80,28 @@ class Layout:
     slot: [S] padded position of each token (original t, h, w order); counts: [N] real tokens per
     tile; valid: [N·64] True where a slot holds a real token; full: [N] tiles without padding;
     token: [N·64] int32, the token in each slot (-1 for padding), the kernel's way back to token order.
+    query_groups: the Triton kernel's launches, (query rows, int32 tile ids) by real count (empty
+    where Triton cannot load).
     """
     slot: torch.Tensor
     counts: torch.Tensor
     valid: torch.Tensor
     full: torch.Tensor
     token: torch.Tensor
+    query_groups: tuple[tuple[int, torch.Tensor], ...] = ()
 
     @property
     def num_tiles(self) -> int:
         return self.counts.numel()
+
+
+@functools.cache
+def _triton_problem() -> str | None:
+    try:
+        from . import video_sparse_kernel  # noqa: F401
+    except Exception as e:  # no Triton, or one too old for the kernel
+        return f"the VSA Triton kernel cannot load ({e!r:.120}); using FlexAttention"
+    return None
 
 
 @functools.lru_cache(maxsize=16)
@@ -109,7 +121,11 @@ def layout(grid: tuple[int, int, int], device: str) -> Layout:
     valid[slot] = True
     token = torch.full((n * TILE_TOKENS,), -1, dtype=torch.int32, device=device)
     token[slot] = torch.arange(slot.numel(), dtype=torch.int32, device=device)
-    return Layout(slot, counts, valid, counts == TILE_TOKENS, token)
+    groups: tuple[tuple[int, torch.Tensor], ...] = ()
+    if _triton_problem() is None:
+        from .video_sparse_kernel import query_groups
+        groups = query_groups(counts)
+    return Layout(slot, counts, valid, counts == TILE_TOKENS, token, groups)
 
 
 def _to_tiles(x: torch.Tensor, lay: Layout) -> torch.Tensor:
@@ -188,15 +204,6 @@ _CUDA_KERNEL_OPTIONS = {"BLOCK_M": TILE_TOKENS, "BLOCK_N": TILE_TOKENS}
 IMPLS = ("auto", "triton", "flex")
 
 
-@functools.cache
-def _triton_problem() -> str | None:
-    try:
-        from . import video_sparse_kernel  # noqa: F401
-    except Exception as e:  # no Triton, or one too old for the kernel
-        return f"the VSA Triton kernel cannot load ({e!r:.120}); using FlexAttention"
-    return None
-
-
 @torch.compiler.assume_constant_result
 def _triton_usable() -> bool:
     return _triton_problem() is None
@@ -227,7 +234,8 @@ def _video_sparse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: to
     qt, kt, vt, out_c, index, ends = prepare(q, k, v, lay, sparsity)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        return attention(qt, kt, vt, index, ends, lay.counts, lay.token, out, comp=out_c, gate=gate)
+        return attention(qt, kt, vt, index, ends, lay.counts, lay.token, out, comp=out_c, gate=gate,
+                         query_groups=lay.query_groups)
 
 
 @_video_sparse_op.register_fake

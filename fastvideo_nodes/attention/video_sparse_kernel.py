@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     tma: bool = False  # tiles through Hopper's tensor-memory accelerator (host tensor descriptors)
+    split_q: bool = True  # query tiles of ≤ 16 / ≤ 32 real tokens as 16- / 32-row programs (own launches)
 
 
 # Offered to the bench (and, the pointer ones, to autotune: `attention(cfg=None)`); DEFAULT is what
@@ -45,6 +47,7 @@ CONFIGS = {
     "w8s2": Config(8, 2), "w8s3": Config(8, 3), "w8s4": Config(8, 4),
     "w4s2_tma": Config(4, 2, True), "w4s3_tma": Config(4, 3, True), "w4s4_tma": Config(4, 4, True),
     "w8s3_tma": Config(8, 3, True),
+    "w4s3_wholeq": Config(4, 3, split_q=False), "w4s3_tma_wholeq": Config(4, 3, True, split_q=False),
 }
 DEFAULT = CONFIGS["w4s3"]
 # Key pieces by a tile's real count (real tokens come first in a tile): a full tile is read whole
@@ -81,14 +84,16 @@ def _pieces(acc, l_i, m_i, q, K, V, idx, counts, lo, hi, b, h, P, sxb, sxs, sxh,
 
 
 @triton.jit
-def _vsa_fwd(Q, K64, V64, K16, V16, K32, V32, IDX, ENDS, COUNTS, COMP, GATE, TOK, O,
+def _vsa_fwd(Q, K64, V64, K16, V16, K32, V32, QTILES, IDX, ENDS, COUNTS, COMP, GATE, TOK, O,
              N, H, P, k_tiles, sxb, sxs, sxh, sgb, sgs, sgh, sob, sos, soh, qk_scale,
-             D: tl.constexpr, HAS_COMP: tl.constexpr, HAS_GATE: tl.constexpr, TMA: tl.constexpr):
-    tile = tl.program_id(0)
+             D: tl.constexpr, BM: tl.constexpr, HAS_COMP: tl.constexpr, HAS_GATE: tl.constexpr,
+             TMA: tl.constexpr):
+    """Program (i, b·H + h): query tile QTILES[i], its first BM slots (all its real tokens)."""
+    tile = tl.load(QTILES + tl.program_id(0))
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_m = tl.arange(0, BLOCK)
+    offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     if TMA:
         q = Q.load([(b * P + tile * BLOCK).to(tl.int32), (h * D).to(tl.int32)])
@@ -99,9 +104,9 @@ def _vsa_fwd(Q, K64, V64, K16, V16, K32, V32, IDX, ENDS, COUNTS, COMP, GATE, TOK
     e_full = tl.load(ENDS + row * 3)
     e_16 = tl.load(ENDS + row * 3 + 1)
     e_32 = tl.load(ENDS + row * 3 + 2)
-    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK], tl.float32)
-    acc = tl.zeros([BLOCK, D], tl.float32)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
     acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K64, V64, idx, COUNTS, 0, e_full, b, h, P, sxb, sxs, sxh,
                             qk_scale, D, BLOCK, False, TMA)
     acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K16, V16, idx, COUNTS, e_full, e_16, b, h, P, sxb, sxs, sxh,
@@ -161,7 +166,7 @@ def gather(x: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> tuple
 
 _AUTOTUNED = triton.autotune(
     [triton.Config({}, num_warps=c.num_warps, num_stages=c.num_stages) for c in CONFIGS.values() if not c.tma],
-    key=["D", "k_tiles"])(_vsa_fwd)
+    key=["D", "k_tiles", "BM"])(_vsa_fwd)
 
 
 def tables(chosen: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +193,8 @@ def _tensor_descriptor():
 
 def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch.Tensor, ends: torch.Tensor,
               counts: torch.Tensor, tokens: torch.Tensor, out: torch.Tensor, comp: torch.Tensor | None = None,
-              gate: torch.Tensor | None = None, cfg: Config | None = DEFAULT) -> torch.Tensor:
+              gate: torch.Tensor | None = None, cfg: Config | None = DEFAULT,
+              query_groups: Sequence[tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
     """The sparse branch, written into `out`.
 
     qt, kt, vt: [B, N·64, H, D] padded tiles (same strides, last dim contiguous; TMA wants them
@@ -196,6 +202,8 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
     tile (any int); tokens [N·64] int32: the row of `out` each slot goes to (-1: padding, not written);
     out [B, S_out, H, D]; comp [B, H, N, D] fp32 (contiguous) and gate [B, S_out, H, D]: when given,
     out = sparse + comp · gate (gate None: + comp). cfg None: Triton's autotune over the pointer CONFIGS.
+    query_groups: (rows, int32 query tile ids) launches from `query_groups` (None, or cfg.split_q
+    False: every tile as 64 rows, one launch).
     """
     B, P, H, D = qt.shape
     N, k_tiles = index.shape[2], index.shape[3]
@@ -204,21 +212,30 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
     if P != N * BLOCK or D < 16 or D & (D - 1):  # tl.dot wants a power of two ≥ 16
         raise ValueError(f"video sparse kernel: tiles {tuple(qt.shape)} do not fit {N} tiles of {BLOCK} "
                          f"with a power-of-two D ≥ 16")
+    if query_groups is None or cfg is not None and not cfg.split_q:
+        query_groups = ((BLOCK, torch.arange(N, dtype=torch.int32, device=qt.device)),)
     g = gate if gate is not None else out  # a placeholder pointer when unused
     tma = cfg is not None and cfg.tma and _tensor_descriptor() is not None and qt.is_contiguous()
-    if tma:
-        desc = lambda x, rows: _tensor_descriptor().from_tensor(x.view(B * P, H * D), [rows, D])
-        tiles = (desc(qt, BLOCK), desc(kt, BLOCK), desc(vt, BLOCK), desc(kt, 16), desc(vt, 16),
-                 desc(kt, 32), desc(vt, 32))
-    else:
-        tiles = (qt, kt, vt, kt, vt, kt, vt)
-    args = (*tiles, index, ends, counts, comp if comp is not None else qt, g, tokens, out,
+    desc = lambda x, rows: _tensor_descriptor().from_tensor(x.view(B * P, H * D), [rows, D])
+    kv = (desc(kt, BLOCK), desc(vt, BLOCK), desc(kt, 16), desc(vt, 16), desc(kt, 32), desc(vt, 32)) if tma \
+        else (kt, vt, kt, vt, kt, vt)
+    rest = (index, ends, counts, comp if comp is not None else qt, g, tokens, out,
             N, H, P, k_tiles, qt.stride(0), qt.stride(1), qt.stride(2), g.stride(0), g.stride(1), g.stride(2),
             out.stride(0), out.stride(1), out.stride(2), LOG2E / math.sqrt(D))
-    launch = (N, B * H)
     flags = dict(D=D, HAS_COMP=comp is not None, HAS_GATE=gate is not None, TMA=tma)
-    if cfg is None:
-        _AUTOTUNED[launch](*args, **flags)
-    else:
-        _vsa_fwd[launch](*args, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    for rows, qtiles in query_groups:
+        args = (desc(qt, rows) if tma else qt, *kv, qtiles, *rest)
+        launch = (qtiles.numel(), B * H)
+        if cfg is None:
+            _AUTOTUNED[launch](*args, BM=rows, **flags)
+        else:
+            _vsa_fwd[launch](*args, BM=rows, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
+
+
+def query_groups(counts: torch.Tensor) -> tuple[tuple[int, torch.Tensor], ...]:
+    """counts [N] → the non-empty launches (rows, int32 tile ids): tiles of ≤ 16 real tokens as 16 rows,
+    ≤ 32 as 32, the others as 64 (real tokens come first, so the first rows hold them all)."""
+    rows = torch.where(counts <= 16, 16, torch.where(counts <= 32, 32, BLOCK))
+    groups = ((r, torch.nonzero(rows == r).flatten().to(torch.int32)) for r in (BLOCK, 32, 16))
+    return tuple((r, ids) for r, ids in groups if ids.numel())
