@@ -83,6 +83,14 @@ for name in ("w4s3", "w4s3_tma"):
     K.attention(qt, kt, vt, index, ends, lay.counts, lay.token, out, comp=comp, gate=gate, cfg=K.CONFIGS[name])
     res["configs"].append(dict(cfg=name, ref=diff(out, want), groups=sorted(set(lay.counts.tolist()))))
 
+# Inputs in other memory layouts: heads-first storage for q, k, v, a gate whose last dim is strided.
+q, k, v, gate = inputs(grid, 2, 64, torch.float32, seed=40)
+heads_first = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]
+strided_gate = gate.transpose(-1, -2).contiguous().transpose(-1, -2)
+assert strided_gate.stride(-1) != 1 and heads_first[0].stride() != q.stride()
+out = vs.attend(*heads_first, grid=grid, gate=strided_gate, options=vs.VideoSparseOptions(0.5), impl="triton")
+res["strided"] = diff(out, reference(q, k, v, grid, gate, 0.5)[0])
+
 # The dispatch under torch.compile: one graph holding the custom op, no recompile for new values.
 vs.kernel_applies = lambda q, v: True  # as on a GPU
 graphs = []
@@ -140,6 +148,10 @@ def test_pointer_and_tma_loads_agree(interpreted):
     assert [c["cfg"] for c in interpreted["configs"]] == ["w4s3", "w4s3_tma"]
     for c in interpreted["configs"]:
         assert c["ref"] < 1e-5 and c["groups"] == [6, 8, 12, 16, 24, 32, 48, 64], c
+
+
+def test_inputs_in_other_memory_layouts(interpreted):
+    assert interpreted["strided"] < 1e-5
 
 
 def test_compiled_block_keeps_one_graph_with_the_op(interpreted):

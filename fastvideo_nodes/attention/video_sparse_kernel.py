@@ -1,11 +1,13 @@
 """Triton kernel of VIDEO_SPARSE_ATTN's sparse branch: exact attention over each query tile's chosen key tiles.
 
-One program = one 64-token query tile of one (batch, head). It loads the tile once, walks the key tiles
+One program = one query tile of one (batch, head). It loads the tile once, walks the key tiles
 of its row of the index table and keeps the softmax online in fp32 with exp2 (log2(e)/√D folded into
 one scale). A row lists its full tiles first: they are read whole and take no mask. The tiles with
 padding follow, grouped by their real count (real tokens come first in a tile): ≤ 16 tokens are read
 as a 16-key piece, ≤ 32 as a 32-key piece, more as the whole tile, each under the count mask. At
-480p the edge tiles hold 8, 16 or 32 tokens, so none of them costs a whole 64-key block.
+480p the edge tiles hold 8, 16 or 32 tokens, so none of them costs a whole 64-key block. The same
+holds for queries: tiles of ≤ 16 or ≤ 32 real tokens run in their own launches as 16- or 32-row
+programs (`query_groups`), the others as 64 rows.
 
 The epilogue is fused: `sparse + compressed · gate` is formed in fp32 and written straight to the
 token-order output through the slot → token table, so neither the padded sparse result nor the
@@ -50,16 +52,13 @@ CONFIGS = {
     "w4s3_wholeq": Config(4, 3, split_q=False), "w4s3_tma_wholeq": Config(4, 3, True, split_q=False),
 }
 DEFAULT = CONFIGS["w4s3"]
-# Key pieces by a tile's real count (real tokens come first in a tile): a full tile is read whole
-# with no mask; a tile with padding is read in the smallest piece that holds its tokens, masked.
-PIECES = (16, 32, 64)
 
 
 @triton.jit
 def _pieces(acc, l_i, m_i, q, K, V, idx, counts, lo, hi, b, h, P, sxb, sxs, sxh, qk_scale,
             D: tl.constexpr, PIECE: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr):
     """Entries lo..hi of one index row, each read as a PIECE-token block from its tile's start, into the
-    running softmax of the query tile q [64, D]. K, V: pointers, or descriptors of PIECE × D blocks."""
+    running softmax of the query rows q [BM, D]. K, V: pointers, or descriptors of PIECE × D blocks."""
     offs_n = tl.arange(0, PIECE)
     offs_d = tl.arange(0, D)
     for i in range(lo, hi):
@@ -174,8 +173,7 @@ def tables(chosen: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, to
     [B, H, N, k] int32, each row ordered full tiles, then tiles of ≤ 16, ≤ 32 and more real tokens;
     ends [B, H, N, 3] int32, where the first three of those groups end)."""
     n = counts.numel()
-    bounds = torch.tensor([16, 32, BLOCK - 1], device=counts.device)
-    group = ((torch.bucketize(counts, bounds) + 1) % 4)[chosen]  # 0 full, 1 ≤ 16, 2 ≤ 32, 3 more
+    group = torch.where(counts == BLOCK, 0, torch.where(counts <= 16, 1, torch.where(counts <= 32, 2, 3)))[chosen]
     order = torch.sort(chosen + n * group, dim=-1).values % n
     ends = torch.stack([(group <= g).sum(-1, dtype=torch.int32) for g in range(3)], dim=-1)
     return order.to(torch.int32).contiguous(), ends.contiguous()
@@ -214,6 +212,8 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
                          f"with a power-of-two D ≥ 16")
     if query_groups is None or cfg is not None and not cfg.split_q:
         query_groups = ((BLOCK, torch.arange(N, dtype=torch.int32, device=qt.device)),)
+    if gate is not None and gate.stride(-1) != 1:
+        gate = gate.contiguous()
     g = gate if gate is not None else out  # a placeholder pointer when unused
     tma = cfg is not None and cfg.tma and _tensor_descriptor() is not None and qt.is_contiguous()
     desc = lambda x, rows: _tensor_descriptor().from_tensor(x.view(B * P, H * D), [rows, D])
