@@ -75,16 +75,20 @@ def kernel() -> None:
             log(kind="kernel", backend="VIDEO_SPARSE_ATTN", impl=impl, sparsity=sparsity, tokens=tokens,
                 heads=heads, ms=round(ms, 3), first_s=round(first, 2), speedup_vs_dense=round(dense / ms, 2))
         a, b = outs["triton"].float(), outs["flex"].float()
+        # A near-tie at the top-k boundary (the two paths sum tile means in other orders) can pick another
+        # tile for a row: then the largest difference is large but confined to that tile's tokens.
         log(kind="kernel_check", sparsity=sparsity, max_abs_diff_flex_vs_triton=round((a - b).abs().max().item(), 5),
-            cosine=round(F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item(), 6))
+            cosine=round(F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item(), 6),
+            share_off_3e_2=(a - b).abs().gt(3e-2).float().mean().item())
         kernel_split(q, k, v, gate, lay, sparsity, dense_tflops)
 
 
 def kernel_split(q, k, v, gate, lay, sparsity: float, dense_tflops: float) -> None:
     """Where the Triton call's time goes: the steps before the kernel (and, for comparison, the Flex
-    path's torch gather of the three inputs, which its tile means then read again), then per config the kernel with
-    the fused epilogue (the real call) and without it (plain padded output; the difference is the
-    epilogue), with TFLOP/s over the work the kernel does (padded pieces) and over the real tokens."""
+    path's torch gather of the three inputs, which its tile means then read again), then per config
+    the kernel with the fused epilogue (the real call) and without it (plain padded output; the
+    difference is the epilogue), with TFLOP/s over the work the kernel does (its query rows × key
+    pieces) and over the real tokens."""
     from fastvideo_nodes.attention import video_sparse as vs
     from fastvideo_nodes.attention import video_sparse_kernel as K
     gathered = [K.gather(x, lay.token, lay.counts) for x in (q, k, v)]
