@@ -180,6 +180,13 @@ def test_kernel_is_only_chosen_where_it_applies():
         vs.attend(q, q, q, grid=(4, 4, 4), impl="cuda")
 
 
+def test_forcing_triton_without_it_says_how_to_get_it(monkeypatch):
+    monkeypatch.setattr(vs, "_triton_problem", lambda: "the VSA Triton kernel cannot load (x); `pip install triton`")
+    q = torch.zeros(1, 64, 2, 64)
+    with pytest.raises(FastVideoError, match=r"impl 'triton' cannot run here: .*pip install triton"):
+        vs.attend(q, q, q, grid=(4, 4, 4), impl="triton")
+
+
 # ----------------------------------------------------------------------------- GPU
 
 def masked_reference(q, k, v, gate, grid, sparsity):

@@ -100,7 +100,7 @@ def _triton_problem() -> str | None:
     try:
         from . import video_sparse_kernel  # noqa: F401
     except Exception as e:  # no Triton, or one too old for the kernel
-        return f"the VSA Triton kernel cannot load ({e!r:.120}); using FlexAttention"
+        return f"the VSA Triton kernel cannot load ({e!r:.120}); `pip install triton` (3.4+)"
     return None
 
 
@@ -265,6 +265,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int
         raise FastVideoError(f"video sparse attention needs a gate shaped like the queries {tuple(q.shape)}, "
                              f"got {tuple(gate.shape)}.")
     sparsity = DEFAULT_SPARSITY if options is None else options.sparsity  # no object built: traceable
+    if impl == "triton" and _triton_problem():
+        raise FastVideoError(f"video sparse attention impl 'triton' cannot run here: {_triton_problem()}.")
     if impl == "triton" or impl == "auto" and kernel_applies(q, v):
         return torch.ops.fastvideo.video_sparse_attention(q, k, v, gate, list(grid), sparsity)
     lay = layout(grid, str(q.device))

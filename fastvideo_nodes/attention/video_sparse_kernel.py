@@ -200,8 +200,8 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
     tile (any int); tokens [N·64] int32: the row of `out` each slot goes to (-1: padding, not written);
     out [B, S_out, H, D]; comp [B, H, N, D] fp32 (contiguous) and gate [B, S_out, H, D]: when given,
     out = sparse + comp · gate (gate None: + comp). cfg None: Triton's autotune over the pointer CONFIGS.
-    query_groups: (rows, int32 query tile ids) launches from `query_groups` (None, or cfg.split_q
-    False: every tile as 64 rows, one launch).
+    query_groups: (rows, int32 query tile ids) launches from `query_groups` (None or empty, or
+    cfg.split_q False: every tile as 64 rows, one launch).
     """
     B, P, H, D = qt.shape
     N, k_tiles = index.shape[2], index.shape[3]
@@ -210,7 +210,7 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
     if P != N * BLOCK or D < 16 or D & (D - 1):  # tl.dot wants a power of two ≥ 16
         raise ValueError(f"video sparse kernel: tiles {tuple(qt.shape)} do not fit {N} tiles of {BLOCK} "
                          f"with a power-of-two D ≥ 16")
-    if query_groups is None or cfg is not None and not cfg.split_q:
+    if not query_groups or cfg is not None and not cfg.split_q:
         query_groups = ((BLOCK, torch.arange(N, dtype=torch.int32, device=qt.device)),)
     if gate is not None and gate.stride(-1) != 1:
         gate = gate.contiguous()
