@@ -32,6 +32,7 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 BLOCK = 64  # tokens per 4×4×4 tile
+_TILE = tl.constexpr(BLOCK)  # the same, for the kernels (plain globals are not visible there)
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,10 @@ def _pieces(acc, l_i, m_i, q, K, V, idx, counts, lo, hi, b, h, P, sxb, sxs, sxh,
     for i in range(lo, hi):
         j = tl.load(idx + i)
         if TMA:
-            k = K.load([(b * P + j * BLOCK).to(tl.int32), (h * D).to(tl.int32)])
-            v = V.load([(b * P + j * BLOCK).to(tl.int32), (h * D).to(tl.int32)])
+            k = K.load([(b * P + j * _TILE).to(tl.int32), (h * D).to(tl.int32)])
+            v = V.load([(b * P + j * _TILE).to(tl.int32), (h * D).to(tl.int32)])
         else:
-            kv = b * sxb + h * sxh + (j.to(tl.int64) * BLOCK + offs_n)[:, None] * sxs + offs_d[None, :]
+            kv = b * sxb + h * sxh + (j.to(tl.int64) * _TILE + offs_n)[:, None] * sxs + offs_d[None, :]
             k = tl.load(K + kv)
             v = tl.load(V + kv)
         s = tl.dot(q, tl.trans(k))
@@ -95,9 +96,9 @@ def _vsa_fwd(Q, K64, V64, K16, V16, K32, V32, QTILES, IDX, ENDS, COUNTS, COMP, G
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     if TMA:
-        q = Q.load([(b * P + tile * BLOCK).to(tl.int32), (h * D).to(tl.int32)])
+        q = Q.load([(b * P + tile * _TILE).to(tl.int32), (h * D).to(tl.int32)])
     else:
-        q = tl.load(Q + b * sxb + h * sxh + (tile * BLOCK + offs_m)[:, None] * sxs + offs_d[None, :])
+        q = tl.load(Q + b * sxb + h * sxh + (tile * _TILE + offs_m)[:, None] * sxs + offs_d[None, :])
     row = bh.to(tl.int64) * N + tile
     idx = IDX + row * k_tiles
     e_full = tl.load(ENDS + row * 3)
@@ -107,15 +108,15 @@ def _vsa_fwd(Q, K64, V64, K16, V16, K32, V32, QTILES, IDX, ENDS, COUNTS, COMP, G
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
     acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K64, V64, idx, COUNTS, 0, e_full, b, h, P, sxb, sxs, sxh,
-                            qk_scale, D, BLOCK, False, TMA)
+                            qk_scale, D, _TILE, False, TMA)
     acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K16, V16, idx, COUNTS, e_full, e_16, b, h, P, sxb, sxs, sxh,
                             qk_scale, D, 16, True, TMA)
     acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K32, V32, idx, COUNTS, e_16, e_32, b, h, P, sxb, sxs, sxh,
                             qk_scale, D, 32, True, TMA)
     acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K64, V64, idx, COUNTS, e_32, k_tiles, b, h, P, sxb, sxs, sxh,
-                            qk_scale, D, BLOCK, True, TMA)
+                            qk_scale, D, _TILE, True, TMA)
     out = acc / l_i[:, None]
-    tok = tl.load(TOK + tile * BLOCK + offs_m)  # output row of each slot, -1 for padding
+    tok = tl.load(TOK + tile * _TILE + offs_m)  # output row of each slot, -1 for padding
     live = tok >= 0
     tok = tl.where(live, tok, 0).to(tl.int64)
     if HAS_COMP:
@@ -138,7 +139,7 @@ def _gather(X, TOK, COUNTS, T, M, N, H, sxb, sxs, sxh, stb, sts, sth, D: tl.cons
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    slots = tile * BLOCK + tl.arange(0, BLOCK)
+    slots = tile * _TILE + tl.arange(0, _TILE)
     offs_d = tl.arange(0, D)
     tok = tl.load(TOK + slots)
     live = tok >= 0
