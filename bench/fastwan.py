@@ -106,9 +106,14 @@ def kernel_split(q, k, v, gate, lay, sparsity: float, dense_tflops: float) -> No
     counts = lay.counts[index.long()]
     piece = torch.where(counts == 64, 64, torch.where(counts <= 16, 16, torch.where(counts <= 32, 32, 64)))
     dim = q.shape[-1]
-    rows = torch.where(lay.counts <= 16, 16, torch.where(lay.counts <= 32, 32, 64))  # split_q's query rows
-    works = {False: 4 * dim * 64 * piece.sum().item(),  # the kernel's MMA work: query rows × each key piece
-             True: 4 * dim * (rows[None, None, :] * piece.sum(-1)).sum().item()}
+    keys = piece.sum(-1)  # [B, H, N] key slots each query tile's program reads
+
+    def work(q_rows: tuple[int, ...]) -> float:  # the kernel's MMA work: its query rows × key pieces
+        rows = torch.full_like(lay.counts, 64)
+        for r in sorted(q_rows, reverse=True):
+            rows = torch.where(lay.counts <= r, r, rows)
+        return 4 * dim * (rows[None, None, :] * keys).sum().item()
+
     real = 4 * dim * (lay.counts[None, None, :] * counts.sum(-1)).sum().item()  # real query × real key tokens
     out, plain_out = torch.empty_like(q), torch.empty_like(qt)
     ident = torch.arange(qt.shape[1], dtype=torch.int32, device=q.device)
@@ -121,10 +126,10 @@ def kernel_split(q, k, v, gate, lay, sparsity: float, dense_tflops: float) -> No
         except Exception as e:  # a config this GPU or Triton cannot build: the row says why
             log(kind="vsa_config", sparsity=sparsity, config=name, error=f"{e!r:.300}")
             continue
-        work = works[cfg is None or cfg.split_q]
+        done = work((cfg or K.DEFAULT).q_rows)
         log(kind="vsa_config", sparsity=sparsity, config=name, fused_ms=round(fused, 3), plain_ms=round(plain, 3),
-            epilogue_ms=round(fused - plain, 3), tflops_work=round(work / plain / 1e9),
-            tflops_real=round(real / plain / 1e9), efficiency_vs_cudnn=round(work / plain / 1e9 / dense_tflops, 3),
+            epilogue_ms=round(fused - plain, 3), tflops_work=round(done / plain / 1e9),
+            tflops_real=round(real / plain / 1e9), efficiency_vs_cudnn=round(done / plain / 1e9 / dense_tflops, 3),
             default=cfg == K.DEFAULT)
 
 

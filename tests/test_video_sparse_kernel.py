@@ -65,9 +65,10 @@ for grid, sp in (((5, 6, 7), 0.5), ((3, 5, 9), 0.8)):
     ident = torch.arange(qt.shape[1], dtype=torch.int32)
     sparse = reference(q, k, v, grid, None, sp)[1]
     row = dict(grid=list(grid), groups=[[r, ids.tolist()] for r, ids in lay.query_groups])
-    for name, groups in (("whole", None), ("split", lay.query_groups)):
+    for name, groups, cfg in (("whole", None, "w4s3"), ("split", lay.query_groups, "w4s3"),
+                              ("split2", lay.query_groups, "w4s3_q16q32")):
         out = torch.full_like(qt, float("nan"))
-        K.attention(qt, kt, vt, index, ends, lay.counts, ident, out, query_groups=groups)
+        K.attention(qt, kt, vt, index, ends, lay.counts, ident, out, query_groups=groups, cfg=K.CONFIGS[cfg])
         row[name] = diff(out[:, lay.slot], sparse)
         row[name + "_finite"] = bool(out.isfinite().all())
     res["plain"].append(row)
@@ -137,7 +138,7 @@ def test_kernel_equals_dense_mask_reference_and_flex(interpreted):
 def test_plain_sparse_branch_in_padded_layout(interpreted):
     for c in interpreted["plain"]:
         assert c["whole"] < 1e-5 and c["whole_finite"], c  # padded query rows are written too, and finite
-        assert c["split"] < 1e-5, c
+        assert c["split"] < 1e-5 and c["split2"] < 1e-5, c  # 16-row launches; 16- and 32-row launches
     # (5, 6, 7): the full tile and those of 48 as 64 rows, 32 and 24 as 32, the t-edge tiles (≤ 16) as 16;
     # (3, 5, 9): tiles of 48 and of 12, 12 and 3 tokens.
     assert [c["groups"] for c in interpreted["plain"]] == [
@@ -162,15 +163,19 @@ def test_compiled_block_keeps_one_graph_with_the_op(interpreted):
 
 # ----------------------------------------------------------------------------- built for Hopper, offline (CPU)
 
-def sm90_build(fn, types: dict, constants: dict, num_warps: int = 4, num_stages: int = 3):
+def sm90_build(fn, types: dict, constants: dict, num_warps: int = 4, num_stages: int = 3,
+               odd: tuple[str, ...] = ()):
     """Triton's real compiler (with the ptxas its wheel ships) for sm_90, no GPU needed: what the
-    interpreter cannot check (what may be used inside a kernel, MMA shapes, TMA) fails here."""
+    interpreter cannot check (what may be used inside a kernel, MMA shapes, TMA) fails here. Like
+    Triton's launcher, pointers and integers are marked divisible by 16, but for the names in `odd`."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     triton = pytest.importorskip("triton")
     names = fn.arg_names
     sig = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
-    src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in constants.items()})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n not in constants and n not in odd and not sig[n].startswith(("tensordesc", "fp"))}
+    src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in constants.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
                                                                              num_stages=num_stages))
 
@@ -183,12 +188,16 @@ def test_sparse_kernel_builds_for_hopper(dtype, d, tma, rows):
     types = {n: f"tensordesc<{dtype}[{r},{d}]>" if tma else f"*{dtype}" for n, r in block.items()}
     types.update({n: "*i32" for n in ("QTILES", "IDX", "ENDS", "TOK")}, COUNTS="*i64", COMP="*fp32",
                  GATE=f"*{dtype}", O=f"*{dtype}", qk_scale="fp32")
-    kernel = sm90_build(K._vsa_fwd, types, dict(D=d, BM=rows, HAS_COMP=True, HAS_GATE=True, TMA=tma))
+    kernel = sm90_build(K._vsa_fwd, types, dict(D=d, BM=rows, HAS_COMP=True, HAS_GATE=True, TMA=tma),
+                        odd=("H", "k_tiles"))  # as at 480p: 12 heads, 125 tiles kept
     ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
     # 64 query rows run on Hopper's warpgroup MMA; 16 or 32 rows are below its size and use mma.sync
     assert "wgmma" in ptx if rows == 64 else "mma.sync" in ptx and "wgmma" not in ptx
     assert ("cp.async.bulk.tensor" in ptx) == tma
-    assert "async_wait" in ttgir or "wait_barrier" in ttgir  # the key loop is software-pipelined
+    mlir = {"bf16": "bf16", "fp16": "f16"}[dtype]
+    depth = 2 if rows == 64 else 1  # the mma.sync programs get one K/V buffer (still copied ahead, async)
+    for piece in (64, 32, 16):  # every key loop is software-pipelined
+        assert f"memdesc<{depth}x{piece}x{d}x{mlir}" in ttgir, piece
 
 
 def test_gather_kernel_builds_for_hopper():

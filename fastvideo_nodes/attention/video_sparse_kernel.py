@@ -40,7 +40,10 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     tma: bool = False  # tiles through Hopper's tensor-memory accelerator (host tensor descriptors)
-    split_q: bool = True  # query tiles of ≤ 16 / ≤ 32 real tokens as 16- / 32-row programs (own launches)
+    # Query tiles of ≤ 16 (≤ 32) real tokens run as 16- (32-) row programs in launches of their own when
+    # 16 (32) is listed; the others as 64 rows. Below 64 rows Triton uses mma.sync, not wgmma, with
+    # single-buffered K/V (seen in the sm_90 build): a quarter of the work pays for it, half may not.
+    q_rows: tuple[int, ...] = (16,)
 
 
 # Offered to the bench (and, the pointer ones, to autotune: `attention(cfg=None)`); DEFAULT is what
@@ -50,7 +53,8 @@ CONFIGS = {
     "w8s2": Config(8, 2), "w8s3": Config(8, 3), "w8s4": Config(8, 4),
     "w4s2_tma": Config(4, 2, True), "w4s3_tma": Config(4, 3, True), "w4s4_tma": Config(4, 4, True),
     "w8s3_tma": Config(8, 3, True),
-    "w4s3_wholeq": Config(4, 3, split_q=False), "w4s3_tma_wholeq": Config(4, 3, True, split_q=False),
+    "w4s3_q16q32": Config(4, 3, q_rows=(16, 32)), "w4s3_wholeq": Config(4, 3, q_rows=()),
+    "w4s3_tma_wholeq": Config(4, 3, True, q_rows=()),
 }
 DEFAULT = CONFIGS["w4s3"]
 
@@ -201,8 +205,8 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
     tile (any int); tokens [N·64] int32: the row of `out` each slot goes to (-1: padding, not written);
     out [B, S_out, H, D]; comp [B, H, N, D] fp32 (contiguous) and gate [B, S_out, H, D]: when given,
     out = sparse + comp · gate (gate None: + comp). cfg None: Triton's autotune over the pointer CONFIGS.
-    query_groups: (rows, int32 query tile ids) launches from `query_groups` (None or empty, or
-    cfg.split_q False: every tile as 64 rows, one launch).
+    query_groups: the layout's `query_groups` (None or empty: every tile as 64 rows, one launch); the
+    groups whose rows are not in cfg.q_rows join the 64-row launch.
     """
     B, P, H, D = qt.shape
     N, k_tiles = index.shape[2], index.shape[3]
@@ -211,8 +215,7 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
     if P != N * BLOCK or D < 16 or D & (D - 1):  # tl.dot wants a power of two ≥ 16
         raise ValueError(f"video sparse kernel: tiles {tuple(qt.shape)} do not fit {N} tiles of {BLOCK} "
                          f"with a power-of-two D ≥ 16")
-    if not query_groups or cfg is not None and not cfg.split_q:
-        query_groups = ((BLOCK, torch.arange(N, dtype=torch.int32, device=qt.device)),)
+    launches = _launches(query_groups, (cfg or DEFAULT).q_rows, N, qt.device)
     if gate is not None and gate.stride(-1) != 1:
         gate = gate.contiguous()
     g = gate if gate is not None else out  # a placeholder pointer when unused
@@ -224,7 +227,7 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
             N, H, P, k_tiles, qt.stride(0), qt.stride(1), qt.stride(2), g.stride(0), g.stride(1), g.stride(2),
             out.stride(0), out.stride(1), out.stride(2), LOG2E / math.sqrt(D))
     flags = dict(D=D, HAS_COMP=comp is not None, HAS_GATE=gate is not None, TMA=tma)
-    for rows, qtiles in query_groups:
+    for rows, qtiles in launches:
         args = (desc(qt, rows) if tma else qt, *kv, qtiles, *rest)
         launch = (qtiles.numel(), B * H)
         if cfg is None:
@@ -232,6 +235,18 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
         else:
             _vsa_fwd[launch](*args, BM=rows, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
+
+
+def _launches(groups: Sequence[tuple[int, torch.Tensor]] | None, q_rows: tuple[int, ...], n: int,
+              device: torch.device) -> list[tuple[int, torch.Tensor]]:
+    """The (rows, tile ids) launches: the groups of `q_rows` on their own, the rest as one 64-row launch."""
+    if not groups:
+        return [(BLOCK, torch.arange(n, dtype=torch.int32, device=device))]
+    own = [(r, ids) for r, ids in groups if r in q_rows and r != BLOCK]
+    rest = [ids for r, ids in groups if r not in q_rows or r == BLOCK]
+    if rest:
+        own.insert(0, (BLOCK, rest[0] if len(rest) == 1 else torch.cat(rest)))
+    return own
 
 
 def query_groups(counts: torch.Tensor) -> tuple[tuple[int, torch.Tensor], ...]:
