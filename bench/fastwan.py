@@ -2,8 +2,10 @@
 3-step generation end to end through the public API.
 
 - kernel: q, k, v and the gate [1, 32,760, 12, 128] bf16 on the 480×832×81 token grid (21, 30, 52),
-  VIDEO_SPARSE_ATTN at FastWan's sparsity 0.8 (and 0.9) against torch SDPA pinned to cuDNN: warm ms
-  (CUDA events), the first call's seconds, and the speed-up.
+  VIDEO_SPARSE_ATTN at FastWan's sparsity 0.8 (and 0.9), via FlexAttention and via our Triton kernel,
+  against torch SDPA pinned to cuDNN: warm ms (CUDA events), the first call's seconds, the speed-up,
+  the largest difference between the two VSA outputs, the split of the Triton call (tiles, compressed
+  branch, top-k, tables, kernel, epilogue) and every kernel config (`vsa_split`, `vsa_config` rows).
 - e2e: a random full-size FastWan folder (bench/e2e.py's 1.3B folder plus the per-block
   `attn1.to_gate_compress` weights FastWan adds), `VideoGenerator.from_pretrained(folder)`, `load()`,
   then `generate_video(prompt)` with the defaults the loader picks for FastWan (VSA 0.8, dmd
@@ -42,10 +44,12 @@ def cuda_ms(fn, n: int = 10) -> float:
 
 
 def kernel() -> None:
+    """cuDNN dense, then per sparsity VSA via FlexAttention and via the Triton kernel (same inputs: the
+    outputs are compared), the split of the Triton call and every kernel config."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from fastvideo_nodes.attention import video_sparse
+    from fastvideo_nodes.attention import video_sparse as vs
     grid, heads, dim = (21, 30, 52), 12, 128
     tokens = grid[0] * grid[1] * grid[2]
     q, k, v, gate = (torch.randn(1, tokens, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(4))
@@ -53,18 +57,80 @@ def kernel() -> None:
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         F.scaled_dot_product_attention(qt, kt, vt)
         dense = cuda_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt))
-    log(kind="kernel", backend="TORCH_SDPA (cuDNN)", tokens=tokens, heads=heads, ms=round(dense, 3))
+    dense_tflops = 4 * tokens * tokens * heads * dim / dense / 1e9
+    log(kind="kernel", backend="TORCH_SDPA (cuDNN)", tokens=tokens, heads=heads, ms=round(dense, 3),
+        tflops=round(dense_tflops))
+    lay = vs.layout(grid, "cuda")
     for sparsity in (0.8, 0.9):
-        opts = video_sparse.VideoSparseOptions(sparsity=sparsity)
-        run = lambda: video_sparse.attend(q, k, v, grid=grid, gate=gate, options=opts)
-        sync()
-        t0 = time.perf_counter()
-        run()
-        sync()
-        first = time.perf_counter() - t0
-        ms = cuda_ms(run)
-        log(kind="kernel", backend="VIDEO_SPARSE_ATTN", sparsity=sparsity, tokens=tokens, heads=heads,
-            ms=round(ms, 3), first_s=round(first, 2), speedup_vs_dense=round(dense / ms, 2))
+        opts = vs.VideoSparseOptions(sparsity=sparsity)
+        outs = {}
+        for impl in ("flex", "triton"):
+            run = lambda: vs.attend(q, k, v, grid=grid, gate=gate, options=opts, impl=impl)
+            sync()
+            t0 = time.perf_counter()
+            outs[impl] = run()
+            sync()
+            first = time.perf_counter() - t0
+            ms = cuda_ms(run)
+            log(kind="kernel", backend="VIDEO_SPARSE_ATTN", impl=impl, sparsity=sparsity, tokens=tokens,
+                heads=heads, ms=round(ms, 3), first_s=round(first, 2), speedup_vs_dense=round(dense / ms, 2))
+        a, b = outs["triton"].float(), outs["flex"].float()
+        # A near-tie at the top-k boundary (the two paths sum tile means in other orders) can pick another
+        # tile for a row: then the largest difference is large but confined to that tile's tokens.
+        log(kind="kernel_check", sparsity=sparsity, max_abs_diff_flex_vs_triton=round((a - b).abs().max().item(), 5),
+            cosine=round(F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item(), 6),
+            share_off_3e_2=(a - b).abs().gt(3e-2).float().mean().item())
+        kernel_split(q, k, v, gate, lay, sparsity, dense_tflops)
+
+
+def kernel_split(q, k, v, gate, lay, sparsity: float, dense_tflops: float) -> None:
+    """Where the Triton call's time goes: the steps before the kernel (and, for comparison, the Flex
+    path's torch gather of the three inputs, which its tile means then read again), then per config
+    the kernel with the fused epilogue (the real call) and without it (plain padded output; the
+    difference is the epilogue), with TFLOP/s over the work the kernel does (its query rows × key
+    pieces) and over the real tokens."""
+    from fastvideo_nodes.attention import video_sparse as vs
+    from fastvideo_nodes.attention import video_sparse_kernel as K
+    gathered = [K.gather(x, lay.token, lay.counts) for x in (q, k, v)]
+    means = [m for _, m in gathered]
+    scores, _ = vs.compressed_from_means(*means)
+    chosen = vs.top_tiles(scores, sparsity)
+    steps = {"gather_ms": lambda: [K.gather(x, lay.token, lay.counts) for x in (q, k, v)],
+             "compressed_ms": lambda: vs.compressed_from_means(*means),
+             "topk_ms": lambda: vs.top_tiles(scores, sparsity),
+             "tables_ms": lambda: K.tables(chosen, lay.counts),
+             "prepare_ms": lambda: vs.prepare(q, k, v, lay, sparsity),
+             "flex_to_tiles_ms": lambda: [vs._to_tiles(x, lay) for x in (q, k, v)]}
+    log(kind="vsa_split", sparsity=sparsity, **{name: round(cuda_ms(fn), 3) for name, fn in steps.items()})
+    qt, kt, vt, comp, index, ends = vs.prepare(q, k, v, lay, sparsity)
+    counts = lay.counts[index.long()]
+    piece = torch.where(counts == 64, 64, torch.where(counts <= 16, 16, torch.where(counts <= 32, 32, 64)))
+    dim = q.shape[-1]
+    keys = piece.sum(-1)  # [B, H, N] key slots each query tile's program reads
+
+    def work(q_rows: tuple[int, ...]) -> float:  # the kernel's MMA work: its query rows × key pieces
+        rows = torch.full_like(lay.counts, 64)
+        for r in sorted(q_rows, reverse=True):
+            rows = torch.where(lay.counts <= r, r, rows)
+        return 4 * dim * (rows[None, None, :] * keys).sum().item()
+
+    real = 4 * dim * (lay.counts[None, None, :] * counts.sum(-1)).sum().item()  # real query × real key tokens
+    out, plain_out = torch.empty_like(q), torch.empty_like(qt)
+    ident = torch.arange(qt.shape[1], dtype=torch.int32, device=q.device)
+    for name, cfg in [*K.CONFIGS.items(), ("autotune", None)]:
+        try:
+            fused = cuda_ms(lambda: K.attention(qt, kt, vt, index, ends, lay.counts, lay.token, out, comp=comp,
+                                                gate=gate, cfg=cfg, query_groups=lay.query_groups))
+            plain = cuda_ms(lambda: K.attention(qt, kt, vt, index, ends, lay.counts, ident, plain_out, cfg=cfg,
+                                                query_groups=lay.query_groups))
+        except Exception as e:  # a config this GPU or Triton cannot build: the row says why
+            log(kind="vsa_config", sparsity=sparsity, config=name, error=f"{e!r:.300}")
+            continue
+        done = work((cfg or K.DEFAULT).q_rows)
+        log(kind="vsa_config", sparsity=sparsity, config=name, fused_ms=round(fused, 3), plain_ms=round(plain, 3),
+            epilogue_ms=round(fused - plain, 3), tflops_work=round(done / plain / 1e9),
+            tflops_real=round(real / plain / 1e9), efficiency_vs_cudnn=round(done / plain / 1e9 / dense_tflops, 3),
+            default=cfg == K.DEFAULT)
 
 
 def fastwan_folder(root: str, size: str) -> str:

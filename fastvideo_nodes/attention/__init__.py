@@ -16,11 +16,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
 from .. import env
 from ..errors import FastVideoError
+from . import video_sparse
 from .sliding_tile import SlidingTileOptions
 from .video_sparse import VideoSparseOptions
 
@@ -208,14 +210,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     if name == "SLIDING_TILE_ATTN":
         return backend_module(name).attend(q, k, v, grid=grid, step=step, options=_options_for(name, options))
     if name == "VIDEO_SPARSE_ATTN":
-        return _video_sparse(q, k, v, grid, gate, _options_for(name, options))
+        options = cast("VideoSparseOptions | None", _options_for(name, options))
+        if grid is not None and video_sparse.kernel_applies(q, v):  # the Triton kernel: one custom op, traceable
+            return video_sparse.attend(q, k, v, grid=grid, gate=gate, options=options)
+        return _video_sparse(q, k, v, grid, gate, options)
     if torch.compiler.is_compiling():
         return torch.ops.fastvideo.dense_attention(q, k, v, name)
     return backend_module(name).attend(q, k, v)
 
 
-# Under torch.compile VSA runs as eager code between the compiled parts of the block (as FastVideo
-# runs it): its tile bookkeeping (top-k, BlockMask building) broke the graph anyway, and on CUDA its
+# Under torch.compile VSA's Flex path runs as eager code between the compiled parts of the block (as
+# FastVideo runs it): its tile bookkeeping (top-k, BlockMask building) broke the graph anyway, and on CUDA its
 # FlexAttention call is compiled on its own (video_sparse._compiled_flex).
 @torch.compiler.disable
 def _video_sparse(q, k, v, grid, gate, options):

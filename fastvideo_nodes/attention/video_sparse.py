@@ -14,14 +14,21 @@ Edge tiles hold fewer tokens when a grid side is not a multiple of 4. As in Fast
 keeps a 64-slot place in a padded tile-major layout, its real tokens first (in t, h, w order inside
 the tile) and zeros after: tile means divide by the real count, and padded keys are masked.
 
-The sparse branch is FlexAttention with a BlockMask made straight from the top-k tile indices
-(`BlockMask.from_kv_blocks`, block size 64): nothing is compiled per call, and whole tiles that
-were not chosen are skipped. Tiles with padding go in as partial blocks under the padding mask;
-full tiles skip the mask. Heads are independent, so under sequence parallelism it runs after the
-all-to-all (full sequence, local heads) like every other backend.
+The sparse branch has two implementations:
+- "triton" (CUDA, bf16/fp16, D 64 or 128): our own block-sparse kernel (`video_sparse_kernel`), which
+  walks each query tile's index row and writes `sparse + compressed · gate` straight back to token
+  order. The whole call is one custom op (fastvideo::video_sparse_attention), so compiled blocks
+  keep it in their graph without a break or per-call recompiles.
+- "flex" (everywhere else, and the bench's comparison row): FlexAttention with a BlockMask made
+  straight from the top-k tile indices (`BlockMask.from_kv_blocks`, block size 64): nothing is
+  compiled per call, and whole tiles that were not chosen are skipped. Tiles with padding go in as
+  partial blocks under the padding mask; full tiles skip the mask.
+Heads are independent, so under sequence parallelism it runs after the all-to-all (full sequence,
+local heads) like every other backend.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
@@ -71,16 +78,30 @@ class Layout:
     """Where one grid's tokens sit in the padded tile-major layout.
 
     slot: [S] padded position of each token (original t, h, w order); counts: [N] real tokens per
-    tile; valid: [N·64] True where a slot holds a real token; full: [N] tiles without padding.
+    tile; valid: [N·64] True where a slot holds a real token; full: [N] tiles without padding;
+    token: [N·64] int32, the token in each slot (-1 for padding), the kernel's way back to token order.
+    query_groups: the Triton kernel's launches, (query rows, int32 tile ids) by real count (empty
+    where Triton cannot load).
     """
     slot: torch.Tensor
     counts: torch.Tensor
     valid: torch.Tensor
     full: torch.Tensor
+    token: torch.Tensor
+    query_groups: tuple[tuple[int, torch.Tensor], ...] = ()
 
     @property
     def num_tiles(self) -> int:
         return self.counts.numel()
+
+
+@functools.cache
+def _triton_problem() -> str | None:
+    try:
+        from . import video_sparse_kernel  # noqa: F401
+    except Exception as e:  # no Triton, or one too old for the kernel
+        return f"the VSA Triton kernel cannot load ({e!r:.120}); `pip install triton` (3.4+)"
+    return None
 
 
 @functools.lru_cache(maxsize=16)
@@ -98,7 +119,13 @@ def layout(grid: tuple[int, int, int], device: str) -> Layout:
     counts = torch.bincount(tile_id.flatten(), minlength=n)
     valid = torch.zeros(n * TILE_TOKENS, dtype=torch.bool, device=device)
     valid[slot] = True
-    return Layout(slot, counts, valid, counts == TILE_TOKENS)
+    token = torch.full((n * TILE_TOKENS,), -1, dtype=torch.int32, device=device)
+    token[slot] = torch.arange(slot.numel(), dtype=torch.int32, device=device)
+    groups: tuple[tuple[int, torch.Tensor], ...] = ()
+    if _triton_problem() is None:
+        from .video_sparse_kernel import query_groups
+        groups = query_groups(counts)
+    return Layout(slot, counts, valid, counts == TILE_TOKENS, token, groups)
 
 
 def _to_tiles(x: torch.Tensor, lay: Layout) -> torch.Tensor:
@@ -117,8 +144,12 @@ def _tile_means(x: torch.Tensor, lay: Layout) -> torch.Tensor:
 
 def compressed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """The compression branch on padded tiles: (scores [B, H, N, N], out [B, H, N, D]), float32."""
-    qc, kc, vc = (_tile_means(x, lay) for x in (q, k, v))
-    scores = qc @ kc.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return compressed_from_means(*(_tile_means(x, lay) for x in (q, k, v)))
+
+
+def compressed_from_means(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile means [B, H, N, D] float32 → (scores [B, H, N, N], out [B, H, N, D])."""
+    scores = qc @ kc.transpose(-1, -2) / math.sqrt(qc.shape[-1])
     return scores, scores.softmax(-1) @ vc
 
 
@@ -170,13 +201,59 @@ def _compiled_flex():
 _CUDA_KERNEL_OPTIONS = {"BLOCK_M": TILE_TOKENS, "BLOCK_N": TILE_TOKENS}
 
 
+IMPLS = ("auto", "triton", "flex")
+
+
+@torch.compiler.assume_constant_result
+def _triton_usable() -> bool:
+    return _triton_problem() is None
+
+
+def kernel_applies(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether attend() runs the Triton kernel for these inputs (impl "auto")."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128)
+            and v.shape[-1] == q.shape[-1] and _triton_usable())
+
+
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, sparsity: float):
+    """Everything before the sparse kernel, with the kernel's own gather (one pass per input for
+    tiles and means): padded tiles [B, N·64, H, D], the compressed branch [B, H, N, D] fp32
+    (contiguous) and the kernel's tables (index [B, H, N, k], group ends [B, H, N, 3])."""
+    from .video_sparse_kernel import gather, tables
+    (qt, qc), (kt, kc), (vt, vc) = (gather(x, lay.token, lay.counts) for x in (q, k, v))
+    scores, out_c = compressed_from_means(qc, kc, vc)
+    index, ends = tables(top_tiles(scores, sparsity), lay.counts)
+    return qt, kt, vt, out_c.contiguous(), index, ends
+
+
+@torch.library.custom_op("fastvideo::video_sparse_attention", mutates_args=())
+def _video_sparse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
+                     grid: list[int], sparsity: float) -> torch.Tensor:
+    from .video_sparse_kernel import attention
+    lay = layout((grid[0], grid[1], grid[2]), str(q.device))
+    qt, kt, vt, out_c, index, ends = prepare(q, k, v, lay, sparsity)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        return attention(qt, kt, vt, index, ends, lay.counts, lay.token, out, comp=out_c, gate=gate,
+                         query_groups=lay.query_groups)
+
+
+@_video_sparse_op.register_fake
+def _(q, k, v, gate, grid, sparsity):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int, int, int] | None = None,
-           gate: torch.Tensor | None = None, options: VideoSparseOptions | None = None) -> torch.Tensor:
+           gate: torch.Tensor | None = None, options: VideoSparseOptions | None = None,
+           impl: str = "auto") -> torch.Tensor:
     """q, k, v, gate: [B, S, H, D] with S = t·h·w of `grid` → [B, S, H, D].
 
     gate: the `to_gate_compress` output (None: the branches are added ungated, as FastVideo's kernel
-    does). Without a grid (text cross-attention) this is dense attention.
+    does). Without a grid (text cross-attention) this is dense attention. impl: "auto" (the Triton
+    kernel where `kernel_applies`, else FlexAttention), "triton" or "flex" (tests and the bench).
     """
+    if impl not in IMPLS:
+        raise FastVideoError(f"video sparse attention impl must be one of {', '.join(IMPLS)}, got {impl!r}.")
     if grid is None or k.shape[1] != q.shape[1]:
         from . import sdpa
         return sdpa.attend(q, k, v)
@@ -187,11 +264,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int
     if gate is not None and gate.shape != q.shape:
         raise FastVideoError(f"video sparse attention needs a gate shaped like the queries {tuple(q.shape)}, "
                              f"got {tuple(gate.shape)}.")
-    options = options or VideoSparseOptions()
+    sparsity = DEFAULT_SPARSITY if options is None else options.sparsity  # no object built: traceable
+    if impl == "triton" and _triton_problem():
+        raise FastVideoError(f"video sparse attention impl 'triton' cannot run here: {_triton_problem()}.")
+    if impl == "triton" or impl == "auto" and kernel_applies(q, v):
+        return torch.ops.fastvideo.video_sparse_attention(q, k, v, gate, list(grid), sparsity)
     lay = layout(grid, str(q.device))
     qt, kt, vt = (_to_tiles(x, lay) for x in (q, k, v))
     scores, out_c = compressed(qt, kt, vt, lay)
-    mask = block_mask(top_tiles(scores, options.sparsity), lay)
+    mask = block_mask(top_tiles(scores, sparsity), lay)
     heads_first = lambda x: x.transpose(1, 2)  # [B, H, S, D], what flex_attention takes
     if q.is_cuda:
         sparse = _compiled_flex()(heads_first(qt), heads_first(kt), heads_first(vt), block_mask=mask,
