@@ -266,7 +266,7 @@ def hold_to_budget(device, card_bytes: int) -> int:
     33.8 GiB on an H200 (21.4 allocated, the rest cached blocks of streamed weights) and at 24.2
     under such a cap, as fast. Expandable segments (unless the user configured the allocator) let
     freed pages go back even from a segment still partly in use, so the cap does not strand memory."""
-    device = torch.device(device)
+    device = _indexed(device)
     if not os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     free, total = torch.cuda.mem_get_info(device)
@@ -280,7 +280,13 @@ def hold_to_budget(device, card_bytes: int) -> int:
 
 def let_go(device) -> None:
     """Undo hold_to_budget: the allocator may use the whole card again."""
-    torch.cuda.set_per_process_memory_fraction(1.0, torch.device(device))
+    torch.cuda.set_per_process_memory_fraction(1.0, _indexed(device))
+
+
+def _indexed(device) -> torch.device:
+    """cuda → cuda:<current> (the allocator calls want an index)."""
+    device = torch.device(device)
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def placement_rank(p: Placement) -> int:
