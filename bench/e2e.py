@@ -52,6 +52,25 @@ def release():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
+def still_held(top: int = 6) -> list[dict]:
+    """When memory stays allocated after a drop: the largest CUDA tensors gc still sees, each with
+    the types of what refers to it (two levels up), to name the holder."""
+    if DEVICE != "cuda" or torch.cuda.memory_allocated() < 2**27:
+        return []
+    gc.collect()
+    found = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.is_cuda]
+    found.sort(key=lambda t: -t.numel() * t.element_size())
+    out = []
+    for t in found[:top]:
+        ups = [r for r in gc.get_referrers(t) if r is not found]
+        chain = [type(r).__name__ for r in ups[:3]]
+        chain += [f"<{type(r2).__name__}" for r in ups[:2] for r2 in gc.get_referrers(r)[:2] if r2 is not ups]
+        out.append(dict(shape=list(t.shape), dtype=str(t.dtype), mib=round(t.numel() * t.element_size() / 2**20, 1),
+                        held_by=chain[:8]))
+    out.append(dict(cuda_tensors=len(found), gib=round(sum(t.numel() * t.element_size() for t in found) / 2**30, 3)))
+    return out
+
+
 RESULTS: list[dict] = []
 T0 = time.time()
 PROMPT = "A red fox trotting through fresh snow at dawn, cinematic, golden light"
@@ -276,7 +295,7 @@ def run_ours(folder: str, args, backend: str | None, label: str) -> None:
     del gen, r
     release()
     log(kind="after_drop", impl="ours", variant=label, size=args.size,
-        allocated_gib=cuda_gib("memory_allocated"))
+        allocated_gib=cuda_gib("memory_allocated"), held=still_held())
 
 
 def emulate_card(card_gb: float) -> None:

@@ -195,7 +195,7 @@ def run(folder: str, args) -> None:
     gen.close()
     del gen, r
     release()
-    log(kind="after_drop", allocated_gib=cuda_gib("memory_allocated"))
+    log(kind="after_drop", allocated_gib=cuda_gib("memory_allocated"), held=e2e.still_held())
 
 
 def main():
