@@ -312,8 +312,9 @@ def test_swapped_experts_keep_their_loras_across_changes(a14b_set, expert_loras,
 def test_loras_low_needs_two_experts(a14b_set, expert_loras):
     c = a14b_set["comfy_fp32"]
     one = dict(text_encoder=c["text_encoder"], vae=c["vae"], device="cpu")
-    needle = (r"loras_low: only a two-expert model \(Wan2.2 A14B, loaded with low_noise_model\) has a low-noise "
-              r"expert; 'wan2.2_t2v_high_noise_tiny.safetensors' has one DiT. Give its LoRAs in loras.")
+    needle = (r"loras_low \(CLI: --lora-low\): only a two-expert model \(Wan2.2 A14B, loaded with low_noise_model\) "
+              r"has a low-noise expert; 'wan2.2_t2v_high_noise_tiny.safetensors' has one DiT. Give its LoRAs in "
+              r"loras \(CLI: --lora\).")
     with pytest.raises(FastVideoError, match=needle):
         VideoGenerator.from_pretrained(c["model"], loras_low=[(expert_loras["low"], 1.0)], **one)
     gen = VideoGenerator.from_pretrained(c["model"], **one)
@@ -352,6 +353,35 @@ def test_cli_flags_reach_the_two_experts(a14b_set, tmp_path):
     want = gen.sample(gen.encode_prompt(PROMPT), gen.encode_prompt(NEGATIVE),
                       _settings(boundary=0.9, guidance_scale_low=2.0))
     assert (load_file(lat)["latents"] - want).abs().max().item() <= 1e-4
+
+
+def test_cli_lora_per_expert(a14b_set, expert_loras, want_with_loras, tmp_path, capsys):
+    """--lora goes to the high-noise expert, --lora-low to the low-noise one: the API's latents."""
+    from safetensors.torch import load_file
+
+    from fastvideo_nodes.cli import main as cli_main
+    c = a14b_set["comfy_fp32"]
+    lat = str(tmp_path / "l.safetensors")
+    common = ["generate", "--model", c["model"], "--text-encoder", c["text_encoder"], "--vae", c["vae"],
+              "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--device", "cpu", "--precision", "fp32",
+              "--height", "32", "--width", "48", "--num-frames", "5", "--steps", str(STEPS), "--seed", "3",
+              "--lora", expert_loras["high"], "--lora-low", f"{expert_loras['low']}:0.5"]
+    code = cli_main(common + ["--low-noise-model", c["low_noise_model"], "--boundary", "0.875",
+                              "--guidance-scale", "4", "--guidance-scale-low", "3", "--shift", "12",
+                              "--output", str(tmp_path / "o.mp4"), "--latents-out", lat])
+    assert code == 0 and "LoRA merge" in capsys.readouterr().out
+    got = raw_to_model(load_file(lat)["latents"])
+    assert (got - want_with_loras).abs().max().item() <= 1e-3
+    code = cli_main(common + ["--output", str(tmp_path / "one.mp4")])  # no --low-noise-model: one DiT
+    assert code != 0 and "loras_low (CLI: --lora-low): only a two-expert model" in capsys.readouterr().err
+
+
+def test_cli_lora_low_errors_name_the_flag(tmp_path):
+    from fastvideo_nodes.cli import parse_lora
+    with pytest.raises(FastVideoError, match="--lora-low: file not found"):
+        parse_lora(str(tmp_path / "missing_LOW.safetensors:0.5"), "--lora-low")
+    with pytest.raises(FastVideoError, match="--lora-low 'x.safetensors:abc': the strength after the colon"):
+        parse_lora("x.safetensors:abc", "--lora-low")
 
 
 def test_cli_bad_boundary_is_one_clear_line(a14b_set, tmp_path, capsys):

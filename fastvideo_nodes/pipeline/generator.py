@@ -129,9 +129,9 @@ class VideoGenerator:
     def _lora_lists(self, loras, loras_low) -> tuple[tuple[tuple[str, float], ...], tuple[tuple[str, float], ...]]:
         """The checked (loras, loras_low); loras_low only for a model with a low-noise expert."""
         if loras_low and self.files.low_noise_model is None:
-            raise FastVideoError(f"loras_low: only a two-expert model (Wan2.2 A14B, loaded with low_noise_model) has "
-                                 f"a low-noise expert; {os.path.basename(self.files.model)!r} has one DiT. Give its "
-                                 "LoRAs in loras.")
+            raise FastVideoError(f"loras_low (CLI: --lora-low): only a two-expert model (Wan2.2 A14B, loaded with "
+                                 f"low_noise_model) has a low-noise expert; {os.path.basename(self.files.model)!r} "
+                                 "has one DiT. Give its LoRAs in loras (CLI: --lora).")
         return check_loras(loras), check_loras(loras_low, "loras_low")
 
     def with_loras(self, loras, loras_low=None) -> VideoGenerator:
