@@ -327,6 +327,53 @@ def test_loras_low_needs_two_experts(a14b_set, expert_loras):
         _comfy(a14b_set, loras_low=[(expert_loras["low"], float("nan"))])
 
 
+@pytest.mark.parametrize("name, expert", [
+    ("Wan2.2-Lightning_T2V-A14B-4steps-lora_HIGH_fp16.safetensors", "high"),
+    ("Wan2.2-Lightning_T2V-A14B-4steps-lora_LOW_fp16.safetensors", "low"),
+    ("wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors", "high"),
+    ("wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors", "low"),
+    ("Wan22_A14B_T2V_LOW_Lightning_4steps_lora_250928_rank128_fp16.safetensors", "low"),
+    ("Seko-V1.1/high_noise_model.safetensors", "high"),
+    ("Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors", None),
+    ("highlights_lowkey_style.safetensors", None),  # words, not the markers
+    ("high_and_low.safetensors", None),  # names both: no guess
+])
+def test_expert_of_a_lora_file_name(name, expert):
+    from fastvideo_nodes.loading.lora import expert_of
+    assert expert_of(name) == expert
+
+
+def test_lora_node_puts_each_file_on_its_expert(a14b_set, expert_loras, tmp_path):
+    import os
+    import shutil
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import nodes as fv
+    node = fv.FastVideoLoRA()
+    spec = fv.FastVideoLoRA.INPUT_TYPES()
+    assert spec["optional"]["expert"][0] == ["auto", "high", "low", "both"]
+    assert spec["optional"]["expert"][1]["default"] == "auto"
+    high, low = expert_loras["high"], expert_loras["low"]  # named …_HIGH / …_LOW
+    plain = shutil.copy(high, tmp_path / "style.safetensors")
+    model = _comfy(a14b_set)
+    (one,) = node.apply(model, high, 1.0)  # auto: the name says HIGH
+    (two,) = node.apply(one, low, 0.5)
+    assert (two.loras, two.loras_low) == (((high, 1.0),), ((low, 0.5),)) and model.loras == model.loras_low == ()
+    (both,) = node.apply(two, str(plain), 0.25)  # no marker in the name: both experts
+    assert both.loras[-1] == both.loras_low[-1] == (str(plain), 0.25)
+    (forced,) = node.apply(model, high, 1.0, expert="low")
+    assert forced.loras == () and forced.loras_low == ((high, 1.0),)
+    assert two._parts is model._parts  # the same loaded weights
+    c = a14b_set["comfy_fp32"]
+    single = VideoGenerator.from_pretrained(c["model"], text_encoder=c["text_encoder"], vae=c["vae"], device="cpu")
+    (on_one,) = node.apply(single, low, 1.0)  # one DiT: auto and both go to it
+    assert on_one.loras == ((low, 1.0),) and on_one.loras_low == ()
+    with pytest.raises(FastVideoError, match="expert low: this model has one DiT .* Set expert to auto, high or both"):
+        node.apply(single, low, 1.0, expert="low")
+    with pytest.raises(FastVideoError, match="expert must be one of auto, high, low, both"):
+        node.apply(model, low, 1.0, expert="middle")
+
+
 def test_published_defaults():
     assert experts_mod.T2V_A14B.boundary == 0.875 and experts_mod.I2V_A14B.boundary == 0.9
     assert (experts_mod.T2V_A14B.guidance_high, experts_mod.T2V_A14B.guidance_low) == (4.0, 3.0)
