@@ -517,6 +517,30 @@ def test_i2v_latents_equal_diffusers_two_experts(i2v_set, picture, monkeypatch):
         assert err <= 1e-3
 
 
+def test_sampler_node_runs_i2v_a14b_with_an_image(i2v_set, picture):
+    """What the wan2.2_i2v_A14B workflow does: a native IMAGE batch into the sampler of a two-expert
+    I2V model gives the API's latents."""
+    import os
+    import sys
+
+    import numpy as np
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import nodes as fv
+    c = i2v_set["comfy_fp32"]
+    gen = VideoGenerator.from_pretrained(c["model"], low_noise_model=c["low_noise_model"],
+                                         text_encoder=c["text_encoder"], vae=c["vae"], device="cpu", dtype="fp32")
+    image = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)[None]  # ComfyUI IMAGE [1,H,W,3]
+    pos, neg = gen.encode_prompt(PROMPT), gen.encode_prompt(NEGATIVE)
+    (latent,) = fv.FastVideoSampler().sample(model=gen, positive=[[pos, {}]], negative=[[neg, {}]], width=48,
+                                             height=32, num_frames=5, steps=I2V_STEPS, cfg=I2V_G, shift=I2V_SHIFT,
+                                             scheduler="unipc", seed=5, cfg_gate=1.0, teacache_threshold=0.0,
+                                             image=image, boundary=0.9, cfg_low=2.5)
+    settings = SamplingSettings(steps=I2V_STEPS, shift=I2V_SHIFT, guidance_scale=I2V_G, guidance_scale_low=2.5,
+                                boundary=0.9, seed=5, **SIZE)
+    want = gen.sample(pos, neg, settings, image_condition=gen.encode_image(image[0], settings))
+    assert torch.equal(latent["samples"], want)
+
+
 def test_i2v_a14b_needs_an_image_and_has_its_defaults(i2v_set, monkeypatch):
     gen = VideoGenerator.from_pretrained(i2v_set["folder"], device="cpu", dtype="fp32")
     with pytest.raises(FastVideoError, match="this is an image-to-video model; give the start image"):
