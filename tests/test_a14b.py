@@ -586,6 +586,33 @@ def test_cuda_placements_equal_cpu(a14b_set):
     assert modes == {"resident": "resident", "stream": "stream", "swap": "swap"}
 
 
+@pytest.mark.gpu
+def test_cuda_lora_per_expert_in_every_placement(a14b_set, expert_loras, want_with_loras):
+    """A LoRA per expert on CUDA with both experts resident, swapped and streamed: diffusers' latents
+    with the LoRAs merged by hand; a change after a run (the low expert active) and removal hold."""
+    from fastvideo_nodes.memory.planner import GiB
+    loras = dict(loras=[(expert_loras["high"], 1.0)], loras_low=[(expert_loras["low"], 0.5)])
+    base = _latents(_comfy(a14b_set), _settings()).cpu()
+    for mode, kw in (("resident", {}), ("stream", {"gpu_memory_gb": 1e-6}), ("swap", {"gpu_memory_gb": 2.0})):
+        c = a14b_set["comfy_fp32"]
+        gen = VideoGenerator.from_pretrained(c["model"], low_noise_model=c["low_noise_model"],
+                                             text_encoder=c["text_encoder"], vae=c["vae"], device="cuda",
+                                             dtype="fp32", attention_backend="TORCH_SDPA", **kw)
+        gen.load(**SIZE)
+        if mode == "swap":  # tiny experts both fit in 2 GiB: squeeze to room for one
+            plan = gen.memory_plan
+            gen._parts.plan = type(plan)(**{**plan.__dict__, "experts": "swap",
+                                            "budget": plan.peak + GiB // 2 - gen.placement.sizes().dit.total // 2})
+        assert (_latents(gen, _settings()).cpu() - base).abs().max().item() < 1e-2, mode
+        assert gen._parts.experts.mode == mode
+        gen.set_loras(**loras)  # after a run: the low expert is the active one
+        got = _latents(gen, _settings()).cpu()
+        assert (got - want_with_loras).abs().max().item() < 1e-2, mode
+        gen.set_loras([])
+        assert (_latents(gen, _settings()).cpu() - base).abs().max().item() < 1e-2, mode
+        gen.close()
+
+
 def _block_runs(gen):
     """Per expert, the steps at which its blocks ran (TeaCache skips them)."""
     runs = {"high": [], "low": []}
