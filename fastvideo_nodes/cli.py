@@ -89,7 +89,12 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
     p.add_argument("--sigmas", default=None, metavar="LIST",
                    help="explicit sigmas such as 1,0.9375,0.8333,0.625 (used as given, no shift; replaces --steps)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
-                   help="a LoRA .safetensors merged into the DiT (strength default 1.0); repeat to stack")
+                   help="a LoRA .safetensors merged into the DiT (strength default 1.0); repeat to stack. "
+                        "Wan2.2 A14B: into the high-noise expert (its _HIGH / _high_noise file)")
+    if not demo:
+        p.add_argument("--lora-low", action="append", default=[], metavar="FILE[:STRENGTH]",
+                       help="Wan2.2 A14B: a LoRA merged into the low-noise expert (its _LOW / _low_noise file); "
+                            "repeat to stack")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cfg-gate", type=float, default=1.0,
                    help="fraction of steps with the unconditional pass (1 = off)")
@@ -126,23 +131,24 @@ def _add_generation_args(p: argparse.ArgumentParser, *, demo: bool = False) -> N
     p.add_argument("--latents-out", default=None, help="also save the raw VAE-space latents (key 'latents')")
 
 
-def parse_lora(text: str) -> tuple[str, float]:
+def parse_lora(text: str, flag: str = "--lora") -> tuple[str, float]:
     """FILE[:STRENGTH] → (FILE, strength). A name that exists as given is a file even with a colon
-    in it (C:\\loras\\x.safetensors); otherwise the text after the last colon is the strength."""
+    in it (C:\\loras\\x.safetensors); otherwise the text after the last colon is the strength.
+    flag: the option named in errors (--lora or --lora-low)."""
     path, strength = text, 1.0
     if not os.path.exists(text) and ":" in text:
         path, _, tail = text.rpartition(":")
         try:
             strength = float(tail)
         except ValueError:
-            raise FastVideoError(f"--lora {text!r}: the strength after the colon must be a number "
+            raise FastVideoError(f"{flag} {text!r}: the strength after the colon must be a number "
                                  f"(FILE or FILE:0.8), got {tail!r}.") from None
         if not path:
-            raise FastVideoError(f"--lora {text!r}: no file name before the strength.")
+            raise FastVideoError(f"{flag} {text!r}: no file name before the strength.")
     if strength != strength or strength in (float("inf"), float("-inf")):
-        raise FastVideoError(f"--lora {text!r}: the strength must be a finite number, got {strength}.")
+        raise FastVideoError(f"{flag} {text!r}: the strength must be a finite number, got {strength}.")
     if not os.path.isfile(path):
-        raise FastVideoError(f"--lora: file not found: {path!r}.")
+        raise FastVideoError(f"{flag}: file not found: {path!r}.")
     return path, strength
 
 
@@ -177,10 +183,12 @@ def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
     from .attention import check_exact_steps
     check_exact_steps(args.exact_attention_steps, "--exact-attention-steps")  # before anything loads
     loras = [parse_lora(text) for text in args.lora]
+    loras_low = [parse_lora(text, "--lora-low") for text in getattr(args, "lora_low", [])]
     sigmas = parse_sigmas(args.sigmas, "--sigmas")
     gen = VideoGenerator.from_pretrained(model, text_encoder=text_encoder, vae=vae, options=load_options(args),
                                          attention_backend=args.attention_backend, num_gpus=args.num_gpus,
-                                         loras=loras, exact_attention_steps=args.exact_attention_steps,
+                                         loras=loras, loras_low=loras_low,
+                                         exact_attention_steps=args.exact_attention_steps,
                                          image_encoder=getattr(args, "image_encoder", None),
                                          low_noise_model=getattr(args, "low_noise_model", None))
     if args.sparsity is not None:
@@ -208,7 +216,7 @@ def _generate(args, model, text_encoder, vae, progress: _Progress) -> int:
     print(f"wrote {args.output}: {result.frames.shape[0]} frames {result.frames.shape[2]}x{result.frames.shape[1]} "
           f"(encode {t['encode_s']:.1f}s" + (f", image {t['image_s']:.1f}s" if "image_s" in t else "")
           + f", sample {t['sample_s']:.1f}s, decode {t['decode_s']:.1f}s"
-          + (f", LoRA merge {t['lora_s']:.1f}s" if loras else "") + ")")
+          + (f", LoRA merge {t['lora_s']:.1f}s" if loras or loras_low else "") + ")")
     return 0
 
 

@@ -8,7 +8,7 @@ from fastvideo_nodes.errors import FastVideoError, ModelFileError
 from fastvideo_nodes.models.wan_vae import raw_to_model
 from fastvideo_nodes.pipeline import experts as experts_mod
 from fastvideo_nodes.pipeline.generator import VideoGenerator
-from fastvideo_nodes.pipeline.sampler import SamplingSettings
+from fastvideo_nodes.pipeline.sampler import SamplingSettings, SamplingStats
 from fastvideo_nodes.pipeline.schedulers import make_scheduler
 
 diffusers = pytest.importorskip("diffusers")
@@ -104,9 +104,10 @@ def test_small_budget_keeps_one_expert_on_the_device(a14b_set, want):
     assert gen._parts.experts is None
     plan = gen.memory_plan
     assert plan is not None and not plan.dit_blocks_streamed
-    # Squeeze the budget until a second DiT no longer fits (the plan itself is unchanged).
+    assert plan.experts == "resident"  # tiny experts: both fit; squeeze the budget to room for one
     dit_bytes = gen.placement.sizes().dit.total
-    gen._parts.plan = type(plan)(**{**plan.__dict__, "budget": plan.peak + GiB // 2 + dit_bytes // 2})
+    gen._parts.plan = type(plan)(**{**plan.__dict__, "budget": plan.peak + GiB // 2 - dit_bytes // 2,
+                                    "experts": "swap"})
     seen = []
     for k, dit in enumerate((gen.dit, gen.dit_low)):
         dit.register_forward_pre_hook(lambda m, a, k=k: seen.append((k, gen._parts.experts.active)))
@@ -116,6 +117,26 @@ def test_small_budget_keeps_one_expert_on_the_device(a14b_set, want):
     assert seen and all(k == active for k, active in seen)
     assert ex.homes[experts_mod.HIGH].device.type == "cpu"  # the idle one went home
     assert (got - want).abs().max().item() <= 1e-3
+
+
+def test_plan_counts_the_second_expert(a14b_set, caplog):
+    """The low-noise expert's bytes come from its own file; both resident costs one more DiT, and
+    the logged plan says where the experts live."""
+    import logging
+
+    from fastvideo_nodes.memory.planner import VideoShape
+    c = a14b_set["comfy_fp32"]
+    gen = _comfy(a14b_set, gpu_memory_gb=8.0)
+    one = VideoGenerator.from_pretrained(c["model"], text_encoder=c["text_encoder"], vae=c["vae"], device="cpu",
+                                         dtype="fp32", gpu_memory_gb=8.0)
+    sizes = gen.placement.sizes()
+    assert sizes.dit_low == sizes.dit and one.placement.sizes().dit_low is None
+    shape = VideoShape(**SIZE)
+    with caplog.at_level(logging.INFO, logger="fastvideo_nodes.memory.placement"):
+        gen.load(**SIZE)
+    plan = gen.memory_plan
+    assert plan.experts == "resident" and plan.peak == one.placement.make_plan(shape).peak + sizes.dit.total
+    assert "both experts (high and low noise) resident" in caplog.text
 
 
 def test_room_for_both_keeps_both_resident(a14b_set):
@@ -130,7 +151,7 @@ def test_streamed_plan_moves_the_offload_to_the_active_expert(a14b_set, want):
     gen.load(**SIZE)
     assert gen._parts.experts is None
     plan = gen.memory_plan
-    gen._parts.plan = type(plan)(**{**plan.__dict__, "dit_blocks_resident": 1})
+    gen._parts.plan = type(plan)(**{**plan.__dict__, "dit_blocks_resident": 1, "experts": "stream"})
     got = _latents(gen, _settings(boundary=0.875))
     ex = gen._parts.experts
     assert ex.mode == "stream" and ex.offloads[experts_mod.HIGH] is None
@@ -186,19 +207,171 @@ def test_boundary_on_a_one_dit_model(a14b_set):
         gen.generate_video(PROMPT, boundary=0.8, num_inference_steps=2, **SIZE)
 
 
-def test_loras_refused_with_two_experts(a14b_set, tmp_path):
+# ----------------------------------------------------------------------------- a LoRA per expert
+
+
+@pytest.fixture(scope="module")
+def expert_loras(tmp_path_factory):
+    """A HIGH and a LOW LoRA, as Wan2.2 Lightning ships them (different ranks and alphas)."""
     from fastvideo_nodes.testing.dit import TINY_DIT
     from fastvideo_nodes.testing.lora import save_random_lora
-    lora = save_random_lora(TINY_DIT, str(tmp_path / "lora.safetensors"))
-    with pytest.raises(FastVideoError, match="LoRAs on a two-expert model"):
-        _comfy(a14b_set, loras=[(lora, 1.0)])
+    d = tmp_path_factory.mktemp("expert_loras")
+    return {"high": save_random_lora(TINY_DIT, str(d / "tiny_lora_HIGH.safetensors"), rank=4, seed=1, scale=0.2),
+            "low": save_random_lora(TINY_DIT, str(d / "tiny_lora_LOW.safetensors"), rank=8, alpha=4.0, seed=2,
+                                    scale=0.2)}
+
+
+def _by_hand(state: dict, lora_path: str, strength: float, rename=lambda n: n) -> dict:
+    """state with the LoRA merged as its definition says: W + s·(alpha/rank)·up @ down, in float32.
+    rename: our (Wan) parameter name → the name in `state`."""
+    from safetensors.torch import load_file
+    lora = load_file(lora_path)
+    out = {k: v.clone() for k, v in state.items()}
+    for key in lora:
+        if not key.endswith(".lora_down.weight"):
+            continue
+        module = key[len("diffusion_model."):-len(".lora_down.weight")]
+        down, up = lora[key].float(), lora[key.replace("lora_down", "lora_up")].float()
+        alpha = float(lora[key.replace(".lora_down.weight", ".alpha")])
+        name = rename(f"{module}.weight")
+        out[name] = (out[name].float() + strength * (alpha / down.shape[0]) * up @ down).to(out[name].dtype)
+    return out
+
+
+def _state(dit) -> dict:
+    return {k: v.detach().clone() for k, v in dit.state_dict().items()}
+
+
+def test_each_expert_takes_its_own_lora_and_removing_restores(a14b_set, expert_loras):
     gen = _comfy(a14b_set)
     gen.load(**SIZE)
-    with pytest.raises(FastVideoError, match="LoRAs on a two-expert model"):
-        gen.set_loras([(lora, 1.0)])
-    gen = _comfy(a14b_set).with_loras([(lora, 1.0)])
-    with pytest.raises(FastVideoError, match="LoRAs on a two-expert model"):
-        gen.sample(gen.encode_prompt(PROMPT), None, _settings(boundary=0.875))
+    base_high, base_low = _state(gen.dit), _state(gen.dit_low)
+    report = gen.set_loras([(expert_loras["high"], 1.0)], [(expert_loras["low"], 0.5)])
+    assert [r.path for r in report.loras] == [expert_loras["high"], expert_loras["low"]] and report.patched > 0
+    want_high = _by_hand(base_high, expert_loras["high"], 1.0)
+    want_low = _by_hand(base_low, expert_loras["low"], 0.5)
+    for dit, want in ((gen.dit, want_high), (gen.dit_low, want_low)):
+        got = dit.state_dict()
+        assert set(got) == set(want)
+        assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-5
+    assert gen.dit.loras == [(expert_loras["high"], 1.0)] and gen.dit_low.loras == [(expert_loras["low"], 0.5)]
+    gen.set_loras([(expert_loras["high"], 1.0)])  # only the low expert goes back to its base
+    assert all(torch.equal(gen.dit_low.state_dict()[k], v) for k, v in base_low.items())
+    gen.set_loras([])
+    for dit, base in ((gen.dit, base_high), (gen.dit_low, base_low)):
+        assert all(torch.equal(dit.state_dict()[k], v) for k, v in base.items())  # bit for bit
+
+
+@pytest.fixture(scope="module")
+def want_with_loras(a14b_set, expert_loras):
+    """diffusers' two-expert WanPipeline with each LoRA merged by hand into its expert's weights."""
+    from diffusers import WanPipeline
+
+    from fastvideo_nodes.loading.keymaps import dit_name
+    pipe = WanPipeline.from_pretrained(a14b_set["folder"], torch_dtype=torch.float32)
+    for model, path, strength in ((pipe.transformer, expert_loras["high"], 1.0),
+                                  (pipe.transformer_2, expert_loras["low"], 0.5)):
+        state = model.state_dict()
+        to_diffusers = {dit_name(k): k for k in state}
+        model.load_state_dict(_by_hand(state, path, strength, rename=to_diffusers.__getitem__))
+    with torch.no_grad():
+        out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=G_HIGH,
+                   guidance_scale_2=G_LOW, generator=torch.Generator("cpu").manual_seed(3), output_type="latent",
+                   **SIZE)
+    return out.frames
+
+
+def test_latents_equal_diffusers_with_a_lora_per_expert(a14b_set, expert_loras, want, want_with_loras):
+    gen = _comfy(a14b_set, loras=[(expert_loras["high"], 1.0)], loras_low=[(expert_loras["low"], 0.5)])
+    stats = SamplingStats()
+    got = raw_to_model(gen.sample(gen.encode_prompt(PROMPT), gen.encode_prompt(NEGATIVE), _settings(), stats=stats))
+    assert (want_with_loras - want).abs().max().item() > 1e-2  # the LoRAs matter
+    err = (got - want_with_loras).abs().max().item()
+    print(f"A14B with a LoRA per expert: max abs err {err:.2e}")
+    assert err <= 1e-3 and "lora_s" in stats.extra
+
+
+def test_swapped_experts_keep_their_loras_across_changes(a14b_set, expert_loras, want_with_loras):
+    """With one expert on the device at a time, a LoRA change after a run (the low expert still swapped
+    in) reaches both experts and survives the next swaps."""
+    from fastvideo_nodes.memory.planner import GiB
+    gen = _comfy(a14b_set, gpu_memory_gb=1.0)
+    gen.load(**SIZE)
+    plan = gen.memory_plan
+    gen._parts.plan = type(plan)(**{**plan.__dict__, "budget": plan.peak + GiB // 2
+                                    - gen.placement.sizes().dit.total // 2, "experts": "swap"})
+    base = _latents(gen, _settings())
+    assert gen._parts.experts.mode == "swap" and gen._parts.experts.active == experts_mod.LOW
+    gen.set_loras([(expert_loras["high"], 1.0)], [(expert_loras["low"], 0.5)])
+    assert (_latents(gen, _settings()) - want_with_loras).abs().max().item() <= 1e-3
+    assert gen._parts.experts.mode == "swap"
+    gen.set_loras([])
+    assert torch.equal(_latents(gen, _settings()), base)
+
+
+def test_loras_low_needs_two_experts(a14b_set, expert_loras):
+    c = a14b_set["comfy_fp32"]
+    one = dict(text_encoder=c["text_encoder"], vae=c["vae"], device="cpu")
+    needle = (r"loras_low \(CLI: --lora-low\): only a two-expert model \(Wan2.2 A14B, loaded with low_noise_model\) "
+              r"has a low-noise expert; 'wan2.2_t2v_high_noise_tiny.safetensors' has one DiT. Give its LoRAs in "
+              r"loras \(CLI: --lora\).")
+    with pytest.raises(FastVideoError, match=needle):
+        VideoGenerator.from_pretrained(c["model"], loras_low=[(expert_loras["low"], 1.0)], **one)
+    gen = VideoGenerator.from_pretrained(c["model"], **one)
+    with pytest.raises(FastVideoError, match=needle):
+        gen.with_loras([], [(expert_loras["low"], 1.0)])
+    with pytest.raises(FastVideoError, match=needle):
+        gen.set_loras([(expert_loras["high"], 1.0)], [(expert_loras["low"], 1.0)])
+    assert gen.loras == () and gen.loras_low == ()  # a refused change changes nothing
+    with pytest.raises(FastVideoError, match=r"loras_low\[0\]: the strength must be a finite number"):
+        _comfy(a14b_set, loras_low=[(expert_loras["low"], float("nan"))])
+
+
+@pytest.mark.parametrize("name, expert", [
+    ("Wan2.2-Lightning_T2V-A14B-4steps-lora_HIGH_fp16.safetensors", "high"),
+    ("Wan2.2-Lightning_T2V-A14B-4steps-lora_LOW_fp16.safetensors", "low"),
+    ("wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors", "high"),
+    ("wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors", "low"),
+    ("Wan22_A14B_T2V_LOW_Lightning_4steps_lora_250928_rank128_fp16.safetensors", "low"),
+    ("Seko-V1.1/high_noise_model.safetensors", "high"),
+    ("Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors", None),
+    ("highlights_lowkey_style.safetensors", None),  # words, not the markers
+    ("high_and_low.safetensors", None),  # names both: no guess
+])
+def test_expert_of_a_lora_file_name(name, expert):
+    from fastvideo_nodes.loading.lora import expert_of
+    assert expert_of(name) == expert
+
+
+def test_lora_node_puts_each_file_on_its_expert(a14b_set, expert_loras, tmp_path):
+    import os
+    import shutil
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import nodes as fv
+    node = fv.FastVideoLoRA()
+    spec = fv.FastVideoLoRA.INPUT_TYPES()
+    assert spec["optional"]["expert"][0] == ["auto", "high", "low", "both"]
+    assert spec["optional"]["expert"][1]["default"] == "auto"
+    high, low = expert_loras["high"], expert_loras["low"]  # named …_HIGH / …_LOW
+    plain = shutil.copy(high, tmp_path / "style.safetensors")
+    model = _comfy(a14b_set)
+    (one,) = node.apply(model, high, 1.0)  # auto: the name says HIGH
+    (two,) = node.apply(one, low, 0.5)
+    assert (two.loras, two.loras_low) == (((high, 1.0),), ((low, 0.5),)) and model.loras == model.loras_low == ()
+    (both,) = node.apply(two, str(plain), 0.25)  # no marker in the name: both experts
+    assert both.loras[-1] == both.loras_low[-1] == (str(plain), 0.25)
+    (forced,) = node.apply(model, high, 1.0, expert="low")
+    assert forced.loras == () and forced.loras_low == ((high, 1.0),)
+    assert two._parts is model._parts  # the same loaded weights
+    c = a14b_set["comfy_fp32"]
+    single = VideoGenerator.from_pretrained(c["model"], text_encoder=c["text_encoder"], vae=c["vae"], device="cpu")
+    (on_one,) = node.apply(single, low, 1.0)  # one DiT: auto and both go to it
+    assert on_one.loras == ((low, 1.0),) and on_one.loras_low == ()
+    with pytest.raises(FastVideoError, match="expert low: this model has one DiT .* Set expert to auto, high or both"):
+        node.apply(single, low, 1.0, expert="low")
+    with pytest.raises(FastVideoError, match="expert must be one of auto, high, low, both"):
+        node.apply(model, low, 1.0, expert="middle")
 
 
 def test_published_defaults():
@@ -227,6 +400,35 @@ def test_cli_flags_reach_the_two_experts(a14b_set, tmp_path):
     want = gen.sample(gen.encode_prompt(PROMPT), gen.encode_prompt(NEGATIVE),
                       _settings(boundary=0.9, guidance_scale_low=2.0))
     assert (load_file(lat)["latents"] - want).abs().max().item() <= 1e-4
+
+
+def test_cli_lora_per_expert(a14b_set, expert_loras, want_with_loras, tmp_path, capsys):
+    """--lora goes to the high-noise expert, --lora-low to the low-noise one: the API's latents."""
+    from safetensors.torch import load_file
+
+    from fastvideo_nodes.cli import main as cli_main
+    c = a14b_set["comfy_fp32"]
+    lat = str(tmp_path / "l.safetensors")
+    common = ["generate", "--model", c["model"], "--text-encoder", c["text_encoder"], "--vae", c["vae"],
+              "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--device", "cpu", "--precision", "fp32",
+              "--height", "32", "--width", "48", "--num-frames", "5", "--steps", str(STEPS), "--seed", "3",
+              "--lora", expert_loras["high"], "--lora-low", f"{expert_loras['low']}:0.5"]
+    code = cli_main(common + ["--low-noise-model", c["low_noise_model"], "--boundary", "0.875",
+                              "--guidance-scale", "4", "--guidance-scale-low", "3", "--shift", "12",
+                              "--output", str(tmp_path / "o.mp4"), "--latents-out", lat])
+    assert code == 0 and "LoRA merge" in capsys.readouterr().out
+    got = raw_to_model(load_file(lat)["latents"])
+    assert (got - want_with_loras).abs().max().item() <= 1e-3
+    code = cli_main(common + ["--output", str(tmp_path / "one.mp4")])  # no --low-noise-model: one DiT
+    assert code != 0 and "loras_low (CLI: --lora-low): only a two-expert model" in capsys.readouterr().err
+
+
+def test_cli_lora_low_errors_name_the_flag(tmp_path):
+    from fastvideo_nodes.cli import parse_lora
+    with pytest.raises(FastVideoError, match="--lora-low: file not found"):
+        parse_lora(str(tmp_path / "missing_LOW.safetensors:0.5"), "--lora-low")
+    with pytest.raises(FastVideoError, match="--lora-low 'x.safetensors:abc': the strength after the colon"):
+        parse_lora("x.safetensors:abc", "--lora-low")
 
 
 def test_cli_bad_boundary_is_one_clear_line(a14b_set, tmp_path, capsys):
@@ -315,6 +517,30 @@ def test_i2v_latents_equal_diffusers_two_experts(i2v_set, picture, monkeypatch):
         assert err <= 1e-3
 
 
+def test_sampler_node_runs_i2v_a14b_with_an_image(i2v_set, picture):
+    """What the wan2.2_i2v_A14B workflow does: a native IMAGE batch into the sampler of a two-expert
+    I2V model gives the API's latents."""
+    import os
+    import sys
+
+    import numpy as np
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import nodes as fv
+    c = i2v_set["comfy_fp32"]
+    gen = VideoGenerator.from_pretrained(c["model"], low_noise_model=c["low_noise_model"],
+                                         text_encoder=c["text_encoder"], vae=c["vae"], device="cpu", dtype="fp32")
+    image = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)[None]  # ComfyUI IMAGE [1,H,W,3]
+    pos, neg = gen.encode_prompt(PROMPT), gen.encode_prompt(NEGATIVE)
+    (latent,) = fv.FastVideoSampler().sample(model=gen, positive=[[pos, {}]], negative=[[neg, {}]], width=48,
+                                             height=32, num_frames=5, steps=I2V_STEPS, cfg=I2V_G, shift=I2V_SHIFT,
+                                             scheduler="unipc", seed=5, cfg_gate=1.0, teacache_threshold=0.0,
+                                             image=image, boundary=0.9, cfg_low=2.5)
+    settings = SamplingSettings(steps=I2V_STEPS, shift=I2V_SHIFT, guidance_scale=I2V_G, guidance_scale_low=2.5,
+                                boundary=0.9, seed=5, **SIZE)
+    want = gen.sample(pos, neg, settings, image_condition=gen.encode_image(image[0], settings))
+    assert torch.equal(latent["samples"], want)
+
+
 def test_i2v_a14b_needs_an_image_and_has_its_defaults(i2v_set, monkeypatch):
     gen = VideoGenerator.from_pretrained(i2v_set["folder"], device="cpu", dtype="fp32")
     with pytest.raises(FastVideoError, match="this is an image-to-video model; give the start image"):
@@ -348,8 +574,8 @@ def test_cuda_placements_equal_cpu(a14b_set):
         gen.load(**SIZE)
         if mode == "swap":  # room for one DiT only
             plan = gen.memory_plan
-            gen._parts.plan = type(plan)(**{**plan.__dict__,
-                                            "budget": plan.peak + GiB // 2 + gen.placement.sizes().dit.total // 2})
+            gen._parts.plan = type(plan)(**{**plan.__dict__, "experts": "swap",
+                                            "budget": plan.peak + GiB // 2 - gen.placement.sizes().dit.total // 2})
         got = _latents(gen, _settings(boundary=0.875)).cpu()
         modes[mode] = gen._parts.experts.mode
         assert (got - cpu).abs().max().item() < 1e-2, mode
@@ -358,6 +584,33 @@ def test_cuda_placements_equal_cpu(a14b_set):
             assert all(p.device.type == "cpu" for p in gen.dit.parameters())  # the idle expert left the GPU
         gen.close()
     assert modes == {"resident": "resident", "stream": "stream", "swap": "swap"}
+
+
+@pytest.mark.gpu
+def test_cuda_lora_per_expert_in_every_placement(a14b_set, expert_loras, want_with_loras):
+    """A LoRA per expert on CUDA with both experts resident, swapped and streamed: diffusers' latents
+    with the LoRAs merged by hand; a change after a run (the low expert active) and removal hold."""
+    from fastvideo_nodes.memory.planner import GiB
+    loras = dict(loras=[(expert_loras["high"], 1.0)], loras_low=[(expert_loras["low"], 0.5)])
+    base = _latents(_comfy(a14b_set), _settings()).cpu()
+    for mode, kw in (("resident", {}), ("stream", {"gpu_memory_gb": 1e-6}), ("swap", {"gpu_memory_gb": 2.0})):
+        c = a14b_set["comfy_fp32"]
+        gen = VideoGenerator.from_pretrained(c["model"], low_noise_model=c["low_noise_model"],
+                                             text_encoder=c["text_encoder"], vae=c["vae"], device="cuda",
+                                             dtype="fp32", attention_backend="TORCH_SDPA", **kw)
+        gen.load(**SIZE)
+        if mode == "swap":  # tiny experts both fit in 2 GiB: squeeze to room for one
+            plan = gen.memory_plan
+            gen._parts.plan = type(plan)(**{**plan.__dict__, "experts": "swap",
+                                            "budget": plan.peak + GiB // 2 - gen.placement.sizes().dit.total // 2})
+        assert (_latents(gen, _settings()).cpu() - base).abs().max().item() < 1e-2, mode
+        assert gen._parts.experts.mode == mode
+        gen.set_loras(**loras)  # after a run: the low expert is the active one
+        got = _latents(gen, _settings()).cpu()
+        assert (got - want_with_loras).abs().max().item() < 1e-2, mode
+        gen.set_loras([])
+        assert (_latents(gen, _settings()).cpu() - base).abs().max().item() < 1e-2, mode
+        gen.close()
 
 
 def _block_runs(gen):

@@ -89,8 +89,10 @@ def server(tmp_path_factory):
     # Wan2.2 A14B: its two experts (the T2V set's text encoder and VAE serve them).
     from fastvideo_nodes.testing.a14b import build_a14b_set
     a14b = build_a14b_set(str(base / "a14b"), seed=9)["comfy_fp32"]
+    a14b_i2v = build_a14b_set(str(base / "a14b_i2v"), seed=10, i2v=True)["comfy_fp32"]  # 36-channel experts
     for key in ("model", "low_noise_model"):
         shutil.copy(a14b[key], base / "models" / "diffusion_models")
+        shutil.copy(a14b_i2v[key], base / "models" / "diffusion_models")
     (base / "extra.yaml").write_text(f"fastvideo_test:\n    base_path: {base}\n"
                                      "    diffusion_models: models/diffusion_models\n"
                                      "    text_encoders: models/text_encoders\n    vae: models/vae\n"
@@ -130,7 +132,9 @@ def server(tmp_path_factory):
             "i2v_model": os.path.basename(i2v["model"]), "clip_vision": os.path.basename(i2v["image_encoder"]),
             "image": "start.png",
             "model22": os.path.basename(wan22["model"]), "vae22": os.path.basename(wan22["vae"]),
-            "a14b_high": os.path.basename(a14b["model"]), "a14b_low": os.path.basename(a14b["low_noise_model"])})
+            "a14b_high": os.path.basename(a14b["model"]), "a14b_low": os.path.basename(a14b["low_noise_model"]),
+            "a14b_i2v_high": os.path.basename(a14b_i2v["model"]),
+            "a14b_i2v_low": os.path.basename(a14b_i2v["low_noise_model"])})
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -155,7 +159,8 @@ def test_copy(server, name, prefix):
             if name.startswith("wan2.1_i2v"):  # (not wan2.2_ti2v)
                 w[0], w[8] = f["i2v_model"], f["clip_vision"]
             if a14b:
-                w[0], w[9] = f["a14b_high"], f["a14b_low"]
+                i2v = "i2v" in name
+                w[0], w[9] = f["a14b_i2v_high" if i2v else "a14b_high"], f["a14b_i2v_low" if i2v else "a14b_low"]
         elif n["type"] == "FastVideoSampler":
             w[0], w[1], w[2], w[3] = small["width"], small["height"], small["num_frames"], small["steps"]
         elif n["type"] == "LoadImage":
@@ -250,7 +255,7 @@ def saved_video(out, prefix):
 @pytest.mark.parametrize("name", ["wan2.1_t2v_1.3B_fastvideo.json", "wan2.1_t2v_1.3B_fastvideo_fast.json",
                                   "wan2.1_t2v_1.3B_mixed_native.json", "wan2.1_t2v_14B_4step_lora.json",
                                   "fastwan2.1_t2v_1.3B_3step.json", "wan2.1_i2v_14B.json",
-                                  "wan2.2_ti2v_5B.json", "wan2.2_t2v_A14B.json"])
+                                  "wan2.2_ti2v_5B.json", "wan2.2_t2v_A14B.json", "wan2.2_i2v_A14B.json"])
 def test_workflow_through_comfy_cli_and_api(server, name, tmp_path):
     stem = name.replace(".json", "")
     small = SMALL_22 if "wan2.2" in name and "A14B" not in name else SMALL

@@ -135,6 +135,67 @@ def test_decisions_are_monotone_in_the_budget(components, shape):
     assert previous is not None and previous.all_resident
 
 
+# Wan2.2 A14B: two 14B experts of the Wan2.1 14B architecture.
+A14B = replace(WAN_14B, dit_low=WAN_14B.dit)
+_EXPERTS_RANK = {"stream": 0, "swap": 1, "resident": 2}
+
+
+@pytest.mark.parametrize("gib, mode", [(141, "resident"), (80, "resident"), (48, "swap"), (24, "stream")])
+def test_a14b_experts_by_budget(gib, mode):
+    """Both experts resident when both fit; else one on the GPU and the other in pinned host memory;
+    else the active one's blocks streamed."""
+    plan = plan_memory(A14B, SHAPE, gib * GiB)
+    assert plan.experts == mode and plan.peak <= gib * GiB
+    dit = A14B.dit.total
+    if mode == "resident":
+        assert plan.all_resident and plan.peak >= 2 * dit + UMT5_XXL
+    else:
+        assert not plan.all_resident and plan.peak < 2 * dit  # never both on the GPU
+    if mode == "swap":
+        assert plan.dit_blocks_streamed == 0 and plan.peak >= dit
+    if mode == "stream":
+        assert 0 < plan.dit_blocks_resident < 40 and plan.text_encoder == "cpu"
+    text = plan.describe()
+    assert "high and low noise" in text or "high noise, then low noise" in text
+    assert {"resident": "both experts (high and low noise) resident",
+            "swap": "the idle one in pinned host memory, swapped at the boundary",
+            "stream": "the active expert's blocks streamed"}[mode] in text
+
+
+def test_a14b_one_expert_plans_as_one_dit():
+    """With one expert on the GPU the plan is the single 14B's (same blocks, VAE, text encoder)."""
+    for gib in (24, 48):
+        one, two = plan_memory(WAN_14B, SHAPE, gib * GiB), plan_memory(A14B, SHAPE, gib * GiB)
+        assert (one.dit_blocks_resident, one.vae, one.text_encoder, one.peak) == (
+            two.dit_blocks_resident, two.vae, two.text_encoder, two.peak)
+        assert one.experts is None
+
+
+def test_a14b_experts_of_other_dtypes_plan_for_the_larger():
+    mixed = replace(A14B, dit_low=A14B.dit.fp8())  # e.g. a bf16 high-noise file next to an fp8 low-noise one
+    assert mixed.active_dit == A14B.dit and mixed.idle_dit_bytes == A14B.dit.fp8().total
+    both = plan_memory(mixed, SHAPE, 141 * GiB)
+    assert both.experts == "resident" and both.peak == _peak(mixed, SHAPE, 40, "resident", "resident", None, True)
+    assert both.peak - plan_memory(WAN_14B, SHAPE, 141 * GiB).peak == A14B.dit.fp8().total
+
+
+@pytest.mark.parametrize("shape", [SHAPE, VideoShape(720, 1280, 81)], ids=["480p", "720p"])
+def test_a14b_decisions_are_monotone_in_the_budget(shape):
+    previous = None
+    for tenth in range(100, 1500, 7):
+        try:
+            plan = plan_memory(A14B, shape, tenth * GiB // 10)
+        except FastVideoError:
+            assert previous is None, "a larger budget must not stop fitting"
+            continue
+        if previous is not None:
+            assert _EXPERTS_RANK[plan.experts] >= _EXPERTS_RANK[previous.experts]
+            assert plan.dit_blocks_resident >= previous.dit_blocks_resident
+            assert placement_rank(plan.text_encoder) >= placement_rank(previous.text_encoder)
+        previous = plan
+    assert previous is not None and previous.experts == "resident" and previous.all_resident
+
+
 def test_sizes_of_a_built_dit():
     dit = random_dit(seed=0)
     sizes = DitSizes.of(dit)

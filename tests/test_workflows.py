@@ -47,11 +47,11 @@ def required_widget_count(cls) -> int:
     return len(spec_of(cls, groups=("required",))[0])
 
 
-def test_there_are_eight_workflows():
+def test_there_are_nine_workflows():
     names = [os.path.basename(p) for p in WORKFLOWS]
-    assert len(names) == 8 and any("fast" in n for n in names) and any("mixed_native" in n for n in names)
+    assert len(names) == 9 and any("fast" in n for n in names) and any("mixed_native" in n for n in names)
     assert {"wan2.1_t2v_14B_4step_lora.json", "fastwan2.1_t2v_1.3B_3step.json", "wan2.1_i2v_14B.json",
-            "wan2.2_ti2v_5B.json", "wan2.2_t2v_A14B.json"} <= set(names)
+            "wan2.2_ti2v_5B.json", "wan2.2_t2v_A14B.json", "wan2.2_i2v_A14B.json"} <= set(names)
 
 
 def test_fastwan_workflow_is_the_3step_recipe():
@@ -125,6 +125,31 @@ def test_a14b_workflow_is_the_two_expert_recipe():
         (40, 12.0, 0.875, 4.0, 3.0)
     settings = fv.sampling_nodes._settings(**{k: v for k, v in values.items() if k != "control_after_generate"})
     assert (settings.boundary, settings.guidance_scale_low) == (0.875, 3.0)
+    assert by_type["CreateVideo"]["widgets_values"] == [16.0]
+
+
+def test_i2v_a14b_workflow_is_the_two_expert_image_recipe():
+    """Both I2V experts into the loader (no CLIP vision: Wan2.2 I2V-A14B has none), LoadImage → the
+    sampler's image, Wan2.2 I2V-A14B's published settings: 40 steps, shift 5, boundary 0.9, cfg 3.5
+    for both experts, 480p at 16 fps."""
+    from fastvideo_nodes.pipeline.experts import I2V_A14B
+    wf = json.load(open(os.path.join(ROOT, "workflows", "wan2.2_i2v_A14B.json")))
+    by_type = {n["type"]: n for n in wf["nodes"]}
+    loader, sampler = by_type["LoadFastVideoModel"], by_type["FastVideoSampler"]
+    lv = dict(zip([w[0] for w in spec_of(fv.LoadFastVideoModel)[0]], loader["widgets_values"]))
+    assert lv["model"] == "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors"
+    assert lv["low_noise_model"] == "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors"
+    assert lv["clip_vision"] == "(none)"
+    linked = {m["name"]: m["directory"] for n in wf["nodes"] for m in n.get("properties", {}).get("models", [])}
+    assert linked == {lv["model"]: "diffusion_models", lv["low_noise_model"]: "diffusion_models",
+                      "umt5_xxl_fp8_e4m3fn_scaled.safetensors": "text_encoders", "wan_2.1_vae.safetensors": "vae"}
+    values = dict(zip([w[0] for w in spec_of(fv.FastVideoSampler)[0]], sampler["widgets_values"]))
+    assert (values["width"], values["height"], values["num_frames"]) == (832, 480, 81)
+    assert (values["steps"], values["shift"], values["boundary"], values["cfg"], values["cfg_low"]) == (
+        I2V_A14B.steps, I2V_A14B.shift, I2V_A14B.boundary, I2V_A14B.guidance_high, I2V_A14B.guidance_low)
+    image_input = next(i for i in sampler["inputs"] if i["name"] == "image")
+    assert any(l[0] == image_input["link"] and l[1] == by_type["LoadImage"]["id"] and l[5] == "IMAGE"
+               for l in wf["links"])
     assert by_type["CreateVideo"]["widgets_values"] == [16.0]
 
 

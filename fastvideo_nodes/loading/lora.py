@@ -176,6 +176,15 @@ def _width_hint(lora_width: int, ours: int) -> str:
     return f"the LoRA was made for {a} (width {lora_width}), the loaded model is {b} (width {ours})"
 
 
+def expert_of(path: str) -> str | None:
+    """"high" or "low" when the file name says which Wan2.2 A14B expert the LoRA was made for, as the
+    two-file releases name them (Wan2.2-Lightning_…_HIGH_fp16, …_lightx2v_4steps_lora_v1.1_low_noise,
+    high_noise_model.safetensors); None when it names neither or both."""
+    words = set(re.split(r"[^a-z0-9]+", os.path.splitext(os.path.basename(os.fspath(path)))[0].lower()))
+    said = {w for w in ("high", "low") if w in words or f"{w}noise" in words}
+    return said.pop() if len(said) == 1 else None
+
+
 def read_lora(path: str, dit: nn.Module, strength: float = 1.0) -> tuple[dict[str, _Patch], LoraReport]:
     """Read one LoRA file and map it onto `dit`'s parameter names, checking every shape first.
 

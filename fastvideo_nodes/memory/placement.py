@@ -79,17 +79,18 @@ def estimate_components(files, options, cfg) -> Components:
             out[name] = n * (1 if stored_fp8 or (fp8 and linear and may_store_fp8) else itemsize)
         return out
 
-    dit = sizes(files.model, "transformer")
-    block = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-    per_block: dict[int, int] = {}
-    other = 0
-    for name, n in dit.items():
-        m = block.search(name)
-        if m:
-            per_block[int(m.group(1))] = per_block.get(int(m.group(1)), 0) + n
-        else:
-            other += n
-    num_blocks = max(len(per_block), 1)
+    def dit_sizes(path) -> DitSizes:
+        block = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+        per_block: dict[int, int] = {}
+        other = 0
+        for name, n in sizes(path, "transformer").items():
+            m = block.search(name)
+            if m:
+                per_block[int(m.group(1))] = per_block.get(int(m.group(1)), 0) + n
+            else:
+                other += n
+        return DitSizes(max(per_block.values(), default=0), max(len(per_block), 1), other, cfg.dim, cfg.ffn_dim)
+
     te = sizes(files.text_encoder, "text_encoder")
     text_dim = 4096  # UMT5-XXL; else read from the embedding's width
     if files.text_encoder is not None:
@@ -98,9 +99,10 @@ def estimate_components(files, options, cfg) -> Components:
     # The CLIP vision encoder (image-to-video) is placed with the text encoder: same phase. It is
     # loaded in the compute dtype (no fp8 storage).
     clip = sizes(files.image_encoder, "image_encoder", may_store_fp8=False) if cfg.image_dim is not None else {}
-    return Components(DitSizes(max(per_block.values(), default=0), num_blocks, other, cfg.dim, cfg.ffn_dim),
-                      vae_bytes=sum(sizes(files.vae, "vae").values()),
-                      text_encoder_bytes=sum(te.values()) + sum(clip.values()), text_dim=text_dim)
+    # Wan2.2 A14B's low-noise expert, sized from its own file (the two may be stored in other dtypes).
+    low = None if files.low_noise_model is None else dit_sizes(files.low_noise_model)
+    return Components(dit_sizes(files.model), vae_bytes=sum(sizes(files.vae, "vae").values()),
+                      text_encoder_bytes=sum(te.values()) + sum(clip.values()), text_dim=text_dim, dit_low=low)
 
 
 class Placement:
@@ -285,13 +287,9 @@ class Placement:
             host.before_sampling(self.device, sampling_activation_bytes(self.sizes(), shape) + streamed)
 
     def expert_mode(self) -> str:
-        """How Wan2.2 A14B's two experts are placed under the plan: "resident" when the plan has room
-        for a second DiT (or there is no plan), "stream" when DiT blocks stream, else "swap"."""
+        """How Wan2.2 A14B's two experts are placed: the plan's choice (planner.MemoryPlan.experts);
+        "resident" without a plan (CPU)."""
         plan = self.parts.plan
         if plan is None:
             return "resident"
-        if plan.dit_blocks_streamed:
-            return "stream"
-        if plan.peak + self.sizes().dit.total + DEFAULT_RESERVE <= plan.budget:
-            return "resident"
-        return "swap"
+        return plan.experts or ("stream" if plan.dit_blocks_streamed else "swap")

@@ -11,7 +11,10 @@ decision is made once per load, from sizes alone (bytes), so it is tested on CPU
   from pinned memory by memory/offload.py), then the VAE (else moved in for decoding), then the text
   encoder (else moved in from pinned memory for encoding, else run on the CPU);
 - a set that does not fit even with every DiT block streamed is a FastVideoError naming settings
-  that would fit.
+  that would fit;
+- Wan2.2 A14B's second expert (a whole second DiT) is the last to become resident: until both fit,
+  one expert is on the GPU at a time, the idle one in pinned host memory, swapped at the boundary
+  (two host-to-device copies a run), or, when even one does not fit, the active one's blocks stream.
 
 The plans form one ladder ordered by GPU use, and the planner takes the highest rung that fits, so
 every decision is monotone in the budget. The module also holds `PinnedHome`, which moves a
@@ -34,6 +37,12 @@ log = logging.getLogger(__name__)
 
 GiB = 2**30
 Placement = Literal["resident", "on_demand", "cpu"]
+ExpertsMode = Literal["resident", "swap", "stream"]  # pipeline/experts.Experts' modes
+_EXPERTS_LINE = {"resident": "both experts (high and low noise) resident",
+                 "swap": "one expert on the GPU at a time (high noise, then low noise), the idle one in pinned "
+                         "host memory, swapped at the boundary",
+                 "stream": "the active expert's blocks streamed (high noise, then low noise), the idle one in "
+                           "host memory"}
 _RANK = {"cpu": 0, "on_demand": 1, "resident": 2}
 
 # Headroom for what the estimates leave out: allocator fragmentation, cuBLAS/attention workspaces.
@@ -75,6 +84,20 @@ class Components:
     text_encoder_bytes: int
     text_dim: int = 4096  # UMT5-XXL d_model
     vae_base_dim: int = 96
+    dit_low: DitSizes | None = None  # Wan2.2 A14B: the low-noise expert (dit is the high-noise one)
+
+    @property
+    def active_dit(self) -> DitSizes:
+        """The DiT to plan one-on-the-GPU placements for: the larger expert (their files may differ in
+        dtype), or the only DiT."""
+        return self.dit if self.dit_low is None or self.dit.total >= self.dit_low.total else self.dit_low
+
+    @property
+    def idle_dit_bytes(self) -> int:
+        """Bytes of the expert that is not active_dit (0 with one DiT)."""
+        if self.dit_low is None:
+            return 0
+        return min(self.dit.total, self.dit_low.total)
 
 
 @dataclass(frozen=True)
@@ -127,11 +150,14 @@ class MemoryPlan:
     vae: Placement  # "resident" or "on_demand"
     text_encoder: Placement
     peak: int  # expected peak GPU bytes over encode / sample / decode
+    # Two experts (Wan2.2 A14B): "resident" both on the GPU; "swap" one at a time, the idle one in
+    # pinned host memory; "stream" the active one's blocks streamed. None: one DiT.
+    experts: ExpertsMode | None = None
 
     @property
     def all_resident(self) -> bool:
         return (self.dit_blocks_resident == self.dit_blocks and self.vae == "resident"
-                and self.text_encoder == "resident")
+                and self.text_encoder == "resident" and self.experts in (None, "resident"))
 
     @property
     def dit_blocks_streamed(self) -> int:
@@ -140,21 +166,26 @@ class MemoryPlan:
     def describe(self) -> str:
         """One line for the log."""
         if self.all_resident:
-            what = "everything resident"
+            what = "everything resident" + (", " + _EXPERTS_LINE["resident"] if self.experts else "")
         else:
             te = {"resident": "resident", "on_demand": "moved in from pinned memory to encode",
                   "cpu": "on the CPU"}[self.text_encoder]
             what = (f"DiT {self.dit_blocks_resident}/{self.dit_blocks} blocks resident"
                     f"{f', {self.dit_blocks_streamed} streamed' if self.dit_blocks_streamed else ''}; "
                     f"VAE {'resident' if self.vae == 'resident' else 'moved in to decode'}; text encoder {te}")
+            if self.experts is not None:
+                what += "; " + _EXPERTS_LINE[self.experts]
         return f"memory plan: {what}; expected peak {self.peak / GiB:.1f} of {self.budget / GiB:.1f} GiB"
 
 
-def _peak(c: Components, shape: VideoShape, k: int, vae: Placement, te: Placement, tile: int | None = None) -> int:
-    """Largest GPU use over the three phases for one configuration."""
-    d = c.dit
+def _peak(c: Components, shape: VideoShape, k: int, vae: Placement, te: Placement, tile: int | None = None,
+          both_experts: bool = False) -> int:
+    """Largest GPU use over the three phases for one configuration (both_experts: the second expert
+    resident next to the first)."""
+    d = c.active_dit
     streaming = k < d.num_blocks
     resident = d.other_bytes + k * d.block_bytes + (c.vae_bytes if vae == "resident" else 0)
+    resident += c.idle_dit_bytes if both_experts else 0
     resident += c.text_encoder_bytes if te == "resident" else 0
     encode = resident + (c.text_encoder_bytes if te == "on_demand" else 0) + (
         encode_activation_bytes(c) if te != "cpu" else 0)
@@ -166,17 +197,27 @@ def _peak(c: Components, shape: VideoShape, k: int, vae: Placement, te: Placemen
 
 
 def _ladder(c: Components, shape: VideoShape, tile: int | None):
-    """Configurations from least to most GPU use, peaks non-decreasing: DiT blocks one by one, then
-    the VAE, then the text encoder on demand, then resident. The text encoder is on demand from the
-    first rung when it fits in the room the other phases need anyway (it is gone before sampling)."""
+    """Configurations (blocks, VAE, text encoder, both experts) from least to most GPU use, peaks
+    non-decreasing: DiT blocks one by one, then the VAE, then the text encoder on demand, then
+    resident, then (two experts) the second expert. The text encoder is on demand from the first
+    rung when it fits in the room the other phases need anyway (it is gone before sampling)."""
     free_te = encode_activation_bytes(c) + c.text_encoder_bytes <= max(
         sampling_activation_bytes(c, shape), decode_activation_bytes(c, shape, tile))
     low: Placement = "on_demand" if free_te else "cpu"
-    for k in range(c.dit.num_blocks + 1):
-        yield k, "on_demand", low
-    yield c.dit.num_blocks, "resident", low
-    yield c.dit.num_blocks, "resident", "on_demand"
-    yield c.dit.num_blocks, "resident", "resident"
+    n = c.active_dit.num_blocks
+    for k in range(n + 1):
+        yield k, "on_demand", low, False
+    yield n, "resident", low, False
+    yield n, "resident", "on_demand", False
+    yield n, "resident", "resident", False
+    if c.dit_low is not None:
+        yield n, "resident", "resident", True
+
+
+def _experts_mode(c: Components, k: int, both: bool) -> ExpertsMode | None:
+    if c.dit_low is None:
+        return None
+    return "resident" if both else "stream" if k < c.active_dit.num_blocks else "swap"
 
 
 def plan_memory(c: Components, shape: VideoShape, budget: int, *, reserve: int = DEFAULT_RESERVE,
@@ -187,13 +228,13 @@ def plan_memory(c: Components, shape: VideoShape, budget: int, *, reserve: int =
     decode_tile: the VAE's spatial tile size in latent pixels, when decoding in tiles.
     """
     best = None
-    for k, vae, te in _ladder(c, shape, decode_tile):
+    for k, vae, te, both in _ladder(c, shape, decode_tile):
         if text_encoder_on_cpu:
             te = "cpu"
-        peak = _peak(c, shape, k, vae, te, decode_tile)
+        peak = _peak(c, shape, k, vae, te, decode_tile, both)
         if peak + reserve > budget:
             break
-        best = MemoryPlan(budget, k, c.dit.num_blocks, vae, te, peak)
+        best = MemoryPlan(budget, k, c.active_dit.num_blocks, vae, te, peak, _experts_mode(c, k, both))
     if best is None:
         raise _does_not_fit(c, shape, budget, reserve, decode_tile)
     return best
@@ -202,13 +243,14 @@ def plan_memory(c: Components, shape: VideoShape, budget: int, *, reserve: int =
 def lowest_plan(c: Components, shape: VideoShape, budget: int, *, decode_tile: int | None = None) -> MemoryPlan:
     """The plan with the least GPU use (every DiT block streamed, VAE moved in to decode, text
     encoder on the CPU), for a budget the estimates say is too small: the run is tried anyway."""
-    return MemoryPlan(budget, 0, c.dit.num_blocks, "on_demand", "cpu",
-                      _peak(c, shape, 0, "on_demand", "cpu", decode_tile))
+    return MemoryPlan(budget, 0, c.active_dit.num_blocks, "on_demand", "cpu",
+                      _peak(c, shape, 0, "on_demand", "cpu", decode_tile), _experts_mode(c, 0, False))
 
 
 def peak_of(plan: MemoryPlan, c: Components, shape: VideoShape, decode_tile: int | None = None) -> int:
     """The expected peak of an existing plan's placement for another video shape."""
-    return _peak(c, shape, plan.dit_blocks_resident, plan.vae, plan.text_encoder, decode_tile)
+    return _peak(c, shape, plan.dit_blocks_resident, plan.vae, plan.text_encoder, decode_tile,
+                 plan.experts == "resident")
 
 
 def _does_not_fit(c: Components, shape: VideoShape, budget: int, reserve: int, tile: int | None) -> FastVideoError:
@@ -229,7 +271,7 @@ def _does_not_fit(c: Components, shape: VideoShape, budget: int, reserve: int, t
         if h and w and fits(shape=VideoShape(h, w, shape.num_frames, shape.vae_stride)):
             ideas.append(f"{w}x{h}")
             break
-    if fits(c=replace(c, dit=c.dit.fp8())):
+    if fits(c=replace(c, dit=c.dit.fp8(), dit_low=c.dit_low and c.dit_low.fp8())):
         ideas.append("weight_storage fp8")
     return FastVideoError(
         f"the GPU memory budget of {budget / GiB:.1f} GiB is too small for a {shape.width}x{shape.height}, "

@@ -79,12 +79,12 @@ def _latent_shape(latents: torch.Tensor) -> VideoShape:
 class VideoGenerator:
     def __init__(self, files: ModelFiles, options: LoadOptions | None = None, *,
                  attention_backend: str | None = None, attention_options: AttentionOptions | None = None,
-                 num_gpus: int = 1, gpu_ids: list[int] | None = None, loras=None, exact_attention_steps: int = 0,
-                 **load_keywords):
-        """options: how the models load (see LoadOptions); loras and load_keywords as in from_pretrained.
+                 num_gpus: int = 1, gpu_ids: list[int] | None = None, loras=None, loras_low=None,
+                 exact_attention_steps: int = 0, **load_keywords):
+        """options: how the models load (see LoadOptions); loras, loras_low and load_keywords as in from_pretrained.
         exact_attention_steps N: with an 8-bit attention backend, exact attention on the first and last N steps."""
         self.files = files
-        self.loras = check_loras(loras)
+        self.loras, self.loras_low = self._lora_lists(loras, loras_low)
         self.options = LoadOptions.from_keywords(options, **load_keywords)
         self.device = self.options.torch_device
         self.dtype = self.options.dtype
@@ -106,9 +106,6 @@ class VideoGenerator:
                        files.low_noise_model)
             if self.num_gpus > 1:
                 raise FastVideoError("Wan2.2 A14B (two experts) runs on one GPU for now; use num_gpus=1.")
-            if self.loras:
-                raise FastVideoError("loras: LoRAs on a two-expert model (Wan2.2 A14B) are not supported yet; "
-                                     "each expert needs its own LoRA list.")
         self._parts = shared_parts(files, self.options)
         self.placement = Placement(self._parts, files, self.options)
 
@@ -129,38 +126,60 @@ class VideoGenerator:
         other.exact_attention_steps = exact_steps
         return other
 
-    def with_loras(self, loras) -> VideoGenerator:
+    def _lora_lists(self, loras, loras_low) -> tuple[tuple[tuple[str, float], ...], tuple[tuple[str, float], ...]]:
+        """The checked (loras, loras_low); loras_low only for a model with a low-noise expert."""
+        if loras_low and self.files.low_noise_model is None:
+            raise FastVideoError(f"loras_low (CLI: --lora-low): only a two-expert model (Wan2.2 A14B, loaded with "
+                                 f"low_noise_model) has a low-noise expert; {os.path.basename(self.files.model)!r} "
+                                 "has one DiT. Give its LoRAs in loras (CLI: --lora).")
+        return check_loras(loras), check_loras(loras_low, "loras_low")
+
+    def with_loras(self, loras, loras_low=None) -> VideoGenerator:
         """A generator that shares this one's loaded weights (nothing is read again from disk) but
-        samples with these [(path, strength), ...] LoRAs; [] is the base model."""
+        samples with these [(path, strength), ...] LoRAs; [] is the base model. Wan2.2 A14B: loras go
+        to the high-noise expert, loras_low to the low-noise one (None or []: none there)."""
         other = copy.copy(self)
-        other.loras = check_loras(loras)
+        other.loras, other.loras_low = self._lora_lists(loras, loras_low)
         return other
 
-    def set_loras(self, loras):
-        """Replace this generator's LoRA list. Applied at once when the DiT is loaded in this
-        process (returns loading.lora's MergeReport), else at the next sampling (returns None)."""
-        self.loras = check_loras(loras)
+    def set_loras(self, loras, loras_low=None):
+        """Replace this generator's LoRA lists (as with_loras). Applied at once when the DiT is loaded
+        in this process (returns loading.lora's MergeReport, both experts' together), else at the
+        next sampling (returns None)."""
+        self.loras, self.loras_low = self._lora_lists(loras, loras_low)
         with self._parts.lock:
             return self._sync_loras() if self._parts.dit is not None and self.num_gpus == 1 else None
 
     def _sync_loras(self):
-        """Patch the in-process DiT (maybe shared with other generators) to this generator's LoRAs;
-        returns the MergeReport, or None when it already carries exactly them. Call under the lock."""
-        if self.files.low_noise_model is not None and self.loras:
-            raise FastVideoError("loras: LoRAs on a two-expert model (Wan2.2 A14B) are not supported yet; each "
-                                 "expert needs its own LoRA list.")
-        dit = self.dit
-        if list(getattr(dit, "loras", [])) == list(self.loras):
+        """Patch the in-process DiT(s) (maybe shared with other generators) to this generator's LoRAs,
+        each expert to its own list; returns the MergeReport, or None when they already carry exactly
+        them. Call under the lock."""
+        from ..loading.lora import MergeReport, set_loras
+        parts = self._parts
+        two = self.files.low_noise_model is not None
+        pairs = [(self.dit, self.loras)] + ([(self.dit_low, self.loras_low)] if two else [])
+        todo = [(dit, list(want)) for dit, want in pairs if list(getattr(dit, "loras", [])) != list(want)]
+        if not todo:
             return None
-        from ..loading.lora import set_loras
-        report = set_loras(dit, self.loras, backup_room=self.placement.spare_gpu_bytes())
-        buffers_to(dit, dit.text_embedding[0].weight.device)  # the device compile_blocks uses too
-        return report
+        if parts.experts is not None and parts.experts.mode == "swap":
+            # Swapped experts run on device copies of their pinned homes, which would undo the merge
+            # (and a new fp8 scale) at the next swap: merge at home, then place them again.
+            parts.experts.release()
+            parts.experts = None
+        room = self.placement.spare_gpu_bytes() // (2 if two else 1)  # base copies of both experts
+        reports = []
+        for dit, want in todo:
+            reports.append(set_loras(dit, want, backup_room=room))
+            buffers_to(dit, dit.text_embedding[0].weight.device)  # the device compile_blocks uses too
+        if len(reports) == 1:
+            return reports[0]
+        return MergeReport([r for m in reports for r in m.loras], sum(m.patched for m in reports),
+                           sum(m.seconds for m in reports))
 
     @classmethod
     def from_pretrained(cls, model, *, text_encoder=None, vae=None, image_encoder=None, low_noise_model=None,
                         options: LoadOptions | None = None, attention_backend: str | None = None,
-                        num_gpus: int = 1, gpu_ids: list[int] | None = None, loras=None,
+                        num_gpus: int = 1, gpu_ids: list[int] | None = None, loras=None, loras_low=None,
                         exact_attention_steps: int = 0,
                         **load_keywords) -> VideoGenerator:
         """model: a diffusers folder, or a DiT .safetensors with text_encoder= and vae= files.
@@ -168,7 +187,9 @@ class VideoGenerator:
         a diffusers I2V folder brings its own image_encoder/.
         low_noise_model: Wan2.2 A14B's low-noise expert file (wan2.2_t2v_low_noise_14B_*.safetensors;
         model is then the high-noise one); a diffusers A14B folder brings its own transformer_2/.
-        loras: [(path, strength), ...] merged into the DiT before it samples (see with_loras).
+        loras: [(path, strength), ...] merged into the DiT before it samples (see with_loras); on
+        Wan2.2 A14B into the high-noise expert, and loras_low into the low-noise one (LoRAs such as
+        Wan2.2 Lightning ship as a HIGH and a LOW file).
         exact_attention_steps N: with an 8-bit attention backend (SAGE_ATTN, INT8_ATTN, KITCHEN_INT8,
         or one `auto` picks), exact attention on the first and last N steps (0: 8-bit throughout).
         options: a LoadOptions (device, precision, weight_storage, compile, gpu_memory_gb,
@@ -177,7 +198,7 @@ class VideoGenerator:
         options = LoadOptions.from_keywords(options, **load_keywords)
         return cls(ModelFiles.resolve(model, text_encoder, vae, image_encoder, low_noise_model), options,
                    attention_backend=attention_backend, num_gpus=num_gpus, gpu_ids=gpu_ids, loras=loras,
-                   exact_attention_steps=exact_attention_steps)
+                   loras_low=loras_low, exact_attention_steps=exact_attention_steps)
 
     def with_parallel(self, num_gpus: int, gpu_ids: list[int] | None = None) -> VideoGenerator:
         """A generator whose sampling runs on a pool of `num_gpus` sequence-parallel workers; the
@@ -272,8 +293,8 @@ class VideoGenerator:
         return parts.dit_low
 
     def _experts(self):
-        """The two experts placed by the memory plan (made once per plan): both resident when the plan
-        has room for a second DiT, else one at a time (swapped from pinned memory, or streamed)."""
+        """The two experts placed by the memory plan (made once per plan, and again after a LoRA change
+        of swapped experts): both resident, or one at a time (swapped from pinned memory, or streamed)."""
         from .experts import Experts
         parts = self._parts
         if parts.experts is None:
@@ -425,7 +446,7 @@ class VideoGenerator:
             else:
                 two = self.files.low_noise_model is not None
                 with friendly_oom():
-                    report = None if two else self._sync_loras()
+                    report = self._sync_loras()
                 if report is not None and stats is not None:
                     stats.extra["lora_s"] = report.seconds
                 with torch.inference_mode(), friendly_oom():
@@ -441,9 +462,6 @@ class VideoGenerator:
     def _expert_settings(self, settings: SamplingSettings) -> SamplingSettings:
         """settings with the boundary filled in for two experts; see experts.expert_settings."""
         from .experts import expert_settings
-        if self.files.low_noise_model is not None and self.loras:
-            raise FastVideoError("loras: LoRAs on a two-expert model (Wan2.2 A14B) are not supported yet; each "
-                                 "expert needs its own LoRA list.")
         return expert_settings(settings, self.files.model, self.files.low_noise_model is not None, self.dit_config())
 
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
@@ -617,7 +635,7 @@ class VideoGenerator:
         latents = self.sample(positive, negative, settings, callback=callback, cancel=cancel, stats=stats,
                               image_condition=encoded)
         timings["sample_s"] = time.perf_counter() - t0  # includes lora_s
-        if self.loras or "lora_s" in stats.extra:  # a merge ran, or the LoRAs were merged already (0)
+        if self.loras or self.loras_low or "lora_s" in stats.extra:  # a merge ran, or the LoRAs were merged already (0)
             timings["lora_s"] = stats.extra.get("lora_s", 0.0)
         t0 = time.perf_counter()
         frames = self.decode(latents)
