@@ -49,6 +49,7 @@ class Config:
 # Offered to the bench (and, the pointer ones, to autotune: `attention(cfg=None)`); DEFAULT is what
 # attend() runs until the bench has picked one on the H200.
 CONFIGS = {
+    "w4s1": Config(4, 1),  # no K/V double buffer: 48 KB of shared memory, 4 programs per SM instead of 2
     "w4s2": Config(4, 2), "w4s3": Config(4, 3), "w4s4": Config(4, 4),
     "w8s2": Config(8, 2), "w8s3": Config(8, 3), "w8s4": Config(8, 4),
     "w4s2_tma": Config(4, 2, True), "w4s3_tma": Config(4, 3, True), "w4s4_tma": Config(4, 4, True),
