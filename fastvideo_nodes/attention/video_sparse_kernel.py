@@ -170,7 +170,8 @@ def gather(x: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> tuple
 
 
 _AUTOTUNED = triton.autotune(
-    [triton.Config({}, num_warps=c.num_warps, num_stages=c.num_stages) for c in CONFIGS.values() if not c.tma],
+    [triton.Config({}, num_warps=w, num_stages=st)
+     for w, st in sorted({(c.num_warps, c.num_stages) for c in CONFIGS.values() if not c.tma})],
     key=["D", "k_tiles", "BM"])(_vsa_fwd)
 
 
