@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -199,7 +198,7 @@ def _tensor_descriptor():
 def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch.Tensor, ends: torch.Tensor,
               counts: torch.Tensor, tokens: torch.Tensor, out: torch.Tensor, comp: torch.Tensor | None = None,
               gate: torch.Tensor | None = None, cfg: Config | None = DEFAULT,
-              query_groups: Sequence[tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
+              query_groups: tuple[tuple[int, torch.Tensor], ...] | None = None) -> torch.Tensor:
     """The sparse branch, written into `out`.
 
     qt, kt, vt: [B, N·64, H, D] padded tiles (same strides, last dim contiguous; TMA wants them
@@ -239,16 +238,17 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
     return out
 
 
-def _launches(groups: Sequence[tuple[int, torch.Tensor]] | None, q_rows: tuple[int, ...], n: int,
-              device: torch.device) -> list[tuple[int, torch.Tensor]]:
+@functools.lru_cache(maxsize=64)  # the layout's groups are one cached object per grid: merged once
+def _launches(groups: tuple[tuple[int, torch.Tensor], ...] | None, q_rows: tuple[int, ...], n: int,
+              device: torch.device) -> tuple[tuple[int, torch.Tensor], ...]:
     """The (rows, tile ids) launches: the groups of `q_rows` on their own, the rest as one 64-row launch."""
     if not groups:
-        return [(BLOCK, torch.arange(n, dtype=torch.int32, device=device))]
+        return ((BLOCK, torch.arange(n, dtype=torch.int32, device=device)),)
     own = [(r, ids) for r, ids in groups if r in q_rows and r != BLOCK]
     rest = [ids for r, ids in groups if r not in q_rows or r == BLOCK]
     if rest:
         own.insert(0, (BLOCK, rest[0] if len(rest) == 1 else torch.cat(rest)))
-    return own
+    return tuple(own)
 
 
 def query_groups(counts: torch.Tensor) -> tuple[tuple[int, torch.Tensor], ...]:
