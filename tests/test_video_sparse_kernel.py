@@ -43,7 +43,7 @@ CASES = [((5, 6, 7), 0.0, 64, 1, "float32", True), ((5, 6, 7), 0.5, 128, 2, "flo
          ((5, 6, 7), 0.8, 64, 2, "float32", True), ((4, 8, 8), 0.0, 128, 1, "float32", True),
          ((4, 8, 8), 0.5, 64, 2, "float32", True), ((3, 5, 9), 0.5, 128, 1, "float32", False),
          ((3, 5, 9), 0.8, 64, 1, "float32", True), ((5, 6, 7), 0.8, 128, 2, "float16", True),
-         ((3, 5, 9), 0.5, 64, 1, "float16", True)]
+         ((3, 5, 9), 0.5, 64, 1, "float16", True), ((1, 9, 2), 0.5, 64, 1, "float32", True)]
 for i, (grid, sp, d, b, dtype, gated) in enumerate(CASES):
     q, k, v, gate = inputs(grid, b, d, getattr(torch, dtype), seed=i)
     gate = gate if gated else None
@@ -120,10 +120,10 @@ def interpreted():
 
 
 def test_kernel_equals_dense_mask_reference_and_flex(interpreted):
-    """Grids with partial edge tiles (5,6,7: one full tile of 8; 3,5,9: none) and without (4,8,8),
+    """Grids with partial edge tiles (5,6,7: one full tile of 8; 3,5,9 and 1,9,2: none) and without (4,8,8),
     sparsity 0 / 0.5 / 0.8, D 64 and 128, B 1 and 2, with and without a gate, inputs in other strides."""
     cases = interpreted["fused"]
-    assert len(cases) == 9
+    assert len(cases) == 10
     for c in cases:
         grid, sp, d, b, dtype, gated = c["case"]
         assert c["shape"] == [b, math.prod(grid), 2, d] and c["dtype"] == f"torch.{dtype}", c
