@@ -79,13 +79,14 @@ for grid, sp in (((5, 6, 7), 0.5), ((3, 5, 9), 0.8)):
         row[name + "_finite"] = bool(out.isfinite().all())
     res["plain"].append(row)
 
-# Pointer and TMA loads agree; (5, 6, 7) has tiles of every group (64, 48, 32, 24, 16, 12, 8, 6 tokens).
+# Pointer and TMA loads, and one-warp small programs, agree; (5, 6, 7) has tiles of every group
+# (64, 48, 32, 24, 16, 12, 8, 6 tokens).
 grid = (5, 6, 7)
 q, k, v, gate = inputs(grid, 1, 64, torch.float32, seed=30)
 want = reference(q, k, v, grid, gate, 0.3)[0]
 lay = vs.layout(grid, "cpu")
 qt, kt, vt, comp, index, ends = vs.prepare(q, k, v, lay, 0.3)
-for name in ("w4s3", "w4s3_tma"):
+for name in ("w4s3", "w4s3_tma", "w4s3_sw1"):
     out = torch.empty_like(q)
     K.attention(qt, kt, vt, index, ends, lay.counts, lay.token, out, comp=comp, gate=gate, cfg=K.CONFIGS[name])
     res["configs"].append(dict(cfg=name, ref=diff(out, want), groups=sorted(set(lay.counts.tolist()))))
@@ -144,8 +145,8 @@ def test_plain_sparse_branch_in_padded_layout(interpreted):
         [[64, [0, 1]], [32, [2, 3]], [16, [4, 5, 6, 7]]], [[64, [0, 1]], [16, [2, 3, 4, 5]]]]
 
 
-def test_pointer_and_tma_loads_agree(interpreted):
-    assert [c["cfg"] for c in interpreted["configs"]] == ["w4s3", "w4s3_tma"]
+def test_pointer_and_tma_loads_and_warp_counts_agree(interpreted):
+    assert [c["cfg"] for c in interpreted["configs"]] == ["w4s3", "w4s3_tma", "w4s3_sw1"]
     for c in interpreted["configs"]:
         assert c["ref"] < 1e-5 and c["groups"] == [6, 8, 12, 16, 24, 32, 48, 64], c
 

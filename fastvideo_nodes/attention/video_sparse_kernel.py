@@ -43,6 +43,7 @@ class Config:
     # 16 (32) is listed; the others as 64 rows. Below 64 rows Triton uses mma.sync, not wgmma, with
     # single-buffered K/V (seen in the sm_90 build): a quarter of the work pays for it, half may not.
     q_rows: tuple[int, ...] = (16,)
+    small_warps: int | None = None  # warps of those 16/32-row programs (None: num_warps)
 
 
 # Offered to the bench (and, the pointer ones, to autotune: `attention(cfg=None)`); DEFAULT is what
@@ -55,6 +56,7 @@ CONFIGS = {
     "w8s3_tma": Config(8, 3, True),
     "w4s3_q16q32": Config(4, 3, q_rows=(16, 32)), "w4s3_wholeq": Config(4, 3, q_rows=()),
     "w4s3_tma_wholeq": Config(4, 3, True, q_rows=()),
+    "w4s3_sw2": Config(4, 3, small_warps=2), "w4s3_sw1": Config(4, 3, small_warps=1),
 }
 DEFAULT = CONFIGS["w4s3"]
 
@@ -234,7 +236,8 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
         if cfg is None:
             _AUTOTUNED[launch](*args, BM=rows, **flags)
         else:
-            _vsa_fwd[launch](*args, BM=rows, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            warps = cfg.small_warps if rows < BLOCK and cfg.small_warps else cfg.num_warps
+            _vsa_fwd[launch](*args, BM=rows, **flags, num_warps=warps, num_stages=cfg.num_stages)
     return out
 
 
