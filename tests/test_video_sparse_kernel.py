@@ -222,6 +222,15 @@ def test_kernel_is_only_chosen_where_it_applies():
         vs.attend(q, q, q, grid=(4, 4, 4), impl="cuda")
 
 
+def test_kernel_check_traces_without_a_break():
+    """kernel_applies runs inside compiled blocks (attention() asks it there): its Triton probe is a
+    constant to the compiler, even when first asked during tracing."""
+    usable = vs._triton_problem() is None
+    vs._triton_problem.cache_clear()
+    probe = torch.compile(lambda x: x + 1 if vs._triton_usable() else x - 1, fullgraph=True, backend="eager")
+    assert torch.equal(probe(torch.zeros(2)), torch.full((2,), 1.0 if usable else -1.0))
+
+
 def test_forcing_triton_without_it_says_how_to_get_it(monkeypatch):
     monkeypatch.setattr(vs, "_triton_problem", lambda: "the VSA Triton kernel cannot load (x); `pip install triton`")
     q = torch.zeros(1, 64, 2, 64)
