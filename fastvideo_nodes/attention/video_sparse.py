@@ -231,9 +231,9 @@ def _video_sparse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: to
                      grid: list[int], sparsity: float) -> torch.Tensor:
     from .video_sparse_kernel import attention
     lay = layout((grid[0], grid[1], grid[2]), str(q.device))
-    qt, kt, vt, out_c, index, ends = prepare(q, k, v, lay, sparsity)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # Triton launches on it
+        qt, kt, vt, out_c, index, ends = prepare(q, k, v, lay, sparsity)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         return attention(qt, kt, vt, index, ends, lay.counts, lay.token, out, comp=out_c, gate=gate,
                          query_groups=lay.query_groups)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,17 +43,20 @@ class Config:
     # 16 (32) is listed; the others as 64 rows. Below 64 rows Triton uses mma.sync, not wgmma, with
     # single-buffered K/V (seen in the sm_90 build): a quarter of the work pays for it, half may not.
     q_rows: tuple[int, ...] = (16,)
+    small_warps: int | None = None  # warps of those 16/32-row programs (None: num_warps)
 
 
 # Offered to the bench (and, the pointer ones, to autotune: `attention(cfg=None)`); DEFAULT is what
 # attend() runs until the bench has picked one on the H200.
 CONFIGS = {
+    "w4s1": Config(4, 1),  # no K/V double buffer: 48 KB of shared memory, 4 programs per SM instead of 2
     "w4s2": Config(4, 2), "w4s3": Config(4, 3), "w4s4": Config(4, 4),
     "w8s2": Config(8, 2), "w8s3": Config(8, 3), "w8s4": Config(8, 4),
     "w4s2_tma": Config(4, 2, True), "w4s3_tma": Config(4, 3, True), "w4s4_tma": Config(4, 4, True),
     "w8s3_tma": Config(8, 3, True),
     "w4s3_q16q32": Config(4, 3, q_rows=(16, 32)), "w4s3_wholeq": Config(4, 3, q_rows=()),
     "w4s3_tma_wholeq": Config(4, 3, True, q_rows=()),
+    "w4s3_sw2": Config(4, 3, small_warps=2), "w4s3_sw1": Config(4, 3, small_warps=1),
 }
 DEFAULT = CONFIGS["w4s3"]
 
@@ -169,7 +171,8 @@ def gather(x: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> tuple
 
 
 _AUTOTUNED = triton.autotune(
-    [triton.Config({}, num_warps=c.num_warps, num_stages=c.num_stages) for c in CONFIGS.values() if not c.tma],
+    [triton.Config({}, num_warps=w, num_stages=st)
+     for w, st in sorted({(c.num_warps, c.num_stages) for c in CONFIGS.values() if not c.tma})],
     key=["D", "k_tiles", "BM"])(_vsa_fwd)
 
 
@@ -197,7 +200,7 @@ def _tensor_descriptor():
 def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch.Tensor, ends: torch.Tensor,
               counts: torch.Tensor, tokens: torch.Tensor, out: torch.Tensor, comp: torch.Tensor | None = None,
               gate: torch.Tensor | None = None, cfg: Config | None = DEFAULT,
-              query_groups: Sequence[tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
+              query_groups: tuple[tuple[int, torch.Tensor], ...] | None = None) -> torch.Tensor:
     """The sparse branch, written into `out`.
 
     qt, kt, vt: [B, N·64, H, D] padded tiles (same strides, last dim contiguous; TMA wants them
@@ -233,20 +236,22 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
         if cfg is None:
             _AUTOTUNED[launch](*args, BM=rows, **flags)
         else:
-            _vsa_fwd[launch](*args, BM=rows, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            warps = cfg.small_warps if rows < BLOCK and cfg.small_warps else cfg.num_warps
+            _vsa_fwd[launch](*args, BM=rows, **flags, num_warps=warps, num_stages=cfg.num_stages)
     return out
 
 
-def _launches(groups: Sequence[tuple[int, torch.Tensor]] | None, q_rows: tuple[int, ...], n: int,
-              device: torch.device) -> list[tuple[int, torch.Tensor]]:
+@functools.lru_cache(maxsize=64)  # the layout's groups are one cached object per grid: merged once
+def _launches(groups: tuple[tuple[int, torch.Tensor], ...] | None, q_rows: tuple[int, ...], n: int,
+              device: torch.device) -> tuple[tuple[int, torch.Tensor], ...]:
     """The (rows, tile ids) launches: the groups of `q_rows` on their own, the rest as one 64-row launch."""
     if not groups:
-        return [(BLOCK, torch.arange(n, dtype=torch.int32, device=device))]
+        return ((BLOCK, torch.arange(n, dtype=torch.int32, device=device)),)
     own = [(r, ids) for r, ids in groups if r in q_rows and r != BLOCK]
     rest = [ids for r, ids in groups if r not in q_rows or r == BLOCK]
     if rest:
         own.insert(0, (BLOCK, rest[0] if len(rest) == 1 else torch.cat(rest)))
-    return own
+    return tuple(own)
 
 
 def query_groups(counts: torch.Tensor) -> tuple[tuple[int, torch.Tensor], ...]:
