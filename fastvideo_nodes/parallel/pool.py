@@ -1,9 +1,9 @@
 """A small persistent pool of sequence-parallel workers behind one process (ComfyUI's).
 
 One process per GPU (gloo workers on CPU, for tests), started once and kept across prompts. Each
-loads the DiT itself from the same file; the text encoder and VAE stay in the caller's process.
-Tensors (noise, text embeddings, result latents) travel as torch shared-memory tensors; control
-messages are small.
+loads the DiT itself from the same file (Wan2.2 A14B: both experts); the text, CLIP and VAE encoders
+stay in the caller's process. Tensors (noise, text embeddings, Wan2.1 I2V's image condition and CLIP
+tokens, result latents) travel as torch shared-memory tensors; control messages are small.
 
 Why it is built this way:
 - Every message carries its job id. A job the caller abandoned (its callback raised, Ctrl-C) is
@@ -19,6 +19,9 @@ Why it is built this way:
   merges this one (loading/lora.py, in place, base kept) before sampling. The ranks agree with one
   all-reduce whether every merge worked, so a LoRA that does not fit is an error for this job only
   and the pool stays up.
+- Wan2.2 A14B: each rank holds both experts and the same denoise() switches between them
+  (pipeline/experts.py). Whether both stay on the device is decided per job by the one-process rule
+  for the worker's part of the work (see `expert_placement`); otherwise they swap from host memory.
 - A worker that raises becomes one line (rank, what it was doing, cause); its traceback goes to a log
   file under cache_dir()/logs whose path the message gives. Workers ignore Ctrl-C (the parent
   decides), and exit quietly when the parent goes away.
@@ -105,24 +108,30 @@ def _write_traceback(rank: int, text: str) -> str | None:
 class _Rank:
     """What the parent knows about one worker: what it last said it was doing, and when."""
 
-    def __init__(self, now: float):
-        self.doing = "while starting"
+    def __init__(self, now: float, doing: str):
+        self.doing = doing
         self.seen = self.moved = now  # last message of any kind / last progress
 
 
 class WorkerPool:
     def __init__(self, model_path: str, *, num_gpus: int, options: LoadOptions | None = None,
                  gpu_ids: list[int] | None = None, start_timeout: float = 600.0, step_timeout: float | None = None,
-                 **load_keywords):
-        """options: how each worker loads the DiT (device, precision, weight_storage); its fields,
-        and the older dtype=/weight_dtype=/fp8_matmul=, may also be given as keywords.
+                 low_noise_model: str | None = None, **load_keywords):
+        """options: how each worker loads the DiT (device, precision, weight_storage, gpu_memory_gb);
+        its fields, and the older dtype=/weight_dtype=/fp8_matmul=, may also be given as keywords.
+        low_noise_model: Wan2.2 A14B's low-noise expert (model_path is the high-noise one); every
+        rank loads both.
         step_timeout: seconds a rank may spend on one step before the job fails and the pool stops
         (None: FASTVIDEO_STEP_TIMEOUT; 0: no limit). start_timeout: the same for starting and loading."""
         from ..loading.dit import read_dit_config
         from ..pipeline.options import LoadOptions
         from .ulysses import check_degree
         options = LoadOptions.from_keywords(options, **load_keywords)
-        check_degree(read_dit_config(model_path).num_heads, num_gpus)
+        cfg = read_dit_config(model_path)
+        check_degree(cfg.num_heads, num_gpus)
+        if low_noise_model is not None:
+            from ..pipeline.experts import check_pair
+            check_pair(cfg, read_dit_config(low_noise_model), model_path, low_noise_model)
         self.step_timeout = _default_step_timeout() if step_timeout is None else (step_timeout or None)
         self.start_timeout = start_timeout
         device = options.torch_device
@@ -144,7 +153,8 @@ class WorkerPool:
         for rank, dev in enumerate(devices):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker_main, name=f"fastvideo-worker-{rank}", daemon=True,
-                            args=(rank, num_gpus, port, dev, model_path, options, child, os.getpid()))
+                            args=(rank, num_gpus, port, dev, model_path, low_noise_model, options, child,
+                                  os.getpid()))
             p.start()
             child.close()
             self.conns.append(parent)
@@ -165,22 +175,26 @@ class WorkerPool:
 
     def sample(self, noise, positive, negative, settings, *, callback=None, cancel=None, stats=None,
                attention_backend=None, attention_options=None, loras=(), exact_attention_steps=0,
-               first_frame=None):
+               first_frame=None, condition=None, image_embeds=None):
         """Run the sampler on every rank with these (path, strength) LoRAs merged into each rank's
         DiT; returns model-space latents [1,C,T',H',W'] float32 (CPU). first_frame: a Wan2.2 TI2V
-        image condition (pipeline/ti2v.FirstFrame), sent with the job."""
+        image condition (pipeline/ti2v.FirstFrame), sent with the job. condition [1,20,T',H',W'] and
+        image_embeds [1,I,1280] (or None): Wan2.1 I2V's image inputs, as sampler.denoise takes them;
+        every rank gets all of both (the condition joins the latents before the tokens are split,
+        the CLIP tokens join the text, which cross-attention reads whole on every rank).
+        stats.extra["experts"]: with two experts, where the ranks kept them ("resident" or "swap")."""
         with self._lock:  # one job at a time: messages of two callers must not mix
             if self._unfinished is not None:
                 self._drain()
             if not self.alive:
                 raise FastVideoError("the worker pool is not running; create a new one.")
             shared = [t.detach().float().contiguous().share_memory_() if t is not None else None
-                      for t in (noise, positive, negative)]
+                      for t in (noise, positive, negative, condition, image_embeds)]
             job_id = next(self._jobs)
             job = dict(settings=settings, noise=shared[0], positive=shared[1], negative=shared[2],
                        attention_backend=attention_backend, attention_options=attention_options or {},
                        loras=[(str(p), float(s)) for p, s in loras], exact_attention_steps=exact_attention_steps,
-                       first_frame=first_frame)
+                       first_frame=first_frame, condition=shared[3], image_embeds=shared[4])
             self._unfinished = job_id
             self._send_all(("sample", job_id, job))
             try:
@@ -192,11 +206,10 @@ class WorkerPool:
                     self._abandon(job_id)
                 raise
         if stats is not None:
-            lora_s = counts.pop("lora_s", None)
+            extra = {k: counts.pop(k) for k in ("lora_s", "experts") if counts.get(k) is not None}
             for k, v in counts.items():
                 setattr(stats, k, v)
-            if lora_s is not None:
-                stats.extra["lora_s"] = lora_s
+            stats.extra.update(extra)
         return latents.clone()
 
     def _send_all(self, msg):
@@ -234,7 +247,7 @@ class WorkerPool:
         failed, died or made no progress for `timeout` seconds."""
         n = len(self.procs)
         now = time.monotonic()
-        ranks = [_Rank(now) for _ in range(n)]
+        ranks = [_Rank(now, "while starting" if job_id == 0 else "before step 1") for _ in range(n)]
         pending = set(range(n))
         result, cancelled, cancel_sent = None, None, False
         rejected: dict[int, str] = {}
@@ -424,7 +437,49 @@ def _describe(e: BaseException) -> str:
     return text if len(text) <= 500 else text[:500] + "…"
 
 
-def _worker_main(rank, world, port, device, model_path, options, conn, parent_pid):
+def expert_placement(dit_bytes: int, activation_bytes: int, budget: int | None) -> str:
+    """Where a rank keeps Wan2.2 A14B's two experts for one job: "resident" (both on the device) when
+    the budget holds both DiTs, the job's sampling activations and the planner's reserve, else
+    "swap" (one on the device at a time, the idle one in host memory).
+
+    The one-process rule (the plan's peak plus a second DiT within the budget) for a worker, whose
+    only tenant on its device is the DiT: the text encoder and VAE stay in the caller's process.
+    Workers do not stream blocks, so a budget too small for both is "swap" whatever its size.
+    budget None (a CPU device without gpu_memory_gb): nothing to plan, "resident"."""
+    from ..memory.planner import DEFAULT_RESERVE
+    if budget is None or 2 * dit_bytes + activation_bytes + DEFAULT_RESERVE <= budget:
+        return "resident"
+    return "swap"
+
+
+class _Models:
+    """A rank's DiT, or Wan2.2 A14B's two experts placed per job (see expert_placement)."""
+
+    def __init__(self, device: torch.device, dit, low=None, budget: int | None = None):
+        self.device, self.dit, self.low, self.budget = device, dit, low, budget
+        self.experts = None
+
+    def for_job(self, settings):
+        """The model denoise() runs for this job: the DiT, or the experts placed for its video size."""
+        if self.low is None:
+            return self.dit
+        from ..memory.planner import Components, DitSizes, VideoShape, sampling_activation_bytes
+        from ..pipeline.experts import Experts
+        sizes = Components(DitSizes.of(self.dit), vae_bytes=0, text_encoder_bytes=0)
+        # The whole sequence's activations, though a rank keeps 1/N of the tokens between attention
+        # calls: an estimate on the safe side.
+        shape = VideoShape(settings.height, settings.width, settings.num_frames, vae_stride=settings.vae_stride)
+        mode = expert_placement(sizes.dit.total, sampling_activation_bytes(sizes, shape), self.budget)
+        if self.experts is None or self.experts.mode != mode:
+            if self.experts is not None:
+                self.experts.release()  # both to host memory, then placed again
+                self.dit.to(self.device)
+            self.experts = Experts(self.dit, self.low, device=self.device, mode=mode)
+            log.info("%s", self.experts.describe())
+        return self.experts
+
+
+def _worker_main(rank, world, port, device, model_path, low_noise_model, options, conn, parent_pid):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     env.apply_worker_env()
     link = _Link(conn, parent_pid)
@@ -443,9 +498,19 @@ def _worker_main(rank, world, port, device, model_path, options, conn, parent_pi
         link.send(("doing", 0, "while joining the process group"))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                                 rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
+        budget = None
+        if low_noise_model is not None and (device.type == "cuda" or options.gpu_memory_gb is not None):
+            from ..memory.planner import budget_bytes
+            budget = budget_bytes(device, gpu_memory_gb=options.gpu_memory_gb)  # before anything is loaded
         link.send(("doing", 0, "while loading the DiT"))
         dit = load_dit(model_path, device=device, dtype=options.dtype, weight_dtype=options.weight_dtype,
                        fp8_matmul=options.fp8_matmul)
+        low = None
+        if low_noise_model is not None:  # in host memory until the first job places the pair
+            link.send(("doing", 0, "while loading the low-noise expert"))
+            low = load_dit(low_noise_model, device="cpu", dtype=options.dtype, weight_dtype=options.weight_dtype,
+                           fp8_matmul=options.fp8_matmul)
+        models = _Models(device, dit, low, budget)
         plan = UlyssesPlan()
         link.send(("ready", 0, None))
     except BaseException as e:
@@ -459,7 +524,7 @@ def _worker_main(rank, world, port, device, model_path, options, conn, parent_pi
         if msg[0] != "sample":
             continue  # a cancel for a job that already ended
         link.job = msg[1]
-        _run_job(link, rank, device, dit, plan, msg[1], msg[2])
+        _run_job(link, rank, device, models, plan, msg[1], msg[2])
         link.job = None
     try:
         import torch.distributed as dist
@@ -500,7 +565,7 @@ def _apply_loras(link: _Link, device, dit, job_id: int, loras: list) -> float | 
     return seconds
 
 
-def _run_job(link: _Link, rank: int, device, dit, plan, job_id: int, job: dict):
+def _run_job(link: _Link, rank: int, device, models: _Models, plan, job_id: int, job: dict):
     """One sampling job on this rank; every outcome is one message (its tensors die on return)."""
     import torch.distributed as dist
 
@@ -517,21 +582,26 @@ def _run_job(link: _Link, rank: int, device, dit, plan, job_id: int, job: dict):
         return bool(t.item())
 
     try:
-        lora_s = _apply_loras(link, device, dit, job_id, job.get("loras", []))
+        lora_s = _apply_loras(link, device, models.dit, job_id, job.get("loras", []))
         if lora_s is None:
             return
         progress = (lambda i, total, x0: link.send(("progress", job_id, i, total))) if rank == 0 else None
         stats = SamplingStats()
+        if models.low is not None:
+            link.send(("doing", job_id, "while placing the two experts"))
+        model = models.for_job(job["settings"])
         with torch.inference_mode():
-            out = denoise(dit, job["noise"], job["positive"], job["negative"], job["settings"],
+            out = denoise(model, job["noise"], job["positive"], job["negative"], job["settings"],
                           attention_backend=job["attention_backend"], attention_options=job["attention_options"],
                           callback=progress, cancel=cancel, parallel=plan, stats=stats,
                           exact_attention_steps=job.get("exact_attention_steps", 0),
-                          first_frame=job.get("first_frame"))
+                          first_frame=job.get("first_frame"), condition=job.get("condition"),
+                          image_embeds=job.get("image_embeds"))
         link.send(("doing", job_id, "while sending the result"))
         result = out.float().cpu().share_memory_() if rank == 0 else None
         counts = dict(cond_forwards=stats.cond_forwards, uncond_forwards=stats.uncond_forwards,
-                      teacache_skipped=stats.teacache_skipped, lora_s=lora_s)
+                      teacache_skipped=stats.teacache_skipped, lora_s=lora_s,
+                      experts=None if models.experts is None else models.experts.mode)
         link.send(("done", job_id, (result, counts)))
     except CancelledError as e:
         link.send(("error", job_id, "cancelled", str(e), ""))

@@ -42,8 +42,6 @@ def check_image(gen, image, need_encoder: bool = True):
     if image is None:
         raise FastVideoError("image: this is an image-to-video model; give the start image (Python: image=..., "
                              "CLI: --image FILE, ComfyUI: the sampler's image input).")
-    if gen.num_gpus > 1:
-        raise FastVideoError("image-to-video runs on one GPU for now; use num_gpus=1.")
     if need_encoder and clip:
         gen.files.require("image_encoder")
     return as_image(image)
@@ -133,8 +131,6 @@ def sample_inputs(gen, settings: SamplingSettings, image_condition: ImageConditi
                              "give what encode_image returned for this one.")
     if (condition is None) != (image_embeds is None) and gen.dit_config().image_dim is not None:
         raise FastVideoError("condition and image_embeds come together (from encode_image); got only one.")
-    if condition is not None and gen.num_gpus > 1:
-        raise FastVideoError("image-to-video runs on one GPU for now; use num_gpus=1.")
     if condition is not None and tuple(condition.shape[2:]) != tuple(settings.latent_shape[2:]):
         raise FastVideoError(f"condition: latent grid {tuple(condition.shape[2:])} does not match the video size "
                              f"{settings.width}x{settings.height}, {settings.num_frames} frames; encode the image "

@@ -104,8 +104,6 @@ class VideoGenerator:
             from .experts import check_pair
             check_pair(read_dit_config(files.model), read_dit_config(files.low_noise_model), files.model,
                        files.low_noise_model)
-            if self.num_gpus > 1:
-                raise FastVideoError("Wan2.2 A14B (two experts) runs on one GPU for now; use num_gpus=1.")
         self._parts = shared_parts(files, self.options)
         self.placement = Placement(self._parts, files, self.options)
 
@@ -442,7 +440,8 @@ class VideoGenerator:
                                                    attention_backend=self.attention_backend,
                                                    attention_options=self.attention_options, loras=self.loras,
                                                    exact_attention_steps=self.exact_attention_steps,
-                                                   first_frame=first_frame)
+                                                   first_frame=first_frame, condition=condition,
+                                                   image_embeds=image_embeds)
             else:
                 two = self.files.low_noise_model is not None
                 with friendly_oom():
@@ -504,7 +503,8 @@ class VideoGenerator:
         if pool is None or not pool.alive:  # a failed pool is replaced
             from ..parallel import WorkerPool
             pool = self._parts.pools[key] = WorkerPool(self.files.model, num_gpus=self.num_gpus,
-                                                       options=self.options, gpu_ids=self.gpu_ids)
+                                                       options=self.options, gpu_ids=self.gpu_ids,
+                                                       low_noise_model=self.files.low_noise_model)
         return pool
 
     def close(self) -> None:

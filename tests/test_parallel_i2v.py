@@ -1,0 +1,227 @@
+"""Sequence-parallel workers (2 CPU gloo ranks) for Wan2.1 I2V and Wan2.2 A14B: the same latents as
+one process (same seed, same tiny random weights), the experts' switch, guidance and caches per span
+on every rank, both experts resident or swapped by the one-process rule, and worker errors that name
+the rank."""
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastvideo_nodes.errors import FastVideoError, ModelFileError
+from fastvideo_nodes.loading.dit import load_dit
+from fastvideo_nodes.memory import planner
+from fastvideo_nodes.models.wan_vae import model_to_raw
+from fastvideo_nodes.parallel import WorkerPool
+from fastvideo_nodes.parallel.pool import expert_placement
+from fastvideo_nodes.pipeline import experts as experts_mod
+from fastvideo_nodes.pipeline.generator import VideoGenerator
+from fastvideo_nodes.pipeline.sampler import SamplingSettings, SamplingStats, initial_noise
+from fastvideo_nodes.pipeline.schedulers import make_scheduler
+
+pytest.importorskip("diffusers")  # the tiny model sets are written with diffusers
+
+PROMPT, NEGATIVE = "a small red boat drifting on a calm lake", "blurry, static"
+SIZE = dict(height=32, width=48, num_frames=5)
+# fp32 on CPU: each worker runs fewer threads than this process, so sums may be added in another
+# order (tests/test_parallel.py sees ~1e-5 relative); anything structural is far larger.
+REL_TOL = 2e-5
+
+
+def close(got, want):
+    err, scale = (got - want).abs().max().item(), want.abs().max().item()
+    assert err <= REL_TOL * scale, (err, scale)
+
+
+@pytest.fixture(scope="module")
+def picture():
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (SIZE["height"], SIZE["width"], 3), dtype=np.uint8))
+
+
+def _run(gen, settings, picture=None, stats=None):
+    """Raw latents of one sampling through the generator (the image encoded in this process)."""
+    encoded = gen.encode_image(picture, settings) if picture is not None else None
+    return gen.sample(gen.encode_prompt(PROMPT), gen.encode_prompt(NEGATIVE), settings, image_condition=encoded,
+                      stats=stats)
+
+
+# ----------------------------------------------------------------------------- Wan2.1 I2V
+
+@pytest.fixture(scope="module")
+def i2v_gen(tmp_path_factory):
+    from fastvideo_nodes.testing.i2v import build_i2v_model_set
+    c = build_i2v_model_set(str(tmp_path_factory.mktemp("i2v")), seed=0)["comfy_fp32"]
+    gen = VideoGenerator.from_pretrained(c["model"], text_encoder=c["text_encoder"], vae=c["vae"],
+                                         image_encoder=c["image_encoder"], device="cpu", dtype="fp32")
+    yield gen
+    gen.close()  # also stops the pools of the generators sharing its parts
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_frames=9, height=16, width=48),  # 3×1×3 = 9 tokens: padded
+                                dict(cfg_gate=0.5), dict(teacache_threshold=3.0, teacache_coefficients=[1.0, 0.0])])
+def test_i2v_on_two_workers_equals_one_process(i2v_gen, picture, kw):
+    """The condition (36 input channels) and the CLIP tokens reach both ranks; encoding stays here."""
+    par = i2v_gen.with_parallel(2)
+    settings = SamplingSettings(**{**SIZE, "steps": 3, "guidance_scale": 5.0, "seed": 7, **kw})
+    ref_stats, par_stats = SamplingStats(), SamplingStats()
+    want = _run(i2v_gen, settings, picture, ref_stats)
+    got = _run(par, settings, picture, par_stats)
+    assert i2v_gen._parts.pools and all(p.alive for p in i2v_gen._parts.pools.values())  # it ran on the workers
+    close(got, want)
+    assert (par_stats.cond_forwards, par_stats.uncond_forwards, par_stats.teacache_skipped) == \
+        (ref_stats.cond_forwards, ref_stats.uncond_forwards, ref_stats.teacache_skipped)
+
+
+def test_i2v_image_changes_the_parallel_result(i2v_gen, picture):
+    """The image really conditions the workers' run (parity alone would hold if both ignored it)."""
+    par = i2v_gen.with_parallel(2)
+    settings = SamplingSettings(**SIZE, steps=2, seed=7)
+    other = Image.fromarray(255 - np.asarray(picture))
+    assert (_run(par, settings, picture) - _run(par, settings, other)).abs().max().item() > 1e-3
+
+
+def test_i2v_worker_error_names_the_rank_and_the_next_run_works(i2v_gen, picture):
+    par = i2v_gen.with_parallel(2)
+    settings = par.check_settings(SamplingSettings(**SIZE, steps=2, seed=7))
+    condition, embeds = par.encode_image(picture, settings)
+    pos, neg = par.encode_prompt(PROMPT), par.encode_prompt(NEGATIVE)
+    with pytest.raises(FastVideoError) as info:
+        par.pool().sample(initial_noise(settings), pos, neg, settings, condition=condition,
+                          image_embeds=embeds[..., :100])  # CLIP tokens of the wrong width
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert message.startswith(("worker rank 0 failed at step 1 of 2: ", "worker rank 1 failed at step 1 of 2: ")), \
+        message
+    assert "image_embeds: expected [B,I,160], got (1, 17, 100)" in message, message
+    with pytest.raises(FastVideoError, match=r"^worker rank [01] failed before step 1: image_embeds without "
+                                             r"condition: image-to-video needs the image condition too\."):
+        par.pool().sample(initial_noise(settings), pos, neg, settings, image_embeds=embeds)  # no condition
+    close(_run(par, settings, picture), _run(i2v_gen, settings, picture))  # a fresh pool
+
+
+# ----------------------------------------------------------------------------- Wan2.2 A14B
+
+STEPS, SHIFT, G_HIGH, G_LOW, BOUNDARY = 6, 12.0, 4.0, 3.0, 0.875
+
+
+@pytest.fixture(scope="module")
+def a14b_files(tmp_path_factory):
+    from fastvideo_nodes.testing.a14b import build_a14b_set
+    return build_a14b_set(str(tmp_path_factory.mktemp("a14b")), seed=0)["comfy_fp32"]
+
+
+@pytest.fixture(scope="module")
+def a14b_gen(a14b_files):
+    c = a14b_files
+    gen = VideoGenerator.from_pretrained(c["model"], low_noise_model=c["low_noise_model"],
+                                         text_encoder=c["text_encoder"], vae=c["vae"], device="cpu", dtype="fp32")
+    yield gen
+    gen.close()
+
+
+def _a14b_settings(**kw):
+    return SamplingSettings(**{**SIZE, "steps": STEPS, "shift": SHIFT, "guidance_scale": G_HIGH,
+                               "guidance_scale_low": G_LOW, "boundary": BOUNDARY, "seed": 3, **kw})
+
+
+def test_a14b_schedule_uses_both_experts():
+    """Each expert serves at least two steps, so the switch, the per-span gate and TeaCache's fresh
+    start are all exercised below."""
+    which = experts_mod.expert_per_step(make_scheduler("unipc", STEPS, SHIFT).timesteps, BOUNDARY)
+    assert which.count(experts_mod.HIGH) >= 2 and which.count(experts_mod.LOW) >= 2
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(cfg_gate=0.5),
+                                dict(teacache_threshold=100.0, teacache_coefficients=[1.0, 0.0]),
+                                dict(num_frames=9, height=16, width=48)])
+def test_a14b_on_two_workers_equals_one_process(a14b_gen, a14b_files, kw):
+    """Both experts on every rank, switched at the same step with the same guidance; the CFG gate per
+    expert span and TeaCache's fresh start at the switch give the same forward counts."""
+    c = a14b_files
+    par = VideoGenerator.from_pretrained(c["model"], low_noise_model=c["low_noise_model"],
+                                         text_encoder=c["text_encoder"], vae=c["vae"], device="cpu", dtype="fp32",
+                                         num_gpus=2)
+    assert par._parts is a14b_gen._parts  # the same encoders; sampling goes to the workers
+    settings = _a14b_settings(**kw)
+    ref_stats, par_stats = SamplingStats(), SamplingStats()
+    want = _run(a14b_gen, settings, stats=ref_stats)
+    got = _run(par, settings, stats=par_stats)
+    close(got, want)
+    assert (par_stats.cond_forwards, par_stats.uncond_forwards, par_stats.teacache_skipped) == \
+        (ref_stats.cond_forwards, ref_stats.uncond_forwards, ref_stats.teacache_skipped)
+    assert par_stats.extra["experts"] == "resident"  # a CPU without gpu_memory_gb: nothing to plan
+    if "cfg_gate" in kw:
+        which = experts_mod.expert_per_step(make_scheduler("unipc", STEPS, SHIFT).timesteps, BOUNDARY)
+        assert par_stats.uncond_forwards == sum(math.ceil(which.count(k) * 0.5) for k in (0, 1))
+    if "teacache_threshold" in kw:
+        assert par_stats.teacache_skipped == 2 * (STEPS - 3)  # first, switch and last steps computed
+
+
+def test_a14b_low_expert_guidance_reaches_the_workers(a14b_gen):
+    par = a14b_gen.with_parallel(2)
+    assert (_run(par, _a14b_settings()) - _run(par, _a14b_settings(guidance_scale_low=1.0))).abs().max() > 1e-3
+
+
+def test_expert_placement_rule():
+    GiB, DEFAULT_RESERVE = planner.GiB, planner.DEFAULT_RESERVE
+    assert expert_placement(10 * GiB, 2 * GiB, None) == "resident"
+    assert expert_placement(10 * GiB, 2 * GiB, 22 * GiB + DEFAULT_RESERVE) == "resident"
+    assert expert_placement(10 * GiB, 2 * GiB, 22 * GiB + DEFAULT_RESERVE - 1) == "swap"
+    assert expert_placement(10 * GiB, 2 * GiB, 5 * GiB) == "swap"  # not even one fits: still one at a time
+
+
+def test_a14b_workers_swap_when_both_do_not_fit(a14b_gen, a14b_files):
+    """A budget with room for both experts at the small size but not at the large one: the ranks keep
+    both resident, swap them one at a time, then keep both again; every result equals one process."""
+    small, large = _a14b_settings(), _a14b_settings(height=64, width=96, num_frames=9)
+    sizes = planner.Components(planner.DitSizes.of(load_dit(a14b_files["model"])), vae_bytes=0, text_encoder_bytes=0)
+
+    def need(s):
+        shape = planner.VideoShape(s.height, s.width, s.num_frames)
+        return 2 * sizes.dit.total + planner.sampling_activation_bytes(sizes, shape) + planner.DEFAULT_RESERVE
+    assert need(small) < need(large)
+    budget = (need(small) + need(large)) // 2
+    pool = WorkerPool(a14b_files["model"], low_noise_model=a14b_files["low_noise_model"], num_gpus=2, device="cpu",
+                      dtype=torch.float32, gpu_memory_gb=budget / planner.GiB)
+    pos, neg = a14b_gen.encode_prompt(PROMPT), a14b_gen.encode_prompt(NEGATIVE)
+    try:
+        for s, mode in ((small, "resident"), (large, "swap"), (small, "resident")):
+            stats = SamplingStats()
+            got = pool.sample(initial_noise(s), pos, neg, s, stats=stats)
+            close(model_to_raw(got), _run(a14b_gen, s))
+            assert stats.extra["experts"] == mode
+    finally:
+        pool.close()
+
+
+def test_pool_refuses_a_low_expert_of_another_size(a14b_files, tmp_path):
+    from fastvideo_nodes.testing.dit import TINY_DIT, random_dit, save_original
+    other = save_original(random_dit(replace(TINY_DIT, num_layers=3), seed=2).state_dict(),
+                          str(tmp_path / "low_other.safetensors"), dtype=None)
+    with pytest.raises(ModelFileError, match=r"low_noise_model: 'low_other.safetensors' is not the twin of the "
+                                             r"high-noise expert .*num_layers 2 vs 3"):
+        WorkerPool(a14b_files["model"], low_noise_model=other, num_gpus=2, device="cpu", dtype=torch.float32)
+
+
+def test_i2v_a14b_on_two_workers_equals_one_process(tmp_path_factory, picture):
+    """Wan2.2 I2V-A14B: two 36-channel experts, the condition without CLIP tokens, on both ranks."""
+    from fastvideo_nodes.testing.a14b import build_a14b_set
+    c = build_a14b_set(str(tmp_path_factory.mktemp("i2v_a14b")), seed=4, i2v=True)["comfy_fp32"]
+    files = dict(low_noise_model=c["low_noise_model"], text_encoder=c["text_encoder"], vae=c["vae"], device="cpu",
+                 dtype="fp32")
+    gen = VideoGenerator.from_pretrained(c["model"], **files)
+    try:
+        settings = SamplingSettings(**SIZE, steps=6, shift=5.0, guidance_scale=3.5, guidance_scale_low=2.5,
+                                    boundary=0.9, seed=5, cfg_gate=0.5)
+        which = experts_mod.expert_per_step(make_scheduler("unipc", 6, 5.0).timesteps, 0.9)
+        assert 0 < which.count(experts_mod.HIGH) < 6
+        ref_stats, par_stats = SamplingStats(), SamplingStats()
+        want = _run(gen, settings, picture, ref_stats)
+        got = _run(VideoGenerator.from_pretrained(c["model"], num_gpus=2, **files), settings, picture, par_stats)
+        close(got, want)
+        assert par_stats.uncond_forwards == ref_stats.uncond_forwards
+    finally:
+        gen.close()
