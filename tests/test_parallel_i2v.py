@@ -225,3 +225,37 @@ def test_i2v_a14b_on_two_workers_equals_one_process(tmp_path_factory, picture):
         assert par_stats.uncond_forwards == ref_stats.uncond_forwards
     finally:
         gen.close()
+
+
+# ----------------------------------------------------------------------------- ComfyUI: the launcher node
+
+def _nodes():
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import nodes
+    return nodes
+
+
+def test_nodes_i2v_through_the_parallel_launcher_equal_one_process(i2v_gen, picture):
+    """Loader → FastVideo Parallel Workers → sampler with a native IMAGE: the workers' latents are the
+    one-process engine's (the node passes the image through the generator unchanged)."""
+    fv = _nodes()
+    (par,) = fv.FastVideoParallelWorkers().launch(model=i2v_gen, num_gpus=2)
+    pos, neg = fv.EncodePrompt().encode(model=par, prompt=PROMPT, negative_prompt=NEGATIVE)
+    image = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255)[None]  # [1,H,W,3]
+    (latent,) = fv.FastVideoSampler().sample(model=par, positive=pos, negative=neg, steps=2, cfg=5.0, shift=3.0,
+                                             scheduler="unipc", seed=3, cfg_gate=1.0, teacache_threshold=0.0,
+                                             image=image, **SIZE)
+    settings = SamplingSettings(steps=2, seed=3, **SIZE)
+    close(latent["samples"], _run(i2v_gen, settings, picture))
+
+
+def test_nodes_a14b_through_the_parallel_launcher_equal_one_process(a14b_gen):
+    fv = _nodes()
+    (par,) = fv.FastVideoParallelWorkers().launch(model=a14b_gen, num_gpus=2)
+    pos, neg = fv.EncodePrompt().encode(model=par, prompt=PROMPT, negative_prompt=NEGATIVE)
+    (latent,) = fv.FastVideoSampler().sample(model=par, positive=pos, negative=neg, steps=STEPS, cfg=G_HIGH,
+                                             shift=SHIFT, scheduler="unipc", seed=3, cfg_gate=1.0,
+                                             teacache_threshold=0.0, boundary=BOUNDARY, cfg_low=G_LOW, **SIZE)
+    close(latent["samples"], _run(a14b_gen, _a14b_settings()))
