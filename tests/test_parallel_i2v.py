@@ -173,17 +173,22 @@ def test_expert_placement_rule():
     assert expert_placement(10 * GiB, 2 * GiB, 5 * GiB) == "swap"  # not even one fits: still one at a time
 
 
-def test_a14b_workers_swap_when_both_do_not_fit(a14b_gen, a14b_files):
-    """A budget with room for both experts at the small size but not at the large one: the ranks keep
-    both resident, swap them one at a time, then keep both again; every result equals one process."""
-    small, large = _a14b_settings(), _a14b_settings(height=64, width=96, num_frames=9)
-    sizes = planner.Components(planner.DitSizes.of(load_dit(a14b_files["model"])), vae_bytes=0, text_encoder_bytes=0)
+def _budget_between(model: str, small, large) -> int:
+    """Bytes with room for both experts at the small video size but not at the large one."""
+    sizes = planner.Components(planner.DitSizes.of(load_dit(model)), vae_bytes=0, text_encoder_bytes=0)
 
     def need(s):
         shape = planner.VideoShape(s.height, s.width, s.num_frames)
         return 2 * sizes.dit.total + planner.sampling_activation_bytes(sizes, shape) + planner.DEFAULT_RESERVE
     assert need(small) < need(large)
-    budget = (need(small) + need(large)) // 2
+    return (need(small) + need(large)) // 2
+
+
+def test_a14b_workers_swap_when_both_do_not_fit(a14b_gen, a14b_files):
+    """A budget with room for both experts at the small size but not at the large one: the ranks keep
+    both resident, swap them one at a time, then keep both again; every result equals one process."""
+    small, large = _a14b_settings(), _a14b_settings(height=64, width=96, num_frames=9)
+    budget = _budget_between(a14b_files["model"], small, large)
     pool = WorkerPool(a14b_files["model"], low_noise_model=a14b_files["low_noise_model"], num_gpus=2, device="cpu",
                       dtype=torch.float32, gpu_memory_gb=budget / planner.GiB)
     pos, neg = a14b_gen.encode_prompt(PROMPT), a14b_gen.encode_prompt(NEGATIVE)
@@ -259,3 +264,39 @@ def test_nodes_a14b_through_the_parallel_launcher_equal_one_process(a14b_gen):
                                              shift=SHIFT, scheduler="unipc", seed=3, cfg_gate=1.0,
                                              teacache_threshold=0.0, boundary=BOUNDARY, cfg_low=G_LOW, **SIZE)
     close(latent["samples"], _run(a14b_gen, _a14b_settings()))
+
+
+# ----------------------------------------------------------------------------- on 2 GPUs (the lead runs these)
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_cuda_two_gpus_equal_one_gpu(i2v_gen, a14b_gen, picture):
+    """NCCL, fp32: I2V and A14B (both resident, then swapped from pinned memory) on 2 GPUs give the
+    one-GPU latents."""
+    from fastvideo_nodes.pipeline.generator import VideoGenerator as Gen
+
+    def cuda(gen, **kw):
+        return Gen(gen.files, device="cuda", dtype="fp32", attention_backend="TORCH_SDPA", **kw)
+
+    def near(got, want):
+        assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+    i2v_settings = SamplingSettings(**SIZE, steps=3, seed=7)
+    one, two = cuda(i2v_gen), cuda(i2v_gen, num_gpus=2)
+    try:
+        near(_run(two, i2v_settings, picture), _run(one, i2v_settings, picture))
+    finally:
+        one.close()
+    large = _a14b_settings(height=64, width=96, num_frames=9)
+    one = cuda(a14b_gen)
+    try:
+        want = _run(one, large)
+        swap_gb = _budget_between(a14b_gen.files.model, _a14b_settings(), large) / planner.GiB
+        for gb, mode in ((None, "resident"), (swap_gb, "swap")):
+            two = cuda(a14b_gen, num_gpus=2, gpu_memory_gb=gb)
+            stats = SamplingStats()
+            near(_run(two, large, stats=stats), want)
+            assert stats.extra["experts"] == mode
+            two.close()
+    finally:
+        one.close()
