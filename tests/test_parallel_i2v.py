@@ -202,6 +202,64 @@ def test_a14b_workers_swap_when_both_do_not_fit(a14b_gen, a14b_files):
         pool.close()
 
 
+def _reference(files, settings, pos, neg, loras=(), loras_low=()):
+    """One process: both experts loaded, each with its own LoRAs merged, through the same denoise()."""
+    from fastvideo_nodes.loading.lora import set_loras
+    from fastvideo_nodes.pipeline.sampler import denoise
+    high, low = load_dit(files["model"]), load_dit(files["low_noise_model"])
+    set_loras(high, list(loras))
+    set_loras(low, list(loras_low))
+    with torch.inference_mode():
+        return denoise(experts_mod.Experts(high, low, device=torch.device("cpu")), initial_noise(settings), pos, neg,
+                       settings)
+
+
+@pytest.mark.slow  # ~25-45 s on 2 cores: five jobs and their one-process references
+def test_a14b_workers_merge_each_experts_own_loras(a14b_gen, a14b_files, tmp_path):
+    """loras go to the high-noise expert, loras_low to the low-noise one, on every rank; changing them
+    between jobs (also while the experts swap, where merges must reach the host copies) gives the
+    one-process latents each time."""
+    from fastvideo_nodes.testing.dit import TINY_DIT
+    from fastvideo_nodes.testing.lora import save_random_lora
+    hi = [(save_random_lora(TINY_DIT, str(tmp_path / "high.safetensors"), seed=1, scale=0.2), 1.0)]
+    lo = [(save_random_lora(TINY_DIT, str(tmp_path / "low.safetensors"), seed=2, scale=0.2), 0.8)]
+    small, large = _a14b_settings(), _a14b_settings(height=64, width=96, num_frames=9)
+    pool = WorkerPool(a14b_files["model"], low_noise_model=a14b_files["low_noise_model"], num_gpus=2, device="cpu",
+                      dtype=torch.float32,
+                      gpu_memory_gb=_budget_between(a14b_files["model"], small, large) / planner.GiB)
+    pos, neg = a14b_gen.encode_prompt(PROMPT), a14b_gen.encode_prompt(NEGATIVE)
+    refs: dict = {}
+
+    def ref(s, loras=(), loras_low=()):
+        key = (s.height, tuple(loras), tuple(loras_low))
+        if key not in refs:
+            refs[key] = _reference(a14b_files, s, pos, neg, loras, loras_low)
+        return refs[key]
+    try:
+        runs = ((small, hi, lo, "resident"), (large, hi, lo, "swap"), (large, [], lo, "swap"),
+                (large, [], [], "swap"), (small, hi, [], "resident"))
+        for s, loras, loras_low, mode in runs:
+            stats = SamplingStats()
+            got = pool.sample(initial_noise(s), pos, neg, s, stats=stats, loras=loras, loras_low=loras_low)
+            close(got, ref(s, loras, loras_low))
+            assert stats.extra["experts"] == mode
+            if loras or loras_low:  # the LoRAs matter: far from the base model's latents
+                assert (got - ref(s)).abs().max().item() > 1e-3
+    finally:
+        pool.close()
+
+
+def test_loras_low_on_a_one_dit_pool_is_refused(i2v_gen, tmp_path):
+    from fastvideo_nodes.testing.i2v import TINY_I2V
+    from fastvideo_nodes.testing.lora import save_random_lora
+    lora = save_random_lora(TINY_I2V, str(tmp_path / "l.safetensors"))
+    s = SamplingSettings(**SIZE, steps=1)
+    with pytest.raises(FastVideoError, match=r"^loras_low: only a two-expert model \(Wan2.2 A14B, with "
+                                             r"low_noise_model\) has a low-noise expert; give the LoRAs as loras\.$"):
+        i2v_gen.with_parallel(2).pool().sample(initial_noise(s), torch.zeros(1, 4, 32), None, s,
+                                               loras_low=[(lora, 1.0)])
+
+
 def test_pool_refuses_a_low_expert_of_another_size(a14b_files, tmp_path):
     from fastvideo_nodes.testing.dit import TINY_DIT, random_dit, save_original
     other = save_original(random_dit(replace(TINY_DIT, num_layers=3), seed=2).state_dict(),

@@ -15,10 +15,10 @@ Why it is built this way:
 - Each rank says what it is doing (loading, step i of n) and a side thread beats while it is busy.
   A rank that makes no progress for `step_timeout` seconds ends the job with an error naming it,
   and the pool is stopped; the beat tells a frozen rank from one waiting on a frozen peer.
-- LoRAs travel with each job as a list of (path, strength); a rank whose DiT carries another list
-  merges this one (loading/lora.py, in place, base kept) before sampling. The ranks agree with one
-  all-reduce whether every merge worked, so a LoRA that does not fit is an error for this job only
-  and the pool stays up.
+- LoRAs travel with each job as a list of (path, strength) (two experts: one list each); a rank
+  whose DiT carries another list merges this one (loading/lora.py, in place, base kept) before
+  sampling. The ranks agree with one all-reduce whether every merge worked, so a LoRA that does not
+  fit is an error for this job only and the pool stays up.
 - Wan2.2 A14B: each rank holds both experts and the same denoise() switches between them
   (pipeline/experts.py). Whether both stay on the device is decided per job by the one-process rule
   for the worker's part of the work (see `expert_placement`); otherwise they swap from host memory.
@@ -132,6 +132,7 @@ class WorkerPool:
         if low_noise_model is not None:
             from ..pipeline.experts import check_pair
             check_pair(cfg, read_dit_config(low_noise_model), model_path, low_noise_model)
+        self.two_experts = low_noise_model is not None
         self.step_timeout = _default_step_timeout() if step_timeout is None else (step_timeout or None)
         self.start_timeout = start_timeout
         device = options.torch_device
@@ -175,14 +176,19 @@ class WorkerPool:
 
     def sample(self, noise, positive, negative, settings, *, callback=None, cancel=None, stats=None,
                attention_backend=None, attention_options=None, loras=(), exact_attention_steps=0,
-               first_frame=None, condition=None, image_embeds=None):
+               first_frame=None, condition=None, image_embeds=None, loras_low=()):
         """Run the sampler on every rank with these (path, strength) LoRAs merged into each rank's
         DiT; returns model-space latents [1,C,T',H',W'] float32 (CPU). first_frame: a Wan2.2 TI2V
         image condition (pipeline/ti2v.FirstFrame), sent with the job. condition [1,20,T',H',W'] and
         image_embeds [1,I,1280] (or None): Wan2.1 I2V's image inputs, as sampler.denoise takes them;
         every rank gets all of both (the condition joins the latents before the tokens are split,
         the CLIP tokens join the text, which cross-attention reads whole on every rank).
+        loras_low: with two experts, the (path, strength) LoRAs of the low-noise one (`loras` are the
+        high-noise one's).
         stats.extra["experts"]: with two experts, where the ranks kept them ("resident" or "swap")."""
+        if loras_low and not self.two_experts:
+            raise FastVideoError("loras_low: only a two-expert model (Wan2.2 A14B, with low_noise_model) has a "
+                                 "low-noise expert; give the LoRAs as loras.")
         with self._lock:  # one job at a time: messages of two callers must not mix
             if self._unfinished is not None:
                 self._drain()
@@ -194,7 +200,8 @@ class WorkerPool:
             job = dict(settings=settings, noise=shared[0], positive=shared[1], negative=shared[2],
                        attention_backend=attention_backend, attention_options=attention_options or {},
                        loras=[(str(p), float(s)) for p, s in loras], exact_attention_steps=exact_attention_steps,
-                       first_frame=first_frame, condition=shared[3], image_embeds=shared[4])
+                       first_frame=first_frame, condition=shared[3], image_embeds=shared[4],
+                       loras_low=[(str(p), float(s)) for p, s in loras_low])
             self._unfinished = job_id
             self._send_all(("sample", job_id, job))
             try:
@@ -471,12 +478,18 @@ class _Models:
         shape = VideoShape(settings.height, settings.width, settings.num_frames, vae_stride=settings.vae_stride)
         mode = expert_placement(sizes.dit.total, sampling_activation_bytes(sizes, shape), self.budget)
         if self.experts is None or self.experts.mode != mode:
-            if self.experts is not None:
-                self.experts.release()  # both to host memory, then placed again
-                self.dit.to(self.device)
+            self.unplace()
+            if mode == "resident":
+                self.dit.to(self.device)  # Experts moves the low-noise one next to it
             self.experts = Experts(self.dit, self.low, device=self.device, mode=mode)
             log.info("%s", self.experts.describe())
         return self.experts
+
+    def unplace(self) -> None:
+        """Both experts to host memory, unplaced: the next job places them again."""
+        if self.experts is not None:
+            self.experts.release()
+            self.experts = None
 
 
 def _worker_main(rank, world, port, device, model_path, low_noise_model, options, conn, parent_pid):
@@ -536,8 +549,9 @@ def _worker_main(rank, world, port, device, model_path, low_noise_model, options
 _PEER_REJECTED = "another worker rank could not apply the job's LoRAs"
 
 
-def _apply_loras(link: _Link, device, dit, job_id: int, loras: list) -> float | None:
-    """Make this rank's DiT carry exactly `loras`; every rank learns whether all of them could.
+def _apply_loras(link: _Link, device, models: _Models, job_id: int, job: dict) -> float | None:
+    """Make this rank's DiT carry exactly the job's `loras` (two experts: the high-noise one `loras`,
+    the low-noise one `loras_low`); every rank learns whether all of them could.
 
     Returns the merge seconds (0 when nothing changed), or None when the job is refused (the
     message is sent). A FastVideoError (a LoRA that does not fit) refuses the job; anything else
@@ -547,10 +561,17 @@ def _apply_loras(link: _Link, device, dit, job_id: int, loras: list) -> float | 
     from ..loading.lora import set_loras
     error: Exception | None = None
     seconds = 0.0
-    if list(getattr(dit, "loras", [])) != list(loras):
+    wanted = [(models.dit, job.get("loras", []))] + ([(models.low, job.get("loras_low", []))] if models.low else [])
+    changed = [(dit, loras) for dit, loras in wanted if list(getattr(dit, "loras", [])) != list(loras)]
+    if changed:
         link.send(("doing", job_id, "while merging LoRAs"))
         try:
-            seconds = set_loras(dit, loras).seconds
+            if models.experts is not None and models.experts.mode == "swap":
+                # Merges write in place: they must reach the host copies, not device copies that the
+                # next switch drops (and an fp8 scale they re-register is unknown to the old homes).
+                models.unplace()
+            for dit, loras in changed:
+                seconds += set_loras(dit, loras).seconds
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         except Exception as e:
@@ -582,7 +603,7 @@ def _run_job(link: _Link, rank: int, device, models: _Models, plan, job_id: int,
         return bool(t.item())
 
     try:
-        lora_s = _apply_loras(link, device, models.dit, job_id, job.get("loras", []))
+        lora_s = _apply_loras(link, device, models, job_id, job)
         if lora_s is None:
             return
         progress = (lambda i, total, x0: link.send(("progress", job_id, i, total))) if rank == 0 else None
