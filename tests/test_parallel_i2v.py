@@ -249,6 +249,20 @@ def test_a14b_workers_merge_each_experts_own_loras(a14b_gen, a14b_files, tmp_pat
         pool.close()
 
 
+def test_a14b_generator_sends_each_experts_loras_to_the_workers(a14b_gen, tmp_path):
+    """from_pretrained/with_loras(loras, loras_low) on two workers: the one-process latents."""
+    from fastvideo_nodes.testing.dit import TINY_DIT
+    from fastvideo_nodes.testing.lora import save_random_lora
+    hi = [(save_random_lora(TINY_DIT, str(tmp_path / "high.safetensors"), seed=1, scale=0.2), 1.0)]
+    lo = [(save_random_lora(TINY_DIT, str(tmp_path / "low.safetensors"), seed=2, scale=0.2), 0.8)]
+    one = a14b_gen.with_loras(hi, lo)
+    settings = _a14b_settings()
+    want = _run(one, settings)
+    got = _run(one.with_parallel(2), settings)
+    close(got, want)
+    assert (got - _run(a14b_gen, settings)).abs().max().item() > 1e-3  # the LoRAs matter
+
+
 def test_loras_low_on_a_one_dit_pool_is_refused(i2v_gen, tmp_path):
     from fastvideo_nodes.testing.i2v import TINY_I2V
     from fastvideo_nodes.testing.lora import save_random_lora

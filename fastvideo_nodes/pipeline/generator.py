@@ -441,7 +441,7 @@ class VideoGenerator:
                                                    attention_options=self.attention_options, loras=self.loras,
                                                    exact_attention_steps=self.exact_attention_steps,
                                                    first_frame=first_frame, condition=condition,
-                                                   image_embeds=image_embeds)
+                                                   image_embeds=image_embeds, loras_low=self.loras_low)
             else:
                 two = self.files.low_noise_model is not None
                 with friendly_oom():
