@@ -8,13 +8,14 @@ step keeps the error small.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from ..ops.triton_jit import tensor_descriptor
 
 LOG2E = 1.4426950408889634
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -178,16 +179,6 @@ def _attn_fwd_tma(q_desc, k_desc, v_desc, QS, KS, VS, VM, O, Sq, S, H, Sq_pad, S
              mask=offs_m[:, None] < Sq)
 
 
-@functools.cache
-def _tensor_descriptor():
-    """Host-side TMA descriptors (Triton 3.4+); older Triton runs the pointer kernel instead."""
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        return TensorDescriptor
-    except ImportError:
-        return None
-
-
 def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Config = DEFAULT):
     """[B, S, H, D] inputs → int8 Q/K with block scales (Q's holding log2(e)/√D), e4m3 Vᵀ with channel
     scales and means (V less its mean is what is quantised)."""
@@ -223,8 +214,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Config = D
     q8, qs, k8, ks, v8, vs, vm = quantize(q, k, v, cfg)
     out = torch.empty_like(q)
     kernel, tiles = _attn_fwd, (q8, k8, v8)
-    if cfg.tma and _tensor_descriptor() is not None:
-        TensorDescriptor = _tensor_descriptor()
+    if cfg.tma and tensor_descriptor() is not None:
+        TensorDescriptor = tensor_descriptor()
         kernel = _attn_fwd_tma
         tiles = (TensorDescriptor.from_tensor(q8.view(-1, D), [cfg.block_m, D]),
                  TensorDescriptor.from_tensor(k8.view(-1, D), [cfg.block_n, D]),

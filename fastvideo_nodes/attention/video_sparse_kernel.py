@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.triton_jit import tensor_descriptor
+
 LOG2E = 1.4426950408889634
 BLOCK = 64  # tokens per 4×4×4 tile
 _TILE = tl.constexpr(BLOCK)  # the same, for the kernels (plain globals are not visible there)
@@ -187,16 +189,6 @@ def tables(chosen: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, to
     return order.to(torch.int32).contiguous(), ends.contiguous()
 
 
-@functools.cache
-def _tensor_descriptor():
-    """Host-side TMA descriptors (Triton 3.4+); without them the pointer kernel runs."""
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        return TensorDescriptor
-    except ImportError:
-        return None
-
-
 def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch.Tensor, ends: torch.Tensor,
               counts: torch.Tensor, tokens: torch.Tensor, out: torch.Tensor, comp: torch.Tensor | None = None,
               gate: torch.Tensor | None = None, cfg: Config | None = DEFAULT,
@@ -222,8 +214,8 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
     if gate is not None and gate.stride(-1) != 1:
         gate = gate.contiguous()
     g = gate if gate is not None else out  # a placeholder pointer when unused
-    tma = cfg is not None and cfg.tma and _tensor_descriptor() is not None and qt.is_contiguous()
-    desc = lambda x, rows: _tensor_descriptor().from_tensor(x.view(B * P, H * D), [rows, D])
+    tma = cfg is not None and cfg.tma and tensor_descriptor() is not None and qt.is_contiguous()
+    desc = lambda x, rows: tensor_descriptor().from_tensor(x.view(B * P, H * D), [rows, D])
     kv = (desc(kt, BLOCK), desc(vt, BLOCK), desc(kt, 16), desc(vt, 16), desc(kt, 32), desc(vt, 32)) if tma \
         else (kt, vt, kt, vt, kt, vt)
     rest = (index, ends, counts, comp if comp is not None else qt, g, tokens, out,

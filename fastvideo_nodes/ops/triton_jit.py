@@ -1,7 +1,20 @@
-"""The Triton jit kernels themselves. Importing this module imports Triton, so only
-`triton_kernels._jit()` does, after checking that Triton is there; nothing else imports it."""
+"""The Triton jit kernels themselves, and the Triton helpers kernels share. Importing this module
+imports Triton, so only `triton_kernels._jit()` and the attention kernels (which need Triton
+anyway) import it."""
+import functools
+
 import triton
 import triton.language as tl
+
+
+@functools.cache
+def tensor_descriptor():
+    """Host-side TMA descriptors (Triton 3.4+); None on older Triton, whose callers run pointer loads."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        return TensorDescriptor
+    except ImportError:
+        return None
 
 
 @triton.jit
