@@ -9,12 +9,7 @@ module also keeps only the expert in use on the GPU when both do not fit:
 - "swap": both live in (pinned) host memory (memory/planner.PinnedHome); at the switch the active
   one goes home first (free: its device copies are dropped), then the other is copied in;
 - "stream": the plan streams DiT blocks; the active expert has the block offload
-  (memory/offload.py), the idle one rests in pinned host memory, and the switch moves the offload
-  over. Both experts keep pinned home copies for the whole run: the switch then drops the old
-  expert's device copies (free) and copies the new one's resident blocks in from pinned memory.
-  Without them an A14B switch at 24 GiB re-pinned 11 GB and copied 15 GB back to pageable memory:
-  about 13 s, twice a call (measured on an H200; 8.6 s a step against 5.6 s resident). If host
-  memory cannot pin both, the idle expert waits in pageable memory as before.
+  (memory/offload.py), the idle one rests in host memory, and the switch moves the offload over.
 """
 from __future__ import annotations
 
@@ -156,39 +151,7 @@ class Experts:
             self.homes = (PinnedHome(high), PinnedHome(low))  # both at home until use()
             self.active = -1
         else:
-            self.homes = self._pinned_homes(offload)
-            if self.homes is None:
-                low.to("cpu")
-            else:
-                self.offloads, self.active = [None, None], -1
-
-    def _pinned_homes(self, offload):
-        """Pinned home copies of both experts, all weights pointed at them (None: host memory too
-        small to pin both; nothing changed then). The high expert's existing offload is undone first:
-        its resident blocks are copied home once here instead of at every switch."""
-        from ..memory.planner import PinnedHome
-        high, low = self.models
-        try:
-            low_home = PinnedHome(low)
-        except RuntimeError as e:  # pinning 2 × 28 GB (bf16) can exceed what the host may lock
-            logger.warning("A14B: cannot pin the low-noise expert in host memory (%s); switching experts "
-                           "will copy through pageable memory", str(e).splitlines()[0][:120])
-            return None
-        if offload is not None:
-            offload.disable(to="cpu")  # offloaded blocks back on their pinned copies, resident ones stay
-        try:
-            high_home = PinnedHome(high)
-        except RuntimeError:
-            low_home.to_host()
             low.to("cpu")
-            if offload is not None:
-                self.offloads = [self._stream(HIGH), None]
-            return None
-        return high_home, low_home
-
-    def _stream(self, k: int):
-        from ..memory.offload import enable_block_offload
-        return enable_block_offload(self.models[k], device=self.device, blocks_on_gpu=self.blocks_on_gpu)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -200,8 +163,7 @@ class Experts:
     def describe(self) -> str:
         where = {"resident": "both resident on the device",
                  "swap": "one on the device at a time, the idle one in pinned host memory (swapped at the switch)",
-                 "stream": f"blocks streamed ({self.blocks_on_gpu} resident), the idle expert in "
-                           f"{'pinned' if self.homes is not None else 'pageable'} host memory"}
+                 "stream": f"blocks streamed ({self.blocks_on_gpu} resident), the idle expert in host memory"}
         return f"Wan2.2 A14B experts: {where[self.mode]}"
 
     def use(self, k: int):
@@ -215,16 +177,14 @@ class Experts:
                 self.homes[self.active].to_host()
             self.homes[k].to_device(self.device)
         else:
-            if self.active >= 0:
-                old = self.offloads[self.active]
-                if old is not None:
-                    old.disable(to="cpu")
-                self.offloads[self.active] = None
-                if self.homes is not None:
-                    self.homes[self.active].to_host()  # the device copies are dropped, nothing copied
-                else:
-                    self.models[self.active].to("cpu")
-            self.offloads[k] = self._stream(k)  # weights on pinned copies: resident blocks copy in fast
+            from ..memory.offload import enable_block_offload
+            old = self.offloads[self.active]
+            if old is not None:
+                old.disable(to="cpu")
+            self.offloads[self.active] = None
+            self.models[self.active].to("cpu")
+            self.offloads[k] = enable_block_offload(self.models[k], device=self.device,
+                                                    blocks_on_gpu=self.blocks_on_gpu)
         self.active = k
         self.switches += 1
         logger.info("expert switch: %s-noise expert on %s", "high" if k == HIGH else "low", self.device)
