@@ -160,7 +160,7 @@ class VideoGenerator:
         if not todo:
             return None
         if parts.experts is not None and parts.experts.homes is not None:
-            # Swapped (and streamed) experts run on device copies of their pinned homes, which would undo the merge
+            # Swapped experts run on device copies of their pinned homes, which would undo the merge
             # (and a new fp8 scale) at the next swap: merge at home, then place them again.
             parts.experts.release()
             parts.experts = None
