@@ -24,9 +24,9 @@ from .planner import (
     PinnedHome,
     VideoShape,
     budget_bytes,
+    card_budget,
     decode_activation_bytes,
     encode_activation_bytes,
-    hold_to_budget,
     lowest_plan,
     peak_of,
     plan_memory,
@@ -139,11 +139,8 @@ class Placement:
                 return None
             free = parts.host.budget(self.device) if parts.host is not None else None
             budget = budget_bytes(self.device, gpu_memory_gb=self.options.gpu_memory_gb, free_bytes=free)
-            if self.options.gpu_memory_gb is not None and self.device.type == "cuda" and parts.host is None:
-                # The budget is for the whole card: hold the allocator to it (ComfyUI's models
-                # manage memory their own way, so not under a host).
-                budget = hold_to_budget(self.device, budget)
-                parts.held = self.device
+            if self.options.gpu_memory_gb is not None and self.device.type == "cuda":
+                budget = card_budget(self.device, budget)  # the budget is for the whole card
             parts.budget = budget
         return parts.budget
 

@@ -23,7 +23,6 @@ module's weights between pinned host memory and the GPU (the "on demand" placeme
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -297,40 +296,34 @@ def budget_bytes(device, *, gpu_memory_gb: float | None = None, free_bytes: int 
 
 # Beyond torch's allocator the process holds the CUDA context (0.55 GiB when a plan is made on an
 # H200 under CUDA 13) and, later, lazily loaded kernel modules and library handles: an A14B run
-# capped at 24 − 0.8 GiB peaked at 24.65 GiB on the card, so they grew by at least 1.15 GiB.
+# planned for 24 − 0.8 GiB peaked at 24.65 GiB on the card, so they grew by at least 1.15 GiB.
 LAZY_MARGIN = 3 * GiB // 2
 
 
-def hold_to_budget(device, card_bytes: int) -> int:
-    """Keep this process within `card_bytes` of the card (the user's gpu_memory_gb): returns the
-    bytes torch's allocator may use (the budget less what the card holds outside it now, less
-    LAZY_MARGIN) and caps the allocator there, so that, as on a card of that size, it frees its
-    cache and retries before it grows past the budget. Measured: a 14B planned for 24 GiB peaked at
-    33.8 GiB on an H200 (21.4 allocated, the rest cached blocks of streamed weights) and at 24.2
-    under such a cap (the card emulated), as fast. Expandable segments (unless the user configured
-    the allocator) let freed pages go back even from a segment still partly in use, so the cap does
-    not strand memory."""
-    device = _indexed(device)
-    if not os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+def card_budget(device, card_bytes: int) -> int:
+    """The user's gpu_memory_gb is for the whole card: what torch may plan for is that less what
+    the card holds outside torch's allocator now (CUDA context, other processes) less LAZY_MARGIN.
+    A budget they would take more than half of is planned as given, with a warning: at that size
+    it is a request to stream all that can be streamed (the tests force placements this way), not
+    a card.
+
+    The allocator is not capped: torch keeps freed blocks cached, so on a card larger than the
+    budget the reserved memory can exceed it (a 14B planned for 24 GiB: 21.4 allocated, 32.2
+    reserved on an H200). On a card of the budget's size the allocator frees that cache and retries
+    instead; with the card emulated (allocator capped) the same run peaked at 24.2 GiB, as fast."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     outside = max(0, total - free - torch.cuda.memory_reserved(device)) + LAZY_MARGIN
-    room = max(0, card_bytes - outside)
-    torch.cuda.set_per_process_memory_fraction(min(1.0, room / total), device)
-    log.info("gpu_memory_gb: torch may use %.1f of the %.1f GiB budget (%.1f GiB held outside it: CUDA context, "
-             "other processes, kernels)", room / GiB, card_bytes / GiB, outside / GiB)
-    return room
-
-
-def let_go(device) -> None:
-    """Undo hold_to_budget: the allocator may use the whole card again."""
-    torch.cuda.set_per_process_memory_fraction(1.0, _indexed(device))
-
-
-def _indexed(device) -> torch.device:
-    """cuda → cuda:<current> (the allocator calls want an index)."""
-    device = torch.device(device)
-    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    if 2 * outside > card_bytes:
+        log.warning("gpu_memory_gb %.1f GiB: the card holds %.1f GiB outside torch (with a margin for kernels "
+                    "loaded later), more than half of it; planning with it as given", card_bytes / GiB,
+                    outside / GiB)
+        return card_bytes
+    log.info("gpu_memory_gb: planning for %.1f of the %.1f GiB budget (%.1f GiB held outside torch: CUDA "
+             "context, other processes, kernels)", (card_bytes - outside) / GiB, card_bytes / GiB, outside / GiB)
+    return card_bytes - outside
 
 
 def placement_rank(p: Placement) -> int:

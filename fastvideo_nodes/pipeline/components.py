@@ -79,7 +79,6 @@ class Parts:
         self.plan: Any = None
         self.sizes: Any = None
         self.budget: int | None = None
-        self.held: Any = None  # the device whose allocator memory/planner.hold_to_budget capped
         self.homes: dict[str, Any] = {}
         self.host: Any = None  # a memory host (ComfyUI's model management), see set_memory_host
         self.prompts = PromptCache()
@@ -103,10 +102,6 @@ class Parts:
         self.dit = self.text_encoder = self.vae = self.image_encoder = self.offload = self.plan = None
         self.dit_low = self.experts = None
         self.homes.clear()
-        if self.held is not None:
-            from ..memory.planner import let_go
-            let_go(self.held)
-            self.held = None
 
 
 # Parts by (files, options), held weakly: the registry never keeps weights no generator uses.
