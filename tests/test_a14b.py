@@ -560,29 +560,37 @@ def test_i2v_a14b_needs_an_image_and_has_its_defaults(i2v_set, monkeypatch):
 # ----------------------------------------------------------------------------- on a GPU (the lead runs these)
 
 
-@pytest.mark.gpu
-def test_cuda_placements_equal_cpu(a14b_set):
-    """Both resident, swapped from pinned memory, and streamed: the CPU's latents on CUDA (fp32)."""
+def _cuda_placements(a14b_set):
+    """(mode, generator) on CUDA for each experts placement: both resident; streamed (a budget that
+    streams all); swapped (the tiny experts both fit in 2 GiB, so the plan is squeezed to room for
+    one). Each generator is closed after its turn."""
     from fastvideo_nodes.memory.planner import GiB
-    cpu = _latents(_comfy(a14b_set), _settings(boundary=0.875))
-    modes = {}
+    c = a14b_set["comfy_fp32"]
     for mode, kw in (("resident", {}), ("stream", {"gpu_memory_gb": 1e-6}), ("swap", {"gpu_memory_gb": 2.0})):
-        c = a14b_set["comfy_fp32"]
         gen = VideoGenerator.from_pretrained(c["model"], low_noise_model=c["low_noise_model"],
                                              text_encoder=c["text_encoder"], vae=c["vae"], device="cuda",
                                              dtype="fp32", attention_backend="TORCH_SDPA", **kw)
         gen.load(**SIZE)
-        if mode == "swap":  # room for one DiT only
+        if mode == "swap":
             plan = gen.memory_plan
             gen._parts.plan = type(plan)(**{**plan.__dict__, "experts": "swap",
                                             "budget": plan.peak + GiB // 2 - gen.placement.sizes().dit.total // 2})
+        yield mode, gen
+        gen.close()
+
+
+@pytest.mark.gpu
+def test_cuda_placements_equal_cpu(a14b_set):
+    """Both resident, swapped from pinned memory, and streamed: the CPU's latents on CUDA (fp32)."""
+    cpu = _latents(_comfy(a14b_set), _settings(boundary=0.875))
+    modes = {}
+    for mode, gen in _cuda_placements(a14b_set):
         got = _latents(gen, _settings(boundary=0.875)).cpu()
         modes[mode] = gen._parts.experts.mode
         assert (got - cpu).abs().max().item() < 1e-2, mode
         if mode == "swap":
             assert gen._parts.experts.homes[experts_mod.HIGH].device.type == "cpu"
             assert all(p.device.type == "cpu" for p in gen.dit.parameters())  # the idle expert left the GPU
-        gen.close()
     assert modes == {"resident": "resident", "stream": "stream", "swap": "swap"}
 
 
@@ -590,19 +598,9 @@ def test_cuda_placements_equal_cpu(a14b_set):
 def test_cuda_lora_per_expert_in_every_placement(a14b_set, expert_loras, want_with_loras):
     """A LoRA per expert on CUDA with both experts resident, swapped and streamed: diffusers' latents
     with the LoRAs merged by hand; a change after a run (the low expert active) and removal hold."""
-    from fastvideo_nodes.memory.planner import GiB
     loras = dict(loras=[(expert_loras["high"], 1.0)], loras_low=[(expert_loras["low"], 0.5)])
     base = _latents(_comfy(a14b_set), _settings()).cpu()
-    for mode, kw in (("resident", {}), ("stream", {"gpu_memory_gb": 1e-6}), ("swap", {"gpu_memory_gb": 2.0})):
-        c = a14b_set["comfy_fp32"]
-        gen = VideoGenerator.from_pretrained(c["model"], low_noise_model=c["low_noise_model"],
-                                             text_encoder=c["text_encoder"], vae=c["vae"], device="cuda",
-                                             dtype="fp32", attention_backend="TORCH_SDPA", **kw)
-        gen.load(**SIZE)
-        if mode == "swap":  # tiny experts both fit in 2 GiB: squeeze to room for one
-            plan = gen.memory_plan
-            gen._parts.plan = type(plan)(**{**plan.__dict__, "experts": "swap",
-                                            "budget": plan.peak + GiB // 2 - gen.placement.sizes().dit.total // 2})
+    for mode, gen in _cuda_placements(a14b_set):
         assert (_latents(gen, _settings()).cpu() - base).abs().max().item() < 1e-2, mode
         assert gen._parts.experts.mode == mode
         gen.set_loras(**loras)  # after a run: the low expert is the active one
@@ -610,7 +608,6 @@ def test_cuda_lora_per_expert_in_every_placement(a14b_set, expert_loras, want_wi
         assert (got - want_with_loras).abs().max().item() < 1e-2, mode
         gen.set_loras([])
         assert (_latents(gen, _settings()).cpu() - base).abs().max().item() < 1e-2, mode
-        gen.close()
 
 
 def _block_runs(gen):

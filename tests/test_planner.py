@@ -116,23 +116,30 @@ def test_error_suggests_tiles_and_fp8_only_when_they_fit():
     plan_memory(Components(WAN_14B.dit.fp8(), VAE, UMT5_XXL), hd, budget)
 
 
-@pytest.mark.parametrize("components", [WAN_1_3B, WAN_14B], ids=["1.3B", "14B"])
-@pytest.mark.parametrize("shape", [SHAPE, VideoShape(720, 1280, 81)], ids=["480p", "720p"])
-def test_decisions_are_monotone_in_the_budget(components, shape):
+def _plans_by_budget(components, shape, tenths: range):
+    """(previous, plan) over growing budgets (tenths of a GiB) from the first one that fits; a larger
+    budget must never stop fitting."""
     previous = None
-    for tenth in range(40, 1500, 3):
+    for tenth in tenths:
         try:
             plan = plan_memory(components, shape, tenth * GiB // 10)
         except FastVideoError:
             assert previous is None, "a larger budget must not stop fitting"
             continue
+        yield previous, plan
+        previous = plan
+
+
+@pytest.mark.parametrize("components", [WAN_1_3B, WAN_14B], ids=["1.3B", "14B"])
+@pytest.mark.parametrize("shape", [SHAPE, VideoShape(720, 1280, 81)], ids=["480p", "720p"])
+def test_decisions_are_monotone_in_the_budget(components, shape):
+    for previous, plan in _plans_by_budget(components, shape, range(40, 1500, 3)):
         assert plan.peak <= plan.budget
         if previous is not None:
             assert plan.dit_blocks_resident >= previous.dit_blocks_resident
             assert placement_rank(plan.vae) >= placement_rank(previous.vae)
             assert placement_rank(plan.text_encoder) >= placement_rank(previous.text_encoder)
-        previous = plan
-    assert previous is not None and previous.all_resident
+    assert plan.all_resident
 
 
 # Wan2.2 A14B: two 14B experts of the Wan2.1 14B architecture.
@@ -181,19 +188,12 @@ def test_a14b_experts_of_other_dtypes_plan_for_the_larger():
 
 @pytest.mark.parametrize("shape", [SHAPE, VideoShape(720, 1280, 81)], ids=["480p", "720p"])
 def test_a14b_decisions_are_monotone_in_the_budget(shape):
-    previous = None
-    for tenth in range(100, 1500, 7):
-        try:
-            plan = plan_memory(A14B, shape, tenth * GiB // 10)
-        except FastVideoError:
-            assert previous is None, "a larger budget must not stop fitting"
-            continue
+    for previous, plan in _plans_by_budget(A14B, shape, range(100, 1500, 7)):
         if previous is not None:
             assert _EXPERTS_RANK[plan.experts] >= _EXPERTS_RANK[previous.experts]
             assert plan.dit_blocks_resident >= previous.dit_blocks_resident
             assert placement_rank(plan.text_encoder) >= placement_rank(previous.text_encoder)
-        previous = plan
-    assert previous is not None and previous.experts == "resident" and previous.all_resident
+    assert plan.experts == "resident" and plan.all_resident
 
 
 def test_sizes_of_a_built_dit():
