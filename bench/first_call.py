@@ -6,7 +6,7 @@ reports encode / denoise / decode and each step's wall time (a synchronising cal
 call also runs under cProfile, and the functions with the most cumulative time are printed, so
 warm-up (kernel compiles, cuDNN plans, the attention probe) shows by name.
 
-    python3 bench/first_call.py --out $OUT [--steps 4 --cfg 1] [--warmup]   # --warmup: load(warmup=True)
+    python3 bench/first_call.py --out $OUT [--steps 4 --cfg 1]
 
 Run it twice on one machine to see the first call with warm disk caches (probe record, Triton).
 """
@@ -33,7 +33,6 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--cfg", type=float, default=1.0)
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--warmup", action="store_true", help="ask load() to warm the kernels for the shape")
     ap.add_argument("--top", type=int, default=40)
     args = ap.parse_args()
     e2e.DEVICE = args.device
@@ -45,9 +44,9 @@ def main():
                                          compile=args.compile, device=args.device,
                                          dtype="bf16" if args.device == "cuda" else "fp32")
     load = dict(height=args.height, width=args.width, num_frames=args.frames)
-    gen.load(**load, **({"warmup": True} if args.warmup else {}))
+    gen.load(**load)
     sync()
-    log(kind="load", s=round(time.perf_counter() - t0, 2), warmup=args.warmup)
+    log(kind="load", s=round(time.perf_counter() - t0, 2))
     for call in ("first", "second"):
         marks: list[float] = []
 
