@@ -36,6 +36,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import report  # noqa: E402
 
 from fastvideo_nodes.attention import backend_module, backend_status  # noqa: E402
 from fastvideo_nodes.attention.auto import _PACKAGES, wan_like_inputs  # noqa: E402
@@ -89,16 +92,8 @@ def errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 def event_ms(fn, first_s: float) -> float:
     """Warm milliseconds per call with CUDA events; about a second of calls, 3 to 20."""
-    fn()
-    iters = max(3, min(20, int(1.0 / max(first_s, 1e-3))))
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    from diffusers_baseline import event_time
+    return event_time(fn, warm=1, iters=max(3, min(20, int(1.0 / max(first_s, 1e-3))))) * 1000
 
 
 def caller(name: str):
@@ -285,12 +280,7 @@ def main():
             hybrid(args.hybrid_backend.upper(), args.hybrid_steps)
         except Exception as e:
             log(kind="hybrid", backend=args.hybrid_backend, unavailable=f"failed: {e!r:.300}")
-    md = table()
-    print(md)
-    with open(os.path.join(args.out, "attention_table.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(md + "\n")
+    report.save(args.out, "attention_table", RESULTS, table(), md_name="table.md")
 
 
 if __name__ == "__main__":

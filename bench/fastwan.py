@@ -29,18 +29,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-import e2e  # noqa: E402  (build_folder, timing helpers; its DEVICE is set in main)
+import e2e  # noqa: E402
+from diffusers_baseline import event_time  # noqa: E402  (build_folder, timing helpers; its DEVICE is set in main)
 from e2e import PROMPT, RESULTS, CardPeak, build_folder, cuda_gib, log, release, sync  # noqa: E402
 
 
 def cuda_ms(fn, n: int = 10) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
+    """Warm milliseconds per call (CUDA events) after one untimed call: a config's first call
+    compiles it, which the 0.8 rows of the session-5 config sweep still timed."""
+    return event_time(fn, warm=1, iters=n) * 1000
 
 
 def kernel() -> None:

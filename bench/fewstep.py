@@ -19,7 +19,6 @@ Random weights: speed does not depend on the values (see bench/e2e.py).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import e2e  # noqa: E402  (build_folder, timing helpers; its DEVICE is set in main)
+import report  # noqa: E402
 from e2e import PROMPT, RESULTS, CardPeak, build_folder, cuda_gib, log, release, sync  # noqa: E402
 
 STEPS, CFG, SHIFT = 4, 1.0, 5.0
@@ -160,12 +160,7 @@ def main():
                 fn(folder, lora, args)
             except Exception as e:  # one failing part must not hide the other's figures
                 log(kind="error", part=part, error=repr(e)[:400])
-    md = table()
-    print(md)
-    with open(os.path.join(args.out, f"fewstep_{args.size}.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1)
-    with open(os.path.join(args.out, f"fewstep_{args.size}.md"), "w") as f:
-        f.write(md + "\n")
+    report.save(args.out, f"fewstep_{args.size}", RESULTS, table())
 
 
 if __name__ == "__main__":

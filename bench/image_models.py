@@ -32,6 +32,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import e2e  # noqa: E402
+import report  # noqa: E402
 from diffusers_baseline import SHARED, WAN  # noqa: E402
 from e2e import NEGATIVE, PROMPT, RESULTS, CardPeak, build_folder, cuda_gib, log, release, sync, timed_part  # noqa: E402
 
@@ -250,12 +251,7 @@ def main():
             shutil.rmtree(folder)
             if item == "a14b_24":
                 shutil.rmtree(os.path.join(args.models, "Wan2.1-T2V-14B-random"), ignore_errors=True)
-    md = table()
-    print(md)
-    with open(os.path.join(args.out, "image_models.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1)
-    with open(os.path.join(args.out, "image_models.md"), "w") as f:
-        f.write(md + "\n")
+    report.save(args.out, "image_models", RESULTS, table())
 
 
 if __name__ == "__main__":

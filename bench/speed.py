@@ -24,6 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+import report  # noqa: E402
+
 from fastvideo_nodes.models.wan_dit import WanDiT, WanDiTConfig, keep_fp32  # noqa: E402
 from fastvideo_nodes.pipeline.sampler import SamplingSettings, SamplingStats, denoise, initial_noise  # noqa: E402
 
@@ -281,12 +283,7 @@ def main():
     attempt("dit13", lambda: bench_dit_variants("1.3B", e2e_vae=vae if "e2e" in parts else None))
     torch.cuda.empty_cache()
     attempt("dit14", lambda: bench_dit_variants("14B"))
-    md = table()
-    print(md)
-    with open(os.path.join(args.out, "speed.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1)
-    with open(os.path.join(args.out, "speed.md"), "w") as f:
-        f.write(md + "\n")
+    report.save(args.out, "speed", RESULTS, table())
 
 
 if __name__ == "__main__":

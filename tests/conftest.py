@@ -46,3 +46,24 @@ def tiny_model_set(tmp_path_factory):
     pytest.importorskip("diffusers")
     from fastvideo_nodes.testing.folders import build_model_set
     return build_model_set(str(tmp_path_factory.mktemp("tiny_set")), seed=0)
+
+
+class _Sampled(Exception):
+    """Raised by the fake sample of `sampling_settings`: the call stops once its settings are known."""
+
+
+@pytest.fixture
+def sampling_settings(monkeypatch):
+    """The SamplingSettings a generate_video(...) call hands to sample, without sampling:
+    sampling_settings(gen, prompt, **call_kwargs)."""
+    def run(gen, *args, **kwargs):
+        seen = {}
+
+        def capture(positive, negative, settings, **_):
+            seen["settings"] = settings
+            raise _Sampled
+        monkeypatch.setattr(gen, "sample", capture)
+        with pytest.raises(_Sampled):
+            gen.generate_video(*args, **kwargs)
+        return seen["settings"]
+    return run

@@ -440,18 +440,10 @@ def test_cli_bad_boundary_is_one_clear_line(a14b_set, tmp_path, capsys):
     assert code != 0 and "boundary must be a number between 0 and 1" in capsys.readouterr().err
 
 
-def test_generate_video_defaults_are_wan22s(a14b_set, monkeypatch):
+def test_generate_video_defaults_are_wan22s(a14b_set, sampling_settings):
     """No guidance, shift or boundary given: 4.0 / 3.0, shift 12, the folder's boundary_ratio."""
     gen = VideoGenerator.from_pretrained(a14b_set["folder"], device="cpu", dtype="fp32")
-    seen = {}
-
-    def fake_sample(pos, neg, settings, **kw):
-        seen["settings"] = settings
-        raise RuntimeError("stop")
-    monkeypatch.setattr(gen, "sample", fake_sample)
-    with pytest.raises(RuntimeError, match="stop"):
-        gen.generate_video(PROMPT, num_inference_steps=2, **SIZE)
-    s = seen["settings"]
+    s = sampling_settings(gen, PROMPT, num_inference_steps=2, **SIZE)
     assert (s.guidance_scale, s.guidance_scale_low, s.shift, s.boundary) == (4.0, 3.0, 12.0, 0.875)
 
 
@@ -541,19 +533,11 @@ def test_sampler_node_runs_i2v_a14b_with_an_image(i2v_set, picture):
     assert torch.equal(latent["samples"], want)
 
 
-def test_i2v_a14b_needs_an_image_and_has_its_defaults(i2v_set, monkeypatch):
+def test_i2v_a14b_needs_an_image_and_has_its_defaults(i2v_set, sampling_settings):
     gen = VideoGenerator.from_pretrained(i2v_set["folder"], device="cpu", dtype="fp32")
     with pytest.raises(FastVideoError, match="this is an image-to-video model; give the start image"):
         gen.generate_video(PROMPT, num_inference_steps=2, **SIZE)
-    seen = {}
-
-    def fake_sample(pos, neg, settings, **kw):
-        seen["settings"] = settings
-        raise RuntimeError("stop")
-    monkeypatch.setattr(gen, "sample", fake_sample)
-    with pytest.raises(RuntimeError, match="stop"):
-        gen.generate_video(PROMPT, image=torch.zeros(32, 48, 3), num_inference_steps=2, **SIZE)
-    s = seen["settings"]
+    s = sampling_settings(gen, PROMPT, image=torch.zeros(32, 48, 3), num_inference_steps=2, **SIZE)
     assert (s.guidance_scale, s.guidance_scale_low, s.shift, s.boundary) == (3.5, 3.5, 5.0, 0.9)
 
 

@@ -207,16 +207,8 @@ def test_generate_video_with_image(wan22_set, image, tmp_path):
     assert r.frames.shape == (5, 64, 96, 3) and 0 <= r.frames.min() and r.frames.max() <= 1
 
 
-def test_wan22_defaults(folder_gen, monkeypatch):
-    seen = {}
-
-    def capture(positive, negative, settings, **kw):
-        seen["settings"] = settings
-        raise RuntimeError("stop")
-    monkeypatch.setattr(folder_gen, "sample", capture)
-    with pytest.raises(RuntimeError, match="stop"):
-        folder_gen.generate_video(PROMPT, num_inference_steps=1)
-    s = seen["settings"]
+def test_wan22_defaults(folder_gen, sampling_settings):
+    s = sampling_settings(folder_gen, PROMPT, num_inference_steps=1)
     assert (s.height, s.width, s.num_frames, s.shift) == (704, 1280, 121, 5.0)
     assert (s.latent_channels, s.vae_stride) == (48, 16) and s.latent_shape == (1, 48, 31, 44, 80)
 

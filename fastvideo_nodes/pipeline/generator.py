@@ -259,36 +259,43 @@ class VideoGenerator:
             self.placement.prepare(self._video_shape(480, 832, 81))
         return LoadTimer(parts)
 
+    def _load_part(self, name: str, what: str, load, requires: str | None = None):
+        """parts.<name>, made once by load(path) under the parts' lock: timed into load_s, with a plan
+        made first if there is none, and an out-of-memory error that names what was loading.
+        requires: the ModelFiles field that must be known (its path goes to load; else None)."""
+        parts = self._parts
+        if getattr(parts, name) is None:
+            path = self.files.require(requires) if requires else None
+            with parts.lock, friendly_oom(f"loading {what}"), self._loading():
+                setattr(parts, name, load(path))
+        return getattr(parts, name)
+
+    def _read_dit(self, path: str, device, *, placed: bool):
+        """A DiT file read onto `device`, placed by the plan (placed=True) before its blocks compile."""
+        from ..loading.dit import load_dit
+        opts = self.options
+        dit = load_dit(path, device=device, dtype=self.dtype, weight_dtype=opts.weight_dtype,
+                       fp8_matmul=opts.fp8_matmul)
+        if placed:
+            self.placement.place_dit(dit)
+        return dit.compile_blocks() if opts.compile else dit
+
     @property
     def dit(self):
-        parts = self._parts
-        if parts.dit is None:
-            with parts.lock, friendly_oom("loading the DiT"), self._loading():
-                from ..loading.dit import load_dit
-                plan, opts = parts.plan, self.options
-                device = self.device if plan is None or not plan.dit_blocks_streamed else torch.device("cpu")
-                dit = load_dit(self.files.model, device=device, dtype=self.dtype, weight_dtype=opts.weight_dtype,
-                               fp8_matmul=opts.fp8_matmul)
-                self.placement.place_dit(dit)
-                parts.dit = dit.compile_blocks() if opts.compile else dit
-        return parts.dit
+        def load(_):
+            plan = self._parts.plan
+            device = self.device if plan is None or not plan.dit_blocks_streamed else torch.device("cpu")
+            return self._read_dit(self.files.model, device, placed=True)
+        return self._load_part("dit", "the DiT", load)
 
     @property
     def dit_low(self):
         """Wan2.2 A14B's low-noise expert, loaded on the CPU; _experts() places it by the plan."""
-        parts = self._parts
-        if parts.dit_low is None:
-            path = self.files.low_noise_model
-            if path is None:
-                raise FastVideoError("low_noise_model: this model has one DiT; only Wan2.2 A14B has a low-noise "
-                                     "expert.")
-            with parts.lock, friendly_oom("loading the low-noise expert"), self._loading():
-                from ..loading.dit import load_dit
-                opts = self.options
-                dit = load_dit(path, device="cpu", dtype=self.dtype, weight_dtype=opts.weight_dtype,
-                               fp8_matmul=opts.fp8_matmul)
-                parts.dit_low = dit.compile_blocks() if opts.compile else dit
-        return parts.dit_low
+        path = self.files.low_noise_model
+        if path is None and self._parts.dit_low is None:
+            raise FastVideoError("low_noise_model: this model has one DiT; only Wan2.2 A14B has a low-noise "
+                                 "expert.")
+        return self._load_part("dit_low", "the low-noise expert", lambda _: self._read_dit(path, "cpu", placed=False))
 
     def _experts(self):
         """The two experts placed by the memory plan (made once per plan, and again after a LoRA change
@@ -310,47 +317,38 @@ class VideoGenerator:
 
     @property
     def text_encoder(self):
-        parts = self._parts
-        if parts.text_encoder is None:
-            path = self.files.require("text_encoder")
-            with parts.lock, friendly_oom("loading the text encoder"), self._loading():
-                from ..loading.text_encoder import load_text_encoder
-                device = self.placement.load_device("text_encoder")
-                # On a CPU next to a GPU, in bf16: half the host memory of fp32, at bf16's accuracy.
-                runs_on_cpu = self.placement.where("text_encoder") == "cpu" or device.type == "cpu"
-                dtype = torch.bfloat16 if runs_on_cpu and self.device.type == "cuda" else self.dtype
-                te = load_text_encoder(path, device=device, dtype=dtype, weight_dtype=self.options.weight_dtype)
-                self.placement.place("text_encoder", te.model)
-                parts.text_encoder = te
-        return parts.text_encoder
+        def load(path):
+            from ..loading.text_encoder import load_text_encoder
+            device = self.placement.load_device("text_encoder")
+            # On a CPU next to a GPU, in bf16: half the host memory of fp32, at bf16's accuracy.
+            runs_on_cpu = self.placement.where("text_encoder") == "cpu" or device.type == "cpu"
+            dtype = torch.bfloat16 if runs_on_cpu and self.device.type == "cuda" else self.dtype
+            te = load_text_encoder(path, device=device, dtype=dtype, weight_dtype=self.options.weight_dtype)
+            self.placement.place("text_encoder", te.model)
+            return te
+        return self._load_part("text_encoder", "the text encoder", load, requires="text_encoder")
 
     @property
     def vae(self):
-        parts = self._parts
-        if parts.vae is None:
-            path = self.files.require("vae")
-            with parts.lock, friendly_oom("loading the VAE"), self._loading():
-                from ..loading.vae import load_vae
-                vae = load_vae(path, device=self.placement.load_device("vae"), dtype=self.dtype)
-                self.placement.place("vae", vae)
-                parts.vae = vae
-        return parts.vae
+        def load(path):
+            from ..loading.vae import load_vae
+            vae = load_vae(path, device=self.placement.load_device("vae"), dtype=self.dtype)
+            self.placement.place("vae", vae)
+            return vae
+        return self._load_part("vae", "the VAE", load, requires="vae")
 
     @property
     def image_encoder(self):
         """The CLIP vision encoder of an image-to-video model, on the text encoder's device (same phase)."""
-        parts = self._parts
-        if parts.image_encoder is None:
-            path = self.files.require("image_encoder")
-            with parts.lock, friendly_oom("loading the image encoder"), self._loading():
-                from ..loading.clip_vision import load_image_encoder
-                encoder = load_image_encoder(path, device=self.placement.load_device("text_encoder"), dtype=self.dtype)
-                image_dim = self.dit_config().image_dim
-                if image_dim is not None and encoder.width != image_dim:
-                    raise ModelFileError(f"image_encoder: {os.path.basename(path)!r} gives {encoder.width}-wide image "
-                                         f"tokens but the model takes {image_dim} (Wan2.1 I2V: clip_vision_h, 1280).")
-                parts.image_encoder = encoder
-        return parts.image_encoder
+        def load(path):
+            from ..loading.clip_vision import load_image_encoder
+            encoder = load_image_encoder(path, device=self.placement.load_device("text_encoder"), dtype=self.dtype)
+            image_dim = self.dit_config().image_dim
+            if image_dim is not None and encoder.width != image_dim:
+                raise ModelFileError(f"image_encoder: {os.path.basename(path)!r} gives {encoder.width}-wide image "
+                                     f"tokens but the model takes {image_dim} (Wan2.1 I2V: clip_vision_h, 1280).")
+            return encoder
+        return self._load_part("image_encoder", "the image encoder", load, requires="image_encoder")
 
     def check_image(self, image, need_encoder: bool = True):
         """The image read as the loaded model takes it: Wan2.1 I2V → an RGB PIL image (required);
