@@ -53,3 +53,50 @@ def test_out_of_memory_message_names_settings():
     assert "gpu_memory_gb" in msg and "weight_storage fp8" in msg and "num_frames" in msg
     assert "fp8_e4m3fn" not in msg and "text_encoder_device cpu" in msg and "tile_size" in msg
     assert "while decoding" in str(out_of_memory_error(RuntimeError("x"), "decoding"))
+
+
+def test_streamed_weights_use_two_fixed_slots(dit):
+    """Every streamed block runs from one of two buffers allocated at enable time (nothing goes
+    through the allocator per block), and each slot holds the block that runs in it."""
+    off = enable_block_offload(dit, device="cpu", blocks_on_gpu=1)
+    spans = [(s.data_ptr(), s.data_ptr() + s.numel()) for s in off.slots]
+    assert len(spans) == 2
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(m.ffn[0].weight.data_ptr()), prepend=False)
+             for b in off.offloaded]
+    want = None
+    for _ in range(2):
+        got = run(dit)
+        want = got if want is None else want
+        assert torch.equal(got, want)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 6 and all(any(lo <= ptr < hi for lo, hi in spans) for ptr in seen)
+    assert len({ptr for ptr in seen}) == 2  # the ring: two slots, alternating
+
+
+def test_weights_written_at_home_reach_the_next_run(dit):
+    """A LoRA merge writes the home weights between runs; the next run's first streamed block was
+    already prefetched at the end of the last one, so weights_changed() must drop that copy."""
+    off = enable_block_offload(dit, device="cpu", blocks_on_gpu=1)
+    run(dit)
+    assert set(off.in_flight) == {0}
+    with torch.no_grad():
+        for p in off.offloaded[0].parameters():
+            p.data.mul_(1.5)  # in place, at home: what loading.lora does
+    stale = run(dit)
+    off.weights_changed()
+    fresh = run(dit)
+    off.disable()
+    assert torch.equal(run(dit), fresh) and not torch.equal(stale, fresh)
+
+
+def test_a_run_broken_off_inside_a_block_leaves_the_next_exact(dit):
+    """Cancel raises inside a block: the ring starts afresh at the next run."""
+    want = run(dit)
+    off = enable_block_offload(dit, device="cpu", blocks_on_gpu=1)
+    boom = off.offloaded[1].register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run(dit)
+    boom.remove()
+    assert torch.equal(run(dit), want) and torch.equal(run(dit), want)

@@ -169,6 +169,9 @@ class VideoGenerator:
         for dit, want in todo:
             reports.append(set_loras(dit, want, backup_room=room))
             buffers_to(dit, dit.text_embedding[0].weight.device)  # the device compile_blocks uses too
+        streams = [parts.offload, *(parts.experts.offloads if parts.experts is not None else ())]
+        for offload in {id(o): o for o in streams if o is not None}.values():
+            offload.weights_changed()  # its prefetched first block predates the merge
         if len(reports) == 1:
             return reports[0]
         return MergeReport([r for m in reports for r in m.loras], sum(m.patched for m in reports),
