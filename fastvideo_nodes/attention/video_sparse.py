@@ -216,13 +216,14 @@ def kernel_applies(q: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, sparsity: float):
-    """Everything before the sparse kernel, with the kernel's own gather (one pass per input for
-    tiles and means): padded tiles [B, N·64, H, D], the compressed branch [B, H, N, D] fp32
-    (contiguous) and the kernel's tables (index [B, H, N, k], group ends [B, H, N, 3])."""
-    from .video_sparse_kernel import gather, tables
-    (qt, qc), (kt, kc), (vt, vc) = (gather(x, lay.token, lay.counts) for x in (q, k, v))
+    """Everything before the sparse kernel, in Triton launches of our own but for the compressed branch:
+    one gather of q, k, v (one pass per input for tiles and means), then from the scores one select
+    (the top-k tiles as the kernel's tables). → padded tiles [B, N·64, H, D], the compressed branch
+    [B, H, N, D] fp32 (contiguous) and the tables (index [B, H, N, k], group ends [B, H, N, 3])."""
+    from .video_sparse_select import gather3, select
+    (qt, qc), (kt, kc), (vt, vc) = gather3(q, k, v, lay.token, lay.counts)
     scores, out_c = compressed_from_means(qc, kc, vc)
-    index, ends = tables(top_tiles(scores, sparsity), lay.counts)
+    index, ends = select(scores, lay.counts, kept_tiles(sparsity, lay.num_tiles))
     return qt, kt, vt, out_c.contiguous(), index, ends
 
 
