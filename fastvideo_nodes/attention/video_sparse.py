@@ -17,8 +17,10 @@ the tile) and zeros after: tile means divide by the real count, and padded keys 
 The sparse branch has two implementations:
 - "triton" (CUDA, bf16/fp16, D 64 or 128): our own block-sparse kernel (`video_sparse_kernel`), which
   walks each query tile's index row and writes `sparse + compressed · gate` straight back to token
-  order. The whole call is one custom op (fastvideo::video_sparse_attention), so compiled blocks
-  keep it in their graph without a break or per-call recompiles.
+  order. Its set-up is two more launches of ours (`video_sparse_select`: one gather of q, k, v; one
+  top-k straight into the kernel's index table) around the compressed branch's torch matmuls. The
+  whole call is one custom op (fastvideo::video_sparse_attention), so compiled blocks keep it in
+  their graph without a break or per-call recompiles.
 - "flex" (everywhere else, and the bench's comparison row): FlexAttention with a BlockMask made
   straight from the top-k tile indices (`BlockMask.from_kv_blocks`, block size 64): nothing is
   compiled per call, and whole tiles that were not chosen are skipped. Tiles with padding go in as

@@ -21,50 +21,57 @@ from .video_sparse_kernel import BLOCK, _gather
 
 
 @triton.jit
-def _select(S, COUNTS, IDX, ENDS, N, k, NP: tl.constexpr):
-    """Program r: row r of scores [R, N] fp32 → its k kept tiles into IDX[r] and group ends into ENDS[r]."""
-    row = tl.program_id(0).to(tl.int64)
+def _select(S, COUNTS, IDX, ENDS, R, N, k, NP: tl.constexpr, ROWS: tl.constexpr):
+    """Program p: rows p·ROWS.. of scores [R, N] fp32 → their k kept tiles into IDX [R, k] and group ends
+    into ENDS [R, 3]."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, NP)
-    live = cols < N
-    x = tl.load(S + row * N + cols, mask=live, other=0.0)
+    live = (rows < R)[:, None] & (cols < N)[None, :]
+    x = tl.load(S + rows[:, None] * N + cols[None, :], mask=live, other=0.0)
     x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with 0.0
+    x = tl.where(x != x, float("nan"), x)  # every NaN positive: above +inf, as torch.topk has it
     bits = x.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negatives reversed: signed key order = float order
     key = tl.where(live, key, -2147483648)  # padding sorts below every score, -inf included
-    # The k-th largest key, highest bit first: the sign (is it ≥ 0?), then each of the 31 others.
-    thr = tl.where(tl.sum((key >= 0).to(tl.int32), 0) >= k, 0, -2147483648)
+    # Each row's k-th largest key, highest bit first: the sign (is it ≥ 0?), then each of the 31 others.
+    thr = tl.where(tl.sum((key >= 0).to(tl.int32), 1) >= k, 0, -2147483648)
     for b in tl.static_range(30, -1, -1):
         cand = thr | (1 << b)
-        thr = tl.where(tl.sum((key >= cand).to(tl.int32), 0) >= k, cand, thr)
-    above = key > thr
-    tie = key == thr
-    keep = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= k - tl.sum(above.to(tl.int32), 0)))
-    c = tl.load(COUNTS + cols, mask=live, other=0)
-    group = tl.where(c == 64, 0, tl.where(c <= 16, 1, tl.where(c <= 32, 2, 3)))
-    pos = tl.zeros([NP], tl.int32)
-    end = 0
+        thr = tl.where(tl.sum((key >= cand[:, None]).to(tl.int32), 1) >= k, cand, thr)
+    above = key > thr[:, None]
+    tie = key == thr[:, None]
+    room = k - tl.sum(above.to(tl.int32), 1)  # ties kept, the lowest tile ids first
+    keep = live & (above | (tie & (tl.cumsum(tie.to(tl.int32), 1) <= room[:, None])))  # rows past R: none
+    c = tl.load(COUNTS + cols, mask=cols < N, other=0)
+    group = tl.where(c == 64, 0, tl.where(c <= 16, 1, tl.where(c <= 32, 2, 3)))[None, :]
+    pos = tl.zeros([ROWS, NP], tl.int32)
+    end = tl.zeros([ROWS], tl.int32)
     for g in tl.static_range(4):
         mine = keep & (group == g)
-        pos = tl.where(mine, end + tl.cumsum(mine.to(tl.int32), 0) - 1, pos)
-        end += tl.sum(mine.to(tl.int32), 0)
+        pos = tl.where(mine, end[:, None] + tl.cumsum(mine.to(tl.int32), 1) - 1, pos)
+        end += tl.sum(mine.to(tl.int32), 1)
         if g < 3:
-            tl.store(ENDS + row * 3 + g, end)
-    tl.store(IDX + row * k + pos, cols, mask=keep)
+            tl.store(ENDS + rows * 3 + g, end, mask=rows < R)
+    tl.store(IDX + rows[:, None] * k + pos, tl.broadcast_to(cols[None, :], [ROWS, NP]), mask=keep)
 
 
-def select(scores: torch.Tensor, counts: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def select(scores: torch.Tensor, counts: torch.Tensor, k: int,
+           rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """scores [B, H, N, N] fp32 compressed scores, counts [N] real tokens per tile (any int), k key tiles
     per query tile (1..N) → (index [B, H, N, k] int32, ends [B, H, N, 3] int32), what
-    `tables(top_tiles(scores, sparsity), counts)` gives (ties: the lower tile id is kept)."""
+    `tables(top_tiles(scores, sparsity), counts)` gives (ties: the lower tile id is kept).
+    rows: score rows per program, a power of two (None: about 1024 scores a program)."""
     *lead, N = scores.shape
     if not 1 <= k <= N:
         raise ValueError(f"video sparse select: k must be in [1, {N}], got {k}")
     scores = scores.float().contiguous()
     index = torch.empty(*lead, k, dtype=torch.int32, device=scores.device)
     ends = torch.empty(*lead, 3, dtype=torch.int32, device=scores.device)
-    rows = scores.numel() // N
+    R = scores.numel() // N
     NP = triton.next_power_of_2(N)
-    _select[(rows,)](scores, counts, index, ends, N, k, NP=NP, num_warps=max(1, min(8, NP // 256)))
+    rows = rows or max(1, 1024 // NP)
+    _select[(triton.cdiv(R, rows),)](scores, counts, index, ends, R, N, k, NP=NP, ROWS=rows,
+                                     num_warps=max(1, min(8, rows * NP // 256)))
     return index, ends
 
 
