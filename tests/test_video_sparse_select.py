@@ -44,7 +44,7 @@ for name, c in counts.items():
         res["random"].append(dict(counts=name, n=n, k=k, rows=rows, equal=same(got, want),
                                   shapes=[list(x.shape) for x in got], dtypes=[str(x.dtype) for x in got]))
 
-# Ties everywhere: few distinct values, -0.0 beside 0.0, ±inf; the rule's reference is a stable sort.
+# Ties everywhere: few distinct values, -0.0 beside 0.0, ±inf, NaN; the rule's reference is a stable sort.
 for name in ("grid(5, 6, 7)", "n45"):
     c = counts[name]
     n = c.numel()
@@ -52,6 +52,7 @@ for name in ("grid(5, 6, 7)", "n45"):
     scores[torch.rand(scores.shape, generator=g) < 0.3] = -0.0
     scores[..., 0, :] = -float("inf")  # a row of -inf only: still k real tiles, never padding
     scores[..., 1, ::3] = float("inf")
+    scores[..., 2, 5], scores[..., 3, 1] = float("nan"), -float("nan")  # NaN above +inf, as torch orders it
     for k in sorted({1, 2, n // 2, n - 1, n}):
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
         res["ties"].append(dict(counts=name, k=k, equal=same(select(scores, c, k, rows=128), K.tables(order, c))))

@@ -2,7 +2,7 @@
 table in one (`select`, for `tables(top_tiles(scores, sparsity), counts)`, which took ten-odd torch
 ops and a sort), and the three gathers of q, k, v in one (`gather3`).
 
-`select` needs no sort. Each program takes one row of compressed scores and finds its k-th largest
+`select` needs no sort. For each row of compressed scores (one or more a program) it finds the k-th largest
 value by building it bit by bit (32 passes of count(key ≥ candidate)) over int32 keys that order as
 the floats do; the row keeps the scores above it and, of those equal to it, the lowest tile ids.
 Each kept tile's place in the row is its group's offset plus its rank in the group (a prefix sum),
