@@ -88,17 +88,26 @@ def kernel_split(q, k, v, gate, lay, sparsity: float, dense_tflops: float) -> No
     pieces) and over the real tokens."""
     from fastvideo_nodes.attention import video_sparse as vs
     from fastvideo_nodes.attention import video_sparse_kernel as K
+    from fastvideo_nodes.attention import video_sparse_select as sel
     gathered = [K.gather(x, lay.token, lay.counts) for x in (q, k, v)]
     means = [m for _, m in gathered]
     scores, _ = vs.compressed_from_means(*means)
     chosen = vs.top_tiles(scores, sparsity)
+    kept = vs.kept_tiles(sparsity, lay.num_tiles)
+    # select: prepare's one kernel for topk + tables (default rows a program, then 1, 2, 4 rows to compare)
+    selects = {f"select{f'_r{r}' if r else ''}_ms": lambda r=r: sel.select(scores, lay.counts, kept, rows=r)
+               for r in (None, 1, 2, 4)}
+    same = all(map(torch.equal, sel.select(scores, lay.counts, kept), K.tables(chosen, lay.counts)))
     steps = {"gather_ms": lambda: [K.gather(x, lay.token, lay.counts) for x in (q, k, v)],
+             "gather3_ms": lambda: sel.gather3(q, k, v, lay.token, lay.counts),
              "compressed_ms": lambda: vs.compressed_from_means(*means),
              "topk_ms": lambda: vs.top_tiles(scores, sparsity),
              "tables_ms": lambda: K.tables(chosen, lay.counts),
+             **selects,
              "prepare_ms": lambda: vs.prepare(q, k, v, lay, sparsity),
              "flex_to_tiles_ms": lambda: [vs._to_tiles(x, lay) for x in (q, k, v)]}
-    log(kind="vsa_split", sparsity=sparsity, **{name: round(cuda_ms(fn), 3) for name, fn in steps.items()})
+    log(kind="vsa_split", sparsity=sparsity, select_equals_tables=same,  # False only on a tie at the k-th score
+        **{name: round(cuda_ms(fn), 3) for name, fn in steps.items()})
     qt, kt, vt, comp, index, ends = vs.prepare(q, k, v, lay, sparsity)
     counts = lay.counts[index.long()]
     piece = torch.where(counts == 64, 64, torch.where(counts <= 16, 16, torch.where(counts <= 32, 32, 64)))

@@ -17,8 +17,10 @@ the tile) and zeros after: tile means divide by the real count, and padded keys 
 The sparse branch has two implementations:
 - "triton" (CUDA, bf16/fp16, D 64 or 128): our own block-sparse kernel (`video_sparse_kernel`), which
   walks each query tile's index row and writes `sparse + compressed · gate` straight back to token
-  order. The whole call is one custom op (fastvideo::video_sparse_attention), so compiled blocks
-  keep it in their graph without a break or per-call recompiles.
+  order. Its set-up is two more launches of ours (`video_sparse_select`: one gather of q, k, v; one
+  top-k straight into the kernel's index table) around the compressed branch's torch matmuls. The
+  whole call is one custom op (fastvideo::video_sparse_attention), so compiled blocks keep it in
+  their graph without a break or per-call recompiles.
 - "flex" (everywhere else, and the bench's comparison row): FlexAttention with a BlockMask made
   straight from the top-k tile indices (`BlockMask.from_kv_blocks`, block size 64): nothing is
   compiled per call, and whole tiles that were not chosen are skipped. Tiles with padding go in as
@@ -216,13 +218,14 @@ def kernel_applies(q: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, sparsity: float):
-    """Everything before the sparse kernel, with the kernel's own gather (one pass per input for
-    tiles and means): padded tiles [B, N·64, H, D], the compressed branch [B, H, N, D] fp32
-    (contiguous) and the kernel's tables (index [B, H, N, k], group ends [B, H, N, 3])."""
-    from .video_sparse_kernel import gather, tables
-    (qt, qc), (kt, kc), (vt, vc) = (gather(x, lay.token, lay.counts) for x in (q, k, v))
+    """Everything before the sparse kernel, in Triton launches of our own but for the compressed branch:
+    one gather of q, k, v (one pass per input for tiles and means), then from the scores one select
+    (the top-k tiles as the kernel's tables). → padded tiles [B, N·64, H, D], the compressed branch
+    [B, H, N, D] fp32 (contiguous) and the tables (index [B, H, N, k], group ends [B, H, N, 3])."""
+    from .video_sparse_select import gather3, select
+    (qt, qc), (kt, kc), (vt, vc) = gather3(q, k, v, lay.token, lay.counts)
     scores, out_c = compressed_from_means(qc, kc, vc)
-    index, ends = tables(top_tiles(scores, sparsity), lay.counts)
+    index, ends = select(scores, lay.counts, kept_tiles(sparsity, lay.num_tiles))
     return qt, kt, vt, out_c.contiguous(), index, ends
 
 
