@@ -5,6 +5,10 @@ blocks' weights live in pinned CPU memory. Before an offloaded block runs, its w
 on their way: each block starts the copy of the next offloaded block on a side stream, so the
 transfer overlaps the current block's compute. After a block runs, its GPU copy is dropped. The
 model code is untouched: this works through forward hooks on the blocks.
+
+Weights already in pinned memory (a planner.PinnedHome's, as Wan2.2 A14B's idle expert rests in)
+are used where they lie: no copy, no second pin, and the resident part comes over with
+non-blocking copies, so starting an offload from a pinned home costs one host-to-device copy.
 """
 from __future__ import annotations
 
@@ -25,6 +29,22 @@ def activation_bytes(dim: int, ffn_dim: int, tokens: int) -> int:
     return tokens * (6 * 4 * dim + 2 * 2 * ffn_dim)
 
 
+def host_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    """t in host memory, pinned when `pin`: t itself when it already is (no copy, no second pin),
+    else one copy straight into (pinned) host memory."""
+    if t.device.type == "cpu" and (t.is_pinned() or not pin):
+        return t
+    if not pin:
+        return t.to("cpu")
+    return torch.empty_like(t, device="cpu", pin_memory=True).copy_(t)
+
+
+def device_copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on `device`: a fresh copy from host memory (non-blocking when pinned; on a CPU device too,
+    so the module never writes through to its host tensors), t itself when already there."""
+    return t.to(device, non_blocking=t.is_pinned(), copy=t.device.type == "cpu")
+
+
 def plan_blocks(dit, budget_gb: float, tokens: int = 32760) -> int:
     """How many blocks fit on the GPU within `budget_gb`, keeping room for activations and two
     blocks in flight."""
@@ -42,23 +62,26 @@ class BlockOffload:
         self.offloaded = self.blocks[self.resident:]
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if cuda else None
-        # Home copies of the offloaded weights (pinned, so copies can run asynchronously).
+        # Home copies of the offloaded weights (pinned, so copies can run asynchronously); weights
+        # already pinned are kept as they are, so a PinnedHome and this offload share one storage.
         self.home: dict[int, list[tuple[nn.Parameter, torch.Tensor]]] = {}
         for i, block in enumerate(self.offloaded):
             pairs = []
             for p in block.parameters():
-                cpu = p.data.to("cpu")
-                pairs.append((p, cpu.pin_memory() if cuda else cpu))
+                pairs.append((p, host_copy(p.data, cuda)))
                 p.data = pairs[-1][1]
             self.home[i] = pairs
         away = {id(p) for pairs in self.home.values() for p, _ in pairs}
         for p in dit.parameters():  # everything else, and the resident blocks, to the device
             if id(p) not in away:
-                p.data = p.data.to(self.device)
+                p.data = device_copy(p.data, self.device)
+        moved: dict[int, torch.Tensor] = {}  # a buffer shared by several modules stays one tensor
         for mod in dit.modules():
             for name, b in mod._buffers.items():
                 if b is not None:
-                    mod._buffers[name] = b.to(self.device)
+                    if id(b) not in moved:
+                        moved[id(b)] = device_copy(b, self.device)
+                    mod._buffers[name] = moved[id(b)]
         self.in_flight: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
         self.hooks: list = []
         # The hooks hold this object weakly: blocks → hook → offload → blocks would be a cycle that
@@ -100,6 +123,11 @@ class BlockOffload:
     def _after(self, i: int) -> None:
         for p, cpu in self.home[i]:
             p.data = cpu
+
+    def drop_prefetched(self) -> None:
+        """Forget copies fetched ahead (the next run's first streamed block): after weights changed in
+        place (a LoRA merge), they would hold the old values."""
+        self.in_flight.clear()
 
     def disable(self, to=None) -> None:
         """Remove the hooks and put every offloaded block on `to` (default: the device); to="cpu"
