@@ -191,7 +191,8 @@ def run_ours(model: str, folder: str, args, budget: float | None = None) -> None
             decode_s=round(t.get("decode_s", 0), 2), denoise_s=round(t.get("sample_s", 0), 2),
             step_s=round(t.get("sample_s", 0) / steps, 3), card_peak_gib=round(card.peak, 2),
             torch_peak_gib=cuda_gib("max_memory_allocated"),
-            attention=(r.attention or {}).get("choice", (r.attention or {}).get("requested")))
+            attention=(r.attention or {}).get("choice", (r.attention or {}).get("requested")),
+            switch_s=[round(s, 2) for s in r.stats.extra.get("switch_s", [])])
         release()
     gen.close()
     del gen, r

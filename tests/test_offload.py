@@ -77,7 +77,7 @@ def test_streamed_weights_use_two_fixed_slots(dit):
 
 def test_weights_written_at_home_reach_the_next_run(dit):
     """A LoRA merge writes the home weights between runs; the next run's first streamed block was
-    already prefetched at the end of the last one, so weights_changed() must drop that copy."""
+    already prefetched at the end of the last one, so drop_prefetched() must drop that copy."""
     off = enable_block_offload(dit, device="cpu", blocks_on_gpu=1)
     run(dit)
     assert set(off.in_flight) == {0}
@@ -85,7 +85,7 @@ def test_weights_written_at_home_reach_the_next_run(dit):
         for p in off.offloaded[0].parameters():
             p.data.mul_(1.5)  # in place, at home: what loading.lora does
     stale = run(dit)
-    off.weights_changed()
+    off.drop_prefetched()
     fresh = run(dit)
     off.disable()
     assert torch.equal(run(dit), fresh) and not torch.equal(stale, fresh)

@@ -7,6 +7,10 @@ transfer overlaps the current block's compute. The copies land in a ring of two 
 buffers (slots) allocated once: per-block tensors, freed on another stream than the one that
 allocated them, piled up in torch's caching allocator (a 14B run at a 24 GiB budget reserved 11 GiB
 over what it used). The model code is untouched: this works through forward hooks on the blocks.
+
+Weights already in pinned memory (a planner.PinnedHome's, as Wan2.2 A14B's idle expert rests in)
+are used where they lie: no copy, no second pin, and the resident part comes over with
+non-blocking copies, so starting an offload from a pinned home costs one host-to-device copy.
 """
 from __future__ import annotations
 
@@ -29,6 +33,22 @@ def activation_bytes(dim: int, ffn_dim: int, tokens: int) -> int:
     return tokens * (6 * 4 * dim + 2 * 2 * ffn_dim)
 
 
+def host_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    """t in host memory, pinned when `pin`: t itself when it already is (no copy, no second pin),
+    else one copy straight into (pinned) host memory."""
+    if t.device.type == "cpu" and (t.is_pinned() or not pin):
+        return t
+    if not pin:
+        return t.to("cpu")
+    return torch.empty_like(t, device="cpu", pin_memory=True).copy_(t)
+
+
+def device_copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on `device`: a fresh copy from host memory (non-blocking when pinned; on a CPU device too,
+    so the module never writes through to its host tensors), t itself when already there."""
+    return t.to(device, non_blocking=t.is_pinned(), copy=t.device.type == "cpu")
+
+
 def plan_blocks(dit, budget_gb: float, tokens: int = 32760) -> int:
     """How many blocks fit on the GPU within `budget_gb`, keeping room for activations and two
     blocks in flight."""
@@ -46,23 +66,26 @@ class BlockOffload:
         self.offloaded = self.blocks[self.resident:]
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if cuda else None
-        # Home copies of the offloaded weights (pinned, so copies can run asynchronously).
+        # Home copies of the offloaded weights (pinned, so copies can run asynchronously); weights
+        # already pinned are kept as they are, so a PinnedHome and this offload share one storage.
         self.home: dict[int, list[tuple[nn.Parameter, torch.Tensor]]] = {}
         for i, block in enumerate(self.offloaded):
             pairs = []
             for p in block.parameters():
-                cpu = p.data.to("cpu")
-                pairs.append((p, cpu.pin_memory() if cuda else cpu))
+                pairs.append((p, host_copy(p.data, cuda)))
                 p.data = pairs[-1][1]
             self.home[i] = pairs
         away = {id(p) for pairs in self.home.values() for p, _ in pairs}
         for p in dit.parameters():  # everything else, and the resident blocks, to the device
             if id(p) not in away:
-                p.data = p.data.to(self.device)
+                p.data = device_copy(p.data, self.device)
+        moved: dict[int, torch.Tensor] = {}  # a buffer shared by several modules stays one tensor
         for mod in dit.modules():
             for name, b in mod._buffers.items():
                 if b is not None:
-                    mod._buffers[name] = b.to(self.device)
+                    if id(b) not in moved:
+                        moved[id(b)] = device_copy(b, self.device)
+                    mod._buffers[name] = moved[id(b)]
         # One slot per block in flight (the running one and the next); every block's tensors at the
         # same 256-byte-aligned offsets, so a block fits any slot.
         self.offsets = [_offsets([cpu for _, cpu in self.home[i]]) for i in self.home]
@@ -132,9 +155,9 @@ class BlockOffload:
             self.slot_free[self.running] = done
         self.running = None
 
-    def weights_changed(self) -> None:
-        """The home weights were written (a LoRA merged): forget copies made before, such as the next
-        run's first block, prefetched at the end of the last one."""
+    def drop_prefetched(self) -> None:
+        """Forget copies fetched ahead (the next run's first streamed block): after weights changed in
+        place (a LoRA merge), they would hold the old values."""
         self.in_flight.clear()
 
     def disable(self, to=None) -> None:

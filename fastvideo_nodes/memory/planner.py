@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import FastVideoError
-from .offload import activation_bytes, block_bytes
+from .offload import activation_bytes, block_bytes, device_copy, host_copy
 
 log = logging.getLogger(__name__)
 
@@ -351,16 +351,11 @@ class PinnedHome:
             for table in (owner._parameters, owner._buffers):
                 for name, t in table.items():
                     if t is not None:
-                        if id(t) not in seen:
-                            seen[id(t)] = self._host(t.data, pin)
+                        if id(t) not in seen:  # already pinned (e.g. a block offload's): kept, not copied
+                            seen[id(t)] = host_copy(t.detach(), pin)
                         self.home.append((owner, name, id(t), seen[id(t)]))
         self.device = torch.device("cpu")
         self.to_host()
-
-    @staticmethod
-    def _host(t: torch.Tensor, pin: bool) -> torch.Tensor:
-        t = t.detach().to("cpu")
-        return t.pin_memory() if pin and not t.is_pinned() else t
 
     @property
     def nbytes(self) -> int:
@@ -383,7 +378,7 @@ class PinnedHome:
         copies: dict[int, torch.Tensor] = {}
         for owner, name, key, host in self.home:
             if key not in copies:
-                copies[key] = host.to(device, non_blocking=host.is_pinned(), copy=True)
+                copies[key] = device_copy(host, device)
             self._set(owner, name, copies[key])
         self.device = device
 

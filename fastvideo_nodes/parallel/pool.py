@@ -566,7 +566,7 @@ def _apply_loras(link: _Link, device, models: _Models, job_id: int, job: dict) -
     if changed:
         link.send(("doing", job_id, "while merging LoRAs"))
         try:
-            if models.experts is not None and models.experts.mode == "swap":
+            if models.experts is not None and models.experts.homes is not None:
                 # Merges write in place: they must reach the host copies, not device copies that the
                 # next switch drops (and an fp8 scale they re-register is unknown to the old homes).
                 models.unplace()

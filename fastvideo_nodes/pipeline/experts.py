@@ -9,13 +9,22 @@ module also keeps only the expert in use on the GPU when both do not fit:
 - "swap": both live in (pinned) host memory (memory/planner.PinnedHome); at the switch the active
   one goes home first (free: its device copies are dropped), then the other is copied in;
 - "stream": the plan streams DiT blocks; the active expert has the block offload
-  (memory/offload.py), the idle one rests in host memory, and the switch moves the offload over.
+  (memory/offload.py), the idle one rests in its pinned home. The offload's streamed blocks are
+  the home's own tensors, so at the switch the old expert's device copies are dropped (free) and
+  the new one's offload starts from its home: one host-to-device copy of its resident part. (It
+  used to re-pin the streamed blocks and copy the resident ones back: ~13 s a switch for a 14B.)
+
+The homes live as long as this object. Weights only change by a LoRA merge, in place: into the
+home itself for an expert at home, into device copies for the active one; a changed expert's
+home is rebuilt from the module (models' `loras` differ from those seen) before it is used or
+goes home, so a stale home never undoes a merge.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
@@ -131,7 +140,8 @@ def expert_per_step(timesteps: Iterable, boundary: float) -> list[int]:
 
 
 class Experts:
-    """The two DiTs and where they live; `use(k)` makes expert k the one on the device and returns it."""
+    """The two DiTs and where they live; `use(k)` makes expert k the one on the device and returns it.
+    switch_s: the seconds of each switch (the device synchronised on both sides)."""
 
     def __init__(self, high, low, *, device: torch.device, mode: str = "resident", blocks_on_gpu: int = 0,
                  offload=None):
@@ -143,15 +153,18 @@ class Experts:
         self.cfg = high.cfg
         self.active = HIGH
         self.switches = 0  # experts moved onto the device (swap and stream), for the log and tests
-        self.homes = None
+        self.switch_s: list[float] = []
+        self.homes: list | None = None
         self.offloads = [offload, None]
         if mode == "resident":
             low.to(self.device)
-        elif mode == "swap":
-            self.homes = (PinnedHome(high), PinnedHome(low))  # both at home until use()
-            self.active = -1
         else:
-            low.to("cpu")
+            if offload is not None:  # the high expert's offload from loading: its pinned blocks join the home
+                offload.disable(to="cpu")
+            self.offloads = [None, None]
+            self.homes = [PinnedHome(high), PinnedHome(low)]  # both at home until use()
+            self.active = -1
+        self.seen = [_weights(m) for m in self.models]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -163,42 +176,79 @@ class Experts:
     def describe(self) -> str:
         where = {"resident": "both resident on the device",
                  "swap": "one on the device at a time, the idle one in pinned host memory (swapped at the switch)",
-                 "stream": f"blocks streamed ({self.blocks_on_gpu} resident), the idle expert in host memory"}
+                 "stream": f"blocks streamed ({self.blocks_on_gpu} resident) from each expert's pinned home, "
+                           "the idle expert at home"}
         return f"Wan2.2 A14B experts: {where[self.mode]}"
 
     def use(self, k: int):
         """Expert k on the device (the other moved out first, so both are never there at once)."""
         if k == self.active or self.mode == "resident":
+            if self.offloads[k] is not None and _weights(self.models[k]) != self.seen[k]:
+                self.offloads[k].drop_prefetched()  # merged while active; its home is rebuilt when it leaves
             self.active = k
             return self.models[k]
+        assert self.homes is not None
+        self._sync()
+        start = time.perf_counter()
+        if self.active >= 0:
+            self._go_home(self.active)
+        self._refresh(k)  # merged while at home: a new fp8 scale would be unknown to the old home
         if self.mode == "swap":
-            assert self.homes is not None
-            if self.active >= 0:
-                self.homes[self.active].to_host()
             self.homes[k].to_device(self.device)
         else:
             from ..memory.offload import enable_block_offload
-            old = self.offloads[self.active]
-            if old is not None:
-                old.disable(to="cpu")
-            self.offloads[self.active] = None
-            self.models[self.active].to("cpu")
             self.offloads[k] = enable_block_offload(self.models[k], device=self.device,
                                                     blocks_on_gpu=self.blocks_on_gpu)
         self.active = k
         self.switches += 1
-        logger.info("expert switch: %s-noise expert on %s", "high" if k == HIGH else "low", self.device)
+        self._sync()
+        self.switch_s.append(time.perf_counter() - start)
+        logger.info("expert switch: %s-noise expert on %s in %.2f s", "high" if k == HIGH else "low", self.device,
+                    self.switch_s[-1])
         return self.models[k]
 
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _go_home(self, k: int) -> None:
+        """Expert k back in its home, its device copies dropped (a merge made on them kept)."""
+        assert self.homes is not None
+        if self.offloads[k] is not None:
+            self.offloads[k].disable(to="cpu")  # the streamed blocks point at their pinned (home) tensors
+            self.offloads[k] = None
+        if not self._refresh(k):
+            self.homes[k].to_host()
+
+    def _refresh(self, k: int) -> bool:
+        """Rebuild expert k's home from the module when its weights changed since the home was made:
+        host tensors already pinned are kept (no copy), only device copies come back. True: rebuilt
+        (the module is then at home)."""
+        from ..memory.planner import PinnedHome
+        assert self.homes is not None
+        if _weights(self.models[k]) == self.seen[k]:
+            return False
+        self.homes[k] = PinnedHome(self.models[k])
+        self.seen[k] = _weights(self.models[k])
+        logger.info("%s-noise expert: weights changed (LoRA), its pinned home rebuilt", "high" if k == HIGH else "low")
+        return True
+
     def release(self) -> None:
-        """Everything to host memory (before the models are dropped or placed again)."""
-        for off in self.offloads:
-            if off is not None:
-                off.disable(to="cpu")
-        self.offloads = [None, None]
+        """Everything to host memory (before the models are dropped, merged or placed again): the
+        idle expert already is at home, the active one goes home."""
         if self.homes is not None:
-            for home in self.homes:
-                home.to_host()
-        for m in self.models:
-            m.to("cpu")
+            if self.active >= 0:
+                self._go_home(self.active)
+        else:
+            for off in self.offloads:
+                if off is not None:
+                    off.disable(to="cpu")
+            self.offloads = [None, None]
+            for m in self.models:
+                m.to("cpu")
         self.active = -1
+
+
+def _weights(model) -> tuple:
+    """What a model's weights are: the LoRAs merged into them (loading/lora.set_loras records them)."""
+    return tuple(getattr(model, "loras", ()))

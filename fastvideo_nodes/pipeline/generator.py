@@ -160,8 +160,8 @@ class VideoGenerator:
         if not todo:
             return None
         if parts.experts is not None and parts.experts.homes is not None:
-            # Swapped experts run on device copies of their pinned homes, which would undo the merge
-            # (and a new fp8 scale) at the next swap: merge at home, then place them again.
+            # Swapped or streamed experts run on device copies of their pinned homes: merge at home
+            # (in place, into the homes' own tensors), then place them again (no copy: already pinned).
             parts.experts.release()
             parts.experts = None
         room = self.placement.spare_gpu_bytes() // (2 if two else 1)  # base copies of both experts
@@ -169,9 +169,8 @@ class VideoGenerator:
         for dit, want in todo:
             reports.append(set_loras(dit, want, backup_room=room))
             buffers_to(dit, dit.text_embedding[0].weight.device)  # the device compile_blocks uses too
-        streams = [parts.offload, *(parts.experts.offloads if parts.experts is not None else ())]
-        for offload in {id(o): o for o in streams if o is not None}.values():
-            offload.weights_changed()  # its prefetched first block predates the merge
+        if parts.offload is not None and parts.experts is None:
+            parts.offload.drop_prefetched()  # a streamed block fetched ahead holds the unmerged weights
         if len(reports) == 1:
             return reports[0]
         return MergeReport([r for m in reports for r in m.loras], sum(m.patched for m in reports),
@@ -302,7 +301,7 @@ class VideoGenerator:
 
     def _experts(self):
         """The two experts placed by the memory plan (made once per plan, and again after a LoRA change
-        of swapped experts): both resident, or one at a time (swapped from pinned memory, or streamed)."""
+        of swapped or streamed experts): both resident, or one at a time (swapped from pinned memory, or streamed)."""
         from .experts import Experts
         parts = self._parts
         if parts.experts is None:

@@ -236,6 +236,7 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
     # its first, to have a guidance direction of its own).
     span_start = [which.index(which[i]) for i in range(n)]
     uncond_steps = {k: max(1, math.ceil(which.count(k) * settings.cfg_gate)) for k in set(which)}
+    switched = len(experts.switch_s) if experts is not None else 0
     device = next((experts.use(which[0]) if experts is not None else dit).parameters()).device
     positive = positive.to(device, dit.dtype)
     negative = negative.to(device, dit.dtype) if do_cfg and negative is not None else None
@@ -296,4 +297,6 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
         if callback is not None:
             callback(i + 1, n, x0)
     stats.teacache_skipped = skipped + sum(c.skipped for c in caches if c is not None)
+    if experts is not None and len(experts.switch_s) > switched:
+        stats.extra["switch_s"] = experts.switch_s[switched:]  # the seconds of this call's expert switches
     return x if first_frame is None else first_frame.model_input(x)
