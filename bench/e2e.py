@@ -88,7 +88,7 @@ def held_report(device: str, top: int = 6) -> list[dict]:
     out.append(dict(real_tensors=len(found), fake_tensors=fakes,
                     gc_visible_gib=round(sum(t.untyped_storage().nbytes() for t in found) / 2**30, 3),
                     allocated_gib=cuda_gib("memory_allocated") if device == "cuda" else None))
-    if device == "cuda" and torch.cuda.memory._snapshot()["segments"]:
+    if device == "cuda" and RECORDING:
         out.append(dict(allocated_at=allocation_sites(top)))
     return out
 
@@ -138,10 +138,15 @@ def holders(obj, skip=(), depth: int = 5, width: int = 3) -> list[str]:
     return lines
 
 
+RECORDING = False
+
+
 def record_allocations() -> None:
     """Keep the Python stack of every live CUDA allocation (the current ones only, no history), for
     `allocation_sites`. Slows each allocation a little: only with --alloc-stacks."""
+    global RECORDING
     torch.cuda.memory._record_memory_history("state", context="alloc", stacks="python")
+    RECORDING = True
 
 
 def allocation_sites(top: int) -> list[dict]:
