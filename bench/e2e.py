@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import os
 import sys
@@ -53,22 +54,113 @@ def release():
         torch.cuda.reset_peak_memory_stats()
 
 def still_held(top: int = 6) -> list[dict]:
-    """When memory stays allocated after a drop: the largest CUDA tensors gc still sees, each with
-    the types of what refers to it (two levels up), to name the holder."""
+    """When memory stays allocated after a drop: what gc still reaches on the card, for the next
+    run to name the holder (see `held_report`)."""
     if DEVICE != "cuda" or torch.cuda.memory_allocated() < 2**27:
         return []
+    return held_report("cuda", top)
+
+
+def held_report(device: str, top: int = 6) -> list[dict]:
+    """The largest real tensors on `device` gc still reaches (one per storage), each with its
+    referrer chain (`holders`); then the gc-visible total against torch's allocated figure (much
+    less: the rest is held outside Python objects), and with --alloc-stacks the allocation sites
+    of the largest live blocks. FakeTensors (torch.compile's graph metadata: shapes, no memory)
+    are counted apart: the old report listed them as if they held the card."""
+    from torch._subclasses.fake_tensor import FakeTensor
     gc.collect()
-    found = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.is_cuda]
-    found.sort(key=lambda t: -t.numel() * t.element_size())
-    out = []
-    for t in found[:top]:
-        ups = [r for r in gc.get_referrers(t) if r is not found]
-        chain = [type(r).__name__ for r in ups[:3]]
-        chain += [f"<{type(r2).__name__}" for r in ups[:2] for r2 in gc.get_referrers(r)[:2] if r2 is not ups]
-        out.append(dict(shape=list(t.shape), dtype=str(t.dtype), mib=round(t.numel() * t.element_size() / 2**20, 1),
-                        held_by=chain[:8]))
-    out.append(dict(cuda_tensors=len(found), gib=round(sum(t.numel() * t.element_size() for t in found) / 2**30, 3)))
+    storages: dict[int, torch.Tensor] = {}
+    fakes = 0
+    for o in gc.get_objects():
+        if not issubclass(type(o), torch.Tensor) or o.device.type != device:  # type(): no lazy __class__
+            continue
+        if isinstance(o, FakeTensor):
+            fakes += 1
+            continue
+        with contextlib.suppress(Exception):  # tensors without a storage (other subclasses)
+            key = o.untyped_storage().data_ptr()
+            if key not in storages or o.numel() > storages[key].numel():
+                storages[key] = o
+    found = sorted(storages.values(), key=lambda t: -t.untyped_storage().nbytes())
+    out: list[dict] = [dict(shape=list(t.shape), dtype=str(t.dtype),
+                            mib=round(t.untyped_storage().nbytes() / 2**20, 1),
+                            held_by=holders(t, skip=(found, storages))) for t in itertools.islice(found, top)]
+    out.append(dict(real_tensors=len(found), fake_tensors=fakes,
+                    gc_visible_gib=round(sum(t.untyped_storage().nbytes() for t in found) / 2**30, 3),
+                    allocated_gib=cuda_gib("memory_allocated") if device == "cuda" else None))
+    if device == "cuda" and RECORDING:
+        out.append(dict(allocated_at=allocation_sites(top)))
     return out
+
+
+def _describe(o) -> str:
+    """One referrer in a few words: dicts by their first keys, frames and generators by function and
+    file:line, containers by length, anything else by its class."""
+    import types
+    if isinstance(o, dict):
+        return "dict{" + ", ".join(f"{k!r:.40}" for k in list(o)[:4]) + (", …}" if len(o) > 4 else "}")
+    if isinstance(o, types.FrameType):
+        return f"frame {o.f_code.co_qualname} {os.path.basename(o.f_code.co_filename)}:{o.f_lineno}"
+    if isinstance(o, (types.GeneratorType, types.CoroutineType)):
+        frame = o.gi_frame if isinstance(o, types.GeneratorType) else o.cr_frame
+        where = f" {os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}" if frame else " (done)"
+        return f"{type(o).__name__} {o.__qualname__}{where}"
+    if isinstance(o, (types.FunctionType, types.MethodType)):
+        return f"{type(o).__name__} {o.__qualname__}"
+    if isinstance(o, (list, tuple, set)):
+        return f"{type(o).__name__}[{len(o)}]"
+    return f"{type(o).__module__}.{type(o).__qualname__}"
+
+
+def holders(obj, skip=(), depth: int = 5, width: int = 3) -> list[str]:
+    """What refers to obj, up to `depth` levels up: the first `width` referrers of obj, then the first
+    of each of those's referrers, and so on ("<" per level). `skip`: the caller's own containers."""
+    ignore = {id(s) for s in skip}
+    frame = sys._getframe()
+    for _ in range(3):  # this report's own frames (held_report's locals, its list comprehension)
+        if frame is not None:
+            ignore.add(id(frame))
+            frame = frame.f_back
+    lines: list[str] = []
+    seen: set[int] = set()
+
+    def up(o, level: int, n: int) -> None:
+        refs = [r for r in gc.get_referrers(o) if id(r) not in ignore and id(r) not in seen]
+        ignore.add(id(refs))
+        for r in itertools.islice(refs, n):  # a slice would be one more list holding r
+            seen.add(id(r))
+            lines.append("<" * level + " " + _describe(r))
+            if level < depth:
+                up(r, level + 1, 1)
+
+    ignore.add(id(lines))
+    up(obj, 1, width)
+    return lines
+
+
+RECORDING = False
+
+
+def record_allocations() -> None:
+    """Keep the Python stack of every live CUDA allocation (the current ones only, no history), for
+    `allocation_sites`. Slows each allocation a little: only with --alloc-stacks."""
+    global RECORDING
+    torch.cuda.memory._record_memory_history("state", context="alloc", stacks="python")
+    RECORDING = True
+
+
+def allocation_sites(top: int) -> list[dict]:
+    """The `top` largest live blocks with the innermost frames of where each was allocated (torch's
+    own frames left out, the first three of ours and the libraries')."""
+    blocks = [b for s in torch.cuda.memory._snapshot()["segments"] for b in s["blocks"]
+              if b["state"] == "active_allocated"]
+    blocks.sort(key=lambda b: -b["size"])
+    sites = []
+    for b in blocks[:top]:
+        frames = [f for f in b.get("frames", []) if "/torch/" not in f["filename"]] or b.get("frames", [])
+        sites.append(dict(mib=round(b["size"] / 2**20, 1),
+                          at=[f"{f['name']} {os.path.basename(f['filename'])}:{f['line']}" for f in frames[:3]]))
+    return sites
 
 
 RESULTS: list[dict] = []
@@ -335,7 +427,17 @@ def common_args() -> argparse.ArgumentParser:
     ap.add_argument("--width", type=int, default=832)
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--alloc-stacks", nargs=0, action=_RecordAllocations,
+                    help="record where each live CUDA block was allocated, for the after-drop report")
     return ap
+
+
+class _RecordAllocations(argparse.Action):
+    """--alloc-stacks starts recording as it is parsed: before anything is allocated, in every bench."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if torch.cuda.is_available():
+            record_allocations()
 
 
 def main():
