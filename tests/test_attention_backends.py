@@ -325,3 +325,28 @@ def test_gpu_compiled_equals_eager(name):
     assert torch.allclose(compiled.float(), eager.float(), atol=1e-2)
     cos = F.cosine_similarity(eager.float().flatten(), exact(q, k, v).flatten(), dim=0).item()
     assert cos > 0.999
+
+
+def test_a_failed_optional_import_keeps_no_caller_alive():
+    """The cached answer to a failed import must not hold the exception: its traceback's frames chain up
+    to the caller (auto's probe inside the DiT's forward), which kept a 14B model and its probe tensors
+    allocated after the generator was dropped (17.5 GiB on an H200)."""
+    import gc
+    import weakref
+
+    from fastvideo_nodes.attention import flash4
+
+    class Model:  # stands for the DiT whose forward asks which backend to use
+        pass
+
+    def forward(model):
+        return flash4.available()
+
+    flash4._import.cache_clear()
+    model = Model()
+    alive = weakref.ref(model)
+    why = forward(model)
+    del model
+    gc.collect()
+    assert alive() is None
+    assert why is None or "flash-attn-4" in why  # the message is still there without the exception

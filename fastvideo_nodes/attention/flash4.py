@@ -21,24 +21,24 @@ HEAD_DIMS = (64, 96, 128)
 
 @functools.cache
 def _import() -> tuple:
-    """(flash_attn_func, None) or (None, why the import failed)."""
+    """(flash_attn_func, None) or (None, why the import failed). The cache keeps only the message: an
+    exception's traceback holds the frames up to the caller, which is auto's probe inside a DiT forward."""
     try:
         from flash_attn.cute import flash_attn_func
         return flash_attn_func, None
-    except Exception as e:  # ImportError, or a CuTe DSL that fails while loading
-        return None, e
+    except ModuleNotFoundError as e:
+        if e.name in ("flash_attn", "flash_attn.cute"):
+            return None, f"flash-attn-4 is not installed: {INSTALL}."
+        why = repr(e)
+    except Exception as e:  # a CuTe DSL that fails while loading
+        why = repr(e)
+    # Installed but broken, usually an nvidia-cutlass-dsl version it was not built against.
+    return None, (f"flash-attn-4 is installed but `flash_attn.cute` does not import ({why:.160}); "
+                  f"reinstall a matching pair: {INSTALL}.")
 
 
 def import_problem() -> str | None:
-    fn, error = _import()
-    if fn is not None:
-        return None
-    missing = getattr(error, "name", None) if isinstance(error, ModuleNotFoundError) else None
-    if missing in ("flash_attn", "flash_attn.cute"):
-        return f"flash-attn-4 is not installed: {INSTALL}."
-    # Installed but broken, usually an nvidia-cutlass-dsl version it was not built against.
-    return (f"flash-attn-4 is installed but `flash_attn.cute` does not import ({error!r:.160}); "
-            f"reinstall a matching pair: {INSTALL}.")
+    return _import()[1]
 
 
 def _capability() -> tuple[int, int]:
