@@ -63,7 +63,7 @@ CONFIGS = {
     "w4s2_pair": Config(4, 2, pair=True), "w4s3_pair": Config(4, 3, pair=True),
     "w4s2_tma_pair": Config(4, 2, True, pair=True), "w4s3_tma_pair": Config(4, 3, True, pair=True),
 }
-DEFAULT = CONFIGS["w4s3"]
+DEFAULT = CONFIGS["w4s2_tma"]  # H200, 32,760 tokens × 12 heads × 128 at 0.8: 3.66 ms, w4s3 3.98, 8 warps 6.2
 
 
 @triton.jit
