@@ -86,23 +86,10 @@ q, k, v, gate = inputs(grid, 1, 64, torch.float32, seed=30)
 want = reference(q, k, v, grid, gate, 0.3)[0]
 lay = vs.layout(grid, "cpu")
 qt, kt, vt, comp, index, ends = vs.prepare(q, k, v, lay, 0.3)
-for name in ("w4s3", "w4s3_tma", "w4s3_sw1", "w4s3_pair"):
+for name in ("w4s3", "w4s3_tma", "w4s3_sw1"):
     out = torch.empty_like(q)
     K.attention(qt, kt, vt, index, ends, lay.counts, lay.token, out, comp=comp, gate=gate, cfg=K.CONFIGS[name])
     res["configs"].append(dict(cfg=name, ref=diff(out, want), groups=sorted(set(lay.counts.tolist()))))
-
-# Full tiles two at a time: (4, 8, 12) has 6 full tiles; 5 kept (odd: a last one alone) and 4 (even).
-res["pairs"] = []
-pq, pk, pv, pgate = inputs((4, 8, 12), 1, 64, torch.float32, seed=31)
-play = vs.layout((4, 8, 12), "cpu")
-for sp in (0.3, 0.4):
-    pwant = reference(pq, pk, pv, (4, 8, 12), pgate, sp)[0]
-    tiles = vs.prepare(pq, pk, pv, play, sp)
-    for name in ("w4s3_pair", "w4s3_tma_pair"):
-        out = torch.empty_like(pq)
-        K.attention(*tiles[:3], *tiles[4:], play.counts, play.token, out, comp=tiles[3], gate=pgate,
-                    cfg=K.CONFIGS[name])
-        res["pairs"].append(dict(cfg=name, kept=tiles[4].shape[-1], ref=diff(out, pwant)))
 
 # The dispatch under torch.compile: one graph holding the custom op, no recompile for new values.
 vs.kernel_applies = lambda q, v: True  # as on a GPU
@@ -159,15 +146,9 @@ def test_plain_sparse_branch_in_padded_layout(interpreted):
 
 
 def test_pointer_and_tma_loads_and_warp_counts_agree(interpreted):
-    assert [c["cfg"] for c in interpreted["configs"]] == ["w4s3", "w4s3_tma", "w4s3_sw1", "w4s3_pair"]
+    assert [c["cfg"] for c in interpreted["configs"]] == ["w4s3", "w4s3_tma", "w4s3_sw1"]
     for c in interpreted["configs"]:
         assert c["ref"] < 1e-5 and c["groups"] == [6, 8, 12, 16, 24, 32, 48, 64], c
-
-
-def test_full_tiles_in_pairs_odd_and_even(interpreted):
-    assert [(c["cfg"], c["kept"]) for c in interpreted["pairs"]] == [
-        ("w4s3_pair", 5), ("w4s3_tma_pair", 5), ("w4s3_pair", 4), ("w4s3_tma_pair", 4)]
-    assert all(c["ref"] < 1e-5 for c in interpreted["pairs"]), interpreted["pairs"]
 
 
 def test_compiled_block_keeps_one_graph_with_the_op(interpreted):
@@ -195,16 +176,15 @@ def sm90_build(fn, types: dict, constants: dict, num_warps: int = 4, num_stages:
                                                                              num_stages=num_stages))
 
 
-@pytest.mark.parametrize("dtype,d,tma,rows,pair", [("bf16", 128, False, 64, False), ("bf16", 128, True, 64, False),
-                                                   ("bf16", 128, False, 16, False), ("fp16", 64, True, 32, False),
-                                                   ("bf16", 128, True, 64, True), ("bf16", 128, False, 64, True)])
-def test_sparse_kernel_builds_for_hopper(dtype, d, tma, rows, pair):
+@pytest.mark.parametrize("dtype,d,tma,rows", [("bf16", 128, False, 64), ("bf16", 128, True, 64),
+                                              ("bf16", 128, False, 16), ("fp16", 64, True, 32)])
+def test_sparse_kernel_builds_for_hopper(dtype, d, tma, rows):
     K = pytest.importorskip("fastvideo_nodes.attention.video_sparse_kernel")
     block = {"Q": rows, "K64": 64, "V64": 64, "K16": 16, "V16": 16, "K32": 32, "V32": 32}
     types = {n: f"tensordesc<{dtype}[{r},{d}]>" if tma else f"*{dtype}" for n, r in block.items()}
     types.update({n: "*i32" for n in ("QTILES", "IDX", "ENDS", "TOK")}, COUNTS="*i64", COMP="*fp32",
                  GATE=f"*{dtype}", O=f"*{dtype}", qk_scale="fp32")
-    kernel = sm90_build(K._vsa_fwd, types, dict(D=d, BM=rows, HAS_COMP=True, HAS_GATE=True, TMA=tma, PAIR=pair),
+    kernel = sm90_build(K._vsa_fwd, types, dict(D=d, BM=rows, HAS_COMP=True, HAS_GATE=True, TMA=tma),
                         odd=("H", "k_tiles"))  # as at 480p: 12 heads, 125 tiles kept
     ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
     # 64 query rows run on Hopper's warpgroup MMA; 16 or 32 rows are below its size and use mma.sync

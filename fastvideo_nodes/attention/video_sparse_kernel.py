@@ -46,7 +46,6 @@ class Config:
     # single-buffered K/V (seen in the sm_90 build): a quarter of the work pays for it, half may not.
     q_rows: tuple[int, ...] = (16,)
     small_warps: int | None = None  # warps of those 16/32-row programs (None: num_warps)
-    pair: bool = False  # full key tiles two at a time: one softmax rescale per 128 keys, not per 64
 
 
 # Offered to the bench (and, the pointer ones, to autotune: `attention(cfg=None)`); DEFAULT is what
@@ -60,8 +59,6 @@ CONFIGS = {
     "w4s3_q16q32": Config(4, 3, q_rows=(16, 32)), "w4s3_wholeq": Config(4, 3, q_rows=()),
     "w4s3_tma_wholeq": Config(4, 3, True, q_rows=()),
     "w4s3_sw2": Config(4, 3, small_warps=2), "w4s3_sw1": Config(4, 3, small_warps=1),
-    "w4s2_pair": Config(4, 2, pair=True), "w4s3_pair": Config(4, 3, pair=True),
-    "w4s2_tma_pair": Config(4, 2, True, pair=True), "w4s3_tma_pair": Config(4, 3, True, pair=True),
 }
 DEFAULT = CONFIGS["w4s2_tma"]  # H200, 32,760 tokens × 12 heads × 128 at 0.8: 3.66 ms, w4s3 3.98, 8 warps 6.2
 
@@ -95,46 +92,10 @@ def _pieces(acc, l_i, m_i, q, K, V, idx, counts, lo, hi, b, h, P, sxb, sxs, sxh,
 
 
 @triton.jit
-def _load_tile(K, V, j, b, h, P, sxb, sxs, sxh, D: tl.constexpr, TMA: tl.constexpr):
-    """Key and value tile j (64 × D) of one (batch, head)."""
-    if TMA:
-        k = K.load([(b * P + j * _TILE).to(tl.int32), (h * D).to(tl.int32)])
-        v = V.load([(b * P + j * _TILE).to(tl.int32), (h * D).to(tl.int32)])
-    else:
-        kv = (b * sxb + h * sxh + (j.to(tl.int64) * _TILE + tl.arange(0, _TILE))[:, None] * sxs
-              + tl.arange(0, D)[None, :])
-        k = tl.load(K + kv)
-        v = tl.load(V + kv)
-    return k, v
-
-
-@triton.jit
-def _pairs(acc, l_i, m_i, q, K, V, idx, counts, lo, hi, b, h, P, sxb, sxs, sxh, qk_scale,
-           D: tl.constexpr, TMA: tl.constexpr):
-    """Full tiles lo..hi of one index row two at a time (one max and one rescale of acc for 128 keys),
-    an odd last one alone."""
-    for i in range(lo, hi - 1, 2):
-        k0, v0 = _load_tile(K, V, tl.load(idx + i), b, h, P, sxb, sxs, sxh, D, TMA)
-        k1, v1 = _load_tile(K, V, tl.load(idx + i + 1), b, h, P, sxb, sxs, sxh, D, TMA)
-        s0 = tl.dot(q, tl.trans(k0))
-        s1 = tl.dot(q, tl.trans(k1))
-        m_new = tl.maximum(m_i, tl.maximum(tl.max(s0, 1), tl.max(s1, 1)) * qk_scale)
-        p0 = tl.math.exp2(s0 * qk_scale - m_new[:, None])
-        p1 = tl.math.exp2(s1 * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p0, 1) + tl.sum(p1, 1)
-        acc = tl.dot(p0.to(v0.dtype), v0, acc * alpha[:, None])
-        acc = tl.dot(p1.to(v1.dtype), v1, acc)
-        m_i = m_new
-    return _pieces(acc, l_i, m_i, q, K, V, idx, counts, hi - (hi - lo) % 2, hi, b, h, P, sxb, sxs, sxh,
-                   qk_scale, D, _TILE, False, TMA)
-
-
-@triton.jit
 def _vsa_fwd(Q, K64, V64, K16, V16, K32, V32, QTILES, IDX, ENDS, COUNTS, COMP, GATE, TOK, O,
              N, H, P, k_tiles, sxb, sxs, sxh, sgb, sgs, sgh, sob, sos, soh, qk_scale,
              D: tl.constexpr, BM: tl.constexpr, HAS_COMP: tl.constexpr, HAS_GATE: tl.constexpr,
-             TMA: tl.constexpr, PAIR: tl.constexpr = False):
+             TMA: tl.constexpr):
     """Program (i, b·H + h): query tile QTILES[i], its first BM slots (all its real tokens)."""
     tile = tl.load(QTILES + tl.program_id(0))
     bh = tl.program_id(1)
@@ -154,12 +115,8 @@ def _vsa_fwd(Q, K64, V64, K16, V16, K32, V32, QTILES, IDX, ENDS, COUNTS, COMP, G
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
-    if PAIR:
-        acc, l_i, m_i = _pairs(acc, l_i, m_i, q, K64, V64, idx, COUNTS, 0, e_full, b, h, P, sxb, sxs, sxh,
-                               qk_scale, D, TMA)
-    else:
-        acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K64, V64, idx, COUNTS, 0, e_full, b, h, P, sxb, sxs, sxh,
-                                qk_scale, D, _TILE, False, TMA)
+    acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K64, V64, idx, COUNTS, 0, e_full, b, h, P, sxb, sxs, sxh,
+                            qk_scale, D, _TILE, False, TMA)
     acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K16, V16, idx, COUNTS, e_full, e_16, b, h, P, sxb, sxs, sxh,
                             qk_scale, D, 16, True, TMA)
     acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K32, V32, idx, COUNTS, e_16, e_32, b, h, P, sxb, sxs, sxh,
@@ -272,7 +229,7 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
             _AUTOTUNED[launch](*args, BM=rows, **flags)
         else:
             warps = cfg.small_warps if rows < BLOCK and cfg.small_warps else cfg.num_warps
-            _vsa_fwd[launch](*args, BM=rows, **flags, PAIR=cfg.pair, num_warps=warps, num_stages=cfg.num_stages)
+            _vsa_fwd[launch](*args, BM=rows, **flags, num_warps=warps, num_stages=cfg.num_stages)
     return out
 
 
