@@ -125,8 +125,9 @@ class BlockOffload:
             self.in_flight[i] = (slot, views, None)
             return
         with torch.cuda.stream(self.stream):
-            if self.slot_free[slot] is not None:  # the slot's previous block must have finished
-                self.stream.wait_event(self.slot_free[slot])
+            free = self.slot_free[slot]
+            if free is not None:  # the slot's previous block must have finished
+                self.stream.wait_event(free)
             for view, (_, cpu) in zip(views, self.home[i]):
                 view.copy_(cpu, non_blocking=True)
             event = torch.cuda.Event()
