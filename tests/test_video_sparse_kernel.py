@@ -110,14 +110,20 @@ print(json.dumps(res))
 """
 
 
-@pytest.fixture(scope="module")
-def interpreted():
+def run_interpreted(script: str) -> dict:
+    """A script under Triton's interpreter (kernels on CPU tensors) in its own process, since the
+    switch must be set before Triton is imported; returns the JSON its last line prints."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
-    run = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, cwd=ROOT, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    return run_interpreted(INTERPRETED)
 
 
 def test_kernel_equals_dense_mask_reference_and_flex(interpreted):

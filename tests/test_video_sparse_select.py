@@ -2,13 +2,10 @@
 equals `tables(top_tiles(...))`, ties go to the lower tile id, `gather3` equals three `gather`s; and
 both build for Hopper offline. The whole op with them is held to the dense reference in
 test_video_sparse_kernel.py."""
-import json
 import os
-import subprocess
-import sys
 
 import pytest
-from test_video_sparse_kernel import sm90_build
+from test_video_sparse_kernel import run_interpreted, sm90_build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,12 +73,7 @@ print(json.dumps(res))
 
 @pytest.fixture(scope="module")
 def interpreted():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
-    run = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return run_interpreted(INTERPRETED)
 
 
 def test_select_equals_tables_of_top_tiles(interpreted):
