@@ -101,13 +101,13 @@ def test_small_budget_keeps_one_expert_on_the_device(a14b_set, want):
     from fastvideo_nodes.memory.planner import GiB
     gen = _comfy(a14b_set, gpu_memory_gb=1.0)
     gen.load(**SIZE)
-    assert gen._parts.experts is None
+    assert gen._parts.experts is not None  # placed by load(); a new plan places them again
     plan = gen.memory_plan
     assert plan is not None and not plan.dit_blocks_streamed
     assert plan.experts == "resident"  # tiny experts: both fit; squeeze the budget to room for one
     dit_bytes = gen.placement.sizes().dit.total
-    gen._parts.plan = type(plan)(**{**plan.__dict__, "budget": plan.peak + GiB // 2 - dit_bytes // 2,
-                                    "experts": "swap"})
+    gen.placement.replace(type(plan)(**{**plan.__dict__, "budget": plan.peak + GiB // 2 - dit_bytes // 2,
+                                    "experts": "swap"}))
     seen = []
     for k, dit in enumerate((gen.dit, gen.dit_low)):
         dit.register_forward_pre_hook(lambda m, a, k=k: seen.append((k, gen._parts.experts.active)))
@@ -139,6 +139,18 @@ def test_plan_counts_the_second_expert(a14b_set, caplog):
     assert "both experts (high and low noise) resident" in caplog.text
 
 
+def test_load_places_both_experts_and_the_first_call_loads_nothing(a14b_set):
+    """load() reads the low-noise expert and places both (pinning their homes when they take turns),
+    timed into load_s: the first generation does no loading of its own."""
+    gen = _comfy(a14b_set, gpu_memory_gb=8.0)
+    assert gen._parts.dit_low is None
+    gen.load(**SIZE)
+    experts, loaded = gen._parts.experts, gen.load_s
+    assert experts is not None and gen._parts.dit_low is not None and loaded > 0
+    gen.sample(gen.encode_prompt(PROMPT), gen.encode_prompt(NEGATIVE), _settings(boundary=0.875))
+    assert gen._parts.experts is experts and gen.load_s == loaded
+
+
 def test_room_for_both_keeps_both_resident(a14b_set):
     gen = _comfy(a14b_set, gpu_memory_gb=8.0)
     gen.load(**SIZE)
@@ -149,9 +161,9 @@ def test_room_for_both_keeps_both_resident(a14b_set):
 def test_streamed_plan_moves_the_offload_to_the_active_expert(a14b_set, want):
     gen = _comfy(a14b_set, gpu_memory_gb=1.5)  # its own parts (the registry shares by options)
     gen.load(**SIZE)
-    assert gen._parts.experts is None
+    assert gen._parts.experts is not None  # placed by load(); a new plan places them again
     plan = gen.memory_plan
-    gen._parts.plan = type(plan)(**{**plan.__dict__, "dit_blocks_resident": 1, "experts": "stream"})
+    gen.placement.replace(type(plan)(**{**plan.__dict__, "dit_blocks_resident": 1, "experts": "stream"}))
     got = _latents(gen, _settings(boundary=0.875))
     ex = gen._parts.experts
     assert ex.mode == "stream" and ex.offloads[experts_mod.HIGH] is None
@@ -298,8 +310,8 @@ def test_swapped_experts_keep_their_loras_across_changes(a14b_set, expert_loras,
     gen = _comfy(a14b_set, gpu_memory_gb=1.0)
     gen.load(**SIZE)
     plan = gen.memory_plan
-    gen._parts.plan = type(plan)(**{**plan.__dict__, "budget": plan.peak + GiB // 2
-                                    - gen.placement.sizes().dit.total // 2, "experts": "swap"})
+    gen.placement.replace(type(plan)(**{**plan.__dict__, "budget": plan.peak + GiB // 2
+                                    - gen.placement.sizes().dit.total // 2, "experts": "swap"}))
     base = _latents(gen, _settings())
     assert gen._parts.experts.mode == "swap" and gen._parts.experts.active == experts_mod.LOW
     gen.set_loras([(expert_loras["high"], 1.0)], [(expert_loras["low"], 0.5)])
@@ -557,8 +569,8 @@ def _cuda_placements(a14b_set):
         gen.load(**SIZE)
         if mode == "swap":
             plan = gen.memory_plan
-            gen._parts.plan = type(plan)(**{**plan.__dict__, "experts": "swap",
-                                            "budget": plan.peak + GiB // 2 - gen.placement.sizes().dit.total // 2})
+            gen.placement.replace(type(plan)(**{**plan.__dict__, "experts": "swap",
+                                            "budget": plan.peak + GiB // 2 - gen.placement.sizes().dit.total // 2}))
         yield mode, gen
         gen.close()
 

@@ -155,7 +155,7 @@ def test_streamed_generator_keeps_a_lora_set_after_a_run(tmp_path):
     gen = make(gpu_memory_gb=1.5)
     gen.load(height=32, width=48, num_frames=5)
     plan = gen.memory_plan
-    gen._parts.plan = type(plan)(**{**plan.__dict__, "dit_blocks_resident": 1, "experts": "stream"})
+    gen.placement.replace(type(plan)(**{**plan.__dict__, "dit_blocks_resident": 1, "experts": "stream"}))
     base = latents(gen)
     assert gen._parts.experts.mode == "stream" and gen._parts.experts.active == LOW
     gen.set_loras([(path, 1.0)])

@@ -233,6 +233,10 @@ class VideoGenerator:
             self.placement.prepare(self._video_shape(height, width, num_frames))
             if self.num_gpus == 1:
                 self.dit  # noqa: B018  (loads)
+                if self.files.low_noise_model is not None:
+                    self.dit_low  # noqa: B018
+                    with self._loading():  # placing the experts (pinning their homes) is load-time work too
+                        self._experts()
             if self.files.text_encoder is not None:
                 self.text_encoder  # noqa: B018
             if self.files.vae is not None:
