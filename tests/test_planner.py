@@ -67,6 +67,17 @@ def test_24gib_and_14b_stream_blocks_and_encode_on_cpu():
     assert "streamed" in plan.describe() and "text encoder on the CPU" in plan.describe()
 
 
+def test_streaming_counts_the_offload_slots_in_every_phase():
+    """The offload's two slots stay allocated while it streams, so a phase without DiT compute (here
+    encoding, made the largest by a huge on-demand text encoder) carries them too."""
+    big_te = replace(WAN_14B, text_encoder_bytes=100 * GiB)
+    d = big_te.dit
+    no_dit = replace(big_te, dit=replace(d, block_bytes=0, other_bytes=0))
+    rest = _peak(no_dit, SHAPE, 20, "on_demand", "on_demand")
+    assert _peak(big_te, SHAPE, 20, "on_demand", "on_demand") - rest == d.other_bytes + (20 + 2) * d.block_bytes
+    assert _peak(big_te, SHAPE, 40, "on_demand", "on_demand") - rest == d.other_bytes + 40 * d.block_bytes
+
+
 def test_8gib_and_1_3b_take_the_text_encoder_off_the_gpu():
     plan = plan_memory(WAN_1_3B, SHAPE, 8 * GiB)
     assert plan.text_encoder in ("on_demand", "cpu")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import FastVideoError
-from .offload import activation_bytes, block_bytes, device_copy, host_copy
+from .offload import SLOTS, activation_bytes, block_bytes, device_copy, host_copy
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +186,12 @@ def _peak(c: Components, shape: VideoShape, k: int, vae: Placement, te: Placemen
     resident = d.other_bytes + k * d.block_bytes + (c.vae_bytes if vae == "resident" else 0)
     resident += c.idle_dit_bytes if both_experts else 0
     resident += c.text_encoder_bytes if te == "resident" else 0
+    # Streamed blocks land in the offload's two slots, allocated for as long as it streams: every phase.
+    resident += SLOTS * d.block_bytes if streaming else 0
     encode = resident + (c.text_encoder_bytes if te == "on_demand" else 0) + (
         encode_activation_bytes(c) if te != "cpu" else 0)
-    # Two streamed blocks in flight while sampling; one may stay prefetched after the last step.
-    sample = resident + (2 * d.block_bytes if streaming else 0) + sampling_activation_bytes(c, shape)
-    decode = resident + (d.block_bytes if streaming else 0) + (c.vae_bytes if vae != "resident" else 0) + (
-        decode_activation_bytes(c, shape, tile))
+    sample = resident + sampling_activation_bytes(c, shape)
+    decode = resident + (c.vae_bytes if vae != "resident" else 0) + decode_activation_bytes(c, shape, tile)
     return max(encode, sample, decode)
 
 
