@@ -93,6 +93,7 @@ class BlockOffload:
         self.slots = [torch.empty(size, dtype=torch.uint8, device=self.device)
                       for _ in range(min(SLOTS, len(self.offloaded)))]
         self.slot_free: list[torch.cuda.Event | None] = [None] * len(self.slots)  # its last block's kernels done
+        self.slot_views: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.next_slot = 0
         self.running: int | None = None  # the slot of the block running now
         self.in_flight: dict[int, tuple[int, list[torch.Tensor], torch.cuda.Event | None]] = {}
@@ -116,9 +117,7 @@ class BlockOffload:
         if slot == self.running:  # one slot: no room to prefetch, fetched when the block runs
             return
         self.next_slot = (slot + 1) % len(self.slots)
-        buf, offs = self.slots[slot], self.offsets[i]
-        views = [buf[o:o + cpu.numel() * cpu.element_size()].view(cpu.dtype).view(cpu.shape)
-                 for o, (_, cpu) in zip(offs, self.home[i])]
+        views = self._views(i, slot)
         if self.stream is None:
             for view, (_, cpu) in zip(views, self.home[i]):
                 view.copy_(cpu)
@@ -133,6 +132,15 @@ class BlockOffload:
             event = torch.cuda.Event()
             event.record(self.stream)
         self.in_flight[i] = (slot, views, event)
+
+    def _views(self, i: int, slot: int) -> list[torch.Tensor]:
+        """Block i's tensors laid out in `slot`, made once per (block, slot): the fetch runs per block per step."""
+        views = self.slot_views.get((i, slot))
+        if views is None:
+            buf = self.slots[slot]
+            views = self.slot_views[i, slot] = [buf[o:o + cpu.numel() * cpu.element_size()].view(cpu.dtype)
+                                                .view(cpu.shape) for o, (_, cpu) in zip(self.offsets[i], self.home[i])]
+        return views
 
     def _before(self, i: int) -> None:
         if i not in self.in_flight:  # first run, or a run broken off (cancel): start the ring afresh
@@ -170,7 +178,7 @@ class BlockOffload:
         self.in_flight.clear()
         if self.stream is not None:
             self.stream.synchronize()  # a prefetch may still write a slot that is about to be freed
-        self.slots, self.slot_free = [], []
+        self.slots, self.slot_free, self.slot_views = [], [], {}
         to = self.device if to is None else torch.device(to)
         for i in self.home:
             for p, cpu in self.home[i]:
