@@ -591,19 +591,32 @@ def test_cuda_placements_equal_cpu(a14b_set):
 
 
 @pytest.mark.gpu
-def test_cuda_lora_per_expert_in_every_placement(a14b_set, expert_loras, want_with_loras):
+def test_cuda_lora_per_expert_in_every_placement(a14b_set, expert_loras, want_with_loras, monkeypatch):
     """A LoRA per expert on CUDA with both experts resident, swapped and streamed: diffusers' latents
-    with the LoRAs merged by hand; a change after a run (the low expert active) and removal hold."""
+    with the LoRAs merged by hand; a change after a run (the low expert active) and removal hold.
+    The placements run the same math on one device, so they must agree tightly with each other (a
+    block left unmerged shows as ~1e-2); against the CPU reference the tolerance is looser."""
+    # cuDNN's default TF32 convolutions alone move fp32 latents by ~1e-2 here, which hid whether a
+    # difference was numerics or a block without its LoRA.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     loras = dict(loras=[(expert_loras["high"], 1.0)], loras_low=[(expert_loras["low"], 0.5)])
     base = _latents(_comfy(a14b_set), _settings()).cpu()
+    runs = {}
     for mode, gen in _cuda_placements(a14b_set):
-        assert (_latents(gen, _settings()).cpu() - base).abs().max().item() < 1e-2, mode
+        plain = _latents(gen, _settings()).cpu()
         assert gen._parts.experts.mode == mode
         gen.set_loras(**loras)  # after a run: the low expert is the active one
-        got = _latents(gen, _settings()).cpu()
-        assert (got - want_with_loras).abs().max().item() < 1e-2, mode
+        merged = _latents(gen, _settings()).cpu()
         gen.set_loras([])
-        assert (_latents(gen, _settings()).cpu() - base).abs().max().item() < 1e-2, mode
+        runs[mode] = (plain, merged, _latents(gen, _settings()).cpu())
+    for mode, (plain, merged, removed) in runs.items():
+        errs = [(plain - base).abs().max().item(), (merged - want_with_loras).abs().max().item(),
+                (removed - base).abs().max().item()]
+        assert max(errs) < 1e-2, (mode, errs)
+        if mode != "resident":
+            same = [(a - b).abs().max().item() for a, b in zip(runs[mode], runs["resident"])]
+            assert max(same) < 1e-4, (mode, "against resident", same)
 
 
 def _block_runs(gen):
