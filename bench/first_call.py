@@ -1,14 +1,19 @@
 """Where the first call's extra time goes (issue 14: without compile, a first call ≤ 1.5× a later one).
 
-In a fresh process: `from_pretrained` + `load()` on bench/e2e.py's random 1.3B folder, then the same
-generate_video call twice (default: the 4-step CFG-1 setting, where warm-up weighs most). Each call
-reports encode / denoise / decode and each step's wall time (a synchronising callback); the first
-call also runs under cProfile, and the functions with the most cumulative time are printed, so
-warm-up (kernel compiles, cuDNN plans, the attention probe) shows by name.
+In a fresh process: `from_pretrained` + `load()` on bench/e2e.py's random 1.3B folder (load() warms
+up for the shape: pipeline/warmup.py), then the same generate_video call twice (default: the
+4-step CFG-1 setting, where warm-up weighs most). Each call reports encode / denoise / decode and
+each step's wall time (a synchronising callback); the first call also runs under cProfile, and the
+functions with the most cumulative time are printed, so what is left of warm-up (kernel builds,
+cuDNN plans, the attention probe) shows by name. The last line is the summary: load_s, warmup_s,
+first and second call totals and first ÷ second.
 
-    python3 bench/first_call.py --out $OUT [--steps 4 --cfg 1]
+    python3 bench/first_call.py --out $OUT [--steps 4 --cfg 1] [--fresh] [--no-warmup]
 
-Run it twice on one machine to see the first call with warm disk caches (probe record, Triton).
+--fresh: a fresh machine: Triton's, Inductor's and CUDA's kernel caches and our cache folder (the
+attention probe's records) point at new empty folders, set before anything reads them. Without it,
+run it twice on one machine to see the first call with warm disk caches.
+--no-warmup: load() without the warm-up (the behaviour before it), for comparison.
 """
 from __future__ import annotations
 
@@ -18,11 +23,28 @@ import json
 import os
 import pstats
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+CACHES = {"TRITON_CACHE_DIR": "triton", "TORCHINDUCTOR_CACHE_DIR": "inductor", "CUDA_CACHE_PATH": "cuda",
+          "FASTVIDEO_CACHE": "fastvideo"}  # FASTVIDEO_CACHE: attention_auto.json, the probe's records
+
+
+def fresh_caches() -> dict[str, str]:
+    """Every on-disk cache the first call reads → a new empty folder (the environment variables)."""
+    root = tempfile.mkdtemp(prefix="first_call_fresh_")
+    for var, name in CACHES.items():
+        os.environ[var] = os.path.join(root, name)
+        os.makedirs(os.environ[var])
+    return {var: os.environ[var] for var in CACHES}
+
+
+# Before the imports below: torch, diffusers or Triton may read these when they load.
+FRESH = fresh_caches() if "--fresh" in sys.argv[1:] else None
 
 import e2e  # noqa: E402
 from e2e import PROMPT, build_folder, log, sync  # noqa: E402
@@ -34,11 +56,18 @@ def main():
     ap.add_argument("--cfg", type=float, default=1.0)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--fresh", action="store_true", help="empty kernel and probe caches (a fresh machine)")
+    ap.add_argument("--no-warmup", action="store_true", help="load() without its warm-up, for comparison")
     args = ap.parse_args()
     e2e.DEVICE = args.device
     os.makedirs(args.out, exist_ok=True)
+    if FRESH:
+        log(kind="fresh_caches", **FRESH)
     folder = build_folder(args.models, args.size)
     from fastvideo_nodes import VideoGenerator
+    if args.no_warmup:
+        from fastvideo_nodes.pipeline import warmup
+        warmup.wanted = lambda device: False  # the seam the CPU tests switch; the library never changes it
     t0 = time.perf_counter()
     gen = VideoGenerator.from_pretrained(folder, attention_backend=None if args.backend == "auto" else args.backend,
                                          compile=args.compile, device=args.device,
@@ -46,7 +75,11 @@ def main():
     load = dict(height=args.height, width=args.width, num_frames=args.frames)
     gen.load(**load)
     sync()
-    log(kind="load", s=round(time.perf_counter() - t0, 2))
+    load_wall = time.perf_counter() - t0
+    load_s, warmup_s = gen.load_s, gen.warmup_s  # warmup_s is inside load_s
+    log(kind="load", s=round(load_wall, 2), load_s=round(load_s, 2), warmup_s=round(warmup_s, 2),
+        attention=gen.attention_used().get("choice"))
+    totals = {}
     for call in ("first", "second"):
         marks: list[float] = []
 
@@ -61,7 +94,7 @@ def main():
         r = gen.generate_video(PROMPT, height=args.height, width=args.width, num_frames=args.frames,
                                num_inference_steps=args.steps, guidance_scale=args.cfg, seed=0, callback=step)
         sync()
-        total = time.perf_counter() - t0
+        total = totals[call] = time.perf_counter() - t0
         if prof is not None:
             prof.disable()
         t = r.timings
@@ -79,6 +112,10 @@ def main():
             with open(os.path.join(args.out, "first_call_profile.txt"), "w") as f:
                 f.write(text)
     gen.close()
+    log(kind="summary", fresh=FRESH is not None, warmup=not args.no_warmup, load_wall_s=round(load_wall, 2),
+        load_s=round(load_s, 2), warmup_s=round(warmup_s, 2),
+        first_s=round(totals["first"], 2), second_s=round(totals["second"], 2),
+        first_over_second=round(totals["first"] / totals["second"], 2))
     with open(os.path.join(args.out, "first_call.json"), "w") as f:
         json.dump(e2e.RESULTS, f, indent=1)
 

@@ -16,9 +16,11 @@ MODEL = "FASTVIDEO_MODEL"
 
 class LoadFastVideoModel:
     """Wan 2.1 text-to-video or image-to-video files → a FastVideo model, loaded now (placed by the
-    memory plan). Image-to-video also needs the CLIP vision file (clip_vision), unless a diffusers
-    I2V folder brings its own image_encoder/. Wan2.2 A14B: model = the high-noise expert and
-    low_noise_model = the low-noise one (same folder).
+    memory plan) and, on CUDA, warmed up by load() for 480×832×81 (the attention decision and the
+    kernel builds a first run would pay; another size shares most kernels). Image-to-video also
+    needs the CLIP vision file (clip_vision), unless a diffusers I2V folder brings its own
+    image_encoder/. Wan2.2 A14B: model = the high-noise expert and low_noise_model = the low-noise
+    one (same folder).
 
     Nothing here holds the weights: the returned generator does (ComfyUI keeps it as this node's
     output), and generators of the same files and options share one loaded set. When this node

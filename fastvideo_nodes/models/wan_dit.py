@@ -338,8 +338,9 @@ class WanDiT(nn.Module):
             block.compile(dynamic=False, mode=mode)
         return self
 
-    def run_blocks(self, x, e0, context, rope, attn: Attention) -> torch.Tensor:
-        for block in self.blocks:
+    def run_blocks(self, x, e0, context, rope, attn: Attention, count: int | None = None) -> torch.Tensor:
+        """x through the blocks (the first `count` of them; None: all)."""
+        for block in self.blocks[:count]:
             x = block(x, e0, context, rope, attn)
         return x
 
@@ -348,7 +349,7 @@ class WanDiT(nn.Module):
                 step: int | None = None, cache: BlockCache | None = None,
                 parallel: ParallelPlan | None = None, num_steps: int | None = None,
                 exact_attention_steps: int = 0, condition: torch.Tensor | None = None,
-                image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                image_embeds: torch.Tensor | None = None, blocks: int | None = None) -> torch.Tensor:
         """Velocity prediction.
 
         x: latents in model space [B,16,T',H',W'] (48 channels for Wan 2.2 TI2V-5B); timestep: [B]
@@ -363,6 +364,8 @@ class WanDiT(nn.Module):
         cache(tokens, e, e0, run) may replace `run(tokens)` (TeaCache skips the blocks).
         parallel: a sequence-parallel plan with enter(tokens, rope, attn) → the local shard, its
         rope and an attention spec that exchanges heads, and exit(tokens) → the full sequence.
+        blocks N: only the first N blocks run (the load-time warm-up, pipeline/warmup.py: every kernel of
+        a step at its real shape, for 1/num_layers of the blocks' work); None: all of them.
         """
         batch = x.shape[0]
         if condition is not None:
@@ -397,7 +400,7 @@ class WanDiT(nn.Module):
             tokens, e0_blocks = both[..., :self.cfg.dim], both[..., self.cfg.dim:].unflatten(-1, (6, self.cfg.dim))
         elif parallel is not None:
             tokens, rope, spec = parallel.enter(tokens, rope, attn)
-        run = lambda h: self.run_blocks(h, e0_blocks, context, rope, spec)
+        run = lambda h: self.run_blocks(h, e0_blocks, context, rope, spec, blocks)
         tokens = cache(tokens, e, e0, run) if cache is not None else run(tokens)
         if parallel is not None:
             tokens = parallel.exit(tokens)

@@ -83,6 +83,8 @@ class Parts:
         self.host: Any = None  # a memory host (ComfyUI's model management), see set_memory_host
         self.prompts = PromptCache()
         self.load_s = 0.0
+        self.warmup_s = 0.0  # of load_s: load()'s warm-ups (pipeline/warmup.py)
+        self.warmed: set[tuple] = set()  # (shape, attention backend, exact steps) warmed up on these parts
 
     def release(self) -> None:
         """Drop every loaded part and stop every pool; using them again loads them again."""
@@ -102,6 +104,7 @@ class Parts:
         self.dit = self.text_encoder = self.vae = self.image_encoder = self.offload = self.plan = None
         self.dit_low = self.experts = None
         self.homes.clear()
+        self.warmed.clear()
 
 
 # Parts by (files, options), held weakly: the registry never keeps weights no generator uses.

@@ -12,7 +12,8 @@
     with VideoGenerator.from_pretrained(...) as gen:                          # close() frees it all
         gen.load()                                                             # optional: load now
 
-Components load on first use (or all at once in `load()`, timed apart) and stay where the memory
+Components load on first use (or all at once in `load()`, timed apart, with a warm-up that builds the
+kernels of the shape's first step so that it costs what a later one does) and stay where the memory
 plan put them (memory/planner.py decides, memory/placement.py carries it out): with room for
 everything, nothing moves between calls; else DiT blocks stream and the VAE or text encoder move in
 from pinned memory only for their phase. Loaded parts are shared by every generator made from the
@@ -226,11 +227,14 @@ class VideoGenerator:
 
     def load(self, *, height: int = 480, width: int = 832, num_frames: int = 81) -> float:
         """Load every part whose files are known now, placed by the memory plan for this video
-        shape (a later call of another shape plans again only when it must). Returns the seconds
-        spent, also kept in `load_s` and reported in each result's timings."""
+        shape (a later call of another shape plans again only when it must), then, on CUDA, warm up
+        for the shape: the attention backend decided (auto's probe) and the kernels of a step and of
+        a decode built (pipeline/warmup.py; `warmup_s`). Returns the seconds spent, also kept in
+        `load_s` and reported in each result's timings."""
         t0 = time.perf_counter()
         with self._parts.lock, friendly_oom("loading"):
-            self.placement.prepare(self._video_shape(height, width, num_frames))
+            shape = self._video_shape(height, width, num_frames)
+            self.placement.prepare(shape)
             if self.num_gpus == 1:
                 self.dit  # noqa: B018  (loads)
                 if self.files.low_noise_model is not None:
@@ -243,12 +247,53 @@ class VideoGenerator:
                 self.vae  # noqa: B018
             if self.files.image_encoder is not None:
                 self.image_encoder  # noqa: B018
+            self._warm_up(shape)
         return time.perf_counter() - t0
+
+    def _warm_up(self, shape: VideoShape) -> None:
+        """Build the kernels and decide the attention backend a run of `shape` needs, now (see
+        pipeline/warmup.py): once per shape, backend and hybrid schedule on these parts, on CUDA, in
+        this process's DiT (not compiled). Its seconds count in load_s and in warmup_s. Call under the lock."""
+        from ..attention import resolve_backend
+        from . import warmup
+        parts = self._parts
+        key = (shape, resolve_backend(self.attention_backend), self.exact_attention_steps)
+        if (parts.dit is None or self.num_gpus != 1 or self.options.compile or key in parts.warmed
+                or not warmup.wanted(self.device)):
+            return
+        t0 = time.perf_counter()
+        with self._loading(), friendly_oom("warming up the kernels"):
+            self.placement.make_room_for_sampling(shape)  # a memory host frees what one step needs
+            dit = self._experts().use(0) if self.files.low_noise_model is not None else parts.dit  # the first step's
+            ran = warmup.dit_pass(dit, shape, attention_backend=self.attention_backend,
+                                  attention_options=self.attention_options,
+                                  exact_attention_steps=self.exact_attention_steps)
+            if parts.offload is not None:
+                parts.offload.drop_prefetched()  # the next run starts its ring afresh
+            vae = parts.vae
+            if vae is not None:
+                tiny = warmup.vae_shape(shape.vae_stride)
+                with self.placement.on_device("vae", vae, self.placement.vae_bytes_needed(tiny)):
+                    warmup.vae_pass(vae)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()  # one step's activations, handed back as after each phase
+        seconds = time.perf_counter() - t0
+        parts.warmup_s += seconds
+        parts.warmed.add(key)
+        logger.info("warm-up for %dx%d, %d frames (%d tokens): DiT block 1 with attention %s%s in %.2f s",
+                    shape.width, shape.height, shape.num_frames, shape.tokens, ", ".join(ran),
+                    ", VAE decode" if vae is not None else "", seconds)
 
     @property
     def load_s(self) -> float:
-        """Seconds spent loading the parts this generator uses (by load() or on first use)."""
+        """Seconds spent loading the parts this generator uses (by load() or on first use), warm-up included."""
         return self._parts.load_s
+
+    @property
+    def warmup_s(self) -> float:
+        """Of load_s, the seconds of load()'s warm-ups (kernel builds, the attention decision; pipeline/warmup.py)."""
+        return self._parts.warmup_s
 
     @property
     def memory_plan(self):
@@ -518,7 +563,7 @@ class VideoGenerator:
         with self._parts.lock:
             self._parts.release()
             self._parts.budget = None
-            self._parts.load_s = 0.0
+            self._parts.load_s = self._parts.warmup_s = 0.0
         import gc
         gc.collect()
         if torch.cuda.is_available():
@@ -623,8 +668,11 @@ class VideoGenerator:
     def _generate(self, prompt, negative_prompt, settings, output_path, callback, cancel, fps,
                   overwrite, picture=None) -> GenerationResult:
         guidance_scale = max(settings.guidance_scale, settings.guidance_scale_low or 0.0)
+        warmed = self._parts.warmup_s
         timings = {"load_s": self.load(height=settings.height, width=settings.width, num_frames=settings.num_frames)
                    if self._parts.dit is None and self.num_gpus == 1 else 0.0}
+        if self._parts.warmup_s > warmed:  # this call loaded, and warmed up (inside load_s)
+            timings["warmup_s"] = self._parts.warmup_s - warmed
         t0 = time.perf_counter()
         positive = self.encode_prompt(prompt)
         negative = self.encode_prompt(negative_prompt) if guidance_scale > 1.0 else None
