@@ -4,14 +4,18 @@
 - kernel: q, k, v and the gate [1, 32,760, 12, 128] bf16 on the 480×832×81 token grid (21, 30, 52),
   VIDEO_SPARSE_ATTN at FastWan's sparsity 0.8 (and 0.9), via FlexAttention and via our Triton kernel,
   against torch SDPA pinned to cuDNN: warm ms (CUDA events), the first call's seconds, the speed-up,
-  the largest difference between the two VSA outputs, the split of the Triton call (tiles, compressed
-  branch, top-k, tables, kernel, epilogue) and every kernel config (`vsa_split`, `vsa_config` rows).
+  the largest difference between the two VSA outputs, the Triton op in token order against tile order
+  (`vsa_tiled`, `vsa_tiled_split` rows), the split of the Triton call (tiles, compressed branch, top-k,
+  tables, kernel, epilogue) and every kernel config (`vsa_split`, `vsa_config` rows).
+- tiled: only the cuDNN row and the `vsa_tiled` rows. dit: a random 1.3B FastWan DiT's 480p forward
+  (eager) with its blocks in tile order against token order (`dit_forward` row).
 - e2e: a random full-size FastWan folder (bench/e2e.py's 1.3B folder plus the per-block
   `attn1.to_gate_compress` weights FastWan adds), `VideoGenerator.from_pretrained(folder)`, `load()`,
   then `generate_video(prompt)` with the defaults the loader picks for FastWan (VSA 0.8, dmd
   1000/757/522, CFG 1): first call and second call, encode / denoise / decode.
 
     python3 bench/fastwan.py --out $OUT [--compile] [--parts kernel,e2e]
+    python3 bench/fastwan.py --out $OUT --parts tiled,dit   # token order against tile order, op and 1.3B DiT (short)
     python3 bench/fastwan.py --device cpu --size tiny --height 64 --width 64 --frames 9 --parts e2e   # smoke test
 
 Random weights: speed does not depend on the values (see bench/e2e.py).
@@ -40,23 +44,109 @@ def cuda_ms(fn, n: int = 10) -> float:
     return event_time(fn, warm=1, iters=n) * 1000
 
 
-def kernel() -> None:
-    """cuDNN dense, then per sparsity VSA via FlexAttention and via the Triton kernel (same inputs: the
-    outputs are compared), the split of the Triton call and every kernel config."""
+GRID, HEADS, DIM = (21, 30, 52), 12, 128
+
+
+def dense_inputs():
+    """q, k, v, gate [1, 32,760, 12, 128] bf16, then cuDNN dense on them: (q, k, v, gate, ms, TFLOP/s)."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from fastvideo_nodes.attention import video_sparse as vs
-    grid, heads, dim = (21, 30, 52), 12, 128
-    tokens = grid[0] * grid[1] * grid[2]
-    q, k, v, gate = (torch.randn(1, tokens, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    tokens = GRID[0] * GRID[1] * GRID[2]
+    q, k, v, gate = (torch.randn(1, tokens, HEADS, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         F.scaled_dot_product_attention(qt, kt, vt)
         dense = cuda_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt))
-    dense_tflops = 4 * tokens * tokens * heads * dim / dense / 1e9
-    log(kind="kernel", backend="TORCH_SDPA (cuDNN)", tokens=tokens, heads=heads, ms=round(dense, 3),
+    dense_tflops = 4 * tokens * tokens * HEADS * DIM / dense / 1e9
+    log(kind="kernel", backend="TORCH_SDPA (cuDNN)", tokens=tokens, heads=HEADS, ms=round(dense, 3),
         tflops=round(dense_tflops))
+    return q, k, v, gate, dense, dense_tflops
+
+
+def tiled_vs_token(q, k, v, gate, sparsity: float, dense: float) -> None:
+    """The whole Triton op on the same inputs in token order (gather + scatter per call, as before) and
+    in tile order (what the DiT now hands it: no gather, output in place; the permutation is the DiT's,
+    once a forward, so it is not timed here), side by side, with the largest difference between the two
+    outputs (both in token order) and the split of the tiled call."""
+    from fastvideo_nodes.attention import video_sparse as vs
+    from fastvideo_nodes.attention import video_sparse_kernel as K
+    from fastvideo_nodes.attention import video_sparse_select as sel
+    lay = vs.layout(GRID, str(q.device))
+    opts = vs.VideoSparseOptions(sparsity=sparsity)
+    tiled_in = [x[:, lay.order].contiguous() for x in (q, k, v, gate)]
+    token_op = lambda: vs.attend(q, k, v, grid=GRID, gate=gate, options=opts, impl="triton")
+    tiled_op = lambda: vs.attend(*tiled_in[:3], grid=GRID, gate=tiled_in[3], options=opts, impl="triton", tiled=True)
+    old, new = token_op(), tiled_op()[:, lay.inverse]
+    old_ms, new_ms = cuda_ms(token_op, 20), cuda_ms(tiled_op, 20)
+    log(kind="vsa_tiled", sparsity=sparsity, token_order_ms=round(old_ms, 3), tile_order_ms=round(new_ms, 3),
+        token_speedup_vs_dense=round(dense / old_ms, 2), tiled_speedup_vs_dense=round(dense / new_ms, 2),
+        target_ms_3x=round(dense / 3, 3),
+        max_abs_diff_tiled_vs_token=round((old.float() - new.float()).abs().max().item(), 5))
+    qt, kt, vt, comp, index, ends = vs.prepare_tiled(*tiled_in[:3], lay, sparsity)
+    out = torch.empty_like(q)
+    steps = {"means3_ms": lambda: sel.means3(*tiled_in[:3], lay.tiled_token, lay.counts),
+             "gather3_ms": lambda: sel.gather3(q, k, v, lay.token, lay.counts),
+             "prepare_tiled_ms": lambda: vs.prepare_tiled(*tiled_in[:3], lay, sparsity),
+             "prepare_ms": lambda: vs.prepare(q, k, v, lay, sparsity),
+             "kernel_tiled_ms": lambda: K.attention(qt, kt, vt, index, ends, lay.counts, lay.tiled_token, out,
+                                                    comp=comp, gate=tiled_in[3], query_groups=lay.query_groups,
+                                                    starts=lay.starts)}
+    log(kind="vsa_tiled_split", sparsity=sparsity, **{name: round(cuda_ms(fn), 3) for name, fn in steps.items()})
+
+
+def tiled() -> None:
+    """Short: cuDNN dense, then the Triton op in token order against tile order at 0.8 and 0.9."""
+    q, k, v, gate, dense, _ = dense_inputs()
+    for sparsity in (0.8, 0.9):
+        tiled_vs_token(q, k, v, gate, sparsity, dense)
+
+
+def dit_forward(cfg=None, device: str = "cuda", grid: tuple[int, int, int] = GRID) -> None:
+    """A random full-size FastWan 1.3B DiT (gate projections, bf16, eager), one 480p forward under VSA 0.8
+    with its blocks in tile order and in token order (the attention gathering per call): ms each and
+    the largest difference of the two velocities. cfg, device, grid: other sizes (a CPU smoke test)."""
+    from fastvideo_nodes.models import wan_dit
+    from fastvideo_nodes.models.wan_dit import WanDiT, WanDiTConfig, keep_fp32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = WanDiT(cfg or WanDiTConfig(gate_compress=True))
+    for name, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if keep_fp32(name) or device == "cpu" else torch.bfloat16)
+        if "modulation" in name:
+            p.data.normal_(0, 0.02)
+    model.eval().requires_grad_(False)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(1, model.cfg.in_channels, grid[0], 2 * grid[1], 2 * grid[2], device=device, generator=g)
+    t = torch.tensor([757.0], device=device)
+    ctx = torch.randn(1, 512, model.cfg.text_dim, device=device, generator=g).to(model.dtype)
+    run = lambda: model(x, t, ctx, attention_backend="VIDEO_SPARSE_ATTN")
+    real = wan_dit.token_order
+    with torch.inference_mode():
+        tiled_out = run()
+        tiled_ms = cuda_ms(run, 3)
+        wan_dit.token_order = lambda backend, grid, device: None
+        try:
+            token_out = run()
+            token_ms = cuda_ms(run, 3)
+        finally:
+            wan_dit.token_order = real
+    log(kind="dit_forward", size=model.cfg.size_name, grid=list(grid), token_order_ms=round(token_ms, 1),
+        tile_order_ms=round(tiled_ms, 1), max_abs_diff=round((tiled_out - token_out).abs().max().item(), 5),
+        scale=round(token_out.abs().max().item(), 3))
+    model.to("meta")  # its 2.6 GB back before the next part
+    release()
+
+
+def kernel() -> None:
+    """cuDNN dense, then per sparsity VSA via FlexAttention and via the Triton kernel (same inputs: the
+    outputs are compared), token order against tile order, the split of the Triton call and every kernel
+    config."""
+    import torch.nn.functional as F
+
+    from fastvideo_nodes.attention import video_sparse as vs
+    grid, heads = GRID, HEADS
+    q, k, v, gate, dense, dense_tflops = dense_inputs()
+    tokens = q.shape[1]
     lay = vs.layout(grid, "cuda")
     for sparsity in (0.8, 0.9):
         opts = vs.VideoSparseOptions(sparsity=sparsity)
@@ -77,6 +167,7 @@ def kernel() -> None:
         log(kind="kernel_check", sparsity=sparsity, max_abs_diff_flex_vs_triton=round((a - b).abs().max().item(), 5),
             cosine=round(F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item(), 6),
             share_off_3e_2=(a - b).abs().gt(3e-2).float().mean().item())
+        tiled_vs_token(q, k, v, gate, sparsity, dense)
         kernel_split(q, k, v, gate, lay, sparsity, dense_tflops)
 
 
@@ -105,7 +196,7 @@ def kernel_split(q, k, v, gate, lay, sparsity: float, dense_tflops: float) -> No
              "tables_ms": lambda: K.tables(chosen, lay.counts),
              **selects,
              "prepare_ms": lambda: vs.prepare(q, k, v, lay, sparsity),
-             "flex_to_tiles_ms": lambda: [vs._to_tiles(x, lay) for x in (q, k, v)]}
+             "flex_to_tiles_ms": lambda: [vs._to_tiles(x, lay.slot, lay) for x in (q, k, v)]}
     log(kind="vsa_split", sparsity=sparsity, select_equals_tables=same,  # False only on a tie at the k-th score
         **{name: round(cuda_ms(fn), 3) for name, fn in steps.items()})
     qt, kt, vt, comp, index, ends = vs.prepare(q, k, v, lay, sparsity)
@@ -213,6 +304,10 @@ def main():
     parts = args.parts.split(",")
     if "kernel" in parts:
         kernel()
+    if "tiled" in parts:
+        tiled()
+    if "dit" in parts:
+        dit_forward()
     if "e2e" in parts:
         run(fastwan_folder(args.models, args.size), args)
     with open(os.path.join(args.out, f"fastwan_{args.size}.json"), "w") as f:

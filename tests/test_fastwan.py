@@ -152,6 +152,49 @@ def test_forward_with_gate_equals_dense_reference(tmp_path, sparsity):
     assert (dense - want).abs().max() > 1e-2 * scale  # the gated compressed branch is really in there
 
 
+# -- tile order: under VSA the blocks keep the sequence in its tiles, and nothing else may tell
+
+def untiled(monkeypatch):
+    """The DiT in token order all through (as before tile order): its attention gathers per call."""
+    from fastvideo_nodes.models import wan_dit
+    monkeypatch.setattr(wan_dit, "token_order", lambda backend, grid, device: None)
+
+
+@pytest.mark.parametrize("grid,per_token", [((3, 8, 6), False), ((5, 6, 7), False), ((4, 8, 8), False),
+                                            ((2, 5, 9), True)])
+def test_tile_order_forward_equals_token_order(monkeypatch, grid, per_token):
+    """Partial edge tiles in t, h and w ((5, 6, 7), (2, 5, 9)), none ((4, 8, 8)), batch 2, and per-token
+    timesteps (Wan 2.2's [B, S] form, whose modulation is per token): one forward each way."""
+    model = random_fastwan(seed=7)
+    x, t, ctx = latent_inputs(grid=grid)
+    if per_token:
+        t = torch.tensor([999.0, 412.0])[:, None].repeat(1, grid[0] * grid[1] * grid[2])
+        t[:, : grid[1] * grid[2]] = 0.0  # the first frame's tokens at t = 0, as Wan 2.2's image frame
+    opts = VideoSparseOptions(0.5)
+    orders = []
+    real = vs.tile_order
+    monkeypatch.setattr(vs, "tile_order", lambda g, d: orders.append(g) or real(g, d))
+    with torch.no_grad():
+        tiled = model(x, t, ctx, attention_backend="VIDEO_SPARSE_ATTN", attention_options=opts)
+        assert orders == [grid]
+        untiled(monkeypatch)
+        plain = model(x, t, ctx, attention_backend="VIDEO_SPARSE_ATTN", attention_options=opts)
+        dense = model(x, t, ctx, attention_backend="TORCH_SDPA")
+    assert (tiled - plain).abs().max().item() <= 1e-5 * plain.abs().max().item()
+    assert (dense - plain).abs().max().item() > 1e-3 * plain.abs().max().item()  # VSA did run
+
+
+def test_only_vsa_takes_tile_order():
+    from fastvideo_nodes.attention import token_order
+    assert token_order("TORCH_SDPA", (4, 4, 4), "cpu") is None and token_order("VIDEO_SPARSE_ATTN", None, "cpu") is None
+    order, inverse = token_order("VIDEO_SPARSE_ATTN", (5, 6, 7), "cpu")
+    assert torch.equal(order[inverse], torch.arange(210)) and torch.equal(vs.layout((5, 6, 7), "cpu").slot[order],
+                                                                          vs.layout((5, 6, 7), "cpu").tiled_slot)
+    q = torch.zeros(1, 64, 2, 16)
+    with pytest.raises(FastVideoError, match="TORCH_SDPA takes its sequence in token order; only VIDEO_SPARSE_ATTN"):
+        attention(q, q, q, backend="TORCH_SDPA", grid=(4, 4, 4), tiled=True)
+
+
 def test_vsa_on_a_plain_model_needs_fastwan(tmp_path):
     x, t, ctx = latent_inputs(batch=1)
     msg = "attention backend VIDEO_SPARSE_ATTN needs a FastWan checkpoint .* this model has none"
@@ -288,15 +331,15 @@ def _compiled_vs_eager(monkeypatch, device, dtype):
     x, t, ctx = (a.to(device) for a in latent_inputs(batch=1))
     seen = []
 
-    def spy(q, k, v, *, grid=None, gate=None, options=None):
-        seen.append((grid, gate is not None))
-        return real(q, k, v, grid=grid, gate=gate, options=options)
+    def spy(q, k, v, *, grid=None, gate=None, options=None, tiled=False):
+        seen.append((grid, gate is not None, tiled))
+        return real(q, k, v, grid=grid, gate=gate, options=options, tiled=tiled)
     real = vs.attend
     with torch.inference_mode():
         want = model(x, t, ctx, attention_backend="VIDEO_SPARSE_ATTN")
         monkeypatch.setattr(vs, "attend", spy)
         got = model.compile_blocks()(x, t, ctx, attention_backend="VIDEO_SPARSE_ATTN")
-    assert seen == [((3, 8, 6), True)] * TINY_FASTWAN.num_layers
+    assert seen == [((3, 8, 6), True, True)] * TINY_FASTWAN.num_layers  # the blocks run in tile order
     return got, want
 
 

@@ -91,6 +91,34 @@ for name in ("w4s3", "w4s3_tma", "w4s3_sw1"):
     K.attention(qt, kt, vt, index, ends, lay.counts, lay.token, out, comp=comp, gate=gate, cfg=K.CONFIGS[name])
     res["configs"].append(dict(cfg=name, ref=diff(out, want), groups=sorted(set(lay.counts.tolist()))))
 
+# Tile order (tiled=True): q, k, v, gate and the output in the layout's tile order, no padding. Against the
+# reference (tiled alike) and the token-order op, for cases of every kind above, then per config on (5, 6, 7)
+# (pointer and TMA loads, every split of the query rows; its last tile ends the tensor).
+res["tiled"], res["tiled_configs"] = [], []
+tile = lambda x, lay: None if x is None else x[:, lay.order]
+for i in (1, 3, 5, 7, 9):
+    grid, sp, d, b, dtype, gated = CASES[i]
+    q, k, v, gate = inputs(grid, b, d, getattr(torch, dtype), seed=i)
+    gate = gate if gated else None
+    lay = vs.layout(grid, "cpu")
+    opts = vs.VideoSparseOptions(sp)
+    out = vs.attend(*(tile(x, lay) for x in (q, k, v)), grid=grid, gate=tile(gate, lay), options=opts,
+                    impl="triton", tiled=True)
+    old = vs.attend(q, k, v, grid=grid, gate=gate, options=opts, impl="triton")
+    want = reference(q, k, v, grid, gate, sp)[0]
+    res["tiled"].append(dict(case=[list(grid), sp, d, b, dtype, gated], ref=diff(out, tile(want, lay)),
+                             old=diff(out, tile(old, lay)), shape=list(out.shape), dtype=str(out.dtype)))
+grid = (5, 6, 7)
+q, k, v, gate = inputs(grid, 2, 64, torch.float32, seed=31)
+lay = vs.layout(grid, "cpu")
+want = tile(reference(q, k, v, grid, gate, 0.3)[0], lay)
+qt, kt, vt, comp, index, ends = vs.prepare_tiled(*(tile(x, lay) for x in (q, k, v)), lay, 0.3)
+for name in ("w4s3", "w4s3_tma", "w4s3_sw1", "w4s3_q16q32", "w4s3_wholeq", "w4s2_tma"):
+    out = torch.full_like(qt, float("nan"))
+    K.attention(qt, kt, vt, index, ends, lay.counts, lay.tiled_token, out, comp=comp, gate=tile(gate, lay),
+                cfg=K.CONFIGS[name], query_groups=lay.query_groups, starts=lay.starts)
+    res["tiled_configs"].append(dict(cfg=name, ref=diff(out, want)))
+
 # The dispatch under torch.compile: one graph holding the custom op, no recompile for new values.
 vs.kernel_applies = lambda q, v: True  # as on a GPU
 graphs = []
@@ -106,6 +134,28 @@ second = compiled(q + 0.5, k, v, gate)
 res["compiled"] = dict(graphs=len(graphs), op=any("video_sparse_attention" in t for t in graphs[0]),
                        first=diff(first, reference(q, k, v, grid, gate, 0.5)[0] + 1.0),
                        second=diff(second, reference(q + 0.5, k, v, grid, gate, 0.5)[0] + 1.0))
+graphs.clear()
+def tiled_block(q, k, v, gate):
+    return attention(q * 1.0, k, v, backend="VIDEO_SPARSE_ATTN", grid=grid, gate=gate,
+                     options=vs.VideoSparseOptions(0.5), tiled=True) + 1.0
+compiled = torch.compile(tiled_block, fullgraph=True, backend=backend)
+got = compiled(*(tile(x, lay) for x in (q, k, v, gate)))
+res["compiled_tiled"] = dict(graphs=len(graphs), op=any("video_sparse_attention" in t for t in graphs[0]),
+                             diff=diff(got, tile(reference(q, k, v, grid, gate, 0.5)[0], lay) + 1.0))
+
+# A tiny FastWan DiT on the kernel (as on a GPU): its blocks in tile order against token order all through.
+from fastvideo_nodes.models import wan_dit
+from fastvideo_nodes.testing.fastwan import TINY_FASTWAN, random_fastwan
+model = random_fastwan(TINY_FASTWAN, seed=5)
+g = torch.Generator().manual_seed(5)
+x, ctx = torch.randn(2, 16, 5, 12, 14, generator=g), torch.randn(2, 12, 32, generator=g)
+t = torch.tensor([999.0, 412.0])
+opts = vs.VideoSparseOptions(0.5)
+with torch.no_grad():
+    tiled = model(x, t, ctx, attention_backend="VIDEO_SPARSE_ATTN", attention_options=opts)
+    wan_dit.token_order = lambda backend, grid, device: None
+    plain = model(x, t, ctx, attention_backend="VIDEO_SPARSE_ATTN", attention_options=opts)
+res["dit"] = dict(diff=diff(tiled, plain), scale=plain.abs().max().item())
 print(json.dumps(res))
 """
 
@@ -161,6 +211,30 @@ def test_compiled_block_keeps_one_graph_with_the_op(interpreted):
     c = interpreted["compiled"]
     assert c["graphs"] == 1 and c["op"], c  # fullgraph: no break; a second call with new values: no recompile
     assert c["first"] < 1e-5 and c["second"] < 1e-5, c
+    c = interpreted["compiled_tiled"]
+    assert c["graphs"] == 1 and c["op"] and c["diff"] < 1e-5, c
+
+
+def test_tiny_fastwan_on_the_kernel_in_tile_order_equals_token_order(interpreted):
+    c = interpreted["dit"]  # grid (5, 6, 7): partial edge tiles; batch 2
+    assert c["diff"] <= 1e-5 * c["scale"], c
+
+
+def test_tile_order_equals_reference_and_token_order(interpreted):
+    """tiled=True: the same op on inputs already in tile order (no gather, the output in place), against
+    the reference and the token-order kernel, tiled alike: partial edge tiles, D 64/128, B 1/2, fp16,
+    no gate; then pointer and TMA loads and each query-row split."""
+    cases = interpreted["tiled"]
+    assert len(cases) == 5
+    for c in cases:
+        grid, sp, d, b, dtype, gated = c["case"]
+        assert c["shape"] == [b, math.prod(grid), 2, d] and c["dtype"] == f"torch.{dtype}", c
+        assert c["old"] < (1e-6 if dtype == "float32" else 1e-3), c  # the same sums in the same order
+        assert c["ref"] < (1e-5 if dtype == "float32" else 5e-3), c
+    assert [c["cfg"] for c in interpreted["tiled_configs"]] == [
+        "w4s3", "w4s3_tma", "w4s3_sw1", "w4s3_q16q32", "w4s3_wholeq", "w4s2_tma"]
+    for c in interpreted["tiled_configs"]:
+        assert c["ref"] < 1e-5, c  # the NaN-filled output: every real row written, and finite
 
 
 # ----------------------------------------------------------------------------- built for Hopper, offline (CPU)
@@ -182,16 +256,20 @@ def sm90_build(fn, types: dict, constants: dict, num_warps: int = 4, num_stages:
                                                                              num_stages=num_stages))
 
 
-@pytest.mark.parametrize("dtype,d,tma,rows", [("bf16", 128, False, 64), ("bf16", 128, True, 64),
-                                              ("bf16", 128, False, 16), ("fp16", 64, True, 32)])
-def test_sparse_kernel_builds_for_hopper(dtype, d, tma, rows):
+@pytest.mark.parametrize("dtype,d,tma,rows,packed", [
+    ("bf16", 128, False, 64, False), ("bf16", 128, True, 64, False), ("bf16", 128, False, 16, False),
+    ("fp16", 64, True, 32, False), ("bf16", 128, True, 64, True), ("bf16", 128, False, 64, True),
+    ("bf16", 128, True, 16, True)])
+def test_sparse_kernel_builds_for_hopper(dtype, d, tma, rows, packed):
+    """packed: inputs in tile order, tiles found through the packed index (`tiled=True`)."""
     K = pytest.importorskip("fastvideo_nodes.attention.video_sparse_kernel")
     block = {"Q": rows, "K64": 64, "V64": 64, "K16": 16, "V16": 16, "K32": 32, "V32": 32}
     types = {n: f"tensordesc<{dtype}[{r},{d}]>" if tma else f"*{dtype}" for n, r in block.items()}
-    types.update({n: "*i32" for n in ("QTILES", "IDX", "ENDS", "TOK")}, COUNTS="*i64", COMP="*fp32",
+    types.update({n: "*i32" for n in ("QTILES", "IDX", "ENDS", "TOK", "STARTS")}, COUNTS="*i64", COMP="*fp32",
                  GATE=f"*{dtype}", O=f"*{dtype}", qk_scale="fp32")
-    kernel = sm90_build(K._vsa_fwd, types, dict(D=d, BM=rows, HAS_COMP=True, HAS_GATE=True, TMA=tma),
-                        odd=("H", "k_tiles"))  # as at 480p: 12 heads, 125 tiles kept
+    kernel = sm90_build(K._vsa_fwd, types, dict(D=d, BM=rows, HAS_COMP=True, HAS_GATE=True, TMA=tma, PACKED=packed),
+                        odd=("H", "k_tiles", "P"),  # as at 480p: 12 heads, 125 tiles kept, 32,760 tokens
+                        num_stages=2 if packed else 3)  # packed: as DEFAULT runs it (at 3 its loops go 3 deep)
     ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
     # 64 query rows run on Hopper's warpgroup MMA; 16 or 32 rows are below its size and use mma.sync
     assert "wgmma" in ptx if rows == 64 else "mma.sync" in ptx and "wgmma" not in ptx
@@ -205,7 +283,9 @@ def test_sparse_kernel_builds_for_hopper(dtype, d, tma, rows):
 def test_gather_kernel_builds_for_hopper():
     K = pytest.importorskip("fastvideo_nodes.attention.video_sparse_kernel")
     types = dict(X="*bf16", TOK="*i32", COUNTS="*i64", T="*bf16", M="*fp32")
-    assert "ld.global" in sm90_build(K._gather, types, dict(D=128)).asm["ptx"]
+    for store in (True, False):  # False: the means alone (inputs in tile order)
+        ptx = sm90_build(K._gather, types, dict(D=128, STORE=store)).asm["ptx"]
+        assert "ld.global" in ptx and ("st.global.v" in ptx) == store
 
 
 # ----------------------------------------------------------------------------- tables and dispatch (CPU)

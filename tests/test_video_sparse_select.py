@@ -18,7 +18,7 @@ import json, warnings
 import torch
 warnings.filterwarnings("ignore")
 from fastvideo_nodes.attention import video_sparse as vs, video_sparse_kernel as K
-from fastvideo_nodes.attention.video_sparse_select import gather3, select
+from fastvideo_nodes.attention.video_sparse_select import gather3, means3, select
 
 g = torch.Generator().manual_seed(0)
 counts = {f"grid{grid}": vs.layout(grid, "cpu").counts for grid in ((5, 6, 7), (3, 5, 9), (1, 9, 2), (4, 8, 8),
@@ -67,6 +67,23 @@ k = k.transpose(1, 2).contiguous().transpose(1, 2)
 v = v[..., ::2].repeat_interleave(2, -1)[..., :64]
 res["gather3"] = all(same(a, K.gather(x, lay.token, lay.counts))
                      for a, x in zip(gather3(q, k, v, lay.token, lay.counts), (q, k, v)))
+
+# Tile order: means3 of the tiled inputs equals gather3's means of the token-order ones; select with the
+# tile starts equals `pack` of the tile ids (the 480p layout's counts and starts too).
+tiled = [x[:, lay.order] for x in (q, k, v)]
+res["means3"] = all(torch.allclose(m, want[1], atol=1e-6, rtol=0) for m, want in
+                    zip(means3(*tiled, lay.tiled_token, lay.counts), gather3(q, k, v, lay.token, lay.counts)))
+res["packed"] = []
+for grid in ((5, 6, 7), (3, 5, 9), (21, 30, 52)):
+    tl_ = vs.layout(grid, "cpu")
+    n = tl_.num_tiles
+    scores = torch.randn(1, 2, n, n, generator=g)
+    for k in sorted({1, vs.kept_tiles(0.8, n), n}):
+        ids = select(scores, tl_.counts, k, rows=256)
+        got = select(scores, tl_.counts, k, rows=256, starts=tl_.starts)
+        want = K.pack(ids[0], tl_.starts, tl_.counts)
+        res["packed"].append(dict(grid=list(grid), k=k,
+                                  equal=torch.equal(got[0], want) and torch.equal(got[1], ids[1])))
 print(json.dumps(res))
 """
 
@@ -101,17 +118,27 @@ def test_gather3_equals_three_gathers(interpreted):
     assert interpreted["gather3"]
 
 
-@pytest.mark.parametrize("rows", [1, 4])
-def test_select_builds_for_hopper(rows):
+def test_tile_order_means_and_packed_select(interpreted):
+    assert interpreted["means3"]
+    assert len(interpreted["packed"]) == 9
+    for c in interpreted["packed"]:
+        assert c["equal"], c
+
+
+@pytest.mark.parametrize("rows,packed", [(1, False), (4, False), (1, True)])
+def test_select_builds_for_hopper(rows, packed):
     S = pytest.importorskip("fastvideo_nodes.attention.video_sparse_select")
     # 480p: 624 tiles in a 1024-wide row (the default: one row a program), 125 kept (odd, as the launcher sees it)
-    kernel = sm90_build(S._select, dict(S="*fp32", COUNTS="*i64", IDX="*i32", ENDS="*i32"),
-                        dict(NP=1024, ROWS=rows), num_warps=min(8, 4 * rows), odd=("k",))
+    kernel = sm90_build(S._select, dict(S="*fp32", COUNTS="*i64", STARTS="*i32", IDX="*i32", ENDS="*i32"),
+                        dict(NP=1024, ROWS=rows, PACKED=packed), num_warps=min(8, 4 * rows), odd=("k",))
     assert "redux.sync.add" in kernel.asm["ptx"]  # the counts reduce in hardware within each warp
 
 
-def test_gather3_builds_for_hopper():
+@pytest.mark.parametrize("store", [True, False])
+def test_gather3_builds_for_hopper(store):
+    """store False: `means3` (inputs already in tile order), which writes only the fp32 means."""
     S = pytest.importorskip("fastvideo_nodes.attention.video_sparse_select")
     types = {n: "*bf16" for n in ("Q", "K", "V", "QT", "KT", "VT")}
     types.update(TOK="*i32", COUNTS="*i64", QM="*fp32", KM="*fp32", VM="*fp32")
-    assert "ld.global" in sm90_build(S._gather3, types, dict(D=128)).asm["ptx"]
+    ptx = sm90_build(S._gather3, types, dict(D=128, STORE=store)).asm["ptx"]
+    assert "ld.global" in ptx and ("st.global.v4.b32" in ptx) == store  # bf16 tiles go out in 16-byte stores

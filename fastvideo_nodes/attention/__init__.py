@@ -144,11 +144,14 @@ class AttentionSpec:
     backend: a resolved name or "AUTO". grid: the (t, h, w) token grid of the self-attention
     sequence, for backends that use the video's geometry. step: the sampling step (sparse
     backends may stay dense for the first steps). options: the backend's settings, None = defaults.
+    tiled: the model keeps the self-attention sequence in VIDEO_SPARSE_ATTN's tile order
+    (`token_order`), so the backend neither gathers nor scatters it.
     """
     backend: str = "AUTO"
     grid: tuple[int, int, int] | None = None
     step: int | None = None
     options: AttentionOptions | None = field(default=None, hash=False, compare=False)
+    tiled: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "options", as_options(self.options))  # frozen
@@ -160,7 +163,7 @@ class AttentionSpec:
     def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        gate: torch.Tensor | None = None) -> torch.Tensor:
         return attention(q, k, v, backend=self.backend, grid=self.grid, step=self.step, options=self.options,
-                         gate=gate)
+                         gate=gate, tiled=self.tiled)
 
     def cross_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # Text cross-attention is short and dense for every backend; sparse ones fall back to SDPA.
@@ -191,13 +194,25 @@ def _options_for(name: str, options) -> AttentionOptions | None:
     return options
 
 
+def token_order(backend: str, grid: tuple[int, int, int] | None, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The order a model may keep its self-attention sequence in between the blocks for this backend, as
+    (order, inverse) [S] (x[:, order] enters it, x[:, inverse] leaves it), or None: token order.
+    VIDEO_SPARSE_ATTN works on 4×4×4 tiles: in their order every call skips a gather of q, k, v and a
+    scatter of its output. Each block is per token but for RoPE (permuted alike) and self-attention."""
+    if backend != "VIDEO_SPARSE_ATTN" or grid is None:
+        return None
+    return video_sparse.tile_order(grid, device)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None,
               grid: tuple[int, int, int] | None = None, step: int | None = None,
-              options: AttentionOptions | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+              options: AttentionOptions | None = None, gate: torch.Tensor | None = None,
+              tiled: bool = False) -> torch.Tensor:
     """Non-causal attention. q: [B, Sq, H, D], k/v: [B, Sk, H, D] → [B, Sq, H, D].
 
     gate: [B, Sq, H, D], VIDEO_SPARSE_ATTN's weight on its compressed branch (FastWan's
     `to_gate_compress`); the other backends have no such branch and take None.
+    tiled: the sequence is in `token_order(backend, grid)` (VIDEO_SPARSE_ATTN only).
     """
     name = resolve_backend(backend) if backend is None or backend not in BACKENDS else backend
     if name == "AUTO":
@@ -206,14 +221,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     if gate is not None and name != "VIDEO_SPARSE_ATTN":
         raise FastVideoError(f"attention backend {name} takes no gate; only VIDEO_SPARSE_ATTN has a gated "
                              "compressed branch.")
+    if tiled and (name != "VIDEO_SPARSE_ATTN" or grid is None):
+        raise FastVideoError(f"attention backend {name} takes its sequence in token order; only "
+                             "VIDEO_SPARSE_ATTN (with a grid) takes it in tile order.")
     # FlexAttention backends: torch.compile should see (and fuse) them, not the opaque dense op.
     if name == "SLIDING_TILE_ATTN":
         return backend_module(name).attend(q, k, v, grid=grid, step=step, options=_options_for(name, options))
     if name == "VIDEO_SPARSE_ATTN":
         options = cast("VideoSparseOptions | None", _options_for(name, options))
         if grid is not None and video_sparse.kernel_applies(q, v):  # the Triton kernel: one custom op, traceable
-            return video_sparse.attend(q, k, v, grid=grid, gate=gate, options=options)
-        return _video_sparse(q, k, v, grid, gate, options)
+            return video_sparse.attend(q, k, v, grid=grid, gate=gate, options=options, tiled=tiled)
+        return _video_sparse(q, k, v, grid, gate, options, tiled)
     if torch.compiler.is_compiling():
         return torch.ops.fastvideo.dense_attention(q, k, v, name)
     return backend_module(name).attend(q, k, v)
@@ -223,8 +241,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
 # FastVideo runs it): its tile bookkeeping (top-k, BlockMask building) broke the graph anyway, and on CUDA its
 # FlexAttention call is compiled on its own (video_sparse._compiled_flex).
 @torch.compiler.disable
-def _video_sparse(q, k, v, grid, gate, options):
-    return backend_module("VIDEO_SPARSE_ATTN").attend(q, k, v, grid=grid, gate=gate, options=options)
+def _video_sparse(q, k, v, grid, gate, options, tiled=False):
+    return backend_module("VIDEO_SPARSE_ATTN").attend(q, k, v, grid=grid, gate=gate, options=options, tiled=tiled)
 
 
 # Inside compiled blocks dense kernels run as one opaque op: the compiler fuses the work around them

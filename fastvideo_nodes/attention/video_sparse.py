@@ -16,8 +16,8 @@ the tile) and zeros after: tile means divide by the real count, and padded keys 
 
 The sparse branch has two implementations:
 - "triton" (CUDA, bf16/fp16, D 64 or 128): our own block-sparse kernel (`video_sparse_kernel`), which
-  walks each query tile's index row and writes `sparse + compressed · gate` straight back to token
-  order. Its set-up is two more launches of ours (`video_sparse_select`: one gather of q, k, v; one
+  walks each query tile's index row and writes `sparse + compressed · gate` straight back to the
+  sequence's order. Its set-up is two more launches of ours (`video_sparse_select`: one gather of q, k, v; one
   top-k straight into the kernel's index table) around the compressed branch's torch matmuls. The
   whole call is one custom op (fastvideo::video_sparse_attention), so compiled blocks keep it in
   their graph without a break or per-call recompiles.
@@ -27,6 +27,13 @@ The sparse branch has two implementations:
   partial blocks under the padding mask; full tiles skip the mask.
 Heads are independent, so under sequence parallelism it runs after the all-to-all (full sequence,
 local heads) like every other backend.
+
+Tile order (`tiled=True`): the DiT may keep its tokens in the tiles' order, without padding, from before
+its first block to after its last (`tile_order`; every block is per token but for RoPE, which is
+permuted alike, and this attention). Then no call gathers q, k, v: the Triton path reads each tile
+from its first position (the rows past its real tokens are the next tile's, masked as padding was),
+needs one read of q, k, v for the tile means, and writes its rows in place; Flex only indexes other
+slots.
 """
 from __future__ import annotations
 
@@ -84,12 +91,23 @@ class Layout:
     token: [N·64] int32, the token in each slot (-1 for padding), the kernel's way back to token order.
     query_groups: the Triton kernel's launches, (query rows, int32 tile ids) by real count (empty
     where Triton cannot load).
+
+    Tile order (`tiled=True` in attend): the same tiles without the padding, S positions, what the DiT
+    keeps its tokens in between the blocks when every self-attention is VSA. order: [S] the token at
+    each position (x[:, order] tiles, x[:, inverse] untiles); tiled_slot: [S] the slot of each
+    position; tiled_token: [N·64] int32, the position in each slot (-1 for padding); starts: [N] int32,
+    each tile's first position (its real tokens follow it).
     """
     slot: torch.Tensor
     counts: torch.Tensor
     valid: torch.Tensor
     full: torch.Tensor
     token: torch.Tensor
+    order: torch.Tensor
+    inverse: torch.Tensor
+    tiled_slot: torch.Tensor
+    tiled_token: torch.Tensor
+    starts: torch.Tensor
     query_groups: tuple[tuple[int, torch.Tensor], ...] = ()
 
     @property
@@ -123,17 +141,31 @@ def layout(grid: tuple[int, int, int], device: str) -> Layout:
     valid[slot] = True
     token = torch.full((n * TILE_TOKENS,), -1, dtype=torch.int32, device=device)
     token[slot] = torch.arange(slot.numel(), dtype=torch.int32, device=device)
+    tiled_slot, order = torch.sort(slot)  # slots rise along the tiles: sorting them drops the padding
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=device)
+    tiled_token = torch.full_like(token, -1)
+    tiled_token[tiled_slot] = torch.arange(slot.numel(), dtype=torch.int32, device=device)
+    starts = (torch.cumsum(counts, 0) - counts).to(torch.int32)
     groups: tuple[tuple[int, torch.Tensor], ...] = ()
     if _triton_problem() is None:
         from .video_sparse_kernel import query_groups
         groups = query_groups(counts)
-    return Layout(slot, counts, valid, counts == TILE_TOKENS, token, groups)
+    return Layout(slot, counts, valid, counts == TILE_TOKENS, token, order, inverse, tiled_slot, tiled_token,
+                  starts, groups)
 
 
-def _to_tiles(x: torch.Tensor, lay: Layout) -> torch.Tensor:
-    """[B, S, H, D] → [B, N·64, H, D] in tile-major order, zeros in the padding slots."""
+def tile_order(grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, inverse) [S] of the grid's tile order: x[:, order] puts tokens in it, x[:, inverse] back."""
+    lay = layout((int(grid[0]), int(grid[1]), int(grid[2])), str(device))
+    return lay.order, lay.inverse
+
+
+def _to_tiles(x: torch.Tensor, slot: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """[B, S, H, D] → [B, N·64, H, D] in tile-major order, zeros in the padding slots; slot [S]: the slot
+    of each position (the layout's `slot` for token order, `tiled_slot` for tile order)."""
     out = x.new_zeros((x.shape[0], lay.num_tiles * TILE_TOKENS, *x.shape[2:]))
-    out[:, lay.slot] = x
+    out[:, slot] = x
     return out
 
 
@@ -229,31 +261,49 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, spar
     return qt, kt, vt, out_c.contiguous(), index, ends
 
 
+def prepare_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, sparsity: float):
+    """`prepare` for q, k, v [B, S, H, D] already in tile order: nothing to gather, one read of each for
+    its tile means. → q, k, v (one shared layout, last dim contiguous), the compressed branch and the
+    tables (the index `pack`ed for tile order)."""
+    from .video_sparse_select import means3, select
+    if not (q.stride() == k.stride() == v.stride() and q.is_contiguous()):  # the kernel reads them alike
+        q, k, v = (x.contiguous() for x in (q, k, v))
+    scores, out_c = compressed_from_means(*means3(q, k, v, lay.tiled_token, lay.counts))
+    index, ends = select(scores, lay.counts, kept_tiles(sparsity, lay.num_tiles), starts=lay.starts)
+    return q, k, v, out_c.contiguous(), index, ends
+
+
 @torch.library.custom_op("fastvideo::video_sparse_attention", mutates_args=())
 def _video_sparse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
-                     grid: list[int], sparsity: float) -> torch.Tensor:
+                     grid: list[int], sparsity: float, tiled: bool = False) -> torch.Tensor:
     from .video_sparse_kernel import attention
     lay = layout((grid[0], grid[1], grid[2]), str(q.device))
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # Triton launches on it
-        qt, kt, vt, out_c, index, ends = prepare(q, k, v, lay, sparsity)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if tiled:  # in and out in tile order: no gather, and the kernel writes its rows in place
+            qt, kt, vt, out_c, index, ends = prepare_tiled(q, k, v, lay, sparsity)
+            return attention(qt, kt, vt, index, ends, lay.counts, lay.tiled_token, out, comp=out_c, gate=gate,
+                             query_groups=lay.query_groups, starts=lay.starts)
+        qt, kt, vt, out_c, index, ends = prepare(q, k, v, lay, sparsity)
         return attention(qt, kt, vt, index, ends, lay.counts, lay.token, out, comp=out_c, gate=gate,
                          query_groups=lay.query_groups)
 
 
 @_video_sparse_op.register_fake
-def _(q, k, v, gate, grid, sparsity):
+def _(q, k, v, gate, grid, sparsity, tiled=False):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int, int, int] | None = None,
            gate: torch.Tensor | None = None, options: VideoSparseOptions | None = None,
-           impl: str = "auto") -> torch.Tensor:
+           impl: str = "auto", tiled: bool = False) -> torch.Tensor:
     """q, k, v, gate: [B, S, H, D] with S = t·h·w of `grid` → [B, S, H, D].
 
     gate: the `to_gate_compress` output (None: the branches are added ungated, as FastVideo's kernel
     does). Without a grid (text cross-attention) this is dense attention. impl: "auto" (the Triton
     kernel where `kernel_applies`, else FlexAttention), "triton" or "flex" (tests and the bench).
+    tiled: the sequence (in and out) is in the grid's tile order (`tile_order`), as the DiT keeps it
+    between the blocks under VSA; else in token order.
     """
     if impl not in IMPLS:
         raise FastVideoError(f"video sparse attention impl must be one of {', '.join(IMPLS)}, got {impl!r}.")
@@ -271,9 +321,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int
     if impl == "triton" and _triton_problem():
         raise FastVideoError(f"video sparse attention impl 'triton' cannot run here: {_triton_problem()}.")
     if impl == "triton" or impl == "auto" and kernel_applies(q, v):
-        return torch.ops.fastvideo.video_sparse_attention(q, k, v, gate, list(grid), sparsity)
+        return torch.ops.fastvideo.video_sparse_attention(q, k, v, gate, list(grid), sparsity, tiled)
     lay = layout(grid, str(q.device))
-    qt, kt, vt = (_to_tiles(x, lay) for x in (q, k, v))
+    slot = lay.tiled_slot if tiled else lay.slot  # where each position of the sequence sits in padded tiles
+    qt, kt, vt = (_to_tiles(x, slot, lay) for x in (q, k, v))
     scores, out_c = compressed(qt, kt, vt, lay)
     mask = block_mask(top_tiles(scores, sparsity), lay)
     heads_first = lambda x: x.transpose(1, 2)  # [B, H, S, D], what flex_attention takes
@@ -282,8 +333,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int
                                   kernel_options=_CUDA_KERNEL_OPTIONS)
     else:  # eager: fine for the small shapes the CPU tests use
         sparse = flex_attention(heads_first(qt), heads_first(kt), heads_first(vt), block_mask=mask)
-    sparse = heads_first(sparse)[:, lay.slot]  # back to [B, S, H, D], padding dropped
-    comp = out_c.transpose(1, 2)[:, lay.slot // TILE_TOKENS]  # each token takes its tile's result
+    sparse = heads_first(sparse)[:, slot]  # back to [B, S, H, D], padding dropped
+    comp = out_c.transpose(1, 2)[:, slot // TILE_TOKENS]  # each token takes its tile's result
     if gate is not None:
         comp = comp * gate.float()
     return (sparse.float() + comp).to(q.dtype)

@@ -65,23 +65,37 @@ DEFAULT = CONFIGS["w4s2_tma"]  # H200, 32,760 tokens × 12 heads × 128 at 0.8: 
 
 @triton.jit
 def _pieces(acc, l_i, m_i, q, K, V, idx, counts, lo, hi, b, h, P, sxb, sxs, sxh, qk_scale,
-            D: tl.constexpr, PIECE: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr):
+            D: tl.constexpr, PIECE: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, PACKED: tl.constexpr):
     """Entries lo..hi of one index row, each read as a PIECE-token block from its tile's start, into the
-    running softmax of the query rows q [BM, D]. K, V: pointers, or descriptors of PIECE × D blocks."""
+    running softmax of the query rows q [BM, D]. K, V: pointers, or descriptors of PIECE × D blocks.
+    PACKED: inputs in tile order (no padding), each entry `start · 64 + real count − 1` (see `pack`);
+    else padded tiles, each entry a tile id."""
     offs_n = tl.arange(0, PIECE)
     offs_d = tl.arange(0, D)
     for i in range(lo, hi):
         j = tl.load(idx + i)
-        if TMA:
-            k = K.load([(b * P + j * _TILE).to(tl.int32), (h * D).to(tl.int32)])
-            v = V.load([(b * P + j * _TILE).to(tl.int32), (h * D).to(tl.int32)])
+        if PACKED:  # the rows past the count belong to the next tile (or lie past the end): masked
+            start = j >> 6
+            real = (j & 63) + 1
         else:
-            kv = b * sxb + h * sxh + (j.to(tl.int64) * _TILE + offs_n)[:, None] * sxs + offs_d[None, :]
-            k = tl.load(K + kv)
-            v = tl.load(V + kv)
+            start = j * _TILE
+            real = PIECE
+        if TMA:  # rows past the tensor's end read as zeros
+            k = K.load([(b * P + start).to(tl.int32), (h * D).to(tl.int32)])
+            v = V.load([(b * P + start).to(tl.int32), (h * D).to(tl.int32)])
+        else:
+            kv = b * sxb + h * sxh + (start.to(tl.int64) + offs_n)[:, None] * sxs + offs_d[None, :]
+            if PACKED and MASK:
+                k = tl.load(K + kv, mask=(offs_n < real)[:, None], other=0.0)
+                v = tl.load(V + kv, mask=(offs_n < real)[:, None], other=0.0)
+            else:
+                k = tl.load(K + kv)
+                v = tl.load(V + kv)
         s = tl.dot(q, tl.trans(k))
         if MASK:
-            s = tl.where((offs_n < tl.load(counts + j))[None, :], s, float("-inf"))
+            if not PACKED:
+                real = tl.load(counts + j)
+            s = tl.where((offs_n < real)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -92,19 +106,24 @@ def _pieces(acc, l_i, m_i, q, K, V, idx, counts, lo, hi, b, h, P, sxb, sxs, sxh,
 
 
 @triton.jit
-def _vsa_fwd(Q, K64, V64, K16, V16, K32, V32, QTILES, IDX, ENDS, COUNTS, COMP, GATE, TOK, O,
+def _vsa_fwd(Q, K64, V64, K16, V16, K32, V32, QTILES, IDX, ENDS, COUNTS, STARTS, COMP, GATE, TOK, O,
              N, H, P, k_tiles, sxb, sxs, sxh, sgb, sgs, sgh, sob, sos, soh, qk_scale,
              D: tl.constexpr, BM: tl.constexpr, HAS_COMP: tl.constexpr, HAS_GATE: tl.constexpr,
-             TMA: tl.constexpr):
-    """Program (i, b·H + h): query tile QTILES[i], its first BM slots (all its real tokens)."""
+             TMA: tl.constexpr, PACKED: tl.constexpr):
+    """Program (i, b·H + h): query tile QTILES[i], its first BM slots (all its real tokens). PACKED: the
+    inputs in tile order, the tile from STARTS[tile] (P = S rows a batch), IDX packed (`pack`)."""
     tile = tl.load(QTILES + tl.program_id(0))
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, D)
+    q_start = tl.load(STARTS + tile) if PACKED else tile * _TILE
     if TMA:
-        q = Q.load([(b * P + tile * _TILE).to(tl.int32), (h * D).to(tl.int32)])
+        q = Q.load([(b * P + q_start).to(tl.int32), (h * D).to(tl.int32)])
+    elif PACKED:  # rows past the tile's real ones: the next tile's, or past the end; never stored
+        q = tl.load(Q + b * sxb + h * sxh + (q_start.to(tl.int64) + offs_m)[:, None] * sxs + offs_d[None, :],
+                    mask=(offs_m < tl.load(COUNTS + tile))[:, None], other=0.0)
     else:
         q = tl.load(Q + b * sxb + h * sxh + (tile * _TILE + offs_m)[:, None] * sxs + offs_d[None, :])
     row = bh.to(tl.int64) * N + tile
@@ -116,13 +135,13 @@ def _vsa_fwd(Q, K64, V64, K16, V16, K32, V32, QTILES, IDX, ENDS, COUNTS, COMP, G
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
     acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K64, V64, idx, COUNTS, 0, e_full, b, h, P, sxb, sxs, sxh,
-                            qk_scale, D, _TILE, False, TMA)
+                            qk_scale, D, _TILE, False, TMA, PACKED)
     acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K16, V16, idx, COUNTS, e_full, e_16, b, h, P, sxb, sxs, sxh,
-                            qk_scale, D, 16, True, TMA)
+                            qk_scale, D, 16, True, TMA, PACKED)
     acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K32, V32, idx, COUNTS, e_16, e_32, b, h, P, sxb, sxs, sxh,
-                            qk_scale, D, 32, True, TMA)
+                            qk_scale, D, 32, True, TMA, PACKED)
     acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K64, V64, idx, COUNTS, e_32, k_tiles, b, h, P, sxb, sxs, sxh,
-                            qk_scale, D, _TILE, True, TMA)
+                            qk_scale, D, _TILE, True, TMA, PACKED)
     out = acc / l_i[:, None]
     tok = tl.load(TOK + tile * _TILE + offs_m)  # output row of each slot, -1 for padding
     live = tok >= 0
@@ -140,9 +159,10 @@ def _vsa_fwd(Q, K64, V64, K16, V16, K32, V32, QTILES, IDX, ENDS, COUNTS, COMP, G
 
 
 @triton.jit
-def _gather(X, TOK, COUNTS, T, M, N, H, sxb, sxs, sxh, stb, sts, sth, D: tl.constexpr):
+def _gather(X, TOK, COUNTS, T, M, N, H, sxb, sxs, sxh, stb, sts, sth, D: tl.constexpr, STORE: tl.constexpr):
     """One tile of one (batch, head): its tokens from token order into the padded tile (zeros in the
-    padding) and their fp32 mean over the real ones. One read of x for both."""
+    padding) and their fp32 mean over the real ones. One read of x for both. STORE False: the mean only
+    (inputs already in tile order, TOK the layout's `tiled_token`)."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -153,7 +173,8 @@ def _gather(X, TOK, COUNTS, T, M, N, H, sxb, sxs, sxh, stb, sts, sth, D: tl.cons
     live = tok >= 0
     x = tl.load(X + b * sxb + h * sxh + tl.where(live, tok, 0).to(tl.int64)[:, None] * sxs + offs_d[None, :],
                 mask=live[:, None], other=0.0)
-    tl.store(T + b * stb + h * sth + slots.to(tl.int64)[:, None] * sts + offs_d[None, :], x)
+    if STORE:
+        tl.store(T + b * stb + h * sth + slots.to(tl.int64)[:, None] * sts + offs_d[None, :], x)
     mean = tl.sum(x.to(tl.float32), 0) / tl.load(COUNTS + tile).to(tl.float32)
     tl.store(M + (bh.to(tl.int64) * N + tile) * D + offs_d, mean)
 
@@ -168,7 +189,7 @@ def gather(x: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> tuple
     tiles = torch.empty(B, N * BLOCK, H, D, dtype=x.dtype, device=x.device)
     means = torch.empty(B, H, N, D, dtype=torch.float32, device=x.device)
     _gather[(N, B * H)](x, tokens, counts, tiles, means, N, H, x.stride(0), x.stride(1), x.stride(2),
-                        tiles.stride(0), tiles.stride(1), tiles.stride(2), D=D)
+                        tiles.stride(0), tiles.stride(1), tiles.stride(2), D=D, STORE=True)
     return tiles, means
 
 
@@ -189,10 +210,18 @@ def tables(chosen: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, to
     return order.to(torch.int32).contiguous(), ends.contiguous()
 
 
+def pack(index: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """An index table of tile ids → its entries for inputs in tile order: `start · 64 + real count − 1`,
+    so that the kernel finds where a key tile begins and how many tokens it holds in one load."""
+    i = index.long()
+    return (starts.long()[i] * BLOCK + counts.long()[i] - 1).to(torch.int32)
+
+
 def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch.Tensor, ends: torch.Tensor,
               counts: torch.Tensor, tokens: torch.Tensor, out: torch.Tensor, comp: torch.Tensor | None = None,
               gate: torch.Tensor | None = None, cfg: Config | None = DEFAULT,
-              query_groups: tuple[tuple[int, torch.Tensor], ...] | None = None) -> torch.Tensor:
+              query_groups: tuple[tuple[int, torch.Tensor], ...] | None = None,
+              starts: torch.Tensor | None = None) -> torch.Tensor:
     """The sparse branch, written into `out`.
 
     qt, kt, vt: [B, N·64, H, D] padded tiles (same strides, last dim contiguous; TMA wants them
@@ -202,14 +231,16 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
     out = sparse + comp · gate (gate None: + comp). cfg None: Triton's autotune over the pointer CONFIGS.
     query_groups: the layout's `query_groups` (None or empty: every tile as 64 rows, one launch); the
     groups whose rows are not in cfg.q_rows join the 64-row launch.
+    starts: [N] int32, given when qt, kt, vt are in tile order without padding ([B, S, H, D], tile i's
+    tokens from starts[i]); index is then `pack`ed and tokens the layout's `tiled_token`.
     """
     B, P, H, D = qt.shape
     N, k_tiles = index.shape[2], index.shape[3]
     if not (qt.stride() == kt.stride() == vt.stride() and qt.stride(-1) == 1 and out.stride(-1) == 1):
         raise ValueError("video sparse kernel: q, k, v tiles must share one layout, last dim contiguous")
-    if P != N * BLOCK or D < 16 or D & (D - 1):  # tl.dot wants a power of two ≥ 16
+    if (P != N * BLOCK if starts is None else P * BLOCK >= 2 ** 31) or D < 16 or D & (D - 1):
         raise ValueError(f"video sparse kernel: tiles {tuple(qt.shape)} do not fit {N} tiles of {BLOCK} "
-                         f"with a power-of-two D ≥ 16")
+                         f"with a power-of-two D ≥ 16")  # (tile order: packed entries must fit int32)
     launches = _launches(query_groups, (cfg or DEFAULT).q_rows, N, qt.device)
     if gate is not None and gate.stride(-1) != 1:
         gate = gate.contiguous()
@@ -218,10 +249,10 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
     desc = lambda x, rows: tensor_descriptor().from_tensor(x.view(B * P, H * D), [rows, D])
     kv = (desc(kt, BLOCK), desc(vt, BLOCK), desc(kt, 16), desc(vt, 16), desc(kt, 32), desc(vt, 32)) if tma \
         else (kt, vt, kt, vt, kt, vt)
-    rest = (index, ends, counts, comp if comp is not None else qt, g, tokens, out,
-            N, H, P, k_tiles, qt.stride(0), qt.stride(1), qt.stride(2), g.stride(0), g.stride(1), g.stride(2),
-            out.stride(0), out.stride(1), out.stride(2), LOG2E / math.sqrt(D))
-    flags = dict(D=D, HAS_COMP=comp is not None, HAS_GATE=gate is not None, TMA=tma)
+    rest = (index, ends, counts, starts if starts is not None else counts, comp if comp is not None else qt, g,
+            tokens, out, N, H, P, k_tiles, qt.stride(0), qt.stride(1), qt.stride(2), g.stride(0), g.stride(1),
+            g.stride(2), out.stride(0), out.stride(1), out.stride(2), LOG2E / math.sqrt(D))
+    flags = dict(D=D, HAS_COMP=comp is not None, HAS_GATE=gate is not None, TMA=tma, PACKED=starts is not None)
     for rows, qtiles in launches:
         args = (desc(qt, rows) if tma else qt, *kv, qtiles, *rest)
         launch = (qtiles.numel(), B * H)

@@ -1,6 +1,7 @@
 """The Triton path's set-up of VIDEO_SPARSE_ATTN in few launches: the tile choice and the kernel's index
 table in one (`select`, for `tables(top_tiles(scores, sparsity), counts)`, which took ten-odd torch
-ops and a sort), and the three gathers of q, k, v in one (`gather3`).
+ops and a sort), and the three gathers of q, k, v in one (`gather3`; for inputs already in tile order,
+`means3`: their tile means alone).
 
 `select` needs no sort. For each row of compressed scores (one or more a program) it finds the k-th largest
 value by building it bit by bit (32 passes of count(key ≥ candidate)) over int32 keys that order as
@@ -21,9 +22,9 @@ from .video_sparse_kernel import BLOCK, _gather
 
 
 @triton.jit
-def _select(S, COUNTS, IDX, ENDS, R, N, k, NP: tl.constexpr, ROWS: tl.constexpr):
+def _select(S, COUNTS, STARTS, IDX, ENDS, R, N, k, NP: tl.constexpr, ROWS: tl.constexpr, PACKED: tl.constexpr):
     """Program p: rows p·ROWS.. of scores [R, N] fp32 → their k kept tiles into IDX [R, k] and group ends
-    into ENDS [R, 3]."""
+    into ENDS [R, 3]. PACKED: each kept tile as `start · 64 + count − 1` (the kernel's `pack`), not its id."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, NP)
     live = (rows < R)[:, None] & (cols < N)[None, :]
@@ -52,15 +53,20 @@ def _select(S, COUNTS, IDX, ENDS, R, N, k, NP: tl.constexpr, ROWS: tl.constexpr)
         end += tl.sum(mine.to(tl.int32), 1)
         if g < 3:
             tl.store(ENDS + rows * 3 + g, end, mask=rows < R)
-    tl.store(IDX + rows[:, None] * k + pos, tl.broadcast_to(cols[None, :], [ROWS, NP]), mask=keep)
+    if PACKED:
+        entry = (tl.load(STARTS + cols, mask=cols < N, other=0) * 64 + c - 1).to(tl.int32)
+    else:
+        entry = cols
+    tl.store(IDX + rows[:, None] * k + pos, tl.broadcast_to(entry[None, :], [ROWS, NP]), mask=keep)
 
 
-def select(scores: torch.Tensor, counts: torch.Tensor, k: int,
-           rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def select(scores: torch.Tensor, counts: torch.Tensor, k: int, rows: int | None = None,
+           starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """scores [B, H, N, N] fp32 compressed scores, counts [N] real tokens per tile (any int), k key tiles
     per query tile (1..N) → (index [B, H, N, k] int32, ends [B, H, N, 3] int32), what
     `tables(top_tiles(scores, sparsity), counts)` gives (ties: the lower tile id is kept).
-    rows: score rows per program, a power of two (None: about 1024 scores a program)."""
+    rows: score rows per program, a power of two (None: about 1024 scores a program).
+    starts: [N] int32 each tile's first token in tile order: the index then comes `pack`ed for it."""
     *lead, N = scores.shape
     if not 1 <= k <= N:
         raise ValueError(f"video sparse select: k must be in [1, {N}], got {k}")
@@ -70,18 +76,19 @@ def select(scores: torch.Tensor, counts: torch.Tensor, k: int,
     R = scores.numel() // N
     NP = triton.next_power_of_2(N)
     rows = rows or max(1, 1024 // NP)
-    _select[(triton.cdiv(R, rows),)](scores, counts, index, ends, R, N, k, NP=NP, ROWS=rows,
+    _select[(triton.cdiv(R, rows),)](scores, counts, starts if starts is not None else counts, index, ends, R, N, k,
+                                     NP=NP, ROWS=rows, PACKED=starts is not None,
                                      num_warps=max(1, min(8, rows * NP // 256)))
     return index, ends
 
 
 @triton.jit
 def _gather3(Q, K, V, TOK, COUNTS, QT, KT, VT, QM, KM, VM, N, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh,
-             stb, sts, sth, D: tl.constexpr):
+             stb, sts, sth, D: tl.constexpr, STORE: tl.constexpr):
     """Program (tile, b·H + h): `_gather`'s work for q, k and v in turn (its program ids are ours)."""
-    _gather(Q, TOK, COUNTS, QT, QM, N, H, sqb, sqs, sqh, stb, sts, sth, D)
-    _gather(K, TOK, COUNTS, KT, KM, N, H, skb, sks, skh, stb, sts, sth, D)
-    _gather(V, TOK, COUNTS, VT, VM, N, H, svb, svs, svh, stb, sts, sth, D)
+    _gather(Q, TOK, COUNTS, QT, QM, N, H, sqb, sqs, sqh, stb, sts, sth, D, STORE)
+    _gather(K, TOK, COUNTS, KT, KM, N, H, skb, sks, skh, stb, sts, sth, D, STORE)
+    _gather(V, TOK, COUNTS, VT, VM, N, H, svb, svs, svh, stb, sts, sth, D, STORE)
 
 
 def gather3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor):
@@ -94,5 +101,17 @@ def gather3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: torch.Ten
     means = [torch.empty(B, H, N, D, dtype=torch.float32, device=x.device) for x in xs]
     t = tiles[0]
     _gather3[(N, B * H)](*xs, tokens, counts, *tiles, *means, N, H, *(s for x in xs for s in x.stride()[:3]),
-                         t.stride(0), t.stride(1), t.stride(2), D=D)
+                         t.stride(0), t.stride(1), t.stride(2), D=D, STORE=True)
     return tuple(zip(tiles, means))
+
+
+def means3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor):
+    """The tile means [B, H, N, D] fp32 of q, k, v [B, S, H, D] already in tile order (tokens: the
+    layout's `tiled_token`), in one launch: `gather3` without writing tiles, one read of each input."""
+    B, _, H, D = q.shape
+    N = counts.numel()
+    xs = [x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v)]
+    means = [torch.empty(B, H, N, D, dtype=torch.float32, device=x.device) for x in xs]
+    _gather3[(N, B * H)](*xs, tokens, counts, *xs, *means, N, H, *(s for x in xs for s in x.stride()[:3]),
+                         0, 0, 0, D=D, STORE=False)
+    return tuple(means)

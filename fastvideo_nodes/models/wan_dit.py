@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import AttentionOptions, AttentionSpec, backend_for_step, resolve_backend
+from ..attention import AttentionOptions, AttentionSpec, backend_for_step, resolve_backend, token_order
 from ..errors import FastVideoError
 from ..ops import Linear, layer_norm_affine, layer_norm_modulate, linear_gelu, rms_norm, rms_norm_rope
 from .seams import Attention, BlockCache, ParallelPlan
@@ -306,10 +306,13 @@ class WanDiT(nn.Module):
         x = x.float().view(x.shape[0], t, h, w, pt, ph, pw, self.cfg.out_channels)
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(x.shape[0], self.cfg.out_channels, t * pt, h * ph, w * pw)
 
-    def rope(self, grid, device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (grid, str(device))
+    def rope(self, grid, device, order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [S, D/2] of the grid's tokens; order: in that order of them (the attention's
+        `token_order`), else token order."""
+        key = (grid, str(device), order is not None)
         if key not in self._rope_cache:
-            self._rope_cache = {key: rope_cos_sin(grid, self.cfg.head_dim, self.cfg.rope_theta, device)}
+            cos, sin = rope_cos_sin(grid, self.cfg.head_dim, self.cfg.rope_theta, device)
+            self._rope_cache = {key: (cos, sin) if order is None else (cos[order], sin[order])}
         return self._rope_cache[key]
 
     def attention_backend_for(self, name: str | None, seq_len: int = 32760) -> str:
@@ -387,16 +390,23 @@ class WanDiT(nn.Module):
                                    step, num_steps, exact_attention_steps)
         if backend == "VIDEO_SPARSE_ATTN" and not self.cfg.gate_compress:
             raise FastVideoError(NEEDS_FASTWAN)
+        # The backend's token order (VSA's tiles): the blocks run in it, per token but for self-attention,
+        # and RoPE goes with it; the head and everything outside the blocks see token order.
+        tiling = token_order(backend, grid, x.device)
         # Only sparse backends look at the step; elsewhere it would make compiled blocks recompile per step.
         attn = AttentionSpec(backend=backend, grid=grid, step=step if backend == "SLIDING_TILE_ATTN" else None,
-                             options=attention_options)
-        rope = self.rope(grid, x.device)
+                             options=attention_options, tiled=tiling is not None)
+        rope = self.rope(grid, x.device, None if tiling is None else tiling[0])
         spec: Attention = attn
         e0_blocks = e0
+        if tiling is not None:
+            tokens = tokens[:, tiling[0]]
+            if e0.ndim == 4:
+                e0_blocks = e0[:, tiling[0]]
         if parallel is not None and e0.ndim == 4:
             # Per-token modulation is sharded with its tokens: both ride through one enter(). The cache
             # keeps the full e/e0, so every rank's TeaCache decides alike.
-            both, rope, spec = parallel.enter(torch.cat([tokens, e0.flatten(2)], dim=-1), rope, attn)
+            both, rope, spec = parallel.enter(torch.cat([tokens, e0_blocks.flatten(2)], dim=-1), rope, attn)
             tokens, e0_blocks = both[..., :self.cfg.dim], both[..., self.cfg.dim:].unflatten(-1, (6, self.cfg.dim))
         elif parallel is not None:
             tokens, rope, spec = parallel.enter(tokens, rope, attn)
@@ -404,4 +414,6 @@ class WanDiT(nn.Module):
         tokens = cache(tokens, e, e0, run) if cache is not None else run(tokens)
         if parallel is not None:
             tokens = parallel.exit(tokens)
+        if tiling is not None:
+            tokens = tokens[:, tiling[1]]
         return self.unpatchify(self.head(tokens, e, self.dtype), grid)
