@@ -39,21 +39,20 @@ class Config:
 
 
 # Offered to the bench (bench/int8_variants.py); DEFAULT_NAME is what attend() uses. Earlier H200 readings
-# (32,760 × 12 × 128, bf16, TFLOP/s with the quantisation passes, triton.testing.do_bench): m64n128w4s3_tma 719,
-# m64n64w4s3_tma_cvt 678, m64n64w4s3_tma 664, m64n64w4s4_tma 661, m64n64w4s3 599, m128n128w8s2 548,
-# m128n128w8s2_tma 530, m128n64w8s3 527, m64n64w8s3_tma 385; cuDNN SDPA 601. Small query blocks and TMA loads
-# win; the losers are no longer listed. Triton 3.6 for sm_90a gives m64n128w4s3_tma 240 registers and 104 KiB of
-# shared memory: two CTAs per SM, whose softmax and products overlap only with each other's. The candidates
-# after the first four attack that: fewer float ops per score (fold), fewer registers (acc_mma: no second
-# [64, 128] fp32 tile for the product), three CTAs per SM (s2 r168), fewer pre-passes (qk: Q in the kernel,
-# fq: fused K/V passes). Triton 3.6's automatic warp specialisation (tl.range(warp_specialize=True)) was
-# tried: for sm_90a it compiled this loop without partitions, so it is not offered.
+# (32,760 × 12 × 128, bf16, TFLOP/s with the quantisation passes, triton.testing.do_bench): m64n128w4s3_tma
+# 719, m64n64w4s3_tma_cvt 678, m64n64w4s3_tma 664, m64n64w4s4_tma 661, m64n64w4s3 (pointer loads) 599,
+# m128n128w8s2 548, m128n128w8s2_tma 530, m128n64w8s3 527, m64n64w8s3_tma 385; cuDNN SDPA 601. Small query
+# blocks and TMA loads win; the losers are no longer listed. Triton 3.6 for sm_90a gives m64n128w4s3_tma 240
+# registers and 104 KiB of shared memory: two CTAs per SM, whose softmax and products overlap only with each
+# other's (each waits for its own Q·Kᵀ and P·V at once). The candidates after the first two attack that:
+# fewer float ops per score (fold), fewer registers (accmma: no second [64, 128] fp32 tile for the product),
+# more CTAs per SM (r168, r128, 64-key blocks), fewer pre-passes (qk: Q in the kernel, fq: fused K/V passes).
+# Not offered: Triton 3.6's tl.range(warp_specialize=True) compiled this loop without partitions for sm_90a,
+# and issuing the next block's Q·Kᵀ before this block's softmax by hand (FA3's overlap) got a wait at once.
 _BEST = Config(64, 128, 4, 3, tma=True)
 CONFIGS = {
     "m64n128w4s3_tma": _BEST,
     "m64n64w4s3_tma": Config(64, 64, 4, 3, tma=True),
-    "m64n64w4s3_tma_cvt": Config(64, 64, 4, 3, fast_i2f=False, tma=True),
-    "m64n64w4s3": Config(64, 64, 4, 3),  # the pointer kernel (Triton without host tensor descriptors)
     "m64n128w4s3_tma_fold": replace(_BEST, fold_bias=True),
     "m64n128w4s3_tma_fold_accmma": replace(_BEST, fold_bias=True, acc_in_mma=True),
     "m64n128w4s3_tma_fold_qk_fq": replace(_BEST, fold_bias=True, q_in_kernel=True, fused_quant=True),
@@ -61,6 +60,9 @@ CONFIGS = {
     "m64n128w4s2_tma_fold_r168": replace(_BEST, num_stages=2, fold_bias=True, maxnreg=168),
     "m64n128w4s3_tma_fold_accmma_qk_fq": replace(_BEST, fold_bias=True, acc_in_mma=True, q_in_kernel=True,
                                                  fused_quant=True),
+    # 64-key blocks with acc_in_mma need 160 registers: three CTAs per SM as they are, four under a 128 cap
+    "m64n64w4s3_tma_fold_accmma": Config(64, 64, 4, 3, tma=True, fold_bias=True, acc_in_mma=True),
+    "m64n64w4s2_tma_fold_accmma_r128": Config(64, 64, 4, 2, tma=True, fold_bias=True, acc_in_mma=True, maxnreg=128),
 }
 DEFAULT_NAME = "m64n128w4s3_tma"  # the one switch: set it to the bench's winner
 DEFAULT = CONFIGS[DEFAULT_NAME]
