@@ -64,7 +64,7 @@ CONFIGS = {
     "m64n64w4s3_tma_fold_accmma": Config(64, 64, 4, 3, tma=True, fold_bias=True, acc_in_mma=True),
     "m64n64w4s2_tma_fold_accmma_r128": Config(64, 64, 4, 2, tma=True, fold_bias=True, acc_in_mma=True, maxnreg=128),
 }
-DEFAULT_NAME = "m64n128w4s3_tma"  # the one switch: set it to the bench's winner
+DEFAULT_NAME = "m64n128w4s3_tma"  # the one switch: the bench's winner (and bump auto.PROBE_VERSION with it)
 DEFAULT = CONFIGS[DEFAULT_NAME]
 
 
