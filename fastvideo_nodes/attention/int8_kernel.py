@@ -9,7 +9,7 @@ step keeps the error small.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -30,26 +30,42 @@ class Config:
     num_stages: int = 3
     fast_i2f: bool = True  # int32 → fp32 by a float add instead of the (slow) convert instruction
     tma: bool = False  # tiles through Hopper's tensor-memory accelerator (host tensor descriptors)
+    # The options below only act in the TMA kernel.
+    fold_bias: bool = False  # fast_i2f without its float subtract: the offset goes into exp2's FMA instead
+    acc_in_mma: bool = False  # P·V added up inside the tensor core (Hopper's fp8 accumulator is ~fp22, not fp32)
+    q_in_kernel: bool = False  # Q quantised by the attention kernel from bf16: one pre-pass fewer
+    fused_quant: bool = False  # K/V statistics in one Triton pass and K, V quantised in one launch
+    maxnreg: int | None = None  # register cap per thread: 168 lets three 4-warp CTAs share an SM
 
 
-# Offered to the bench; DEFAULT is what attend() uses. H200 readings (32,760 × 12 × 128, bf16, TFLOP/s with
-# the quantisation passes, triton.testing.do_bench): m64n128w4s3_tma 719, m64n64w4s3_tma_cvt 678,
-# m64n64w4s3_tma 664, m64n64w4s4_tma 661, m64n64w4s3 599, m128n128w8s2 548, m128n128w8s2_tma 530,
-# m128n64w8s3 527, m64n64w8s3_tma 385; cuDNN SDPA 601. Small query blocks and TMA loads win here.
+# Offered to the bench (bench/int8_variants.py); DEFAULT_NAME is what attend() uses. Earlier H200 readings
+# (32,760 × 12 × 128, bf16, TFLOP/s with the quantisation passes, triton.testing.do_bench): m64n128w4s3_tma
+# 719, m64n64w4s3_tma_cvt 678, m64n64w4s3_tma 664, m64n64w4s4_tma 661, m64n64w4s3 (pointer loads) 599,
+# m128n128w8s2 548, m128n128w8s2_tma 530, m128n64w8s3 527, m64n64w8s3_tma 385; cuDNN SDPA 601. Small query
+# blocks and TMA loads win; the losers are no longer listed. Triton 3.6 for sm_90a gives m64n128w4s3_tma 240
+# registers and 104 KiB of shared memory: two CTAs per SM, whose softmax and products overlap only with each
+# other's (each waits for its own Q·Kᵀ and P·V at once). The candidates after the first two attack that:
+# fewer float ops per score (fold), fewer registers (accmma: no second [64, 128] fp32 tile for the product),
+# more CTAs per SM (r168, r128, 64-key blocks), fewer pre-passes (qk: Q in the kernel, fq: fused K/V passes).
+# Not offered: Triton 3.6's tl.range(warp_specialize=True) compiled this loop without partitions for sm_90a,
+# and issuing the next block's Q·Kᵀ before this block's softmax by hand (FA3's overlap) got a wait at once.
+_BEST = Config(64, 128, 4, 3, tma=True)
 CONFIGS = {
-    "m64n128w4s3_tma": Config(64, 128, 4, 3, tma=True),
+    "m64n128w4s3_tma": _BEST,
     "m64n64w4s3_tma": Config(64, 64, 4, 3, tma=True),
-    "m64n64w4s4_tma": Config(64, 64, 4, 4, tma=True),
-    "m64n128w4s4_tma": Config(64, 128, 4, 4, tma=True),
-    "m64n128w4s3_tma_cvt": Config(64, 128, 4, 3, fast_i2f=False, tma=True),
-    "m64n64w8s3_tma": Config(64, 64, 8, 3, tma=True),
-    "m64n64w4s3_tma_cvt": Config(64, 64, 4, 3, fast_i2f=False, tma=True),
-    "m128n128w8s2_tma": Config(128, 128, 8, 2, tma=True),
-    "m64n64w4s3": Config(64, 64, 4, 3),
-    "m128n128w8s2": Config(128, 128, 8, 2),
-    "m128n64w8s3": Config(128, 64, 8, 3),
+    "m64n128w4s3_tma_fold": replace(_BEST, fold_bias=True),
+    "m64n128w4s3_tma_fold_accmma": replace(_BEST, fold_bias=True, acc_in_mma=True),
+    "m64n128w4s3_tma_fold_qk_fq": replace(_BEST, fold_bias=True, q_in_kernel=True, fused_quant=True),
+    "m64n128w4s2_tma_fold_accmma_r168": replace(_BEST, num_stages=2, fold_bias=True, acc_in_mma=True, maxnreg=168),
+    "m64n128w4s2_tma_fold_r168": replace(_BEST, num_stages=2, fold_bias=True, maxnreg=168),
+    "m64n128w4s3_tma_fold_accmma_qk_fq": replace(_BEST, fold_bias=True, acc_in_mma=True, q_in_kernel=True,
+                                                 fused_quant=True),
+    # 64-key blocks with acc_in_mma need 160 registers: three CTAs per SM as they are, four under a 128 cap
+    "m64n64w4s3_tma_fold_accmma": Config(64, 64, 4, 3, tma=True, fold_bias=True, acc_in_mma=True),
+    "m64n64w4s2_tma_fold_accmma_r128": Config(64, 64, 4, 2, tma=True, fold_bias=True, acc_in_mma=True, maxnreg=128),
 }
-DEFAULT = CONFIGS["m64n128w4s3_tma"]
+DEFAULT_NAME = "m64n128w4s3_tma"  # the one switch: the bench's winner (and bump auto.PROBE_VERSION with it)
+DEFAULT = CONFIGS[DEFAULT_NAME]
 
 
 @triton.jit
@@ -90,6 +106,47 @@ def _quant_v(v_ptr, mean_ptr, scale_ptr, out_ptr, S, H, svb, svs, svh, S_pad,
     x = tl.where(inside, x.to(tl.float32) - tl.load(mean_ptr + bh * D + cols)[None, :], 0.0)
     y = (x / tl.load(scale_ptr + bh * D + cols)[None, :]).to(tl.float8e4nv)
     tl.store(out_ptr + bh * D * S_pad + cols[None, :] * S_pad + rows[:, None], y)
+
+
+@triton.jit
+def _kv_stats(k_ptr, v_ptr, part_ptr, S, H, skb, sks, skh, svb, svs, svh, n_chunk,
+              D: tl.constexpr, CHUNK: tl.constexpr, BLK: tl.constexpr):
+    """One chunk of CHUNK tokens of one head: K's and V's column sums, V's column min and max, as
+    part[bh, chunk, 0:4, :]. One read of K and V instead of torch's three reductions."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    cols = tl.arange(0, D)
+    k_sum = tl.zeros([D], tl.float32)
+    v_sum = tl.zeros([D], tl.float32)
+    v_min = tl.full([D], float("inf"), tl.float32)
+    v_max = tl.full([D], float("-inf"), tl.float32)
+    for i in range(0, CHUNK, BLK):
+        rows = c * CHUNK + i + tl.arange(0, BLK)
+        inside = rows[:, None] < S
+        kx = tl.load(k_ptr + b * skb + h * skh + rows[:, None] * sks + cols[None, :], mask=inside, other=0.0)
+        vx = tl.load(v_ptr + b * svb + h * svh + rows[:, None] * svs + cols[None, :], mask=inside, other=0.0)
+        vx = vx.to(tl.float32)
+        k_sum += tl.sum(kx.to(tl.float32), 0)
+        v_sum += tl.sum(vx, 0)
+        v_min = tl.minimum(v_min, tl.min(tl.where(inside, vx, float("inf")), 0))
+        v_max = tl.maximum(v_max, tl.max(tl.where(inside, vx, float("-inf")), 0))
+    base = part_ptr + (bh * n_chunk + c) * 4 * D
+    tl.store(base + cols, k_sum)
+    tl.store(base + D + cols, v_sum)
+    tl.store(base + 2 * D + cols, v_min)
+    tl.store(base + 3 * D + cols, v_max)
+
+
+@triton.jit
+def _quant_kv(k_ptr, v_ptr, k_mean_ptr, v_mean_ptr, v_scale_ptr, k8_ptr, ks_ptr, v8_ptr, S, H,
+              skb, sks, skh, svb, svs, svh, S_pad, n_blk, D: tl.constexpr, BLK: tl.constexpr):
+    """_quant_int8 of K (smoothed) and _quant_v of V in one launch: the grid's third axis picks."""
+    if tl.program_id(2) == 0:
+        _quant_int8(k_ptr, k_mean_ptr, k8_ptr, ks_ptr, S, H, skb, sks, skh, S_pad, n_blk, 1.0, D, BLK, True)
+    else:
+        _quant_v(v_ptr, v_mean_ptr, v_scale_ptr, v8_ptr, S, H, svb, svs, svh, S_pad, D, BLK)
 
 
 @triton.jit
@@ -147,17 +204,60 @@ def _attn_fwd(Q, K, V, QS, KS, VS, VM, O, Sq, S, H, Sq_pad, Sk_pad, n_qblk, n_kb
 
 
 @triton.jit
-def _attn_fwd_tma(q_desc, k_desc, v_desc, QS, KS, VS, VM, O, Sq, S, H, Sq_pad, Sk_pad, n_qblk, n_kblk, sob, sos, soh,
-                  D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FAST_I2F: tl.constexpr):
-    """_attn_fwd with the tiles read through tensor descriptors: q/k as [B·H·S_pad, D], vᵀ as [B·H·D, S_pad]."""
+def _block_tma(acc, l_i, m_i, q, k, v, qk_scale, start_n, S,
+               BN: tl.constexpr, MASK: tl.constexpr, FAST_I2F: tl.constexpr, FOLD: tl.constexpr,
+               ACC_MMA: tl.constexpr):
+    """_block with two options: FOLD keeps the i2f offset 1.5·2²³ in the scores and takes it out of the
+    per-row term of exp2's FMA (one float op less per score); ACC_MMA hands acc to the fp8 product."""
+    qk = tl.dot(q, tl.trans(k))  # int8 × int8 → int32
+    if FAST_I2F:  # exact, as in _block; FOLD leaves the scores offset by 12582912
+        qk = (qk + 0x4B400000).to(tl.float32, bitcast=True)
+        if not FOLD:
+            qk = qk - 12582912.0
+    else:
+        qk = qk.to(tl.float32)
+    if MASK:
+        qk = tl.where((start_n + tl.arange(0, BN))[None, :] < S, qk, float("-inf"))
+    if FAST_I2F and FOLD:  # the subtract is exact here (integers below 2²⁴), once per row
+        m_new = tl.maximum(m_i, (tl.max(qk, 1) - 12582912.0) * qk_scale)
+        row = m_new + (12582912.0 * qk_scale - 8.807354922057604)  # rounded once: ~2⁻²⁴ of 2²³·scale
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        row = m_new - 8.807354922057604
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk * qk_scale - row[:, None])  # in [0, 448], as in _block
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if ACC_MMA:
+        acc = tl.dot(p.to(tl.float8e4nv), v, acc * alpha[:, None])
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd_tma(q_src, k_desc, v_desc, QS, KS, VS, VM, O, Sq, S, H, Sq_pad, Sk_pad, n_qblk, n_kblk, sob, sos, soh,
+                  sqb, sqs, sqh, q_extra,
+                  D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FAST_I2F: tl.constexpr,
+                  FOLD: tl.constexpr, ACC_MMA: tl.constexpr, Q_IN_KERNEL: tl.constexpr):
+    """_attn_fwd with the tiles read through tensor descriptors: k as [B·H·S_pad, D], vᵀ as [B·H·D, S_pad];
+    q as [B·H·S_pad, D] int8, or (Q_IN_KERNEL) the caller's bf16 [B, S, H, D], quantised here the way
+    _quant_int8 does it (one scale per BM rows, q_extra folded in)."""
     mblk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_m = mblk * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
-    q = q_desc.load([bh * Sq_pad + mblk * BM, 0])
-    q_scale = tl.load(QS + bh * n_qblk + mblk)
+    if Q_IN_KERNEL:
+        x = tl.load(q_src + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :],
+                    mask=offs_m[:, None] < Sq, other=0.0).to(tl.float32)
+        s_q = tl.maximum(tl.max(tl.abs(x)), 1e-20) / 127.0
+        x = x / s_q
+        q = tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)
+        q_scale = s_q * q_extra
+    else:
+        q = q_src.load([bh * Sq_pad + mblk * BM, 0])
+        q_scale = tl.load(QS + bh * n_qblk + mblk)
     ks_ptr = KS + bh * n_kblk
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -166,45 +266,75 @@ def _attn_fwd_tma(q_desc, k_desc, v_desc, QS, KS, VS, VM, O, Sq, S, H, Sq_pad, S
     for j in range(0, n_full):
         k = k_desc.load([bh * Sk_pad + j * BN, 0])
         v = tl.trans(v_desc.load([bh * D, j * BN]))
-        acc, l_i, m_i = _block(acc, l_i, m_i, q, k, v, q_scale * tl.load(ks_ptr + j), j * BN, S,
-                               BN, False, FAST_I2F)
+        acc, l_i, m_i = _block_tma(acc, l_i, m_i, q, k, v, q_scale * tl.load(ks_ptr + j), j * BN, S,
+                                   BN, False, FAST_I2F, FOLD, ACC_MMA)
     if n_full * BN < S:
         k = k_desc.load([bh * Sk_pad + n_full * BN, 0])
         v = tl.trans(v_desc.load([bh * D, n_full * BN]))
-        acc, l_i, m_i = _block(acc, l_i, m_i, q, k, v, q_scale * tl.load(ks_ptr + n_full), n_full * BN, S,
-                               BN, True, FAST_I2F)
+        acc, l_i, m_i = _block_tma(acc, l_i, m_i, q, k, v, q_scale * tl.load(ks_ptr + n_full), n_full * BN, S,
+                                   BN, True, FAST_I2F, FOLD, ACC_MMA)
     v_scale = tl.load(VS + bh * D + offs_d)
     out = acc * (v_scale[None, :] / l_i[:, None]) + tl.load(VM + bh * D + offs_d)[None, :]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=offs_m[:, None] < Sq)
 
 
+STATS_CHUNK = 512  # tokens per _kv_stats program: 64 programs per head at 32,760 tokens
+
+
+def _kv_moments(k: torch.Tensor, v: torch.Tensor):
+    """(K mean, V mean, V scale), each [B, H, D] fp32, from one _kv_stats pass and a few tiny torch ops."""
+    B, Sk, H, D = k.shape
+    n_chunk = triton.cdiv(Sk, STATS_CHUNK)
+    part = torch.empty(B, H, n_chunk, 4, D, device=k.device, dtype=torch.float32)
+    _kv_stats[(n_chunk, B * H)](k, v, part, Sk, H, k.stride(0), k.stride(1), k.stride(2),
+                                v.stride(0), v.stride(1), v.stride(2), n_chunk, D=D, CHUNK=STATS_CHUNK, BLK=64)
+    k_mean = part[:, :, :, 0].sum(2) / Sk
+    v_mean = part[:, :, :, 1].sum(2) / Sk
+    v_min, v_max = part[:, :, :, 2].amin(2), part[:, :, :, 3].amax(2)
+    v_scale = (torch.maximum(v_max - v_mean, v_mean - v_min) / FP8_MAX).clamp_min_(1e-20)
+    return k_mean.contiguous(), v_mean.contiguous(), v_scale.contiguous()
+
+
 def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Config = DEFAULT):
     """[B, S, H, D] inputs → int8 Q/K with block scales (Q's holding log2(e)/√D), e4m3 Vᵀ with channel
-    scales and means (V less its mean is what is quantised)."""
+    scales and means (V less its mean is what is quantised). With cfg.q_in_kernel (TMA kernel only) Q
+    is left to the attention kernel: q8 and its scales come back None."""
     B, S, H, D = q.shape
     Sk = k.shape[1]
     step = math.lcm(cfg.block_m, cfg.block_n)
     pad_q, pad_k = triton.cdiv(S, step) * step, triton.cdiv(Sk, step) * step
     dev = q.device
     nq, nk = pad_q // cfg.block_m, pad_k // cfg.block_n
-    q8 = torch.empty(B, H, pad_q, D, device=dev, dtype=torch.int8)
     k8 = torch.empty(B, H, pad_k, D, device=dev, dtype=torch.int8)
     v8 = torch.empty(B, H, D, pad_k, device=dev, dtype=torch.float8_e4m3fn)
-    qs = torch.empty(B, H, nq, device=dev, dtype=torch.float32)
     ks = torch.empty(B, H, nk, device=dev, dtype=torch.float32)
+    q8 = qs = None
+    if not (cfg.q_in_kernel and _uses_tma(cfg)):
+        q8 = torch.empty(B, H, pad_q, D, device=dev, dtype=torch.int8)
+        qs = torch.empty(B, H, nq, device=dev, dtype=torch.float32)
+        _quant_int8[(nq, B * H)](q, q, q8, qs, S, H, q.stride(0), q.stride(1), q.stride(2), pad_q, nq,
+                                 LOG2E / math.sqrt(D), D=D, BLK=cfg.block_m, SMOOTH=False)
+    if cfg.fused_quant:
+        k_mean, v_mean, v_scale = _kv_moments(k, v)
+        _quant_kv[(nk, B * H, 2)](k, v, k_mean, v_mean, v_scale, k8, ks, v8, Sk, H,
+                                  k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                                  pad_k, nk, D=D, BLK=cfg.block_n, num_warps=8)  # 4 warps spill at 128 rows
+        return q8, qs, k8, ks, v8, v_scale, v_mean
     k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()  # [B, H, D]
     v_mean = v.mean(dim=1, dtype=torch.float32)
     v_min, v_max = torch.aminmax(v, dim=1)
     v_scale = (torch.maximum(v_max - v_mean, v_mean - v_min) / FP8_MAX).clamp_min_(1e-20).contiguous()
     v_mean = v_mean.contiguous()
-    _quant_int8[(nq, B * H)](q, q, q8, qs, S, H, q.stride(0), q.stride(1), q.stride(2), pad_q, nq,
-                             LOG2E / math.sqrt(D), D=D, BLK=cfg.block_m, SMOOTH=False)
     _quant_int8[(nk, B * H)](k, k_mean, k8, ks, Sk, H, k.stride(0), k.stride(1), k.stride(2), pad_k, nk,
                              1.0, D=D, BLK=cfg.block_n, SMOOTH=True)
     _quant_v[(nk, B * H)](v, v_mean, v_scale, v8, Sk, H, v.stride(0), v.stride(1), v.stride(2), pad_k,
                           D=D, BLK=cfg.block_n)
     return q8, qs, k8, ks, v8, v_scale, v_mean
+
+
+def _uses_tma(cfg: Config) -> bool:
+    return cfg.tma and tensor_descriptor() is not None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Config = DEFAULT) -> torch.Tensor:
@@ -213,16 +343,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Config = D
     B, S, H, D = q.shape
     q8, qs, k8, ks, v8, vs, vm = quantize(q, k, v, cfg)
     out = torch.empty_like(q)
-    kernel, tiles = _attn_fwd, (q8, k8, v8)
-    if cfg.tma and tensor_descriptor() is not None:
-        TensorDescriptor = tensor_descriptor()
-        kernel = _attn_fwd_tma
-        tiles = (TensorDescriptor.from_tensor(q8.view(-1, D), [cfg.block_m, D]),
-                 TensorDescriptor.from_tensor(k8.view(-1, D), [cfg.block_n, D]),
-                 TensorDescriptor.from_tensor(v8.view(-1, v8.shape[-1]), [D, cfg.block_n]))
-    kernel[(qs.shape[-1], B * H)](
-        *tiles, qs, ks, vs, vm, out, S, k.shape[1], H, q8.shape[2], k8.shape[2], qs.shape[-1], ks.shape[-1],
-        out.stride(0), out.stride(1), out.stride(2),
-        D=D, BM=cfg.block_m, BN=cfg.block_n, FAST_I2F=cfg.fast_i2f,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    step = math.lcm(cfg.block_m, cfg.block_n)
+    pad_q = triton.cdiv(S, step) * step
+    nq = pad_q // cfg.block_m
+    sizes = (S, k.shape[1], H, pad_q, k8.shape[2], nq, ks.shape[-1], out.stride(0), out.stride(1), out.stride(2))
+    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.maxnreg:
+        opts["maxnreg"] = cfg.maxnreg
+    if not _uses_tma(cfg):
+        _attn_fwd[(nq, B * H)](q8, k8, v8, qs, ks, vs, vm, out, *sizes,
+                               D=D, BM=cfg.block_m, BN=cfg.block_n, FAST_I2F=cfg.fast_i2f, **opts)
+        return out
+    TensorDescriptor = tensor_descriptor()
+    q_src = q if q8 is None else TensorDescriptor.from_tensor(q8.view(-1, D), [cfg.block_m, D])
+    _attn_fwd_tma[(nq, B * H)](
+        q_src, TensorDescriptor.from_tensor(k8.view(-1, D), [cfg.block_n, D]),
+        TensorDescriptor.from_tensor(v8.view(-1, v8.shape[-1]), [D, cfg.block_n]),
+        ks if qs is None else qs, ks, vs, vm, out, *sizes, q.stride(0), q.stride(1), q.stride(2),
+        LOG2E / math.sqrt(D), D=D, BM=cfg.block_m, BN=cfg.block_n, FAST_I2F=cfg.fast_i2f, FOLD=cfg.fold_bias,
+        ACC_MMA=cfg.acc_in_mma, Q_IN_KERNEL=q8 is None, **opts)
     return out
