@@ -23,12 +23,11 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.attention_table import errors, reference  # noqa: E402  (fp32 exact attention, cosine and rel. L2)
 from bench.diffusers_baseline import event_time  # noqa: E402
 from fastvideo_nodes.attention import int8, int8_kernel  # noqa: E402
 from fastvideo_nodes.attention.auto import wan_like_inputs  # noqa: E402
@@ -42,22 +41,6 @@ def log(**kw):
     kw["t"] = round(time.time() - T0, 1)
     RESULTS.append(kw)
     print(json.dumps(kw), flush=True)
-
-
-def reference(q, k, v) -> torch.Tensor:
-    """fp32 exact attention, [B, S, H, D], four heads at a time (memory-efficient kernel)."""
-    out = torch.empty(q.shape, device=q.device, dtype=torch.float32)
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-        for h in range(0, q.shape[2], 4):
-            part = [x[:, :, h:h + 4].float().transpose(1, 2) for x in (q, k, v)]
-            out[:, :, h:h + 4] = F.scaled_dot_product_attention(*part).transpose(1, 2)
-    return out
-
-
-def errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    o, r = out.double().flatten(), ref.double().flatten()
-    cos = (o @ r / (o.norm() * r.norm())).item()
-    return round(cos, 6), round(((o - r).norm() / r.norm()).item(), 5)
 
 
 def shape_rows(tokens: int, names: list[str], budget_s: float):
