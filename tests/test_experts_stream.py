@@ -130,6 +130,16 @@ def test_release_leaves_every_weight_at_home(pair):
     for k in (HIGH, LOW):
         assert weight_ptrs(ex.models[k]) <= set(home_ptrs(ex, k))
         assert not any(b._forward_hooks or b._forward_pre_hooks for b in ex.models[k].blocks)
+        assert ex.models[k]._rope_cache == {}  # its RoPE tables lived where it ran: sent home with it
+
+
+def test_a_moved_dit_forgets_its_rope_tables(pair):
+    dit = pair[HIGH]
+    run(dit)
+    assert dit._rope_cache  # built by the forward, on the device it ran on
+    dit.to("cpu")
+    assert dit._rope_cache == {}
+    assert torch.equal(run(dit), run(copy.deepcopy(dit)))  # rebuilt alike on the next forward
 
 
 def test_streamed_generator_keeps_a_lora_set_after_a_run(tmp_path):

@@ -387,3 +387,6 @@ class PinnedHome:
         for owner, name, _, host in self.home:
             self._set(owner, name, host)
         self.device = torch.device("cpu")
+        drop = getattr(self.module, "drop_device_caches", None)  # e.g. the DiT's RoPE tables
+        if drop is not None:
+            drop()

@@ -254,6 +254,15 @@ class WanDiT(nn.Module):
             self.img_emb = ImageEmbedding(cfg.image_dim, cfg.dim)
         self._rope_cache: dict = {}
 
+    def drop_device_caches(self) -> None:
+        """Forget the RoPE tables: they live on the device the model last ran on, and a model sent
+        home (module.to, memory/planner.PinnedHome.to_host) must leave nothing there."""
+        self._rope_cache = {}
+
+    def _apply(self, fn, *args, **kwargs):
+        self.drop_device_caches()  # .to() / .cuda() / .cpu(): rebuilt on the next device used
+        return super()._apply(fn, *args, **kwargs)
+
     @property
     def dtype(self) -> torch.dtype:
         return cast(torch.Tensor, self.text_embedding[0].bias).dtype  # the weight may be stored as fp8
