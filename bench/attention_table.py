@@ -24,7 +24,6 @@ Writes table.md and attention_table.json to --out; prints one JSON line per meas
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -47,14 +46,8 @@ ROWS = ("TORCH_SDPA", "FLASH_ATTN", "FLASH_ATTN_4", "KITCHEN_INT8", "SAGE_ATTN",
 LABELS = {"TORCH_SDPA": "TORCH_SDPA (cuDNN)"}
 SHAPES = ((32760, 12), (32760, 40), (75600, 12), (75600, 40))  # (tokens, heads), head dim 128
 HEAD_DIM = 128
-RESULTS: list[dict] = []
-T0 = time.time()
-
-
-def log(**kw):
-    kw["t"] = round(time.time() - T0, 1)
-    RESULTS.append(kw)
-    print(json.dumps(kw), flush=True)
+log = report.Log()
+RESULTS = log.rows
 
 
 def versions(name: str) -> str:

@@ -17,7 +17,6 @@ Writes int8_variants.json and int8_variants.md to --out; prints one JSON line pe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,20 +26,15 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench import report  # noqa: E402
 from bench.attention_table import errors, reference  # noqa: E402  (fp32 exact attention, cosine and rel. L2)
 from bench.diffusers_baseline import event_time  # noqa: E402
 from fastvideo_nodes.attention import int8, int8_kernel  # noqa: E402
 from fastvideo_nodes.attention.auto import wan_like_inputs  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 128
-RESULTS: list[dict] = []
-T0 = time.time()
-
-
-def log(**kw):
-    kw["t"] = round(time.time() - T0, 1)
-    RESULTS.append(kw)
-    print(json.dumps(kw), flush=True)
+log = report.Log()
+RESULTS = log.rows
 
 
 def shape_rows(tokens: int, names: list[str], budget_s: float):
@@ -53,7 +47,7 @@ def shape_rows(tokens: int, names: list[str], budget_s: float):
     iters = 10 if tokens <= 40000 else 5
     for name in names:
         row = dict(kind="variant", config=name, tokens=tokens, heads=HEADS, default=name == int8_kernel.DEFAULT_NAME)
-        if time.time() - T0 > budget_s:
+        if time.time() - log.t0 > budget_s:
             log(**row, skipped=f"budget of {budget_s:.0f} s spent")
             continue
         cfg = int8_kernel.CONFIGS[name]
@@ -112,13 +106,7 @@ def main():
     for tokens in (int(s) for s in args.shapes.split(",")):
         shape_rows(tokens, names, args.budget_s)
         torch.cuda.empty_cache()
-    lines = table()
-    print("\n".join(lines))
-    with open(os.path.join(args.out, "int8_variants.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1)
-    with open(os.path.join(args.out, "int8_variants.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-
+    report.save(args.out, "int8_variants", RESULTS, "\n".join(table()))
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 
 def save(out: str, stem: str, results: list[dict], md: str, md_name: str | None = None) -> None:
@@ -12,3 +13,17 @@ def save(out: str, stem: str, results: list[dict], md: str, md_name: str | None 
         json.dump(results, f, indent=1, default=str)
     with open(os.path.join(out, md_name or f"{stem}.md"), "w") as f:
         f.write(md + "\n")
+
+
+class Log:
+    """A bench's rows: log(**row) prints it as one JSON line (with `t`, seconds since the start) and
+    keeps it in `rows`, what `save` writes."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.t0 = time.time()
+
+    def __call__(self, **row) -> None:
+        row["t"] = round(time.time() - self.t0, 1)
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)

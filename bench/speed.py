@@ -13,7 +13,6 @@ against diffusers' pipeline call) are bench/e2e.py's job, never composed from th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,14 +29,8 @@ from fastvideo_nodes.models.wan_dit import WanDiT, WanDiTConfig, keep_fp32  # no
 from fastvideo_nodes.pipeline.sampler import SamplingSettings, SamplingStats, denoise, initial_noise  # noqa: E402
 
 SIZES = {"1.3B": WanDiTConfig(), "14B": WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)}
-RESULTS: list[dict] = []
-T0 = time.time()
-
-
-def log(**kw):
-    kw["t"] = round(time.time() - T0, 1)
-    RESULTS.append(kw)
-    print(json.dumps(kw), flush=True)
+log = report.Log()
+RESULTS = log.rows
 
 
 def timeit(fn, warm=1, iters=3) -> float:
