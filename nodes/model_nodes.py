@@ -16,8 +16,9 @@ MODEL = "FASTVIDEO_MODEL"
 
 class LoadFastVideoModel:
     """Wan 2.1 text-to-video or image-to-video files → a FastVideo model, loaded now (placed by the
-    memory plan) and, on CUDA, warmed up by load() for 480×832×81 (the attention decision and the
-    kernel builds a first run would pay; another size shares most kernels). Image-to-video also
+    memory plan) and, on CUDA, warmed up by load() for the model's own size (Wan2.1 480×832×81,
+    Wan2.2 TI2V-5B 704×1280×121: the attention decision and the kernel builds a first run would
+    pay; another size shares most kernels). Image-to-video also
     needs the CLIP vision file (clip_vision), unless a diffusers I2V folder brings its own
     image_encoder/. Wan2.2 A14B: model = the high-noise expert and low_noise_model = the low-noise
     one (same folder).

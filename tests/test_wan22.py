@@ -450,3 +450,22 @@ def test_compiled_blocks_per_token_equal_eager():
         want = ours(x, ts, ctx)
         got = ours.compile_blocks()(x, ts, ctx)
     assert (got - want).abs().max().item() < 1e-5 * want.abs().max().item() + 1e-6
+
+
+def test_load_plans_and_warms_for_the_models_own_size(wan22_set, tiny_model_set, monkeypatch):
+    """load() without a size: TI2V-5B's 704×1280×121 at 1/16, Wan2.1's 480×832×81 at 1/8 (what the
+    loader node's warm-up then runs at)."""
+    from fastvideo_nodes.memory.placement import Placement
+    seen = []
+    real = Placement.prepare
+    monkeypatch.setattr(Placement, "prepare", lambda self, shape: seen.append(shape) or real(self, shape))
+    c = tiny_model_set["comfy_fp32"]
+    shapes = []
+    for gen in (VideoGenerator.from_pretrained(wan22_set["folder"], device="cpu", dtype="fp32"),
+                VideoGenerator.from_pretrained(c["model"], text_encoder=c["text_encoder"], vae=c["vae"],
+                                               device="cpu", dtype="fp32")):
+        seen.clear()
+        with gen:
+            gen.load()
+        shapes.append({(s.height, s.width, s.num_frames, s.vae_stride) for s in seen})
+    assert shapes == [{(704, 1280, 121, 16)}, {(480, 832, 81, 8)}]

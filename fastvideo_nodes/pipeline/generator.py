@@ -225,15 +225,16 @@ class VideoGenerator:
 
     # -- components, loaded on first use (or all at once by load())
 
-    def load(self, *, height: int = 480, width: int = 832, num_frames: int = 81) -> float:
+    def load(self, *, height: int | None = None, width: int | None = None, num_frames: int | None = None) -> float:
         """Load every part whose files are known now, placed by the memory plan for this video
-        shape (a later call of another shape plans again only when it must), then, on CUDA, warm up
+        shape (None: the model's own, as generate_video's: Wan2.1 480×832×81, Wan2.2 TI2V-5B
+        704×1280×121; a later call of another shape plans again only when it must), then, on CUDA, warm up
         for the shape: the attention backend decided (auto's probe) and the kernels of a step and of
         a decode built (pipeline/warmup.py; `warmup_s`). Returns the seconds spent, also kept in
         `load_s` and reported in each result's timings."""
         t0 = time.perf_counter()
         with self._parts.lock, friendly_oom("loading"):
-            shape = self._video_shape(height, width, num_frames)
+            shape = self._default_shape(height, width, num_frames)
             self.placement.prepare(shape)
             if self.num_gpus == 1:
                 self.dit  # noqa: B018  (loads)
@@ -304,10 +305,17 @@ class VideoGenerator:
         """A video of this size in the model's latent geometry (Wan2.2 TI2V-5B: 1/16)."""
         return VideoShape(height, width, num_frames, vae_stride=ti2v.geometry(self.dit_config())[1])
 
+    def _default_shape(self, height: int | None = None, width: int | None = None,
+                       num_frames: int | None = None) -> VideoShape:
+        """_video_shape with the model's own size where one is None."""
+        d_height, d_width, d_frames, _ = ti2v.default_size(self.dit_config())
+        return self._video_shape(d_height if height is None else height, d_width if width is None else width,
+                                 d_frames if num_frames is None else num_frames)
+
     def _loading(self):
         parts = self._parts
         if parts.plan is None:
-            self.placement.prepare(self._video_shape(480, 832, 81))
+            self.placement.prepare(self._default_shape())
         return LoadTimer(parts)
 
     def _load_part(self, name: str, what: str, load, requires: str | None = None):
@@ -612,7 +620,7 @@ class VideoGenerator:
                                                                              guidance_scale_low, flow_shift)
         guidance_scale, scheduler = self._model_defaults(guidance_scale, scheduler)
         wan22 = ti2v.is_wan22(self.dit_config())
-        d_height, d_width, d_frames, d_fps = ti2v.WAN22_SIZE if wan22 else ti2v.WAN21_SIZE
+        d_height, d_width, d_frames, d_fps = ti2v.default_size(self.dit_config())
         height = d_height if height is None else height
         width = d_width if width is None else width
         num_frames = d_frames if num_frames is None else num_frames

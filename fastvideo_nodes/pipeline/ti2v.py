@@ -29,6 +29,11 @@ def is_wan22(dit_cfg) -> bool:
     return dit_cfg.in_channels == 48
 
 
+def default_size(dit_cfg) -> tuple[int, int, int, int]:
+    """(height, width, num_frames, fps) of a video when the caller leaves them out."""
+    return WAN22_SIZE if is_wan22(dit_cfg) else WAN21_SIZE
+
+
 def geometry(dit_cfg) -> tuple[int, int]:
     """(latent channels, spatial stride) of the VAE the DiT was trained with."""
     return (48, 16) if is_wan22(dit_cfg) else (16, 8)
