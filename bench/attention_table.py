@@ -101,14 +101,20 @@ def caller(name: str):
     return cudnn
 
 
+def probe_inputs(tokens: int, heads: int):
+    """(wan, noise, ref_wan, ref_noise): q, k, v [1, S, H, 128] bf16 on CUDA, Wan-like (auto's probe
+    inputs) and plain noise (e4m3's worst case), and each one's fp32 exact attention."""
+    wan = wan_like_inputs(tokens, heads, HEAD_DIM, "cuda", torch.bfloat16, seed=0)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    noise = tuple(torch.randn(1, tokens, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+                  for _ in range(3))
+    return wan, noise, reference(*wan), reference(*noise)
+
+
 def kernels(names: list[str]):
     status = backend_status()
     for tokens, heads in SHAPES:
-        wan = wan_like_inputs(tokens, heads, HEAD_DIM, "cuda", torch.bfloat16, seed=0)
-        g = torch.Generator(device="cuda").manual_seed(1)
-        noise = tuple(torch.randn(1, tokens, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
-                      for _ in range(3))
-        ref_wan, ref_noise = reference(*wan), reference(*noise)
+        wan, noise, ref_wan, ref_noise = probe_inputs(tokens, heads)
         flops = 4 * tokens * tokens * heads * HEAD_DIM
         for name in names:
             row = dict(kind="kernel", backend=name, tokens=tokens, heads=heads, packages=versions(name))

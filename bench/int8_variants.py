@@ -27,10 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench import report  # noqa: E402
-from bench.attention_table import errors, reference  # noqa: E402  (fp32 exact attention, cosine and rel. L2)
+from bench.attention_table import errors, probe_inputs  # noqa: E402  (inputs, fp32 references, error figures)
 from bench.diffusers_baseline import event_time  # noqa: E402
 from fastvideo_nodes.attention import int8, int8_kernel  # noqa: E402
-from fastvideo_nodes.attention.auto import wan_like_inputs  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 128
 log = report.Log()
@@ -38,11 +37,7 @@ RESULTS = log.rows
 
 
 def shape_rows(tokens: int, names: list[str], budget_s: float):
-    wan = wan_like_inputs(tokens, HEADS, HEAD_DIM, "cuda", torch.bfloat16, seed=0)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    noise = tuple(torch.randn(1, tokens, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
-                  for _ in range(3))
-    ref_wan, ref_noise = reference(*wan), reference(*noise)
+    wan, noise, ref_wan, ref_noise = probe_inputs(tokens, HEADS)
     flops = 4 * tokens * tokens * HEADS * HEAD_DIM
     iters = 10 if tokens <= 40000 else 5
     for name in names:
