@@ -108,3 +108,17 @@ def test_the_result_names_the_attention_backend(tiny_model_set, monkeypatch):
     with gen_for(tiny_model_set, attention_backend="auto") as gen:
         r = gen.generate_video("a red fox", num_inference_steps=1, seed=1, **SIZE)
         assert r.attention == {"requested": "AUTO", **record}
+
+
+@pytest.mark.parametrize("size,needle", [(dict(height=-5), "height must be a positive multiple of 16"),
+                                         (dict(width=100), "width must be a positive multiple of 16, got 100; "
+                                                           "nearest valid: 96 or 112"),
+                                         (dict(num_frames="x"), "num_frames must be 4n\\+1")])
+def test_load_refuses_a_bad_size_before_loading(tiny_model_set, size, needle):
+    from fastvideo_nodes.errors import FastVideoError
+    with gen_for(tiny_model_set) as gen:
+        with pytest.raises(FastVideoError, match=needle):
+            gen.load(**size)
+        assert gen._parts.dit is None  # nothing loaded
+        gen.load(height=32, width=48, num_frames=5)  # and the generator still works
+        assert gen._parts.dit is not None

@@ -307,10 +307,15 @@ class VideoGenerator:
 
     def _default_shape(self, height: int | None = None, width: int | None = None,
                        num_frames: int | None = None) -> VideoShape:
-        """_video_shape with the model's own size where one is None."""
-        d_height, d_width, d_frames, _ = ti2v.default_size(self.dit_config())
-        return self._video_shape(d_height if height is None else height, d_width if width is None else width,
-                                 d_frames if num_frames is None else num_frames)
+        """_video_shape with the model's own size where one is None; a bad size raises the sampler's
+        FastVideoError (what is wrong and the nearest valid values) before anything loads."""
+        cfg = self.dit_config()
+        d_height, d_width, d_frames, _ = ti2v.default_size(cfg)
+        size = SamplingSettings(height=d_height if height is None else height,
+                                width=d_width if width is None else width,
+                                num_frames=d_frames if num_frames is None else num_frames)
+        size.with_geometry(*ti2v.geometry(cfg)).validate()
+        return self._video_shape(size.height, size.width, size.num_frames)
 
     def _loading(self):
         parts = self._parts
