@@ -8,6 +8,8 @@ included) and what is still allocated after the pipeline is dropped.
 
     python3 bench/e2e.py --out $OUT --size 1.3B --steps 50          # 480×832×81, CFG 5
     python3 bench/e2e.py --out $OUT --size 1.3B --steps 4 --cfg 1   # the few-step setting
+    python3 bench/e2e.py --out $OUT --size 14B --steps 50 --first-steps 1 --parts build,diffusers
+                                                    # a first call of 1 step: one 14B stack fits a 600 s call
 
 Random weights use std 0.02 (trained Wan weights are of that size), so activations stay finite
 through every layer. Speed does not depend on the weights' values.
@@ -309,6 +311,11 @@ def build_folder(root: str, size: str) -> str:
 
 # ----------------------------------------------------------------------------- the two stacks
 
+def call_steps(args, call: str) -> int:
+    """Steps of the first or the second call: `--first-steps` shortens the first (the warm-up one)."""
+    return args.first_steps if call == "first" and args.first_steps else args.steps
+
+
 def run_diffusers(folder: str, args) -> None:
     from diffusers import WanPipeline
     sync()
@@ -335,11 +342,11 @@ def run_diffusers(folder: str, args) -> None:
             sync()
             t0 = time.perf_counter()
             pipe(prompt=PROMPT, negative_prompt=NEGATIVE if args.cfg > 1 else None, height=args.height,
-                 width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
+                 width=args.width, num_frames=args.frames, num_inference_steps=call_steps(args, call),
                  guidance_scale=args.cfg, generator=torch.Generator("cpu").manual_seed(0), output_type="np")
             sync()
             total = time.perf_counter() - t0
-        log(kind="call", impl="diffusers", size=args.size, call=call, steps=args.steps, cfg=args.cfg,
+        log(kind="call", impl="diffusers", size=args.size, call=call, steps=call_steps(args, call), cfg=args.cfg,
             total_s=round(total, 2), encode_s=round(parts.get("encode_s", 0), 3),
             decode_s=round(parts.get("decode_s", 0), 2),
             denoise_s=round(total - parts.get("encode_s", 0) - parts.get("decode_s", 0), 2),
@@ -371,12 +378,13 @@ def run_ours(folder: str, args, backend: str | None, label: str) -> None:
             sync()
             t0 = time.perf_counter()
             r = gen.generate_video(PROMPT, negative_prompt=NEGATIVE, height=args.height, width=args.width,
-                                   num_frames=args.frames, num_inference_steps=args.steps,
+                                   num_frames=args.frames, num_inference_steps=call_steps(args, call),
                                    guidance_scale=args.cfg, seed=0)
             sync()
             total = time.perf_counter() - t0
         t = r.timings
-        log(kind="call", impl="ours", variant=label, size=args.size, call=call, steps=args.steps, cfg=args.cfg,
+        log(kind="call", impl="ours", variant=label, size=args.size, call=call, steps=call_steps(args, call),
+            cfg=args.cfg,
             total_s=round(total, 2), encode_s=round(t.get("encode_s", 0), 3),
             denoise_s=round(t.get("sample_s", 0), 2), decode_s=round(t.get("decode_s", 0), 2),
             card_peak_gib=round(card.peak, 2), torch_peak_gib=cuda_gib("max_memory_allocated"),
@@ -404,15 +412,15 @@ def emulate_card(card_gb: float) -> None:
 
 
 def table() -> str:
-    rows = ["| stack | call | total s | encode s | denoise s | decode s | card peak GiB | × diffusers |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| stack | call | steps | total s | encode s | denoise s | decode s | card peak GiB | × diffusers |",
+            "|---|---|---|---|---|---|---|---|---|"]
     ref = {r["call"]: r["total_s"] for r in RESULTS if r.get("kind") == "call" and r["impl"] == "diffusers"}
     for r in RESULTS:
         if r.get("kind") == "call":
             name = r["impl"] + (f" ({r['variant']})" if r.get("variant") else "")
             ratio = f"{ref[r['call']] / r['total_s']:.2f}×" if r["call"] in ref else "–"
-            rows.append(f"| {name} | {r['call']} | {r['total_s']} | {r['encode_s']} | {r['denoise_s']} | "
-                        f"{r['decode_s']} | {r['card_peak_gib']} | {ratio} |")
+            rows.append(f"| {name} | {r['call']} | {r['steps']} | {r['total_s']} | {r['encode_s']} | "
+                        f"{r['denoise_s']} | {r['decode_s']} | {r['card_peak_gib']} | {ratio} |")
     return "\n".join(rows)
 
 
@@ -444,6 +452,8 @@ def main():
     ap = common_args()
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--first-steps", type=int, default=None,
+                    help="steps of the first (warm-up) call; default --steps")
     ap.add_argument("--gpu-memory-gb", type=float, default=None, help="ours: the memory budget (None: fit the card)")
     ap.add_argument("--backends", default="TORCH_SDPA,auto", help="ours: attention backends, one run each")
     ap.add_argument("--card-gb", type=float, default=None,
