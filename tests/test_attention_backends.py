@@ -74,7 +74,8 @@ def test_flash4_without_package_or_gpu_says_how_to_install(monkeypatch, fresh_im
     monkeypatch.setitem(sys.modules, "flash_attn", None)
     assert flash4.available() == (
         "FlashAttention 4 needs a CUDA GPU (Hopper or newer); flash-attn-4 is not installed: "
-        "`pip install flash-attn-4 nvidia-cutlass-dsl` (a cutlass-dsl version its release was tested with).")
+        f"{flash4.INSTALL}.")
+    assert "flash-attn-4==4.0.0b36" in flash4.INSTALL and "nvidia-cutlass-dsl[cu13]==4.8.1" in flash4.INSTALL
     with pytest.raises(FastVideoError, match="attention backend FLASH_ATTN_4 cannot run here: .*pip install "
                                              "flash-attn-4"):
         attn.resolve_backend("flash_attn_4")
@@ -87,7 +88,7 @@ def test_flash4_broken_install_and_pre_hopper_gpu(monkeypatch, fresh_imports):
     monkeypatch.setitem(sys.modules, "flash_attn", parent)
     monkeypatch.setitem(sys.modules, "flash_attn.cute", broken)
     assert flash4.import_problem().startswith("flash-attn-4 is installed but `flash_attn.cute` does not import (")
-    assert "reinstall a matching pair: `pip install flash-attn-4 nvidia-cutlass-dsl`" in flash4.import_problem()
+    assert f"reinstall a matching pair: {flash4.INSTALL}" in flash4.import_problem()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(flash4, "_capability", lambda: (8, 9))
     assert flash4.available() == ("FlashAttention 4 runs on Hopper or newer (compute capability 9.0+); this GPU "
