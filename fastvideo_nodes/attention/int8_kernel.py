@@ -3,8 +3,9 @@
 Triton ships as a wheel, so the kernel needs no compiler step on the user's machine. Cheap passes
 quantise the inputs into padded [B, H, S_pad, D] buffers (V transposed to [B, H, D, S_pad]: Hopper's
 fp8 tensor-core product wants both operands contiguous along the reduced dimension), then one kernel
-does the attention. The algorithm, step for step, is `int8.emulate` in torch; see there for why each
-step keeps the error small.
+does the attention (with tail_split, one small launch after it merges the last wave's split query
+blocks). The algorithm, step for step, is `int8.emulate` in torch; see there for why each step keeps
+the error small.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ class Config:
     q_in_kernel: bool = False  # Q quantised by the attention kernel from bf16: one pre-pass fewer
     fused_quant: bool = False  # pre-passes in four launches, no torch ops: K/V sums, their finish, Q and K, V
     maxnreg: int | None = None  # register cap per thread: 168 lets three 4-warp CTAs share an SM
+    tail_split: int = 0  # up to this many key ranges per query block of the last, partial wave (merged by one launch)
+    ctas_per_sm: int = 3  # what sm_90a's registers and shared memory allow: tail_split's wave is this × SMs
 
 
 # Offered to the bench (bench/int8_variants.py); DEFAULT_NAME is what attend() uses. Earlier H200 readings
@@ -63,9 +66,17 @@ CONFIGS = {
     # 64-key blocks with acc_in_mma need 160 registers: three CTAs per SM as they are, four under a 128 cap
     "m64n64w4s3_tma_fold_accmma": Config(64, 64, 4, 3, tma=True, fold_bias=True, acc_in_mma=True),
     "m64n64w4s2_tma_fold_accmma_r128": Config(64, 64, 4, 2, tma=True, fold_bias=True, acc_in_mma=True, maxnreg=128),
-    # Issue 17's remaining 0.33 ms of pre-passes: fq = four pre-pass launches and no torch ops (the separate
-    # passes take eleven and read V three times)
+    # Issue 17's remaining 0.33 ms of pre-passes and the partial last wave (6,144 query blocks at 32,760 tokens
+    # over 132 SMs × 3 CTAs leave 204 for a 16th wave): fq = four pre-pass launches and no torch ops (the
+    # separate passes take eleven and read V three times), tsN = that wave's blocks cut into up to N key ranges.
     "m64n128w4s2_tma_fold_r168_fq": replace(_BEST, num_stages=2, fold_bias=True, maxnreg=168, fused_quant=True),
+    "m64n128w4s2_tma_fold_r168_ts8": replace(_BEST, num_stages=2, fold_bias=True, maxnreg=168, tail_split=8),
+    "m64n128w4s2_tma_fold_r168_fq_ts3": replace(_BEST, num_stages=2, fold_bias=True, maxnreg=168, fused_quant=True,
+                                                tail_split=3),
+    "m64n128w4s2_tma_fold_r168_fq_ts8": replace(_BEST, num_stages=2, fold_bias=True, maxnreg=168, fused_quant=True,
+                                                tail_split=8),
+    "m64n128w4s2_tma_fold_accmma_r168_fq_ts8": replace(_BEST, num_stages=2, fold_bias=True, acc_in_mma=True,
+                                                       maxnreg=168, fused_quant=True, tail_split=8),
 }
 # H200 reading of 2026-12-03 (bench/int8_variants.py, whole call with pre-passes, 32,760 / 75,600 tokens):
 # m64n128w4s3_tma 725 / 728 TFLOP/s, _fold 760 / 769, _fold_accmma 780 / 807, s2_fold_r168 785 / 787 (kernel
@@ -313,15 +324,38 @@ def _block_tma(acc, l_i, m_i, q, k, v, qk_scale, start_n, S,
 
 
 @triton.jit
+def _store_out(acc, l_i, VS, VM, O, b, h, bh, offs_m, Sq, sob, sos, soh, D: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    out = acc * (tl.load(VS + bh * D + offs_d)[None, :] / l_i[:, None]) + tl.load(VM + bh * D + offs_d)[None, :]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=offs_m[:, None] < Sq)
+
+
+@triton.jit
 def _attn_fwd_tma(q_src, k_desc, v_desc, QS, KS, VS, VM, O, Sq, S, H, Sq_pad, Sk_pad, n_qblk, n_kblk, sob, sos, soh,
-                  sqb, sqs, sqh, q_extra,
+                  sqb, sqs, sqh, q_extra, WA, WML, n_whole, n_pieces,
                   D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FAST_I2F: tl.constexpr,
-                  FOLD: tl.constexpr, ACC_MMA: tl.constexpr, Q_IN_KERNEL: tl.constexpr):
+                  FOLD: tl.constexpr, ACC_MMA: tl.constexpr, Q_IN_KERNEL: tl.constexpr, SPLIT: tl.constexpr):
     """_attn_fwd with the tiles read through tensor descriptors: k as [B·H·S_pad, D], vᵀ as [B·H·D, S_pad];
     q as [B·H·S_pad, D] int8, or (Q_IN_KERNEL) the caller's bf16 [B, S, H, D], quantised here the way
-    _quant_int8 does it (one scale per BM rows, q_extra folded in)."""
-    mblk = tl.program_id(0)
-    bh = tl.program_id(1)
+    _quant_int8 does it (one scale per BM rows, q_extra folded in). SPLIT: a 1-D grid of the 2-D grid's
+    first n_whole programs, then n_pieces programs for each later query block, each over 1/n_pieces of
+    the key blocks, leaving its unnormalised sums in WA (acc) and WML (m, l) for _merge_tail."""
+    n_kb = tl.cdiv(S, BN)
+    if SPLIT:
+        pid = tl.program_id(0)
+        piece = pid - n_whole
+        unit = tl.where(piece < 0, pid, n_whole + piece // n_pieces)
+        mblk = unit % n_qblk
+        bh = unit // n_qblk
+        part = piece % n_pieces  # only read where piece ≥ 0
+        lo = tl.where(piece < 0, 0, part * n_kb // n_pieces)
+        hi = tl.where(piece < 0, n_kb, (part + 1) * n_kb // n_pieces)
+    else:
+        mblk = tl.program_id(0)
+        bh = tl.program_id(1)
+        lo = 0
+        hi = n_kb
     b = bh // H
     h = bh % H
     offs_m = mblk * BM + tl.arange(0, BM)
@@ -341,20 +375,51 @@ def _attn_fwd_tma(q_src, k_desc, v_desc, QS, KS, VS, VM, O, Sq, S, H, Sq_pad, Sk
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
     n_full = S // BN
-    for j in range(0, n_full):
+    for j in range(lo, tl.minimum(hi, n_full)):
         k = k_desc.load([bh * Sk_pad + j * BN, 0])
         v = tl.trans(v_desc.load([bh * D, j * BN]))
         acc, l_i, m_i = _block_tma(acc, l_i, m_i, q, k, v, q_scale * tl.load(ks_ptr + j), j * BN, S,
                                    BN, False, FAST_I2F, FOLD, ACC_MMA)
-    if n_full * BN < S:
+    if hi > n_full:  # the last key block reaches past S
         k = k_desc.load([bh * Sk_pad + n_full * BN, 0])
         v = tl.trans(v_desc.load([bh * D, n_full * BN]))
         acc, l_i, m_i = _block_tma(acc, l_i, m_i, q, k, v, q_scale * tl.load(ks_ptr + n_full), n_full * BN, S,
                                    BN, True, FAST_I2F, FOLD, ACC_MMA)
-    v_scale = tl.load(VS + bh * D + offs_d)
-    out = acc * (v_scale[None, :] / l_i[:, None]) + tl.load(VM + bh * D + offs_d)[None, :]
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=offs_m[:, None] < Sq)
+    if SPLIT:
+        piece = tl.program_id(0) - n_whole  # again: one register less through the loop
+        if piece >= 0:
+            rows = tl.arange(0, BM)
+            tl.store(WA + piece * BM * D + rows[:, None] * D + offs_d[None, :], acc)
+            tl.store(WML + piece * 2 * BM + rows, m_i)
+            tl.store(WML + piece * 2 * BM + BM + rows, l_i)
+        else:
+            _store_out(acc, l_i, VS, VM, O, b, h, bh, offs_m, Sq, sob, sos, soh, D)
+    else:
+        _store_out(acc, l_i, VS, VM, O, b, h, bh, offs_m, Sq, sob, sos, soh, D)
+
+
+@triton.jit
+def _merge_tail(WA, WML, VS, VM, O, Sq, H, n_qblk, n_whole, n_pieces, sob, sos, soh,
+                D: tl.constexpr, BM: tl.constexpr):
+    """One split query block: its n_pieces partial softmax sums, each relative to its own row maximum
+    (P's 448 scale included), rescaled to the largest and added up as one key loop would have."""
+    t = tl.program_id(0)
+    unit = n_whole + t
+    mblk = unit % n_qblk
+    bh = unit // n_qblk
+    rows = tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    m = tl.full([BM], float("-inf"), tl.float32)
+    for p in range(0, n_pieces):
+        m = tl.maximum(m, tl.load(WML + (t * n_pieces + p) * 2 * BM + rows))
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    for p in range(0, n_pieces):
+        piece = t * n_pieces + p
+        w = tl.math.exp2(tl.load(WML + piece * 2 * BM + rows) - m)
+        l_i += w * tl.load(WML + piece * 2 * BM + BM + rows)
+        acc += w[:, None] * tl.load(WA + piece * BM * D + rows[:, None] * D + offs_d[None, :])
+    _store_out(acc, l_i, VS, VM, O, bh // H, bh % H, bh, mblk * BM + rows, Sq, sob, sos, soh, D)
 
 
 STATS_CHUNK = 256  # tokens per _kv_partials program: 128 programs per head at 32,760 tokens
@@ -437,12 +502,39 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Config = D
         _attn_fwd[(nq, B * H)](q8, k8, v8, qs, ks, vs, vm, out, *sizes,
                                D=D, BM=cfg.block_m, BN=cfg.block_n, FAST_I2F=cfg.fast_i2f, **opts)
         return out
+    units = nq * B * H
+    n_whole, n_pieces = units, 1
+    if cfg.tail_split > 1:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        n_kb = triton.cdiv(k.shape[1], cfg.block_n)
+        n_whole, n_pieces = _tail_plan(units, sms * cfg.ctas_per_sm, cfg.tail_split, n_kb)
+    n_split = units - n_whole
+    wa = wml = vs  # unread without a split
+    if n_split:
+        wa = torch.empty(n_split * n_pieces, cfg.block_m, D, device=q.device, dtype=torch.float32)
+        wml = torch.empty(n_split * n_pieces, 2, cfg.block_m, device=q.device, dtype=torch.float32)
     TensorDescriptor = tensor_descriptor()
     q_src = q if q8 is None else TensorDescriptor.from_tensor(q8.view(-1, D), [cfg.block_m, D])
-    _attn_fwd_tma[(nq, B * H)](
+    grid = (n_whole + n_split * n_pieces,) if n_split else (nq, B * H)
+    _attn_fwd_tma[grid](
         q_src, TensorDescriptor.from_tensor(k8.view(-1, D), [cfg.block_n, D]),
         TensorDescriptor.from_tensor(v8.view(-1, v8.shape[-1]), [D, cfg.block_n]),
         ks if qs is None else qs, ks, vs, vm, out, *sizes, q.stride(0), q.stride(1), q.stride(2),
-        LOG2E / math.sqrt(D), D=D, BM=cfg.block_m, BN=cfg.block_n, FAST_I2F=cfg.fast_i2f, FOLD=cfg.fold_bias,
-        ACC_MMA=cfg.acc_in_mma, Q_IN_KERNEL=q8 is None, **opts)
+        LOG2E / math.sqrt(D), wa, wml, n_whole, n_pieces, D=D, BM=cfg.block_m, BN=cfg.block_n,
+        FAST_I2F=cfg.fast_i2f, FOLD=cfg.fold_bias, ACC_MMA=cfg.acc_in_mma, Q_IN_KERNEL=q8 is None,
+        SPLIT=n_split > 0, **opts)
+    if n_split:
+        _merge_tail[(n_split,)](wa, wml, vs, vm, out, S, H, nq, n_whole, n_pieces, *sizes[-3:], D=D, BM=cfg.block_m)
     return out
+
+
+def _tail_plan(units: int, wave: int, most: int, n_kb: int) -> tuple[int, int]:
+    """(query blocks run whole, key ranges for each later one): the last, partial wave's r blocks cut
+    into p ranges take ceil(r·p / wave) / p of a wave instead of one; worth it from a tenth saved (the
+    pieces' sums go through memory and a merge launch)."""
+    r = units % wave
+    best, pieces = 0.9, 1
+    for p in range(2, min(most, n_kb) + 1):
+        if math.ceil(r * p / wave) / p < best:
+            best, pieces = math.ceil(r * p / wave) / p, p
+    return (units - r, pieces) if r and pieces > 1 else (units, 1)
