@@ -114,7 +114,8 @@ def variants(budget_s: float, setups: list[str] | None = None, configs: list[str
     """Issue 16's pick: the whole op in tile order (set-up + kernel, `video_sparse.triton_call`, what the
     op runs) at 480p, per set-up of `video_sparse_select.SETUPS` under the default kernel config and per
     kernel config (`VARIANT_CONFIGS` or `configs`) under the default set-up, then the best of each
-    together. Each row: warm ms of the whole op and of its part (set-up or kernel alone), the first
+    together. Each row: warm ms of the whole op and of its part (set-up or kernel alone; the set-up
+    alone is `prepare_tiled`, all heads at once, also for the head_chunks set-ups), the first
     call's seconds (compiles), the largest difference from the defaults' output, and for set-ups the
     share of index-table rows unlike the default's (a near-tie at the k-th score: the fused
     compressed branch sums in another order). Variants past budget_s are skipped (and say so).

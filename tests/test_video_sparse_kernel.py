@@ -299,7 +299,7 @@ def test_sparse_kernel_builds_for_hopper(dtype, d, tma, rows, packed, lazy):
                  GATE=f"*{dtype}", O=f"*{dtype}", qk_scale="fp32")
     kernel = sm90_build(K._vsa_fwd, types, dict(D=d, BM=rows, HAS_COMP=True, HAS_GATE=True, TMA=tma, PACKED=packed,
                                                  LAZY=lazy),
-                        odd=("H", "k_tiles", "P"),  # as at 480p: 12 heads, 125 tiles kept, 32,760 tokens
+                        odd=("H", "H0", "k_tiles", "P"),  # as at 480p: 12 heads, 125 tiles kept, 32,760 tokens
                         num_stages=2 if packed else 3)  # packed: as DEFAULT runs it (at 3 its loops go 3 deep)
     ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
     # 64 query rows run on Hopper's warpgroup MMA; 16 or 32 rows are below its size and use mma.sync

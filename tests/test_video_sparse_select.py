@@ -130,6 +130,17 @@ for grid, sp in (((5, 6, 7), 0.5), ((3, 5, 9), 0.8)):
         if grid == (5, 6, 7):
             row["ref"] = (vs.triton_call(*tiled[:3], tiled[3], lay, sp, True, st).double() - want).abs().max().item()
         res["setups"].append(row)
+
+# Heads in groups (head_chunks; on the CPU one group after another): 5 heads in 2, 3, 4 uneven groups and
+# more groups than the 2 heads above give the default's output.
+res["overlap"] = []
+lay = vs.layout((5, 6, 7), "cpu")
+x = [torch.randn(1, 210, 5, 64, generator=g)[:, lay.order] for _ in range(4)]
+base = vs.triton_call(*x[:3], x[3], lay, 0.5, True)
+for name, st in SETUPS.items():
+    if st.head_chunks > 1:
+        out = vs.triton_call(*x[:3], x[3], lay, 0.5, True, st)
+        res["overlap"].append(dict(setup=name, diff=(out - base).abs().max().item()))
 print(json.dumps(res))
 """
 
@@ -168,6 +179,13 @@ def test_compressed_in_one_launch_equals_torch(interpreted):
     assert len(interpreted["compressed"]) == 9
     for c in interpreted["compressed"]:
         assert c["scores"] < 1e-5 and c["out"] < 1e-6 and c["tables"], c
+
+
+def test_head_groups_give_the_default_output(interpreted):
+    rows = interpreted["overlap"]
+    assert [c["setup"] for c in rows] == ["overlap2", "overlap3", "overlap4", "fused_overlap3"]
+    for c in rows:  # the same sums per head; the fused set-up's branch within rounding
+        assert c["diff"] == 0.0 if c["setup"].startswith("overlap") else c["diff"] < 1e-6, c
 
 
 def test_every_setup_gives_the_default_tables_and_the_reference(interpreted):

@@ -301,14 +301,65 @@ def triton_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.T
     """The Triton path's whole call (what the op runs), set-up and kernel; setup, cfg: the
     `video_sparse_select.Setup` and kernel `Config` (None: the defaults), for the bench's variants."""
     from .video_sparse_kernel import DEFAULT, attention
+    from .video_sparse_select import DEFAULT_SETUP
+    setup, cfg = setup or DEFAULT_SETUP, cfg or DEFAULT
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if tiled and setup.head_chunks > 1:
+        return _overlapped(q, k, v, gate, lay, sparsity, setup, cfg, out)
     if tiled:  # in and out in tile order: no gather, and the kernel writes its rows in place
         qt, kt, vt, out_c, index, ends = prepare_tiled(q, k, v, lay, sparsity, setup)
-        return attention(qt, kt, vt, index, ends, lay.counts, lay.tiled_token, out, comp=out_c, gate=gate,
-                         cfg=cfg or DEFAULT, query_groups=lay.query_groups, starts=lay.starts)
+        return attention(qt, kt, vt, index, ends, lay.counts, lay.tiled_token, out, comp=out_c, gate=gate, cfg=cfg,
+                         query_groups=lay.query_groups, starts=lay.starts)
     qt, kt, vt, out_c, index, ends = prepare(q, k, v, lay, sparsity, setup)
-    return attention(qt, kt, vt, index, ends, lay.counts, lay.token, out, comp=out_c, gate=gate, cfg=cfg or DEFAULT,
+    return attention(qt, kt, vt, index, ends, lay.counts, lay.token, out, comp=out_c, gate=gate, cfg=cfg,
                      query_groups=lay.query_groups)
+
+
+@functools.cache
+def _side_streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+    """(set-up, second kernel) streams of `_overlapped`; the set-up's at high priority, so its programs
+    start first as SMs free up."""
+    return torch.cuda.Stream(device, priority=-1), torch.cuda.Stream(device)
+
+
+def _overlapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, lay: Layout,
+                sparsity: float, setup: Setup, cfg: Config, out: torch.Tensor) -> torch.Tensor:
+    """Tile order with the heads in `setup.head_chunks` groups: each group's set-up on a side stream while
+    the kernel runs the group before, so the memory-bound set-up hides under the compute-bound kernel
+    (their programs fit on an SM together) but for the first group's. The groups' kernels alternate
+    between the caller's stream and a second one, so each fills the tail of the one before. On the CPU
+    (the interpreter) the same groups run one after another."""
+    from .video_sparse_kernel import attention
+    from .video_sparse_select import means3, means3_rows
+    if not (q.stride() == k.stride() == v.stride() and q.is_contiguous()):  # the kernel reads them alike
+        q, k, v = (x.contiguous() for x in (q, k, v))
+    heads = q.shape[2]
+    chunks = min(setup.head_chunks, heads)  # no empty group
+    bounds = [heads * i // chunks for i in range(chunks + 1)]
+    streams = None
+    if q.is_cuda:
+        main = torch.cuda.current_stream(q.device)
+        side, second = _side_streams(q.device)
+        side.wait_stream(main)  # q, k, v are written
+        second.wait_stream(main)  # and `out` is allocated
+        streams = (side, (main, second))
+    for i, (h0, h1) in enumerate(zip(bounds, bounds[1:])):
+        with torch.cuda.stream(streams[0]) if streams else contextlib.nullcontext():
+            qh, kh, vh = (t[:, :, h0:h1] for t in (q, k, v))
+            means = (means3_rows(qh, kh, vh, lay.starts, lay.counts) if setup.direct_means
+                     else means3(qh, kh, vh, lay.tiled_token, lay.counts))
+            comp, index, ends = _branch_and_tables(means, lay, sparsity, setup, starts=lay.starts)
+        run = streams[1][i % 2] if streams else None
+        if streams and run is not None:
+            run.wait_stream(streams[0])
+            for t in (comp, index, ends):
+                t.record_stream(run)  # made on the set-up stream, read on this one
+        with torch.cuda.stream(run) if run is not None else contextlib.nullcontext():
+            attention(q, k, v, index, ends, lay.counts, lay.tiled_token, out, comp=comp, gate=gate, cfg=cfg,
+                      query_groups=lay.query_groups, starts=lay.starts, heads=(h0, h1))
+    if streams:
+        streams[1][0].wait_stream(streams[1][1])  # the caller's stream: every group written
+    return out
 
 
 @torch.library.custom_op("fastvideo::video_sparse_attention", mutates_args=())

@@ -128,15 +128,16 @@ def _pieces(acc, l_i, m_i, q, K, V, idx, counts, lo, hi, b, h, P, sxb, sxs, sxh,
 
 @triton.jit
 def _vsa_fwd(Q, K64, V64, K16, V16, K32, V32, QTILES, IDX, ENDS, COUNTS, STARTS, COMP, GATE, TOK, O,
-             N, H, P, k_tiles, sxb, sxs, sxh, sgb, sgs, sgh, sob, sos, soh, qk_scale,
+             N, H, H0, P, k_tiles, sxb, sxs, sxh, sgb, sgs, sgh, sob, sos, soh, qk_scale,
              D: tl.constexpr, BM: tl.constexpr, HAS_COMP: tl.constexpr, HAS_GATE: tl.constexpr,
              TMA: tl.constexpr, PACKED: tl.constexpr, LAZY: tl.constexpr = False):
     """Program (i, b·H + h): query tile QTILES[i], its first BM slots (all its real tokens). PACKED: the
-    inputs in tile order, the tile from STARTS[tile] (P = S rows a batch), IDX packed (`pack`)."""
+    inputs in tile order, the tile from STARTS[tile] (P = S rows a batch), IDX packed (`pack`). H heads
+    from head H0 of the inputs and the output; the tables and COMP hold those H alone."""
     tile = tl.load(QTILES + tl.program_id(0))
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    h = (bh % H + H0).to(tl.int64)
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     q_start = tl.load(STARTS + tile) if PACKED else tile * _TILE
@@ -242,7 +243,7 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
               counts: torch.Tensor, tokens: torch.Tensor, out: torch.Tensor, comp: torch.Tensor | None = None,
               gate: torch.Tensor | None = None, cfg: Config | None = DEFAULT,
               query_groups: tuple[tuple[int, torch.Tensor], ...] | None = None,
-              starts: torch.Tensor | None = None) -> torch.Tensor:
+              starts: torch.Tensor | None = None, heads: tuple[int, int] | None = None) -> torch.Tensor:
     """The sparse branch, written into `out`.
 
     qt, kt, vt: [B, N·64, H, D] padded tiles (same strides, last dim contiguous; TMA wants them
@@ -254,8 +255,11 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
     groups whose rows are not in cfg.q_rows join the 64-row launch.
     starts: [N] int32, given when qt, kt, vt are in tile order without padding ([B, S, H, D], tile i's
     tokens from starts[i]); index is then `pack`ed and tokens the layout's `tiled_token`.
+    heads: (first, end) to run only those heads of qt, kt, vt, gate and out (whole tensors, so TMA still
+    applies); index, ends and comp then hold those heads alone.
     """
     B, P, H, D = qt.shape
+    h0, hc = (0, H) if heads is None else (heads[0], heads[1] - heads[0])
     N, k_tiles = index.shape[2], index.shape[3]
     if not (qt.stride() == kt.stride() == vt.stride() and qt.stride(-1) == 1 and out.stride(-1) == 1):
         raise ValueError("video sparse kernel: q, k, v tiles must share one layout, last dim contiguous")
@@ -271,12 +275,12 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
     kv = (desc(kt, BLOCK), desc(vt, BLOCK), desc(kt, 16), desc(vt, 16), desc(kt, 32), desc(vt, 32)) if tma \
         else (kt, vt, kt, vt, kt, vt)
     rest = (index, ends, counts, starts if starts is not None else counts, comp if comp is not None else qt, g,
-            tokens, out, N, H, P, k_tiles, qt.stride(0), qt.stride(1), qt.stride(2), g.stride(0), g.stride(1),
+            tokens, out, N, hc, h0, P, k_tiles, qt.stride(0), qt.stride(1), qt.stride(2), g.stride(0), g.stride(1),
             g.stride(2), out.stride(0), out.stride(1), out.stride(2), LOG2E / math.sqrt(D))
     flags = dict(D=D, HAS_COMP=comp is not None, HAS_GATE=gate is not None, TMA=tma, PACKED=starts is not None)
     for rows, qtiles in launches:
         args = (desc(qt, rows) if tma else qt, *kv, qtiles, *rest)
-        launch = (qtiles.numel(), B * H)
+        launch = (qtiles.numel(), B * hc)
         if cfg is None:
             _AUTOTUNED[launch](*args, BM=rows, **flags)
         else:

@@ -217,16 +217,21 @@ class Setup:
     """How the Triton path's set-up runs (all give the same tables from the same scores; the bench
     picks). compressed: "torch" (four torch ops on fp32 matmuls) or the precision of one `compressed`
     launch ("tf32x3", "ieee"), comp_rows its query tiles a program; select_warps, select_bits: `select`'s
-    warps and bits; direct_means: tile order's means from the tile starts (`means3_rows`)."""
+    warps and bits; direct_means: tile order's means from the tile starts (`means3_rows`); head_chunks:
+    tile order's heads in that many groups, each group's set-up under the kernel of the one before
+    (`video_sparse._overlapped`)."""
     compressed: str = "torch"
     comp_rows: int = 32
     select_warps: int | None = None
     select_bits: int = 1
     direct_means: bool = False
+    head_chunks: int = 1
 
 
 SETUPS = {  # in the order the bench tries them (the likelier winners first, in case its budget runs out)
     "torch": Setup(),
+    "overlap2": Setup(head_chunks=2), "overlap3": Setup(head_chunks=3), "overlap4": Setup(head_chunks=4),
+    "fused_overlap3": Setup("tf32x3", select_warps=1, direct_means=True, head_chunks=3),
     "fused_all": Setup("tf32x3", select_warps=1, select_bits=2, direct_means=True),
     "fused": Setup("tf32x3"), "fused_m16": Setup("tf32x3", 16), "fused_m64": Setup("tf32x3", 64),
     "fused_w1": Setup("tf32x3", select_warps=1), "fused_ieee": Setup("ieee"),
