@@ -114,11 +114,12 @@ def variants(budget_s: float, setups: list[str] | None = None, configs: list[str
     """Issue 16's pick: the whole op in tile order (set-up + kernel, `video_sparse.triton_call`, what the
     op runs) at 480p, per set-up of `video_sparse_select.SETUPS` under the default kernel config and per
     kernel config (`VARIANT_CONFIGS` or `configs`) under the default set-up, then the best of each
-    together. Each row: warm ms of the whole op and of its part (set-up or kernel alone; the set-up
-    alone is `prepare_tiled`, all heads at once, also for the head_chunks set-ups), the first
-    call's seconds (compiles), the largest difference from the defaults' output, and for set-ups the
-    share of index-table rows unlike the default's (a near-tie at the k-th score: the fused
-    compressed branch sums in another order). Variants past budget_s are skipped (and say so).
+    together. Order: the first six set-ups, the configs, the other set-ups, then the set-up's steps
+    one by one, so that a spent budget skips the least promising (a skipped row says so). Each row:
+    warm ms of the whole op and of its part alone (the kernel, or `prepare_tiled` with all heads at
+    once, also for the head_chunks set-ups), the first call's seconds (compiles), the largest
+    difference from the defaults' output, and for set-ups the share of index-table rows unlike the
+    default's (a near-tie at the k-th score: the fused compressed branch sums in another order).
     Adopting a winner is one line: `DEFAULT_SETUP` or `DEFAULT` in its module."""
     from fastvideo_nodes.attention import video_sparse as vs
     from fastvideo_nodes.attention import video_sparse_kernel as K
@@ -158,7 +159,7 @@ def variants(budget_s: float, setups: list[str] | None = None, configs: list[str
             speedup_vs_dense=round(dense / ms, 2),
             max_abs_diff=round((out.float() - base_out.float()).abs().max().item(), 5), **extra)
 
-    for name in setups or list(sel.SETUPS):
+    def setup_row(name: str) -> None:
         st = sel.SETUPS[name]
         try:
             got = vs.prepare_tiled(tq, tk, tv, lay, sparsity, st)
@@ -166,9 +167,27 @@ def variants(budget_s: float, setups: list[str] | None = None, configs: list[str
                          comp_max_abs_diff=(got[3] - base[3]).abs().max().item())
         except Exception as e:
             log(kind="variant", part="setup", name=name, error=f"{e!r:.300}")
-            continue
-        row("setup", name, st, None, lambda st=st: vs.prepare_tiled(tq, tk, tv, lay, sparsity, st), **extra)
-    if time.time() - t0 < budget_s:  # the set-up's steps one by one (their kernels are built by now)
+            return
+        row("setup", name, st, None, lambda: vs.prepare_tiled(tq, tk, tv, lay, sparsity, st), **extra)
+
+    out = torch.empty_like(tq)
+
+    def config_row(name: str) -> None:
+        cfg = K.CONFIGS[name]
+        row("config", name, None, cfg, lambda: K.attention(
+            *base[:3], base[4], base[5], lay.counts, lay.tiled_token, out, comp=base[3], gate=tg, cfg=cfg,
+            query_groups=lay.query_groups, starts=lay.starts))
+
+    # The first set-ups (the likelier winners), every config, then the other set-ups: a spent budget
+    # skips the least promising.
+    names = setups or list(sel.SETUPS)
+    for name in names[:6]:
+        setup_row(name)
+    for name in configs or VARIANT_CONFIGS:
+        config_row(name)
+    for name in names[6:]:
+        setup_row(name)
+    if time.time() - t0 < budget_s:  # the set-up's steps one by one
         means = sel.means3(tq, tk, tv, lay.tiled_token, lay.counts)
         scores, _ = vs.compressed_from_means(*means)
         kept = vs.kept_tiles(sparsity, lay.num_tiles)
@@ -182,12 +201,6 @@ def variants(budget_s: float, setups: list[str] | None = None, configs: list[str
                     for w, b in ((4, 1), (2, 1), (1, 1), (4, 2), (1, 2))}}
         log(kind="variant_steps", sparsity=sparsity,
             **{f"{name}_ms": round(cuda_ms(fn, 20), 4) for name, fn in steps.items()})
-    out = torch.empty_like(tq)
-    for name in configs or VARIANT_CONFIGS:
-        cfg = K.CONFIGS[name]
-        row("config", name, None, cfg, lambda cfg=cfg: K.attention(
-            *base[:3], base[4], base[5], lay.counts, lay.tiled_token, out, comp=base[3], gate=tg, cfg=cfg,
-            query_groups=lay.query_groups, starts=lay.starts))
     if found["setup"] and found["config"]:
         best_setup = min(found["setup"], key=found["setup"].get)
         best_cfg = min(found["config"], key=found["config"].get)
