@@ -9,6 +9,8 @@
   tables, kernel, epilogue) and every kernel config (`vsa_split`, `vsa_config` rows).
 - tiled: only the cuDNN row and the `vsa_tiled` rows. dit: a random 1.3B FastWan DiT's 480p forward
   (eager) with its blocks in tile order against token order (`dit_forward` row).
+- variants: the whole op in tile order per set-up (`video_sparse_select.SETUPS`) and per kernel
+  config, then the best pair (`variant*` rows, then a table).
 - e2e: a random full-size FastWan folder (bench/e2e.py's 1.3B folder plus the per-block
   `attn1.to_gate_compress` weights FastWan adds), `VideoGenerator.from_pretrained(folder)`, `load()`,
   then `generate_video(prompt)` with the defaults the loader picks for FastWan (VSA 0.8, dmd
@@ -16,6 +18,7 @@
 
     python3 bench/fastwan.py --out $OUT [--compile] [--parts kernel,e2e]
     python3 bench/fastwan.py --out $OUT --parts tiled,dit   # token order against tile order, op and 1.3B DiT (short)
+    python3 bench/fastwan.py --out $OUT --parts variants [--budget-s 90]   # issue 16's set-up × kernel pick (~80 s)
     python3 bench/fastwan.py --device cpu --size tiny --height 64 --width 64 --frames 9 --parts e2e   # smoke test
 
 Random weights: speed does not depend on the values (see bench/e2e.py).
@@ -99,6 +102,116 @@ def tiled() -> None:
     q, k, v, gate, dense, _ = dense_inputs()
     for sparsity in (0.8, 0.9):
         tiled_vs_token(q, k, v, gate, sparsity, dense)
+
+
+# The kernel configs `variants` times by default: the TMA ones near the default, and the new ones.
+VARIANT_CONFIGS = ("w4s2_tma", "w4s2_tma_lazy", "w4s1_tma", "w4s1_tma_lazy", "w4s1_tma_r128", "w4s1_tma_lazy_r128",
+                   "w4s3_tma")
+
+
+def variants(budget_s: float, setups: list[str] | None = None, configs: list[str] | None = None,
+             sparsity: float = 0.8) -> None:
+    """Issue 16's pick: the whole op in tile order (set-up + kernel, `video_sparse.triton_call`, what the
+    op runs) at 480p, per set-up of `video_sparse_select.SETUPS` under the default kernel config and per
+    kernel config (`VARIANT_CONFIGS` or `configs`) under the default set-up, then the best of each
+    together. Order: the first six set-ups, the configs, the other set-ups, then the set-up's steps
+    one by one, so that a spent budget skips the least promising (a skipped row says so). Each row:
+    warm ms of the whole op and of its part alone (the kernel, or `prepare_tiled` with all heads at
+    once, also for the head_chunks set-ups), the first call's seconds (compiles), the largest
+    difference from the defaults' output, and for set-ups the share of index-table rows unlike the
+    default's (a near-tie at the k-th score: the fused compressed branch sums in another order).
+    Adopting a winner is one line: `DEFAULT_SETUP` or `DEFAULT` in its module."""
+    from fastvideo_nodes.attention import video_sparse as vs
+    from fastvideo_nodes.attention import video_sparse_kernel as K
+    from fastvideo_nodes.attention import video_sparse_select as sel
+    t0 = time.time()
+    q, k, v, gate, dense, _ = dense_inputs()
+    lay = vs.layout(GRID, str(q.device))
+    tq, tk, tv, tg = (x[:, lay.order].contiguous() for x in (q, k, v, gate))
+    whole = lambda setup=None, cfg=None: vs.triton_call(tq, tk, tv, tg, lay, sparsity, True, setup, cfg)
+    base_out = whole()
+    base = vs.prepare_tiled(tq, tk, tv, lay, sparsity)
+    op = lambda: vs.attend(tq, tk, tv, grid=GRID, gate=tg, options=vs.VideoSparseOptions(sparsity), impl="triton",
+                           tiled=True)
+    log(kind="variant_op", sparsity=sparsity, op_ms=round(cuda_ms(op, 20), 3),
+        whole_default_ms=round(cuda_ms(whole, 20), 3), target_ms_3x=round(dense / 3, 3))
+    found: dict[str, dict[str, float]] = {"setup": {}, "config": {}}
+
+    def row(part: str, name: str, setup, cfg, alone, **extra) -> None:
+        info = dict(kind="variant", part=part, name=name, sparsity=sparsity,
+                    default=(setup or cfg) in (sel.DEFAULT_SETUP, K.DEFAULT))
+        if time.time() - t0 > budget_s:
+            log(**info, skipped=f"budget of {budget_s:.0f} s spent")
+            return
+        try:
+            sync()
+            start = time.perf_counter()
+            out = whole(setup, cfg)
+            sync()
+            first_s = time.perf_counter() - start
+            ms = cuda_ms(lambda: whole(setup, cfg), 20)
+            alone_ms = cuda_ms(alone, 20)
+        except Exception as e:  # a variant this GPU or Triton cannot build: the row says why
+            log(**info, error=f"{e!r:.300}")
+            return
+        found[part][name] = ms
+        log(**info, whole_ms=round(ms, 3), alone_ms=round(alone_ms, 3), first_s=round(first_s, 2),
+            speedup_vs_dense=round(dense / ms, 2),
+            max_abs_diff=round((out.float() - base_out.float()).abs().max().item(), 5), **extra)
+
+    def setup_row(name: str) -> None:
+        st = sel.SETUPS[name]
+        try:
+            got = vs.prepare_tiled(tq, tk, tv, lay, sparsity, st)
+            extra = dict(index_rows_unlike_default=(got[4] != base[4]).any(-1).float().mean().item(),
+                         comp_max_abs_diff=(got[3] - base[3]).abs().max().item())
+        except Exception as e:
+            log(kind="variant", part="setup", name=name, error=f"{e!r:.300}")
+            return
+        row("setup", name, st, None, lambda: vs.prepare_tiled(tq, tk, tv, lay, sparsity, st), **extra)
+
+    out = torch.empty_like(tq)
+
+    def config_row(name: str) -> None:
+        cfg = K.CONFIGS[name]
+        row("config", name, None, cfg, lambda: K.attention(
+            *base[:3], base[4], base[5], lay.counts, lay.tiled_token, out, comp=base[3], gate=tg, cfg=cfg,
+            query_groups=lay.query_groups, starts=lay.starts))
+
+    # The first set-ups (the likelier winners), every config, then the other set-ups: a spent budget
+    # skips the least promising.
+    names = setups or list(sel.SETUPS)
+    for name in names[:6]:
+        setup_row(name)
+    for name in configs or VARIANT_CONFIGS:
+        config_row(name)
+    for name in names[6:]:
+        setup_row(name)
+    if time.time() - t0 < budget_s:  # the set-up's steps one by one
+        means = sel.means3(tq, tk, tv, lay.tiled_token, lay.counts)
+        scores, _ = vs.compressed_from_means(*means)
+        kept = vs.kept_tiles(sparsity, lay.num_tiles)
+        steps = {"means3": lambda: sel.means3(tq, tk, tv, lay.tiled_token, lay.counts),
+                 "means3_rows": lambda: sel.means3_rows(tq, tk, tv, lay.starts, lay.counts),
+                 "compressed_torch": lambda: vs.compressed_from_means(*means),
+                 **{f"compressed_{p}_m{r}": lambda p=p, r=r: sel.compressed(*means, precision=p, rows=r)
+                    for p, r in (("tf32x3", 16), ("tf32x3", 32), ("tf32x3", 64), ("ieee", 32))},
+                 **{f"select_w{w}_b{b}": lambda w=w, b=b: sel.select(scores, lay.counts, kept, starts=lay.starts,
+                                                                     warps=w, bits=b)
+                    for w, b in ((4, 1), (2, 1), (1, 1), (4, 2), (1, 2))}}
+        log(kind="variant_steps", sparsity=sparsity,
+            **{f"{name}_ms": round(cuda_ms(fn, 20), 4) for name, fn in steps.items()})
+    if found["setup"] and found["config"]:
+        best_setup = min(found["setup"], key=found["setup"].get)
+        best_cfg = min(found["config"], key=found["config"].get)
+        st, cfg = sel.SETUPS[best_setup], K.CONFIGS[best_cfg]
+        ms = cuda_ms(lambda: whole(st, cfg), 20)
+        log(kind="variant_best", setup=best_setup, config=best_cfg, whole_ms=round(ms, 3),
+            speedup_vs_dense=round(dense / ms, 2), target_ms_3x=round(dense / 3, 3), meets_3x=ms <= dense / 3)
+    print("\nwhole op, tile order, 480p, sparsity", sparsity, f"(cuDNN dense {dense:.3f} ms, 3x = {dense / 3:.3f} ms)")
+    for part, times in found.items():
+        for name, ms in sorted(times.items(), key=lambda kv: kv[1]):
+            print(f"  {part:6} {name:22} {ms:7.3f} ms  {dense / ms:5.2f}x")
 
 
 def dit_forward(cfg=None, device: str = "cuda", grid: tuple[int, int, int] = GRID) -> None:
@@ -298,6 +411,9 @@ def run(folder: str, args) -> None:
 def main():
     ap = e2e.common_args()
     ap.add_argument("--parts", default="kernel,e2e")
+    ap.add_argument("--budget-s", type=float, default=90, help="variants: skip the rest after this long")
+    ap.add_argument("--setups", help="variants: comma-separated SETUPS names (default all)")
+    ap.add_argument("--configs", help="variants: comma-separated kernel CONFIGS names (default VARIANT_CONFIGS)")
     args = ap.parse_args()
     e2e.DEVICE = args.device
     os.makedirs(args.out, exist_ok=True)
@@ -306,6 +422,8 @@ def main():
         kernel()
     if "tiled" in parts:
         tiled()
+    if "variants" in parts:
+        variants(args.budget_s, args.setups and args.setups.split(","), args.configs and args.configs.split(","))
     if "dit" in parts:
         dit_forward()
     if "e2e" in parts:

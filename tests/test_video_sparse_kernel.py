@@ -113,11 +113,28 @@ q, k, v, gate = inputs(grid, 2, 64, torch.float32, seed=31)
 lay = vs.layout(grid, "cpu")
 want = tile(reference(q, k, v, grid, gate, 0.3)[0], lay)
 qt, kt, vt, comp, index, ends = vs.prepare_tiled(*(tile(x, lay) for x in (q, k, v)), lay, 0.3)
-for name in ("w4s3", "w4s3_tma", "w4s3_sw1", "w4s3_q16q32", "w4s3_wholeq", "w4s2_tma"):
+for name in ("w4s3", "w4s3_tma", "w4s3_sw1", "w4s3_q16q32", "w4s3_wholeq", "w4s2_tma", "w4s1_tma", "w4s1_tma_r128",
+             "w4s2_tma_lazy", "w4s1_tma_lazy", "w4s1_tma_lazy_r128"):
     out = torch.full_like(qt, float("nan"))
     K.attention(qt, kt, vt, index, ends, lay.counts, lay.tiled_token, out, comp=comp, gate=tile(gate, lay),
                 cfg=K.CONFIGS[name], query_groups=lay.query_groups, starts=lay.starts)
     res["tiled_configs"].append(dict(cfg=name, ref=diff(out, want)))
+
+# Lazy rescaling where it matters: queries scaled up so that a row's max grows by more than 2^8 after its
+# first key tile (rescales in the middle of a row), and as is (most tiles skip it); against the eager rescale.
+res["lazy"] = []
+for scale in (1.0, 12.0):
+    qs = tile(q, lay) * scale
+    want = tile(reference(q * scale, k, v, grid, gate, 0.3)[0], lay)
+    qt, kt, vt, comp, index, ends = vs.prepare_tiled(qs, *(tile(x, lay) for x in (k, v)), lay, 0.3)
+    row, outs = dict(scale=scale), []
+    for name in ("w4s2_tma", "w4s2_tma_lazy", "w4s1_tma_lazy"):
+        outs.append(torch.full_like(qt, float("nan")))
+        K.attention(qt, kt, vt, index, ends, lay.counts, lay.tiled_token, outs[-1], comp=comp, gate=tile(gate, lay),
+                    cfg=K.CONFIGS[name], query_groups=lay.query_groups, starts=lay.starts)
+        row[name] = diff(outs[-1], want)
+    row["lazy_vs_eager"] = max(diff(out, outs[0]) for out in outs[1:])
+    res["lazy"].append(row)
 
 # The dispatch under torch.compile: one graph holding the custom op, no recompile for new values.
 vs.kernel_applies = lambda q, v: True  # as on a GPU
@@ -232,9 +249,20 @@ def test_tile_order_equals_reference_and_token_order(interpreted):
         assert c["old"] < (1e-6 if dtype == "float32" else 1e-3), c  # the same sums in the same order
         assert c["ref"] < (1e-5 if dtype == "float32" else 5e-3), c
     assert [c["cfg"] for c in interpreted["tiled_configs"]] == [
-        "w4s3", "w4s3_tma", "w4s3_sw1", "w4s3_q16q32", "w4s3_wholeq", "w4s2_tma"]
+        "w4s3", "w4s3_tma", "w4s3_sw1", "w4s3_q16q32", "w4s3_wholeq", "w4s2_tma", "w4s1_tma", "w4s1_tma_r128",
+        "w4s2_tma_lazy", "w4s1_tma_lazy", "w4s1_tma_lazy_r128"]
     for c in interpreted["tiled_configs"]:
         assert c["ref"] < 1e-5, c  # the NaN-filled output: every real row written, and finite
+
+
+def test_lazy_rescaling_equals_the_reference(interpreted):
+    """Config.lazy: the max (and acc) move only when a row's max grew by more than 2^8; with queries
+    scaled ×12 it does so mid-row, unscaled almost never after the first tile."""
+    assert [c["scale"] for c in interpreted["lazy"]] == [1.0, 12.0]
+    for c in interpreted["lazy"]:
+        for name in ("w4s2_tma", "w4s2_tma_lazy", "w4s1_tma_lazy"):
+            assert c[name] < 1e-5 * c["scale"], c  # fp32 logits twelve times larger: rounding grows alike
+        assert c["lazy_vs_eager"] < 1e-6, c
 
 
 # ----------------------------------------------------------------------------- built for Hopper, offline (CPU)
@@ -256,19 +284,22 @@ def sm90_build(fn, types: dict, constants: dict, num_warps: int = 4, num_stages:
                                                                              num_stages=num_stages))
 
 
-@pytest.mark.parametrize("dtype,d,tma,rows,packed", [
-    ("bf16", 128, False, 64, False), ("bf16", 128, True, 64, False), ("bf16", 128, False, 16, False),
-    ("fp16", 64, True, 32, False), ("bf16", 128, True, 64, True), ("bf16", 128, False, 64, True),
-    ("bf16", 128, True, 16, True)])
-def test_sparse_kernel_builds_for_hopper(dtype, d, tma, rows, packed):
-    """packed: inputs in tile order, tiles found through the packed index (`tiled=True`)."""
+@pytest.mark.parametrize("dtype,d,tma,rows,packed,lazy", [
+    ("bf16", 128, False, 64, False, False), ("bf16", 128, True, 64, False, False),
+    ("bf16", 128, False, 16, False, False), ("fp16", 64, True, 32, False, False), ("bf16", 128, True, 64, True, False),
+    ("bf16", 128, False, 64, True, False), ("bf16", 128, True, 16, True, False), ("bf16", 128, True, 64, True, True),
+    ("bf16", 128, True, 16, True, True)])
+def test_sparse_kernel_builds_for_hopper(dtype, d, tma, rows, packed, lazy):
+    """packed: inputs in tile order, tiles found through the packed index (`tiled=True`); lazy: the
+    rescale under a branch still leaves every key loop pipelined."""
     K = pytest.importorskip("fastvideo_nodes.attention.video_sparse_kernel")
     block = {"Q": rows, "K64": 64, "V64": 64, "K16": 16, "V16": 16, "K32": 32, "V32": 32}
     types = {n: f"tensordesc<{dtype}[{r},{d}]>" if tma else f"*{dtype}" for n, r in block.items()}
     types.update({n: "*i32" for n in ("QTILES", "IDX", "ENDS", "TOK", "STARTS")}, COUNTS="*i64", COMP="*fp32",
                  GATE=f"*{dtype}", O=f"*{dtype}", qk_scale="fp32")
-    kernel = sm90_build(K._vsa_fwd, types, dict(D=d, BM=rows, HAS_COMP=True, HAS_GATE=True, TMA=tma, PACKED=packed),
-                        odd=("H", "k_tiles", "P"),  # as at 480p: 12 heads, 125 tiles kept, 32,760 tokens
+    kernel = sm90_build(K._vsa_fwd, types, dict(D=d, BM=rows, HAS_COMP=True, HAS_GATE=True, TMA=tma, PACKED=packed,
+                                                 LAZY=lazy),
+                        odd=("H", "H0", "k_tiles", "P"),  # as at 480p: 12 heads, 125 tiles kept, 32,760 tokens
                         num_stages=2 if packed else 3)  # packed: as DEFAULT runs it (at 3 its loops go 3 deep)
     ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
     # 64 query rows run on Hopper's warpgroup MMA; 16 or 32 rows are below its size and use mma.sync

@@ -18,9 +18,11 @@ The sparse branch has two implementations:
 - "triton" (CUDA, bf16/fp16, D 64 or 128): our own block-sparse kernel (`video_sparse_kernel`), which
   walks each query tile's index row and writes `sparse + compressed · gate` straight back to the
   sequence's order. Its set-up is two more launches of ours (`video_sparse_select`: one gather of q, k, v; one
-  top-k straight into the kernel's index table) around the compressed branch's torch matmuls. The
-  whole call is one custom op (fastvideo::video_sparse_attention), so compiled blocks keep it in
-  their graph without a break or per-call recompiles.
+  top-k straight into the kernel's index table) around the compressed branch's torch matmuls
+  (`video_sparse_select.SETUPS` names other set-ups, e.g. that branch in one launch, for the bench
+  to time; DEFAULT_SETUP is the one that runs). The whole call is one custom op
+  (fastvideo::video_sparse_attention), so compiled blocks keep it in their graph without a break or
+  per-call recompiles.
 - "flex" (everywhere else, and the bench's comparison row): FlexAttention with a BlockMask made
   straight from the top-k tile indices (`BlockMask.from_kv_blocks`, block size 64): nothing is
   compiled per call, and whole tiles that were not chosen are skipped. Tiles with padding go in as
@@ -42,12 +44,17 @@ import functools
 import math
 import numbers
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..errors import FastVideoError
+
+if TYPE_CHECKING:  # both import Triton
+    from .video_sparse_kernel import Config
+    from .video_sparse_select import Setup
 
 TILE = (4, 4, 4)
 TILE_TOKENS = math.prod(TILE)
@@ -249,44 +256,118 @@ def kernel_applies(q: torch.Tensor, v: torch.Tensor) -> bool:
             and v.shape[-1] == q.shape[-1] and _triton_usable())
 
 
-def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, sparsity: float):
-    """Everything before the sparse kernel, in Triton launches of our own but for the compressed branch:
-    one gather of q, k, v (one pass per input for tiles and means), then from the scores one select
-    (the top-k tiles as the kernel's tables). → padded tiles [B, N·64, H, D], the compressed branch
-    [B, H, N, D] fp32 (contiguous) and the tables (index [B, H, N, k], group ends [B, H, N, 3])."""
-    from .video_sparse_select import gather3, select
+def _branch_and_tables(means, lay: Layout, sparsity: float, setup: Setup, starts: torch.Tensor | None = None):
+    """The compressed branch [B, H, N, D] fp32 (contiguous) and the tables from the tile means, as `setup`
+    (a `video_sparse_select.Setup`) says."""
+    from .video_sparse_select import compressed, select
+    qc, kc, vc = means
+    if setup.compressed == "torch":
+        scores, out_c = compressed_from_means(qc, kc, vc)
+    else:
+        scores, out_c = compressed(qc, kc, vc, precision=setup.compressed, rows=setup.comp_rows)
+    index, ends = select(scores, lay.counts, kept_tiles(sparsity, lay.num_tiles), starts=starts,
+                         warps=setup.select_warps, bits=setup.select_bits)
+    return out_c.contiguous(), index, ends
+
+
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, sparsity: float,
+            setup: Setup | None = None):
+    """Everything before the sparse kernel, in Triton launches of our own but for the compressed branch
+    (under the default `setup`): one gather of q, k, v (one pass per input for tiles and means), then
+    from the scores one select (the top-k tiles as the kernel's tables). → padded tiles [B, N·64, H, D],
+    the compressed branch [B, H, N, D] fp32 (contiguous) and the tables (index [B, H, N, k], group ends
+    [B, H, N, 3]). setup: a `video_sparse_select.Setup` (None: its DEFAULT_SETUP)."""
+    from .video_sparse_select import DEFAULT_SETUP, gather3
     (qt, qc), (kt, kc), (vt, vc) = gather3(q, k, v, lay.token, lay.counts)
-    scores, out_c = compressed_from_means(qc, kc, vc)
-    index, ends = select(scores, lay.counts, kept_tiles(sparsity, lay.num_tiles))
-    return qt, kt, vt, out_c.contiguous(), index, ends
+    return qt, kt, vt, *_branch_and_tables((qc, kc, vc), lay, sparsity, setup or DEFAULT_SETUP)
 
 
-def prepare_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, sparsity: float):
+def prepare_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, sparsity: float,
+                  setup: Setup | None = None):
     """`prepare` for q, k, v [B, S, H, D] already in tile order: nothing to gather, one read of each for
     its tile means. → q, k, v (one shared layout, last dim contiguous), the compressed branch and the
     tables (the index `pack`ed for tile order)."""
-    from .video_sparse_select import means3, select
+    from .video_sparse_select import DEFAULT_SETUP, means3, means3_rows
+    setup = setup or DEFAULT_SETUP
     if not (q.stride() == k.stride() == v.stride() and q.is_contiguous()):  # the kernel reads them alike
         q, k, v = (x.contiguous() for x in (q, k, v))
-    scores, out_c = compressed_from_means(*means3(q, k, v, lay.tiled_token, lay.counts))
-    index, ends = select(scores, lay.counts, kept_tiles(sparsity, lay.num_tiles), starts=lay.starts)
-    return q, k, v, out_c.contiguous(), index, ends
+    means = (means3_rows(q, k, v, lay.starts, lay.counts) if setup.direct_means
+             else means3(q, k, v, lay.tiled_token, lay.counts))
+    return q, k, v, *_branch_and_tables(means, lay, sparsity, setup, starts=lay.starts)
+
+
+def triton_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, lay: Layout,
+                sparsity: float, tiled: bool, setup: Setup | None = None, cfg: Config | None = None) -> torch.Tensor:
+    """The Triton path's whole call (what the op runs), set-up and kernel; setup, cfg: the
+    `video_sparse_select.Setup` and kernel `Config` (None: the defaults), for the bench's variants."""
+    from .video_sparse_kernel import DEFAULT, attention
+    from .video_sparse_select import DEFAULT_SETUP
+    setup, cfg = setup or DEFAULT_SETUP, cfg or DEFAULT
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if tiled and setup.head_chunks > 1:
+        return _overlapped(q, k, v, gate, lay, sparsity, setup, cfg, out)
+    if tiled:  # in and out in tile order: no gather, and the kernel writes its rows in place
+        qt, kt, vt, out_c, index, ends = prepare_tiled(q, k, v, lay, sparsity, setup)
+        return attention(qt, kt, vt, index, ends, lay.counts, lay.tiled_token, out, comp=out_c, gate=gate, cfg=cfg,
+                         query_groups=lay.query_groups, starts=lay.starts)
+    qt, kt, vt, out_c, index, ends = prepare(q, k, v, lay, sparsity, setup)
+    return attention(qt, kt, vt, index, ends, lay.counts, lay.token, out, comp=out_c, gate=gate, cfg=cfg,
+                     query_groups=lay.query_groups)
+
+
+@functools.cache
+def _side_streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+    """(set-up, second kernel) streams of `_overlapped`; the set-up's at high priority, so its programs
+    start first as SMs free up."""
+    return torch.cuda.Stream(device, priority=-1), torch.cuda.Stream(device)
+
+
+def _overlapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, lay: Layout,
+                sparsity: float, setup: Setup, cfg: Config, out: torch.Tensor) -> torch.Tensor:
+    """Tile order with the heads in `setup.head_chunks` groups: each group's set-up on a side stream while
+    the kernel runs the group before, so the memory-bound set-up hides under the compute-bound kernel
+    (their programs fit on an SM together) but for the first group's. The groups' kernels alternate
+    between the caller's stream and a second one, so each fills the tail of the one before. On the CPU
+    (the interpreter) the same groups run one after another."""
+    from .video_sparse_kernel import attention
+    from .video_sparse_select import means3, means3_rows
+    if not (q.stride() == k.stride() == v.stride() and q.is_contiguous()):  # the kernel reads them alike
+        q, k, v = (x.contiguous() for x in (q, k, v))
+    heads = q.shape[2]
+    chunks = min(setup.head_chunks, heads)  # no empty group
+    bounds = [heads * i // chunks for i in range(chunks + 1)]
+    streams = None
+    if q.is_cuda:
+        main = torch.cuda.current_stream(q.device)
+        side, second = _side_streams(q.device)
+        side.wait_stream(main)  # q, k, v are written
+        second.wait_stream(main)  # and `out` is allocated
+        streams = (side, (main, second))
+    for i, (h0, h1) in enumerate(zip(bounds, bounds[1:])):
+        with torch.cuda.stream(streams[0]) if streams else contextlib.nullcontext():
+            qh, kh, vh = (t[:, :, h0:h1] for t in (q, k, v))
+            means = (means3_rows(qh, kh, vh, lay.starts, lay.counts) if setup.direct_means
+                     else means3(qh, kh, vh, lay.tiled_token, lay.counts))
+            comp, index, ends = _branch_and_tables(means, lay, sparsity, setup, starts=lay.starts)
+        run = streams[1][i % 2] if streams else None
+        if streams and run is not None:
+            run.wait_stream(streams[0])
+            for t in (comp, index, ends):
+                t.record_stream(run)  # made on the set-up stream, read on this one
+        with torch.cuda.stream(run) if run is not None else contextlib.nullcontext():
+            attention(q, k, v, index, ends, lay.counts, lay.tiled_token, out, comp=comp, gate=gate, cfg=cfg,
+                      query_groups=lay.query_groups, starts=lay.starts, heads=(h0, h1))
+    if streams:
+        streams[1][0].wait_stream(streams[1][1])  # the caller's stream: every group written
+    return out
 
 
 @torch.library.custom_op("fastvideo::video_sparse_attention", mutates_args=())
 def _video_sparse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
                      grid: list[int], sparsity: float, tiled: bool = False) -> torch.Tensor:
-    from .video_sparse_kernel import attention
     lay = layout((grid[0], grid[1], grid[2]), str(q.device))
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # Triton launches on it
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        if tiled:  # in and out in tile order: no gather, and the kernel writes its rows in place
-            qt, kt, vt, out_c, index, ends = prepare_tiled(q, k, v, lay, sparsity)
-            return attention(qt, kt, vt, index, ends, lay.counts, lay.tiled_token, out, comp=out_c, gate=gate,
-                             query_groups=lay.query_groups, starts=lay.starts)
-        qt, kt, vt, out_c, index, ends = prepare(q, k, v, lay, sparsity)
-        return attention(qt, kt, vt, index, ends, lay.counts, lay.token, out, comp=out_c, gate=gate,
-                         query_groups=lay.query_groups)
+        return triton_call(q, k, v, gate, lay, sparsity, tiled)
 
 
 @_video_sparse_op.register_fake

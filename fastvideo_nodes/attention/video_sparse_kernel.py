@@ -34,6 +34,7 @@ from ..ops.triton_jit import tensor_descriptor
 LOG2E = 1.4426950408889634
 BLOCK = 64  # tokens per 4×4×4 tile
 _TILE = tl.constexpr(BLOCK)  # the same, for the kernels (plain globals are not visible there)
+_LAZY_GROWTH = tl.constexpr(8.0)  # log2 units: a lazy max may lag the true one by 2^8 (FA4's threshold)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class Config:
     # single-buffered K/V (seen in the sm_90 build): a quarter of the work pays for it, half may not.
     q_rows: tuple[int, ...] = (16,)
     small_warps: int | None = None  # warps of those 16/32-row programs (None: num_warps)
+    maxnreg: int | None = None  # register cap per thread: 128 lets four 4-warp programs share an SM
+    # Lazy rescaling (FA4's trick): the running max moves, and the accumulator is rescaled, only when some
+    # row's max grew by more than 2^8 (p stays ≤ 256, harmless in fp32 and bf16): most key tiles then
+    # skip the rescale of acc.
+    lazy: bool = False
 
 
 # Offered to the bench (and, the pointer ones, to autotune: `attention(cfg=None)`); DEFAULT is what
@@ -59,17 +65,22 @@ CONFIGS = {
     "w4s3_q16q32": Config(4, 3, q_rows=(16, 32)), "w4s3_wholeq": Config(4, 3, q_rows=()),
     "w4s3_tma_wholeq": Config(4, 3, True, q_rows=()),
     "w4s3_sw2": Config(4, 3, small_warps=2), "w4s3_sw1": Config(4, 3, small_warps=1),
+    "w4s1_tma": Config(4, 1, True), "w4s1_tma_r128": Config(4, 1, True, maxnreg=128),
+    "w4s2_tma_lazy": Config(4, 2, True, lazy=True), "w4s1_tma_lazy": Config(4, 1, True, lazy=True),
+    "w4s1_tma_lazy_r128": Config(4, 1, True, maxnreg=128, lazy=True),
 }
 DEFAULT = CONFIGS["w4s2_tma"]  # H200, 32,760 tokens × 12 heads × 128 at 0.8: 3.66 ms, w4s3 3.98, 8 warps 6.2
 
 
 @triton.jit
 def _pieces(acc, l_i, m_i, q, K, V, idx, counts, lo, hi, b, h, P, sxb, sxs, sxh, qk_scale,
-            D: tl.constexpr, PIECE: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, PACKED: tl.constexpr):
+            D: tl.constexpr, PIECE: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr, PACKED: tl.constexpr,
+            LAZY: tl.constexpr):
     """Entries lo..hi of one index row, each read as a PIECE-token block from its tile's start, into the
     running softmax of the query rows q [BM, D]. K, V: pointers, or descriptors of PIECE × D blocks.
     PACKED: inputs in tile order (no padding), each entry `start · 64 + real count − 1` (see `pack`);
-    else padded tiles, each entry a tile id."""
+    else padded tiles, each entry a tile id. LAZY: see `Config.lazy` (m_i is then the max in use, not the
+    true one; the first tile always sets it, from -inf)."""
     offs_n = tl.arange(0, PIECE)
     offs_d = tl.arange(0, D)
     for i in range(lo, hi):
@@ -97,25 +108,36 @@ def _pieces(acc, l_i, m_i, q, K, V, idx, counts, lo, hi, b, h, P, sxb, sxs, sxh,
                 real = tl.load(counts + j)
             s = tl.where((offs_n < real)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        if LAZY:
+            if tl.max(m_new - m_i, 0) > _LAZY_GROWTH:  # one test for the whole block: no divergence
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha
+                acc = acc * alpha[:, None]
+                m_i = m_new
+            p = tl.math.exp2(s * qk_scale - m_i[:, None])
+            l_i += tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        else:
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
 def _vsa_fwd(Q, K64, V64, K16, V16, K32, V32, QTILES, IDX, ENDS, COUNTS, STARTS, COMP, GATE, TOK, O,
-             N, H, P, k_tiles, sxb, sxs, sxh, sgb, sgs, sgh, sob, sos, soh, qk_scale,
+             N, H, H0, P, k_tiles, sxb, sxs, sxh, sgb, sgs, sgh, sob, sos, soh, qk_scale,
              D: tl.constexpr, BM: tl.constexpr, HAS_COMP: tl.constexpr, HAS_GATE: tl.constexpr,
-             TMA: tl.constexpr, PACKED: tl.constexpr):
+             TMA: tl.constexpr, PACKED: tl.constexpr, LAZY: tl.constexpr = False):
     """Program (i, b·H + h): query tile QTILES[i], its first BM slots (all its real tokens). PACKED: the
-    inputs in tile order, the tile from STARTS[tile] (P = S rows a batch), IDX packed (`pack`)."""
+    inputs in tile order, the tile from STARTS[tile] (P = S rows a batch), IDX packed (`pack`). H heads
+    from head H0 of the inputs and the output; the tables and COMP hold those H alone."""
     tile = tl.load(QTILES + tl.program_id(0))
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    h = (bh % H + H0).to(tl.int64)
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     q_start = tl.load(STARTS + tile) if PACKED else tile * _TILE
@@ -135,13 +157,13 @@ def _vsa_fwd(Q, K64, V64, K16, V16, K32, V32, QTILES, IDX, ENDS, COUNTS, STARTS,
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
     acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K64, V64, idx, COUNTS, 0, e_full, b, h, P, sxb, sxs, sxh,
-                            qk_scale, D, _TILE, False, TMA, PACKED)
+                            qk_scale, D, _TILE, False, TMA, PACKED, LAZY)
     acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K16, V16, idx, COUNTS, e_full, e_16, b, h, P, sxb, sxs, sxh,
-                            qk_scale, D, 16, True, TMA, PACKED)
+                            qk_scale, D, 16, True, TMA, PACKED, LAZY)
     acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K32, V32, idx, COUNTS, e_16, e_32, b, h, P, sxb, sxs, sxh,
-                            qk_scale, D, 32, True, TMA, PACKED)
+                            qk_scale, D, 32, True, TMA, PACKED, LAZY)
     acc, l_i, m_i = _pieces(acc, l_i, m_i, q, K64, V64, idx, COUNTS, e_32, k_tiles, b, h, P, sxb, sxs, sxh,
-                            qk_scale, D, _TILE, True, TMA, PACKED)
+                            qk_scale, D, _TILE, True, TMA, PACKED, LAZY)
     out = acc / l_i[:, None]
     tok = tl.load(TOK + tile * _TILE + offs_m)  # output row of each slot, -1 for padding
     live = tok >= 0
@@ -221,7 +243,7 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
               counts: torch.Tensor, tokens: torch.Tensor, out: torch.Tensor, comp: torch.Tensor | None = None,
               gate: torch.Tensor | None = None, cfg: Config | None = DEFAULT,
               query_groups: tuple[tuple[int, torch.Tensor], ...] | None = None,
-              starts: torch.Tensor | None = None) -> torch.Tensor:
+              starts: torch.Tensor | None = None, heads: tuple[int, int] | None = None) -> torch.Tensor:
     """The sparse branch, written into `out`.
 
     qt, kt, vt: [B, N·64, H, D] padded tiles (same strides, last dim contiguous; TMA wants them
@@ -233,8 +255,11 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
     groups whose rows are not in cfg.q_rows join the 64-row launch.
     starts: [N] int32, given when qt, kt, vt are in tile order without padding ([B, S, H, D], tile i's
     tokens from starts[i]); index is then `pack`ed and tokens the layout's `tiled_token`.
+    heads: (first, end) to run only those heads of qt, kt, vt, gate and out (whole tensors, so TMA still
+    applies); index, ends and comp then hold those heads alone.
     """
     B, P, H, D = qt.shape
+    h0, hc = (0, H) if heads is None else (heads[0], heads[1] - heads[0])
     N, k_tiles = index.shape[2], index.shape[3]
     if not (qt.stride() == kt.stride() == vt.stride() and qt.stride(-1) == 1 and out.stride(-1) == 1):
         raise ValueError("video sparse kernel: q, k, v tiles must share one layout, last dim contiguous")
@@ -250,17 +275,19 @@ def attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, index: torch
     kv = (desc(kt, BLOCK), desc(vt, BLOCK), desc(kt, 16), desc(vt, 16), desc(kt, 32), desc(vt, 32)) if tma \
         else (kt, vt, kt, vt, kt, vt)
     rest = (index, ends, counts, starts if starts is not None else counts, comp if comp is not None else qt, g,
-            tokens, out, N, H, P, k_tiles, qt.stride(0), qt.stride(1), qt.stride(2), g.stride(0), g.stride(1),
+            tokens, out, N, hc, h0, P, k_tiles, qt.stride(0), qt.stride(1), qt.stride(2), g.stride(0), g.stride(1),
             g.stride(2), out.stride(0), out.stride(1), out.stride(2), LOG2E / math.sqrt(D))
     flags = dict(D=D, HAS_COMP=comp is not None, HAS_GATE=gate is not None, TMA=tma, PACKED=starts is not None)
     for rows, qtiles in launches:
         args = (desc(qt, rows) if tma else qt, *kv, qtiles, *rest)
-        launch = (qtiles.numel(), B * H)
+        launch = (qtiles.numel(), B * hc)
         if cfg is None:
             _AUTOTUNED[launch](*args, BM=rows, **flags)
         else:
             warps = cfg.small_warps if rows < BLOCK and cfg.small_warps else cfg.num_warps
-            _vsa_fwd[launch](*args, BM=rows, **flags, num_warps=warps, num_stages=cfg.num_stages)
+            opts = dict(maxnreg=cfg.maxnreg) if cfg.maxnreg else {}
+            _vsa_fwd[launch](*args, BM=rows, **flags, LAZY=cfg.lazy, num_warps=warps, num_stages=cfg.num_stages,
+                             **opts)
     return out
 
 
