@@ -14,7 +14,8 @@ import torch
 
 # The pair measured on an H200 (torch 2.11, CUDA 13, 2026-12-03): 664 TFLOP/s at 75,600 x 40 x 128
 # against cuDNN's 562, exact to fp32 as cuDNN is. `[cu13]` brings the CUDA 13 build of the DSL libraries.
-INSTALL = "`pip install flash-attn-4==4.0.0b36 'nvidia-cutlass-dsl[cu13]==4.8.1'` (use plain `nvidia-cutlass-dsl` with a CUDA 12 torch)"
+INSTALL = ("`pip install flash-attn-4==4.0.0b36 'nvidia-cutlass-dsl[cu13]==4.8.1'` "
+           "(plain `nvidia-cutlass-dsl` with a CUDA 12 torch)")
 HEAD_DIMS = (64, 96, 128)
 
 
