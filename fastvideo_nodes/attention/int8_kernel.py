@@ -81,8 +81,10 @@ CONFIGS = {
 # H200 reading of 2026-12-03 (bench/int8_variants.py, whole call with pre-passes, 32,760 / 75,600 tokens):
 # m64n128w4s3_tma 725 / 728 TFLOP/s, _fold 760 / 769, _fold_accmma 780 / 807, s2_fold_r168 785 / 787 (kernel
 # alone 817 / 797), s2_fold_accmma_r168 782 / 790; all cosine 0.999994 on Wan-like inputs. accmma's fp22
-# sums cost a little error on plain noise (rel. L2 0.0494 against 0.0492), so the default is s2_fold_r168.
-DEFAULT_NAME = "m64n128w4s2_tma_fold_r168"  # the one switch: the bench's winner (and bump auto.PROBE_VERSION with it)
+# sums cost a little error on plain noise (rel. L2 0.0494 against 0.0492). Later that day, same bench, 32,760
+# tokens: s2_fold_r168 781 (pre-passes 0.337 ms), + fq 772 (0.263 ms), + ts8 784, + fq_ts3 797, + fq_ts8 820
+# (8.046 ms, kernel alone 847), accmma_r168_fq_ts8 793; the same accuracy.
+DEFAULT_NAME = "m64n128w4s2_tma_fold_r168_fq_ts8"  # the one switch: the bench winner (bump auto.PROBE_VERSION)
 DEFAULT = CONFIGS[DEFAULT_NAME]
 
 
