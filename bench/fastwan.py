@@ -9,6 +9,7 @@
   tables, kernel, epilogue) and every kernel config (`vsa_split`, `vsa_config` rows).
 - tiled: only the cuDNN row and the `vsa_tiled` rows. dit: a random 1.3B FastWan DiT's 480p forward
   (eager) with its blocks in tile order against token order (`dit_forward` row).
+- fastvideo: FastVideo's own VSA (the `fastvideo-kernel` wheel) against ours on the same inputs.
 - variants: the whole op in tile order per set-up (`video_sparse_select.SETUPS`) and per kernel
   config, then the best pair (`variant*` rows, then a table).
 - e2e: a random full-size FastWan folder (bench/e2e.py's 1.3B folder plus the per-block
@@ -19,6 +20,7 @@
     python3 bench/fastwan.py --out $OUT [--compile] [--parts kernel,e2e]
     python3 bench/fastwan.py --out $OUT --parts tiled,dit   # token order against tile order, op and 1.3B DiT (short)
     python3 bench/fastwan.py --out $OUT --parts variants [--budget-s 90]   # issue 16's set-up × kernel pick (~80 s)
+    python3 bench/fastwan.py --out $OUT --parts fastvideo   # fastvideo-kernel installed
     python3 bench/fastwan.py --device cpu --size tiny --height 64 --width 64 --frames 9 --parts e2e   # smoke test
 
 Random weights: speed does not depend on the values (see bench/e2e.py).
@@ -102,6 +104,55 @@ def tiled() -> None:
     q, k, v, gate, dense, _ = dense_inputs()
     for sparsity in (0.8, 0.9):
         tiled_vs_token(q, k, v, gate, sparsity, dense)
+
+
+def fastvideo(sparsity: float = 0.8) -> None:
+    """FastVideo's own VSA (`fastvideo_kernel.video_sparse_attn`, the PyPI package's wheel) on the same
+    inputs as ours at 480p: its default path (the sm_90 ThunderKittens kernel when its extension loads,
+    else its Triton kernel) and its Triton path, each as its whole call on its own layout ([B, H, S, D],
+    every tile padded to 64); ours as the DiT calls it (tile order). Same outputs to bf16 tolerance."""
+    from fastvideo_nodes.attention import video_sparse as vs
+    try:
+        import fastvideo_kernel as fvk
+        from fastvideo_kernel.block_sparse_attn import _get_sm90_ops
+    except Exception as e:  # not installed, or built for another torch
+        log(kind="fastvideo_vsa", unavailable=repr(e)[:400])
+        return
+    q, k, v, gate, dense, _ = dense_inputs()
+    lay = vs.layout(GRID, str(q.device))
+    n = lay.num_tiles
+
+    def padded(x):  # token order [1, S, H, D] → [1, H, N·64, D], zeros in the padding
+        out = x.new_zeros(1, n * vs.TILE_TOKENS, HEADS, DIM)
+        out[:, lay.slot] = x
+        return out.transpose(1, 2).contiguous()
+
+    pq, pk, pv, pg = (padded(x) for x in (q, k, v, gate))
+    sizes = lay.counts.to(torch.int32)
+    topk = vs.kept_tiles(sparsity, n)
+    theirs = lambda: fvk.video_sparse_attn(pq, pk, pv, sizes, sizes, topk, 64, pg)
+    tq, tk, tv, tg = (x[:, lay.order].contiguous() for x in (q, k, v, gate))
+    opts = vs.VideoSparseOptions(sparsity=sparsity)
+    ours = lambda: vs.attend(tq, tk, tv, grid=GRID, gate=tg, options=opts, impl="triton", tiled=True)
+    ref = ours()[:, lay.inverse].float()
+    row = dict(kind="fastvideo_vsa", version=fvk.__version__, sparsity=sparsity, dense_ms=round(dense, 3),
+               sm90_extension=_get_sm90_ops()[0] is not None, ours_ms=round(cuda_ms(ours, 20), 3))
+    for name, force_triton in (("default", "0"), ("triton", "1")):
+        os.environ["FASTVIDEO_VSA_TRITON"] = force_triton
+        try:
+            t0 = time.perf_counter()
+            out = theirs()
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            diff = (out.transpose(1, 2)[:, lay.slot].float() - ref).abs()
+            row |= {f"{name}_ms": round(cuda_ms(theirs, 20), 3), f"{name}_first_s": round(first, 2),
+                    f"{name}_max_abs_diff": round(diff.max().item(), 5),
+                    f"{name}_mean_abs_diff": round(diff.mean().item(), 6)}
+        except Exception as e:
+            row[f"{name}_error"] = repr(e)[:400]
+    os.environ.pop("FASTVIDEO_VSA_TRITON", None)
+    row["ref_mean_abs"] = round(ref.abs().mean().item(), 5)
+    log(**row)
 
 
 # The kernel configs `variants` times by default: the TMA ones near the default, and the new ones.
@@ -422,6 +473,8 @@ def main():
         kernel()
     if "tiled" in parts:
         tiled()
+    if "fastvideo" in parts:
+        fastvideo()
     if "variants" in parts:
         variants(args.budget_s, args.setups and args.setups.split(","), args.configs and args.configs.split(","))
     if "dit" in parts:
