@@ -130,7 +130,7 @@ def fastvideo(sparsity: float = 0.8) -> None:
     pq, pk, pv, pg = (padded(x) for x in (q, k, v, gate))
     sizes = lay.counts.to(torch.int32)
     topk = vs.kept_tiles(sparsity, n)
-    theirs = lambda: fvk.video_sparse_attn(pq, pk, pv, sizes, sizes, topk, 64, pg)
+    theirs = lambda: fvk.video_sparse_attn(pq, pk, pv, sizes, sizes, topk, vs.TILE, pg)
     tq, tk, tv, tg = (x[:, lay.order].contiguous() for x in (q, k, v, gate))
     opts = vs.VideoSparseOptions(sparsity=sparsity)
     ours = lambda: vs.attend(tq, tk, tv, grid=GRID, gate=tg, options=opts, impl="triton", tiled=True)
