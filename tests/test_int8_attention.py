@@ -347,6 +347,18 @@ def test_key_names_versions_and_old_cache_entries_are_ignored(tmp_path, monkeypa
 
 # ----------------------------------------------------------------------------- GPU
 
+def check_algorithm(q, k, v, cfg, out, ref):
+    """The kernel is the emulation's algorithm: within 1 % of it (bf16 output rounding, accumulation
+    order). With tail_split the split query blocks round P to e4m3 per key range, which the emulation
+    does not model, so there the unsplit kernel is held to the emulation and the split output to exact
+    attention, no further from it than the unsplit one (the interpreter's test of the same bound)."""
+    emu = int8.emulate(q, k, v, cfg.block_m, cfg.block_n)
+    whole = int8_kernel.attention(q, k, v, dataclasses.replace(cfg, tail_split=0)) if cfg.tail_split else out
+    assert errors(whole, emu)[1] < 0.01
+    if cfg.tail_split:
+        assert errors(out, ref)[1] <= 1.05 * errors(whole, ref)[1] + 1e-4
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("tokens,heads,head_dim", [(1000, 2, 64), (4100, 4, 128), (32760, 2, 128)])
@@ -360,11 +372,9 @@ def test_gpu_kernel_matches_emulation_and_exact(tokens, heads, head_dim, kind):
     else:
         g = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (torch.randn(1, tokens, heads, head_dim, device="cuda", generator=g).bfloat16() for _ in range(3))
-    cfg = int8_kernel.DEFAULT
     out = int8.attend(q, k, v)
-    emu = int8.emulate(q, k, v, cfg.block_m, cfg.block_n)
     ref = F.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
-    assert errors(out, emu)[1] < 0.01  # the same algorithm: bf16 output rounding and accumulation order
+    check_algorithm(q, k, v, int8_kernel.DEFAULT, out, ref)
     cos, rel = errors(out, ref)
     if kind == "wan":
         assert cos >= 0.999 and rel <= 0.03
@@ -383,9 +393,8 @@ def test_gpu_every_config_matches_emulation_and_exact(cname):
     cfg = int8_kernel.CONFIGS[cname]
     q, k, v = wan_like_inputs(4100, 4, 128, "cuda", torch.bfloat16, seed=0)
     out = int8_kernel.attention(q, k, v, cfg)
-    emu = int8.emulate(q, k, v, cfg.block_m, cfg.block_n)
     ref = F.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
-    assert errors(out, emu)[1] < 0.01
+    check_algorithm(q, k, v, cfg, out, ref)
     cos, rel = errors(out, ref)
     assert cos >= 0.999 and rel <= 0.03
 
