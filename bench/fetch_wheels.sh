@@ -20,8 +20,7 @@ dl "$tmp" "nvidia-cutlass-dsl-libs-cu13==4.8.1" "comfy-kitchen==0.2.40"
    && tar cf - -C cu13 nvidia_cutlass_dsl | xz -9 -T2 > "$OLDPWD/.fa4a/cu13.tar.xz")
 (cd "$tmp" && python3 -m zipfile -e comfy_kitchen-*.whl ck && rm ck/comfy_kitchen/backends/hip/_C.abi3.so \
    && tar czf "$OLDPWD/.ck/ck.tar.gz" -C ck comfy_kitchen comfy_kitchen-0.2.40.dist-info)  # HIP half: ROCm only
-python3 -m pip download -q --no-deps --no-build-isolation -d "$tmp" "fastvideo-kernel==0.3.5" 2>/dev/null \
-  || python3 -m pip download -q --no-deps -d "$tmp" "fastvideo-kernel==0.3.5"
+python3 -m pip download -q --no-deps -d "$tmp" "fastvideo-kernel==0.3.5"  # an sdist only
 tar xzf "$tmp"/fastvideo_kernel-0.3.5.tar.gz -C "$tmp" --wildcards '*/dist/*x86_64*.whl'  # its sdist ships wheels
 cp "$tmp"/fastvideo_kernel-0.3.5/dist/*x86_64*.whl .fvk/
 rm -rf "$tmp"

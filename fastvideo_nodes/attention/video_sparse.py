@@ -287,13 +287,25 @@ def prepare_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout
     """`prepare` for q, k, v [B, S, H, D] already in tile order: nothing to gather, one read of each for
     its tile means. → q, k, v (one shared layout, last dim contiguous), the compressed branch and the
     tables (the index `pack`ed for tile order)."""
-    from .video_sparse_select import DEFAULT_SETUP, means3, means3_rows
-    setup = setup or DEFAULT_SETUP
-    if not (q.stride() == k.stride() == v.stride() and q.is_contiguous()):  # the kernel reads them alike
+    from .video_sparse_select import DEFAULT_SETUP
+    q, k, v = _one_layout(q, k, v)
+    return q, k, v, *_tiled_tables(q, k, v, lay, sparsity, setup or DEFAULT_SETUP)
+
+
+def _one_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q, k, v as the kernel reads them in tile order: one shared layout, contiguous."""
+    if not (q.stride() == k.stride() == v.stride() and q.is_contiguous()):
         q, k, v = (x.contiguous() for x in (q, k, v))
+    return q, k, v
+
+
+def _tiled_tables(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, sparsity: float, setup: Setup):
+    """From q, k, v in tile order (all heads or a slice of them): the tile means, then the compressed
+    branch and the tables, the index `pack`ed for tile order."""
+    from .video_sparse_select import means3, means3_rows
     means = (means3_rows(q, k, v, lay.starts, lay.counts) if setup.direct_means
              else means3(q, k, v, lay.tiled_token, lay.counts))
-    return q, k, v, *_branch_and_tables(means, lay, sparsity, setup, starts=lay.starts)
+    return _branch_and_tables(means, lay, sparsity, setup, starts=lay.starts)
 
 
 def triton_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, lay: Layout,
@@ -330,9 +342,7 @@ def _overlapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.T
     between the caller's stream and a second one, so each fills the tail of the one before. On the CPU
     (the interpreter) the same groups run one after another."""
     from .video_sparse_kernel import attention
-    from .video_sparse_select import means3, means3_rows
-    if not (q.stride() == k.stride() == v.stride() and q.is_contiguous()):  # the kernel reads them alike
-        q, k, v = (x.contiguous() for x in (q, k, v))
+    q, k, v = _one_layout(q, k, v)
     heads = q.shape[2]
     chunks = min(setup.head_chunks, heads)  # no empty group
     bounds = [heads * i // chunks for i in range(chunks + 1)]
@@ -345,10 +355,7 @@ def _overlapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.T
         streams = (side, (main, second))
     for i, (h0, h1) in enumerate(zip(bounds, bounds[1:])):
         with torch.cuda.stream(streams[0]) if streams else contextlib.nullcontext():
-            qh, kh, vh = (t[:, :, h0:h1] for t in (q, k, v))
-            means = (means3_rows(qh, kh, vh, lay.starts, lay.counts) if setup.direct_means
-                     else means3(qh, kh, vh, lay.tiled_token, lay.counts))
-            comp, index, ends = _branch_and_tables(means, lay, sparsity, setup, starts=lay.starts)
+            comp, index, ends = _tiled_tables(q[:, :, h0:h1], k[:, :, h0:h1], v[:, :, h0:h1], lay, sparsity, setup)
         run = streams[1][i % 2] if streams else None
         if streams and run is not None:
             run.wait_stream(streams[0])
