@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 CANDIDATES = ("TORCH_SDPA", "FLASH_ATTN", "FLASH_ATTN_4", "SAGE_ATTN", "INT8_ATTN", "KITCHEN_INT8")
 MIN_COSINE = 0.999
 MAX_REL_L2 = 0.03
-PROBE_VERSION = 4  # bump when the probe or a kernel of ours changes what it would measure
+PROBE_VERSION = 5  # bump when the probe or a kernel of ours changes what it would measure
 _PACKAGES = {  # backend → the distributions whose version changes its figures
     "FLASH_ATTN": ("flash-attn", "flash_attn_3"),
     "FLASH_ATTN_4": ("flash-attn-4", "nvidia-cutlass-dsl"),

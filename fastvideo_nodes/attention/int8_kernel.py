@@ -87,7 +87,7 @@ CONFIGS = {
 # exact attention. Not the default yet: its split blocks round P per key range, so the GPU test that holds
 # the kernel to `int8.emulate` (unsplit) within 1 % failed at 1,000 tokens x 2 heads on noise (2.7 %); that
 # test has to compare split blocks against exact attention instead before fq_ts8 can be adopted.
-DEFAULT_NAME = "m64n128w4s2_tma_fold_r168"  # the one switch: the bench winner (bump auto.PROBE_VERSION with it)
+DEFAULT_NAME = "m64n128w4s2_tma_fold_r168_fq_ts8"  # the one switch: the bench winner (bump auto.PROBE_VERSION with it)
 DEFAULT = CONFIGS[DEFAULT_NAME]
 
 
