@@ -10,14 +10,17 @@ CuTe). The fp32 reference runs a few heads at a time on the memory-efficient ker
 75,600 tokens × 40 heads fits. A backend that cannot run is a row with its reason and install hint.
 Then auto's decision at 32,760 × 12 (its guard figures per backend).
 
---forward adds one compiled 1.3B DiT forward (random full-size weights built on the GPU, as in
-bench/speed.py) per usable backend at 480×832×81: warm seconds, compile warm-up, error vs exact.
+--forward adds one compiled DiT forward (--size 1.3B or 14B; random full-size weights built on the GPU,
+as in bench/speed.py) per usable backend at 480×832×81: warm seconds, compile warm-up, error vs exact;
+--anchor times diffusers' eager forward of the same size first (the ratio issue 17 asks for), and
+--fp8-matmul repeats the backends with fp8 linears.
 --hybrid adds the hybrid schedule: whole samplings (compiled 1.3B, 480×832×81, --hybrid-steps steps,
 one forward per step) with an 8-bit backend and exact attention on the first and last N steps, for
 several N: seconds and the final latents' relative error against an all-exact run (random weights:
 a proxy for how far the 8-bit error carries, not a quality score).
 
     python bench/attention_table.py --out $OUT [--forward] [--hybrid] [--backends INT8_ATTN,FLASH_ATTN_4]
+    python bench/attention_table.py --out $OUT --no-kernels --forward --size 14B --anchor --fp8-matmul
 
 Writes table.md and attention_table.json to --out; prints one JSON line per measurement, then the table.
 """
@@ -148,30 +151,46 @@ def auto_decision():
     log(kind="auto", choice=choice, why=record.get("why"), backends=record.get("backends"))
 
 
-def forward(names: list[str]):
-    from bench.speed import inputs, random_dit
+def forward(names: list[str], size: str = "1.3B", anchor: bool = False, fp8: bool = False):
+    """One compiled DiT forward of `size` per usable backend (exact first: the reference), then with
+    fp8 matmul (the linears as `load_dit(fp8_matmul=True)` leaves them) per backend when `fp8`. With
+    `anchor`, diffusers' eager forward of the same size first, in this process (its model freed before
+    ours is built), so that the rows carry their ratio to it."""
+    from bench.speed import inputs, random_dit, to_fp8_matmul
+    anchor_s = None
+    if anchor:
+        import diffusers_baseline as baseline
+        baseline.log = log  # its row lands in this table's results
+        baseline.wan_dit(size)  # logs kind="wan_dit_forward"
+        anchor_s = next(r["s_per_forward"] for r in RESULTS if r["kind"] == "wan_dit_forward")
     status = backend_status()
-    m = random_dit("1.3B").compile_blocks()
+    m = random_dit(size).compile_blocks()
     x, t, ctx = inputs()
     ref = None
-    for name in ["TORCH_SDPA"] + [n for n in names if n != "TORCH_SDPA"]:  # exact first: the reference
-        if status.get(name):
-            log(kind="forward", backend=name, unavailable=status[name])
-            continue
-        try:
-            with torch.inference_mode():
-                run = lambda: m(x, t, ctx, attention_backend=name)
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                out = run()  # a new backend name: the blocks compile again (one graph per name)
-                torch.cuda.synchronize()
-                warm_s = time.perf_counter() - start
-                s = event_ms(run, 0.5) / 1e3
-            rel = None if ref is None else round(((out - ref).norm() / ref.norm()).item(), 5)
-            ref = out if ref is None else ref
-            log(kind="forward", backend=name, s=round(s, 4), compile_warmup_s=round(warm_s, 1), rel_err_vs_exact=rel)
-        except Exception as e:
-            log(kind="forward", backend=name, error=repr(e)[:300])
+    order = ["TORCH_SDPA"] + [n for n in names if n != "TORCH_SDPA"]
+    for matmul in ("bf16", "fp8") if fp8 else ("bf16",):
+        if matmul == "fp8":
+            to_fp8_matmul(m)
+        for name in order:
+            row = dict(kind="forward", size=size, matmul=matmul, backend=name)
+            if status.get(name):
+                log(**row, unavailable=status[name])
+                continue
+            try:
+                with torch.inference_mode():
+                    run = lambda: m(x, t, ctx, attention_backend=name)
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    out = run()  # a new backend name or matmul: the blocks compile again
+                    torch.cuda.synchronize()
+                    warm_s = time.perf_counter() - start
+                    s = event_ms(run, 0.5) / 1e3
+                rel = None if ref is None else round(((out - ref).norm() / ref.norm()).item(), 5)
+                ref = out if ref is None else ref
+                log(**row, s=round(s, 4), compile_warmup_s=round(warm_s, 1), rel_err_vs_exact=rel,
+                    x_diffusers_eager=None if anchor_s is None else round(anchor_s / s, 3))
+            except Exception as e:
+                log(**row, error=repr(e)[:300])
 
 
 def hybrid(backend: str, steps: int, exact_counts=(0, 1, 2, 4)):
@@ -231,14 +250,19 @@ def table() -> str:
                              f"{(f.get('rejected') or '').replace('|', '/')} |")
     fwd = [r for r in RESULTS if r["kind"] == "forward"]
     if fwd:
-        lines += ["", "| backend | compiled 1.3B forward 480×832×81 (s) | compile warm-up (s) | rel err vs exact |",
-                  "|---|---|---|---|"]
+        anchor = [r for r in RESULTS if r["kind"] == "wan_dit_forward"]
+        head = f" (diffusers eager {anchor[0]['s_per_forward']} s)" if anchor else ""
+        lines += ["", f"Compiled {fwd[0]['size']} DiT forward, 480×832×81{head}", "",
+                  "| backend | matmul | s | × diffusers eager | compile warm-up (s) | rel err vs exact |",
+                  "|---|---|---|---|---|---|"]
         for r in fwd:
             if "s" in r:
-                lines.append(f"| {r['backend']} | {r['s']} | {r['compile_warmup_s']} | {r['rel_err_vs_exact']} |")
+                ratio = f"{r['x_diffusers_eager']}×" if r.get("x_diffusers_eager") else ""
+                lines.append(f"| {r['backend']} | {r['matmul']} | {r['s']} | {ratio} | {r['compile_warmup_s']} | "
+                             f"{r['rel_err_vs_exact']} |")
             else:
-                lines.append(f"| {r['backend']} | {(r.get('unavailable') or r.get('error', '')).replace('|', '/')} "
-                             "| | |")
+                why = (r.get("unavailable") or r.get("error", "")).replace("|", "/")
+                lines.append(f"| {r['backend']} | {r['matmul']} | {why} | | | |")
     hyb = [r for r in RESULTS if r["kind"] == "hybrid"]
     if hyb:
         lines += ["", "| backend | exact steps (first + last N) | sampling s | final latents rel err vs all-exact |",
@@ -254,7 +278,10 @@ def table() -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
-    ap.add_argument("--forward", action="store_true", help="also a compiled 1.3B DiT forward per backend")
+    ap.add_argument("--forward", action="store_true", help="also a compiled DiT forward per backend")
+    ap.add_argument("--size", default="1.3B", choices=("1.3B", "14B"), help="the DiT of --forward")
+    ap.add_argument("--anchor", action="store_true", help="--forward: diffusers' eager forward first (needs diffusers)")
+    ap.add_argument("--fp8-matmul", action="store_true", help="--forward: the backends again with fp8 matmul")
     ap.add_argument("--backends", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel table (with --forward/--hybrid)")
     ap.add_argument("--hybrid", action="store_true", help="also the hybrid schedule: samplings for several N")
@@ -272,7 +299,7 @@ def main():
         except Exception as e:
             log(kind="auto_error", error=repr(e)[:300])
     if args.forward:
-        forward(names)
+        forward(names, args.size, args.anchor, args.fp8_matmul)
         torch.cuda.empty_cache()
     if args.hybrid:
         try:

@@ -3,7 +3,7 @@
 # Wheels come from bench/fetch_wheels.sh: carry .whl (diffusers, the parity oracle) and, for the optional
 # attention backends, .fa4b .ck .fvk; .fa4a (CUDA 13 half of cutlass-dsl) is too big to travel with them:
 # carry it alone in a first call whose part is `unpack`, then chain the next call within 30 s.
-#   bash bench/gpu_session.sh [unpack,tests,e2e,fewstep,e2e14_24,i2v40,a14b40,attn,int8v,vsa,e2e14_50d,e2e14_50o]
+#   bash bench/gpu_session.sh [unpack,tests,e2e,fewstep,e2e14_24,i2v40,a14b40,attn,int8v,vsa,e2e14_50d,e2e14_50o,fwd]
 # Disk is 64 GB: e2e14_24 and a14b40 share the T2V-14B folder; i2v40 removes it for its own.
 set -u
 parts=${1:-tests,e2e,fewstep}
@@ -69,4 +69,9 @@ esac
 case ,$parts, in *,e2e14_50o,*)  # issue 14: ours on the same folder, BACKENDS=FLASH_ATTN_4 or auto, compiled
   timeout 590 python3 bench/e2e.py --out "$OUT" --size 14B --steps 50 --first-steps 1 --parts build,ours --compile \
     --backends "${BACKENDS:-auto}" > "$OUT/e2e14_50o.log" 2>&1; grep -E '"call"|after_drop' "$OUT/e2e14_50o.log" | cut -c1-400 ;;
+esac
+case ,$parts, in *,fwd,*)  # issue 17: compiled forward per backend, bf16 and fp8 matmul, against diffusers eager
+  timeout 400 python3 bench/attention_table.py --out "$OUT/fwd${SIZE:-14B}" --no-kernels --forward --size "${SIZE:-14B}" \
+    --anchor --fp8-matmul --backends "${BACKENDS:-TORCH_SDPA,FLASH_ATTN_4,INT8_ATTN}" > "$OUT/fwd.log" 2>&1
+  grep '^|' "$OUT/fwd.log" ;;
 esac

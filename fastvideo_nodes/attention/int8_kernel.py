@@ -84,9 +84,9 @@ CONFIGS = {
 # sums cost a little error on plain noise (rel. L2 0.0494 against 0.0492). Later that day, same bench, 32,760
 # tokens: s2_fold_r168 781 (pre-passes 0.337 ms), + fq 772 (0.263 ms), + ts8 784, + fq_ts3 797, + fq_ts8 820
 # (8.046 ms, kernel alone 847; 816 / 803 in a second run), accmma_r168_fq_ts8 793; the same accuracy against
-# exact attention. Not the default yet: its split blocks round P per key range, so the GPU test that holds
-# the kernel to `int8.emulate` (unsplit) within 1 % failed at 1,000 tokens x 2 heads on noise (2.7 %); that
-# test has to compare split blocks against exact attention instead before fq_ts8 can be adopted.
+# exact attention. fq_ts8 became the default on 2026-12-03 (822 / 815 TFLOP/s at 32,760 × 12, 780 at 40 heads):
+# its split blocks round P per key range, which the unsplit emulation does not model, so the GPU tests hold
+# the unsplit kernel to `int8.emulate` and the split output to exact attention (`check_algorithm`).
 DEFAULT_NAME = "m64n128w4s2_tma_fold_r168_fq_ts8"  # the one switch: the bench winner (bump auto.PROBE_VERSION with it)
 DEFAULT = CONFIGS[DEFAULT_NAME]
 
