@@ -144,10 +144,22 @@ def test_streamed_blocks_warm_up_and_sample_the_same(tiny_model_set, passes):
     torch.testing.assert_close(r.latents, want.latents, rtol=1e-4, atol=1e-4)
 
 
-def test_compiled_blocks_are_not_warmed(tiny_model_set, passes):
-    with gen_for(tiny_model_set, compile=True) as gen:
+def test_compiled_blocks_run_no_block_but_decide_the_attention_at_load(tiny_model_set, passes, monkeypatch):
+    """compile=True: no block runs at load (it would compile at load()'s shape), but auto's decision
+    and the VAE's kernels are load-time work all the same."""
+    from fastvideo_nodes.models.wan_dit import WanDiT
+    asked: list[tuple[str | None, int]] = []
+    real = WanDiT.attention_backend_for
+
+    def counted(self, name, seq_len=32760):
+        asked.append((name, seq_len))
+        return real(self, name, seq_len)
+    monkeypatch.setattr(WanDiT, "attention_backend_for", counted)
+    with gen_for(tiny_model_set, compile=True, attention_backend="auto") as gen:
         gen.load(**SIZE)
-        assert not passes["dit"] and gen.warmup_s == 0.0
+        assert not passes["dit"] and passes["vae"] == [1]
+        assert asked == [("auto", TOKENS)] and gen.warmup_s > 0
+        assert gen._parts.warmed
 
 
 def test_a_new_shape_warms_again_and_close_forgets(tiny_model_set, passes):

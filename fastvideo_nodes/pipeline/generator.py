@@ -254,21 +254,25 @@ class VideoGenerator:
     def _warm_up(self, shape: VideoShape) -> None:
         """Build the kernels and decide the attention backend a run of `shape` needs, now (see
         pipeline/warmup.py): once per shape, backend and hybrid schedule on these parts, on CUDA, in
-        this process's DiT (not compiled). Its seconds count in load_s and in warmup_s. Call under the lock."""
+        this process's DiT; with compiled blocks only the attention decision and the decode. Its seconds
+        count in load_s and in warmup_s. Call under the lock."""
         from ..attention import resolve_backend
         from . import warmup
         parts = self._parts
         key = (shape, resolve_backend(self.attention_backend), self.exact_attention_steps)
-        if (parts.dit is None or self.num_gpus != 1 or self.options.compile or key in parts.warmed
+        if (parts.dit is None or self.num_gpus != 1 or key in parts.warmed
                 or not warmup.wanted(self.device)):
             return
         t0 = time.perf_counter()
         with self._loading(), friendly_oom("warming up the kernels"):
             self.placement.make_room_for_sampling(shape)  # a memory host frees what one step needs
             dit = self._experts().use(0) if self.files.low_noise_model is not None else parts.dit  # the first step's
-            ran = warmup.dit_pass(dit, shape, attention_backend=self.attention_backend,
-                                  attention_options=self.attention_options,
-                                  exact_attention_steps=self.exact_attention_steps)
+            if self.options.compile:  # running a block would compile it at this shape (see pipeline/warmup.py)
+                ran = warmup.decide(dit, shape, attention_backend=self.attention_backend)
+            else:
+                ran = warmup.dit_pass(dit, shape, attention_backend=self.attention_backend,
+                                      attention_options=self.attention_options,
+                                      exact_attention_steps=self.exact_attention_steps)
             if parts.offload is not None:
                 parts.offload.drop_prefetched()  # the next run starts its ring afresh
             vae = parts.vae
@@ -282,9 +286,11 @@ class VideoGenerator:
         seconds = time.perf_counter() - t0
         parts.warmup_s += seconds
         parts.warmed.add(key)
-        logger.info("warm-up for %dx%d, %d frames (%d tokens): DiT block 1 with attention %s%s in %.2f s",
-                    shape.width, shape.height, shape.num_frames, shape.tokens, ", ".join(ran),
-                    ", VAE decode" if vae is not None else "", seconds)
+        what = "attention decided (blocks compile at the first call)" if self.options.compile else \
+            "DiT block 1 with attention"
+        logger.info("warm-up for %dx%d, %d frames (%d tokens): %s %s%s in %.2f s", shape.width, shape.height,
+                    shape.num_frames, shape.tokens, what, ", ".join(ran), ", VAE decode" if vae is not None else "",
+                    seconds)
 
     @property
     def load_s(self) -> float:

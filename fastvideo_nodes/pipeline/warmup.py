@@ -16,10 +16,12 @@ VAE's kernels. VideoGenerator.load() moves that work here, timed apart (`warmup_
 Both run without autograd, as the sampler; their activations are one step's (inside the memory
 plan's sampling budget) and are gone when they return.
 
-Not warmed: compiled blocks (compile=True: warming would compile at load()'s shape, which the nodes
-do not know; the first call of a shape compiles, as before), and sequence-parallel workers (the
-pool starts at the first parallel sampling, and a worker learns the shape and the attention backend
-only from its job).
+With compiled blocks (compile=True) no block runs: that would compile at load()'s shape, which the
+nodes do not know, so the first call of a shape compiles, as before. The attention decision
+(`decide`: auto's probe, which on a 14B at 480p took about 18 s of the first call with FlashAttention 4
+installed) and the VAE pass still run at load. Not warmed: sequence-parallel workers (the pool starts
+at the first parallel sampling, and a worker learns the shape and the attention backend only from its
+job).
 """
 from __future__ import annotations
 
@@ -41,6 +43,18 @@ def latent_grid(shape: VideoShape) -> tuple[int, int, int]:
     return (shape.num_frames - 1) // 4 + 1, shape.height // shape.vae_stride, shape.width // shape.vae_stride
 
 
+def tokens(dit, shape: VideoShape) -> int:
+    """The DiT's sequence length for a video of this shape."""
+    t, h, w = latent_grid(shape)
+    return t * (h // dit.cfg.patch_size[1]) * (w // dit.cfg.patch_size[2])
+
+
+def decide(dit, shape: VideoShape, *, attention_backend: str | None = None) -> list[str]:
+    """The attention backend a run of `shape` uses, decided now (auto's probe when no record is on disk),
+    without running the DiT; returns it as dit_pass does."""
+    return [dit.attention_backend_for(attention_backend, tokens(dit, shape))]
+
+
 def dit_pass(dit, shape: VideoShape, *, attention_backend: str | None = None, attention_options=None,
              exact_attention_steps: int = 0) -> list[str]:
     """One forward through the first block of `dit` at `shape`; returns the attention backends it ran."""
@@ -55,8 +69,7 @@ def dit_pass(dit, shape: VideoShape, *, attention_backend: str | None = None, at
     image_embeds = noise(1, 257, cfg.image_dim, dtype=dit.dtype) if cfg.image_dim is not None else None
     context = noise(1, cfg.text_len, cfg.text_dim, dtype=dit.dtype)
     timestep = torch.full((1,), 999.0, device=device)
-    tokens = t * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
-    backend = dit.attention_backend_for(attention_backend, tokens)
+    backend = dit.attention_backend_for(attention_backend, tokens(dit, shape))
     n = 2 * exact_attention_steps + 1  # a schedule whose middle step runs `backend`
     steps = [exact_attention_steps]
     if backend_for_step(backend, 0, n, exact_attention_steps) != backend:
