@@ -20,9 +20,8 @@ With compiled blocks (compile=True) no block runs: that would compile at load()'
 nodes do not know, so the first call of a shape compiles, as before. The attention decision
 (`decide`: auto's probe, which builds and times every installed backend; a compiled 14B's first 1-step
 call at 480p took 34.1 s with auto against 14.5 s with FlashAttention 4 named) and the VAE pass still
-run at load. Not warmed: sequence-parallel workers (the pool starts
-at the first parallel sampling, and a worker learns the shape and the attention backend only from its
-job).
+run at load. Not warmed: sequence-parallel workers (the pool starts at the first parallel sampling,
+and a worker learns the shape and the attention backend only from its job).
 """
 from __future__ import annotations
 
