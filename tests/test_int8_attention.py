@@ -2,15 +2,13 @@
 under the interpreter, the auto accuracy guard with fake backends, and the kernel on a GPU."""
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import time
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import run_interpreted
 
 from fastvideo_nodes.attention import auto, int8, int8_kernel
 from fastvideo_nodes.attention.auto import wan_like_inputs
@@ -112,21 +110,11 @@ print(json.dumps(res))
 """
 
 
-def run_interpreted(script: str) -> dict:
-    """A script in a fresh process under Triton's interpreter (its kernels then run on the CPU); its last
-    printed line, as JSON."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
-
-
 def test_triton_kernel_under_interpreter():
     """The kernels' indexing, padding and tail masks, run by Triton's CPU interpreter. Triton 3.9's
     interpreter rounds fp32 → e4m3 wrongly when rounding carries into the exponent (127.7 → 64
     instead of 128), so the fp8 half is checked loosely here and exactly on the GPU."""
-    res = run_interpreted(INTERPRETED)
+    res = run_interpreted(INTERPRETED, timeout=600)
     for name, sq, d in (("self", 150, 64), ("cross", 70, 128)):
         r = res[name]
         assert r["q8"] == 0 and r["k8"] == 0 and r["q8_pad"] == 0 and r["v8_pad"] == 0, r
@@ -165,7 +153,7 @@ print(json.dumps(res))
 
 @pytest.fixture(scope="module")
 def interpreted_variants():
-    return run_interpreted(VARIANTS)
+    return run_interpreted(VARIANTS, timeout=600)
 
 
 @pytest.mark.parametrize("cname", list(int8_kernel.CONFIGS))
@@ -220,7 +208,7 @@ print(json.dumps(res))
 
 @pytest.fixture(scope="module")
 def interpreted_prepasses():
-    return run_interpreted(PREPASS)
+    return run_interpreted(PREPASS, timeout=600)
 
 
 def test_fused_prepass_equals_the_separate_passes_bit_for_bit(interpreted_prepasses):
@@ -269,7 +257,7 @@ def test_tail_split_under_interpreter():
     """tail_split on the interpreter: the blocks run whole are the unsplit kernel's bits, the split ones
     (five key ranges merged) as close to exact attention as the unsplit answer. Not bit for bit: each
     range rounds P to e4m3 against its own row maximum, not the running one."""
-    for name, r in run_interpreted(TAIL).items():
+    for name, r in run_interpreted(TAIL, timeout=600).items():
         assert r["plan"] == [10, 5] and r["untouched"], (name, r)
         assert r["to_whole"] < 0.01 and r["err_split"] < 1.05 * r["err_whole"], (name, r)
 

@@ -1,15 +1,13 @@
 """VIDEO_SPARSE_ATTN's Triton kernel: under Triton's CPU interpreter against the dense-mask reference
 (tests/test_video_sparse.py) and the FlexAttention path, its tables, its place in compiled graphs, and on a
 GPU at FastWan's 480p shape."""
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import run_interpreted
 
 from fastvideo_nodes.attention import video_sparse as vs
 from fastvideo_nodes.errors import FastVideoError
@@ -175,17 +173,6 @@ with torch.no_grad():
 res["dit"] = dict(diff=diff(tiled, plain), scale=plain.abs().max().item())
 print(json.dumps(res))
 """
-
-
-def run_interpreted(script: str) -> dict:
-    """A script under Triton's interpreter (kernels on CPU tensors) in its own process, since the
-    switch must be set before Triton is imported; returns the JSON its last line prints."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
-    run = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
