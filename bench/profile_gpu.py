@@ -58,26 +58,27 @@ def profiled(label: str, fn, top: int = 15):
         log(kind="kernel", what=label, ms=round(ms, 2), calls=n, cat=category(name), name=name[:140])
 
 
-def our_dit(compiled: bool, fp8: bool = False, backend: str = "TORCH_SDPA"):
-    m = random_dit("1.3B")
+def our_dit(compiled: bool, fp8: bool = False, backend: str = "TORCH_SDPA", size: str = "1.3B"):
+    m = random_dit(size)
     if fp8:
         to_fp8_matmul(m)
     if compiled:
         m.compile_blocks()
     x, t, ctx = inputs()
-    label = f"ours {'compiled' if compiled else 'eager'}{' fp8 matmul' if fp8 else ''} {backend}"
+    label = f"ours {size} {'compiled' if compiled else 'eager'}{' fp8 matmul' if fp8 else ''} {backend}"
     with torch.inference_mode():
         profiled(label, lambda: m(x, t, ctx, attention_backend=backend))
     m = None
     torch.cuda.empty_cache()
 
 
-def gemms():
-    """bf16 vs fp8 (_scaled_mm, row-wise scales) at the 1.3B block shapes, 32,760 tokens."""
+def gemms(size: str = "1.3B"):
+    """bf16 vs fp8 (_scaled_mm, row-wise scales) at the block shapes of `size`, 32,760 tokens."""
     from speed import timeit
 
     from fastvideo_nodes.ops.linear import fp8_linear, quantize_fp8
-    for k, n in ((1536, 1536), (1536, 8960), (8960, 1536)):
+    dim, ffn = (1536, 8960) if size == "1.3B" else (5120, 13824)
+    for k, n in ((dim, dim), (dim, ffn), (ffn, dim)):
         x = torch.randn(32760, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         wq, sw = quantize_fp8(w, torch.float8_e4m3fn)
@@ -129,13 +130,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--parts", default="dit,dit_compile,diffusers_dit,vae,diffusers_vae",
-                    help="also: dit_fp8, dit_compile_fp8, dit_compile_sage")
+                    help="also: dit_fp8, dit_compile_fp8, dit_compile_sage, gemm")
+    ap.add_argument("--size", default="1.3B", choices=("1.3B", "14B"), help="our DiT's size and the GEMM shapes")
+    ap.add_argument("--backend", default="TORCH_SDPA", help="attention backend of our dit parts")
     args = ap.parse_args()
+    size, backend = args.size, args.backend.upper()
     parts = args.parts.split(",")
     os.makedirs(args.out, exist_ok=True)
-    jobs = {"dit": lambda: our_dit(False), "dit_compile": lambda: our_dit(True), "diffusers_dit": diffusers_dit,
-            "dit_fp8": lambda: our_dit(False, fp8=True), "dit_compile_fp8": lambda: our_dit(True, fp8=True),
-            "dit_compile_sage": lambda: our_dit(True, backend="SAGE_ATTN"), "gemm": gemms,
+    jobs = {"dit": lambda: our_dit(False, False, backend, size), "dit_compile": lambda: our_dit(True, False, backend, size),
+            "diffusers_dit": diffusers_dit, "dit_fp8": lambda: our_dit(False, True, backend, size),
+            "dit_compile_fp8": lambda: our_dit(True, True, backend, size),
+            "dit_compile_sage": lambda: our_dit(True, backend="SAGE_ATTN", size=size), "gemm": lambda: gemms(size),
             "vae": lambda: vae(True), "diffusers_vae": lambda: vae(False)}
     for p in parts:
         try:

@@ -222,6 +222,19 @@ def _per_step(seen, marks):
     return [sorted(set(seen[a:b])) for a, b in zip(bounds, bounds[1:])]
 
 
+def test_text_cross_attention_is_exact_under_8bit_and_auto(spied):
+    from fastvideo_nodes.attention import AttentionSpec
+    g = torch.Generator().manual_seed(0)
+    q, kv = torch.randn(1, 40, 2, 16, generator=g), torch.randn(1, 7, 2, 16, generator=g)
+    for backend in ("INT8_ATTN", "AUTO", "TORCH_SDPA"):
+        spied.clear()
+        AttentionSpec(backend).cross_attention(q, kv, kv)
+        assert spied == ["TORCH_SDPA"], backend
+    spied.clear()
+    AttentionSpec("INT8_ATTN").self_attention(q, q, q)
+    assert spied == ["INT8_ATTN"]
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_hybrid_runs_exact_first_and_last_steps(spied, compiled):
     from fastvideo_nodes.pipeline.sampler import SamplingSettings, denoise, initial_noise
@@ -241,7 +254,8 @@ def test_hybrid_runs_exact_first_and_last_steps(spied, compiled):
     with torch.no_grad():
         denoise(dit, initial_noise(s), ctx, None, s, attention_backend="INT8_ATTN", exact_attention_steps=2,
                 callback=lambda i, n, x0: marks.append(len(spied)))
-    want = [["TORCH_SDPA"]] * 2 + [["INT8_ATTN"]] * 2 + [["TORCH_SDPA"]] * 2
+    # text cross-attention is exact on every step (AttentionSpec.cross_attention)
+    want = [["TORCH_SDPA"]] * 2 + [["INT8_ATTN", "TORCH_SDPA"]] * 2 + [["TORCH_SDPA"]] * 2
     assert _per_step(spied, marks) == want
     if compiled:
         assert counter.frame_count == 2  # one graph per backend name, not one per step

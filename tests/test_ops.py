@@ -17,6 +17,7 @@ from fastvideo_nodes.ops.fused import (
     layer_norm_affine,
     layer_norm_modulate,
     linear_gelu,
+    residual_layer_norm,
     rms_norm_channels,
     rms_norm_rope,
 )
@@ -91,6 +92,19 @@ def test_layer_norm_modulate_and_affine_torch_path(out_dtype, tol):
     assert rel(got, ref_layer_norm(x.bfloat16(), 1e-6) * weight.double() + bias.double()) < tol
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_residual_layer_norm_torch_path(gated):
+    g = gen(3)
+    x = torch.randn(2, 7, 48, generator=g) * 4 + 1
+    y = torch.randn(2, 7, 48, generator=g).bfloat16()
+    gate = torch.randn(2, 1, 48, generator=g) if gated else None
+    a, b = torch.randn(1, 1, 48, generator=g), torch.randn(48, generator=g)
+    new_x, h = residual_layer_norm(x, y, gate, a, b, 1e-6, torch.bfloat16)
+    want_x = x.double() + y.double() * (1.0 if gate is None else gate.double())
+    assert new_x.dtype == torch.float32 and rel(new_x, want_x) < 1e-6
+    assert h.dtype == torch.bfloat16 and rel(h, ref_layer_norm(want_x, 1e-6) * a.double() + b.double()) < 1e-2
+
+
 @pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("shape,fmt", [((1, 12, 3, 5, 7), torch.channels_last_3d), ((3, 12, 5, 7), torch.channels_last),
                                        ((1, 12, 3, 5, 7), torch.contiguous_format)])
@@ -140,10 +154,11 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(fused, "_cuda", lambda x: True)
     monkeypatch.setattr(fused, "_compiling", lambda: False)
     monkeypatch.setattr(tk, "triton_available", lambda: True)
-    for name in ("rms_norm_rope", "rms_norm_rope_op", "layer_norm_affine", "rms_norm_silu"):
+    for name in ("rms_norm_rope", "rms_norm_rope_op", "layer_norm_affine", "layer_norm_affine_op",
+                 "residual_layer_norm", "residual_layer_norm_op", "rms_norm_silu"):
         def record(x, *args, _name=name, **kw):
             calls.append((_name, args, kw))
-            return x
+            return (x, x) if _name.startswith("residual") else x
         monkeypatch.setattr(tk, name, record)
     return calls
 
@@ -177,8 +192,18 @@ def test_layer_norm_dispatch(fake_gpu, monkeypatch):
     assert fake_gpu[-1][1] == (weight, bias, 1e-5, torch.float16)
     assert fused.layer_norm_impl(x.transpose(0, 1)) == "torch"
     assert fused.layer_norm_impl(x[None]) == "torch"  # [B,S,C] only
-    monkeypatch.setattr(fused, "_compiling", lambda: True)  # compiled blocks: Inductor fuses the torch math
-    assert fused.layer_norm_impl(x) == "torch"
+    assert fused.layer_norm_impl(x, torch.randn(2, 5, 16)) == "torch"  # per-token params: Wan 2.2's modulation
+    y, gate = torch.randn(2, 5, 16), torch.randn(2, 1, 16)
+    residual_layer_norm(x, y, gate, weight, bias, 1e-6, torch.bfloat16)
+    name, args, _ = fake_gpu[-1]
+    assert name == "residual_layer_norm" and args[1] is gate and args[2] is weight
+    monkeypatch.setattr(fused, "_compiling", lambda: True)  # compiled blocks: the opaque ops, one pass each
+    assert fused.layer_norm_impl(x) == "custom_op"
+    layer_norm_modulate(x, shift, scale, 1e-6, torch.bfloat16)
+    assert fake_gpu[-1][0] == "layer_norm_affine_op"
+    residual_layer_norm(x, y, None, weight, bias, 1e-6, torch.bfloat16)
+    assert fake_gpu[-1][0] == "residual_layer_norm_op" and fake_gpu[-1][1][1] is None
+    assert fused.layer_norm_impl(x, torch.randn(2, 5, 16)) == "torch"
     monkeypatch.setattr(fused, "_compiling", lambda: False)
     monkeypatch.setattr(tk, "triton_available", lambda: False)
     assert fused.layer_norm_impl(x) == "torch"
@@ -261,6 +286,7 @@ w, ang = torch.rand(24, generator=g) + 0.5, torch.rand(6, 4, generator=g) * 6.28
 r = torch.randn(2, 5, 40, generator=g) * 3 + 1
 shift, scale = torch.randn(2, 1, 40, generator=g), torch.randn(1, 1, 40, generator=g)
 wb, bb = torch.randn(40, generator=g), torch.randn(40, generator=g)
+ry = torch.randn(2, 5, 40, generator=g).bfloat16()
 v = torch.randn(1, 12, 2, 3, 5, generator=g).contiguous(memory_format=torch.channels_last_3d)
 gamma = torch.randn(12, 1, 1, 1, generator=g)
 ops = {
@@ -268,6 +294,7 @@ ops = {
     "layer_norm_modulate": lambda: fused.layer_norm_modulate(r, shift, scale, 1e-6, torch.float32),
     "layer_norm_affine": lambda: fused.layer_norm_affine(r, wb, bb, 1e-6, torch.float32),
     "rms_norm_channels": lambda: fused.rms_norm_channels(v, gamma, silu=True),
+    "residual_layer_norm": lambda: torch.cat(fused.residual_layer_norm(r, ry, shift, scale, wb, 1e-6, torch.float32), -1),
 }
 want = {k: f() for k, f in ops.items()}
 tk.triton_available = lambda: True
@@ -289,7 +316,7 @@ def test_triton_kernels_in_interpreter():
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["impls"] == ["triton"] * 3 and res["layout"]
     assert res["err"]["rms_norm_rope"] < 0.02  # bf16: the torch path rounds once more
-    for name in ("layer_norm_modulate", "layer_norm_affine", "rms_norm_channels"):
+    for name in ("layer_norm_modulate", "layer_norm_affine", "rms_norm_channels", "residual_layer_norm"):
         assert res["err"][name] < 1e-5, name
 
 
@@ -350,6 +377,41 @@ def test_layer_norm_triton_equals_torch(out_dtype, tol, per_batch):
     weight, bias = torch.randn(c, generator=g, device="cuda"), torch.randn(c, generator=g, device="cuda")
     got = layer_norm_affine(x, weight, bias, 1e-6, out_dtype)
     assert rel(got, on_torch_path(layer_norm_affine, x, weight, bias, 1e-6, out_dtype)) < tol
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize("c", [1536, 5120])
+@pytest.mark.parametrize("gated", [False, True])
+def test_residual_layer_norm_triton_equals_torch(c, gated):
+    g = gen(11, "cuda")
+    x = torch.randn(2, 60, c, generator=g, device="cuda") * 3 + 1
+    y = torch.randn(2, 60, c, generator=g, device="cuda").bfloat16()
+    gate = torch.randn(2, 1, c, generator=g, device="cuda") if gated else None
+    a, b = torch.randn(2, 1, c, generator=g, device="cuda"), torch.randn(c, generator=g, device="cuda")
+    assert fused.layer_norm_impl(x, gate, a, b) == "triton"
+    new_x, h = residual_layer_norm(x, y, gate, a, b, 1e-6, torch.bfloat16)
+    want_x, want_h = on_torch_path(residual_layer_norm, x, y, gate, a, b, 1e-6, torch.bfloat16)
+    assert rel(new_x, want_x) < 1e-6 and rel(h, want_h) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_layer_norm_custom_ops_compile_to_the_kernels():
+    """Inside torch.compile the LayerNorms are the opaque ops: a full graph, the kernels' own results."""
+    g = gen(12, "cuda")
+    x = torch.randn(1, 60, 5120, generator=g, device="cuda")
+    y = torch.randn(1, 60, 5120, generator=g, device="cuda").bfloat16()
+    gate, a, b = (torch.randn(1, 1, 5120, generator=g, device="cuda") for _ in range(3))
+    torch.library.opcheck(tk.residual_layer_norm_op, (x, y, gate, a, b, 1e-6, torch.bfloat16))
+    torch.library.opcheck(tk.layer_norm_affine_op, (x, a, b, 1e-6, torch.bfloat16))
+
+    def block_tail(x, y):
+        x, h = residual_layer_norm(x, y, gate, a, b, 1e-6, torch.bfloat16)
+        return x, h, layer_norm_modulate(x, a, b, 1e-6, torch.bfloat16)
+    eager = block_tail(x, y)
+    compiled = torch.compile(block_tail, fullgraph=True, dynamic=False)(x, y)
+    assert all(torch.equal(c, e) for c, e in zip(compiled, eager))
 
 
 @pytest.mark.gpu

@@ -27,7 +27,8 @@ from torch import nn
 
 from ..attention import AttentionOptions, AttentionSpec, backend_for_step, resolve_backend, token_order
 from ..errors import FastVideoError
-from ..ops import Linear, layer_norm_affine, layer_norm_modulate, linear_gelu, rms_norm, rms_norm_rope
+from ..ops import (Linear, layer_norm_affine, layer_norm_modulate, linear_gelu, residual_layer_norm, rms_norm,
+                   rms_norm_rope)
 from .seams import Attention, BlockCache, ParallelPlan
 
 
@@ -190,9 +191,10 @@ class WanBlock(nn.Module):
             get = lambda i: e0[:, :, i] + table[i]
         # 0-2: shift, scale, gate of self-attention; 3-5: of the FFN
         h = layer_norm_modulate(x, get(0), get(1), self.eps, dtype)
-        x = torch.addcmul(x, self.self_attn(h, rope, attn), get(2))
-        x = x + self.cross_attn(self.norm3(x, dtype), context, attn)
-        h = layer_norm_modulate(x, get(3), get(4), self.eps, dtype)
+        # Each residual add runs with the norm after it (norm3, then the FFN's modulated LayerNorm).
+        x, h = residual_layer_norm(x, self.self_attn(h, rope, attn), get(2), self.norm3.weight, self.norm3.bias,
+                                   self.norm3.eps, dtype)
+        x, h = residual_layer_norm(x, self.cross_attn(h, context, attn), None, 1 + get(4), get(3), self.eps, dtype)
         return torch.addcmul(x, self.ffn[2](linear_gelu(cast(Linear, self.ffn[0]), h)), get(5))
 
 

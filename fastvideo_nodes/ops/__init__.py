@@ -7,6 +7,7 @@ from .fused import (
     layer_norm_affine,
     layer_norm_modulate,
     linear_gelu,
+    residual_layer_norm,
     rms_norm,
     rms_norm_channels,
     rms_norm_rope,
@@ -14,4 +15,4 @@ from .fused import (
 from .linear import Linear
 
 __all__ = ["Linear", "apply_rope", "channels_last", "layer_norm_affine", "layer_norm_modulate", "linear_gelu",
-           "rms_norm", "rms_norm_channels", "rms_norm_rope"]
+           "residual_layer_norm", "rms_norm", "rms_norm_channels", "rms_norm_rope"]

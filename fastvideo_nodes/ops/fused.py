@@ -7,12 +7,13 @@ it is the CPU path and the reference the GPU tests compare the kernels with.
   rms_norm_rope        q/k RMSNorm over all heads, then interleaved 3D RoPE (DiT self-attention)
   layer_norm_modulate  LayerNorm (no affine)·(1 + scale) + shift, cast to the compute dtype
   layer_norm_affine    the affine LayerNorm before cross-attention, cast to the compute dtype
+  residual_layer_norm  a residual add (gated or not), then LayerNorm·a + b of the new stream
   rms_norm_channels    the VAE's RMSNorm over channels, optionally followed by SiLU
   linear_gelu          GELU(tanh)(Linear(x)), fused into the matmul epilogue on CUDA
 
-Choices (measured earlier, kept as they were): eager CUDA runs take the one-pass Triton kernels; inside a
-torch.compile region the RoPE op stays one opaque custom op (its single pass beat Inductor's
-kernel) and the LayerNorms fall back to torch math, which Inductor fuses with its neighbours.
+Choices (measured): eager CUDA runs take the one-pass Triton kernels; inside a torch.compile region
+the RoPE op and the LayerNorms stay opaque custom ops: their single pass beat Inductor's kernels
+(which read a 5,120-wide row twice). Wan 2.2's per-token modulation takes the torch math everywhere.
 """
 from __future__ import annotations
 
@@ -88,9 +89,15 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin:
 
 # -- LayerNorm + modulation / affine
 
-def layer_norm_impl(x: torch.Tensor) -> str:
-    """"triton" or "torch": what layer_norm_modulate / layer_norm_affine run for x."""
-    return "triton" if _triton_eager(x) and x.dim() == 3 and x.is_contiguous() else "torch"
+def layer_norm_impl(x: torch.Tensor, *params: torch.Tensor | None) -> str:
+    """"custom_op" (compiled), "triton" (eager) or "torch": what the LayerNorm ops run for x [B,S,C].
+    The kernels take per-sample params ([B or 1, 1, C] or [C]), not per-token ones."""
+    c = x.shape[-1]
+    if not (_cuda(x) and x.dim() == 3 and all(p is None or p.numel() in (c, x.shape[0] * c) for p in params)):
+        return "torch"
+    if _compiling():
+        return "custom_op"  # compile_blocks has checked that Triton is there
+    return "triton" if tk.triton_available() and x.is_contiguous() else "torch"
 
 
 def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -98,21 +105,39 @@ def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
 
 
+def _layer_norm_ab(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    impl = layer_norm_impl(x, a, b)
+    if impl == "custom_op":
+        return tk.layer_norm_affine_op(x, a, b, eps, dtype)
+    if impl == "triton":
+        return tk.layer_norm_affine(x, a, b, eps, dtype)
+    return torch.addcmul(b, layer_norm(x, eps), a).to(dtype)
+
+
 def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                         dtype: torch.dtype) -> torch.Tensor:
     """LayerNorm(x)·(1 + scale) + shift in float32, cast to dtype. x [B,S,C]; shift, scale
-    [B or 1, 1, C] float32 (Wan's modulation)."""
-    if layer_norm_impl(x) == "triton":
-        return tk.layer_norm_affine(x, 1 + scale, shift, eps, dtype)
-    return torch.addcmul(shift, layer_norm(x, eps), 1 + scale).to(dtype)
+    [B or 1, 1, C] float32 (Wan's modulation), or [B,S,C] (per token)."""
+    return _layer_norm_ab(x, 1 + scale, shift, eps, dtype)
 
 
 def layer_norm_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                       dtype: torch.dtype) -> torch.Tensor:
     """LayerNorm(x) with weight and bias [C], in float32, cast to dtype."""
-    if layer_norm_impl(x) == "triton":
-        return tk.layer_norm_affine(x, weight, bias, eps, dtype)
-    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(dtype)
+    return _layer_norm_ab(x, weight, bias, eps, dtype)
+
+
+def residual_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, a: torch.Tensor,
+                        b: torch.Tensor, eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + y·gate, LayerNorm(x + y·gate)·a + b cast to dtype): a block's residual add and the norm
+    after it. x float32 [B,S,C], y [B,S,C]; gate (None: x + y), a, b as layer_norm_impl takes them."""
+    impl = layer_norm_impl(x, gate, a, b)
+    if impl == "custom_op":
+        return tk.residual_layer_norm_op(x, y, gate, a, b, eps, dtype)
+    if impl == "triton":
+        return tk.residual_layer_norm(x, y.contiguous(), gate, a, b, eps, dtype)
+    x = x + y if gate is None else torch.addcmul(x, y, gate)
+    return x, torch.addcmul(b, layer_norm(x, eps), a).to(dtype)
 
 
 # -- the VAE's RMSNorm over channels

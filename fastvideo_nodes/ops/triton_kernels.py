@@ -5,7 +5,8 @@ rms_norm_silu: the Wan VAE's "L2-normalise over channels × √C × γ, then SiL
 write of a channels-last tensor instead of five elementwise passes (the VAE decoder spends a
 third of its time in them).
 rms_norm_rope and layer_norm_affine: the DiT's q/k "RMSNorm then 3D RoPE" and "LayerNorm then
-modulation, cast to the compute dtype", one pass each.
+modulation, cast to the compute dtype", one pass each. residual_layer_norm: a residual add and the
+LayerNorm after it, one read of the stream and one write.
 
 The jit kernels live in `triton_jit.py` and are imported on the first launch, so this module
 imports without Triton and a launch without it raises a FastVideoError instead of a NameError.
@@ -91,6 +92,53 @@ def layer_norm_affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: fl
     bsz, s, c = x.shape
     a2, b2 = a.float().reshape(-1, c).contiguous(), b.float().reshape(-1, c).contiguous()
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
+    block = max(16, 1 << (c - 1).bit_length())
     kernels.layer_norm_affine_kernel[(bsz * s,)](x, a2, b2, y, s, c, a2.shape[0] > 1, b2.shape[0] > 1, float(eps),
-                                                 BLOCK=max(16, 1 << (c - 1).bit_length()), num_warps=4)
+                                                 BLOCK=block, num_warps=8 if block >= 4096 else 4)
     return y
+
+
+def _vector_rows(t: torch.Tensor, c: int) -> torch.Tensor:
+    """[B or 1, 1, C] or [C] → a contiguous float32 [B or 1, C]."""
+    return t.float().reshape(-1, c).contiguous()
+
+
+def residual_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, a: torch.Tensor,
+                        b: torch.Tensor, eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous x (float32) and y [B,S,C] → (x + y·gate in float32, LayerNorm(that)·a + b cast to
+    dtype); gate, a, b [B or 1, 1, C] or [C] (gate None: x + y)."""
+    kernels = _jit()
+    bsz, s, c = x.shape
+    a2, b2 = _vector_rows(a, c), _vector_rows(b, c)
+    g2 = a2 if gate is None else _vector_rows(gate, c)  # unread without a gate
+    x_out = torch.empty_like(x)
+    h = torch.empty(x.shape, dtype=dtype, device=x.device)
+    block = max(16, 1 << (c - 1).bit_length())
+    kernels.residual_layer_norm_kernel[(bsz * s,)](
+        x, y, g2, a2, b2, x_out, h, s, c, g2.shape[0] > 1, a2.shape[0] > 1, b2.shape[0] > 1, float(eps),
+        BLOCK=block, GATED=gate is not None, num_warps=8 if block >= 4096 else 4)
+    return x_out, h
+
+
+# Compiled blocks call these as opaque ops: Inductor's kernels for the same math read a 5,120-wide
+# row twice (a looped reduction), ours once.
+@torch.library.custom_op("fastvideo::residual_layer_norm", mutates_args=())
+def residual_layer_norm_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, a: torch.Tensor,
+                           b: torch.Tensor, eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return residual_layer_norm(x.contiguous(), y.contiguous(), gate, a, b, eps, dtype)
+
+
+@residual_layer_norm_op.register_fake
+def _(x, y, gate, a, b, eps, dtype):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape, dtype=dtype)
+
+
+@torch.library.custom_op("fastvideo::layer_norm_affine", mutates_args=())
+def layer_norm_affine_op(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float,
+                         dtype: torch.dtype) -> torch.Tensor:
+    return layer_norm_affine(x.contiguous(), a, b, eps, dtype)
+
+
+@layer_norm_affine_op.register_fake
+def _(x, a, b, eps, dtype):
+    return x.new_empty(x.shape, dtype=dtype)
