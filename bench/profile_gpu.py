@@ -137,7 +137,8 @@ def main():
     size, backend = args.size, args.backend.upper()
     parts = args.parts.split(",")
     os.makedirs(args.out, exist_ok=True)
-    jobs = {"dit": lambda: our_dit(False, False, backend, size), "dit_compile": lambda: our_dit(True, False, backend, size),
+    jobs = {"dit": lambda: our_dit(False, False, backend, size),
+            "dit_compile": lambda: our_dit(True, False, backend, size),
             "diffusers_dit": diffusers_dit, "dit_fp8": lambda: our_dit(False, True, backend, size),
             "dit_compile_fp8": lambda: our_dit(True, True, backend, size),
             "dit_compile_sage": lambda: our_dit(True, backend="SAGE_ATTN", size=size), "gemm": lambda: gemms(size),

@@ -294,7 +294,8 @@ ops = {
     "layer_norm_modulate": lambda: fused.layer_norm_modulate(r, shift, scale, 1e-6, torch.float32),
     "layer_norm_affine": lambda: fused.layer_norm_affine(r, wb, bb, 1e-6, torch.float32),
     "rms_norm_channels": lambda: fused.rms_norm_channels(v, gamma, silu=True),
-    "residual_layer_norm": lambda: torch.cat(fused.residual_layer_norm(r, ry, shift, scale, wb, 1e-6, torch.float32), -1),
+    "residual_layer_norm": lambda: torch.cat(fused.residual_layer_norm(r, ry, shift, scale, wb, 1e-6, torch.float32),
+                                             -1),
 }
 want = {k: f() for k, f in ops.items()}
 tk.triton_available = lambda: True

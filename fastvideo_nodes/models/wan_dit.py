@@ -27,8 +27,15 @@ from torch import nn
 
 from ..attention import AttentionOptions, AttentionSpec, backend_for_step, resolve_backend, token_order
 from ..errors import FastVideoError
-from ..ops import (Linear, layer_norm_affine, layer_norm_modulate, linear_gelu, residual_layer_norm, rms_norm,
-                   rms_norm_rope)
+from ..ops import (
+    Linear,
+    layer_norm_affine,
+    layer_norm_modulate,
+    linear_gelu,
+    residual_layer_norm,
+    rms_norm,
+    rms_norm_rope,
+)
 from .seams import Attention, BlockCache, ParallelPlan
 
 
