@@ -74,10 +74,10 @@ def our_dit(compiled: bool, fp8: bool = False, backend: str = "TORCH_SDPA", size
 
 def gemms(size: str = "1.3B"):
     """bf16 vs fp8 (_scaled_mm, row-wise scales) at the block shapes of `size`, 32,760 tokens."""
-    from speed import timeit
+    from speed import SIZES, timeit
 
     from fastvideo_nodes.ops.linear import fp8_linear, quantize_fp8
-    dim, ffn = (1536, 8960) if size == "1.3B" else (5120, 13824)
+    dim, ffn = SIZES[size].dim, SIZES[size].ffn_dim
     for k, n in ((dim, dim), (dim, ffn), (ffn, dim)):
         x = torch.randn(32760, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02

@@ -90,17 +90,22 @@ def layer_norm_affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: fl
     """Contiguous x [B,S,C] → (LayerNorm(x)·a + b) in float32, cast to dtype; a, b: [B or 1, 1, C] or [C]."""
     kernels = _jit()
     bsz, s, c = x.shape
-    a2, b2 = a.float().reshape(-1, c).contiguous(), b.float().reshape(-1, c).contiguous()
+    a2, b2 = _vector_rows(a, c), _vector_rows(b, c)
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
-    block = max(16, 1 << (c - 1).bit_length())
     kernels.layer_norm_affine_kernel[(bsz * s,)](x, a2, b2, y, s, c, a2.shape[0] > 1, b2.shape[0] > 1, float(eps),
-                                                 BLOCK=block, num_warps=8 if block >= 4096 else 4)
+                                                 **_row_launch(c))
     return y
 
 
 def _vector_rows(t: torch.Tensor, c: int) -> torch.Tensor:
     """[B or 1, 1, C] or [C] → a contiguous float32 [B or 1, C]."""
     return t.float().reshape(-1, c).contiguous()
+
+
+def _row_launch(c: int) -> dict:
+    """BLOCK and num_warps of a one-row-per-program kernel over c columns (8 warps from 4,096 wide)."""
+    block = max(16, 1 << (c - 1).bit_length())
+    return {"BLOCK": block, "num_warps": 8 if block >= 4096 else 4}
 
 
 def residual_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, a: torch.Tensor,
@@ -113,10 +118,9 @@ def residual_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | N
     g2 = a2 if gate is None else _vector_rows(gate, c)  # unread without a gate
     x_out = torch.empty_like(x)
     h = torch.empty(x.shape, dtype=dtype, device=x.device)
-    block = max(16, 1 << (c - 1).bit_length())
     kernels.residual_layer_norm_kernel[(bsz * s,)](
         x, y, g2, a2, b2, x_out, h, s, c, g2.shape[0] > 1, a2.shape[0] > 1, b2.shape[0] > 1, float(eps),
-        BLOCK=block, GATED=gate is not None, num_warps=8 if block >= 4096 else 4)
+        GATED=gate is not None, **_row_launch(c))
     return x_out, h
 
 
