@@ -35,13 +35,20 @@ def category(name: str) -> str:
     return "elementwise/other"
 
 
-def profiled(label: str, fn, top: int = 15):
+def profiled(label: str, fn, top: int = 15, sequence: tuple[int, int] | None = None):
+    """sequence (start, count): also log kernels start … start+count of the call in launch order,
+    each with its time (which GEMM of a block is slow shows there: the sums hide it)."""
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
+    if sequence:
+        runs = sorted((ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA
+                       and not ev.name.startswith(("Memcpy", "Memset"))), key=lambda ev: ev.time_range.start)
+        for i, ev in enumerate(runs[sequence[0]:sum(sequence)], sequence[0]):
+            log(kind="sequence", what=label, i=i, us=round(ev.time_range.elapsed_us(), 1), name=ev.name[:120])
     kernels = {}
     for ev in prof.key_averages():
         t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
@@ -58,7 +65,8 @@ def profiled(label: str, fn, top: int = 15):
         log(kind="kernel", what=label, ms=round(ms, 2), calls=n, cat=category(name), name=name[:140])
 
 
-def our_dit(compiled: bool, fp8: bool = False, backend: str = "TORCH_SDPA", size: str = "1.3B"):
+def our_dit(compiled: bool, fp8: bool = False, backend: str = "TORCH_SDPA", size: str = "1.3B",
+            sequence: tuple[int, int] | None = None):
     m = random_dit(size)
     if fp8:
         to_fp8_matmul(m)
@@ -67,7 +75,7 @@ def our_dit(compiled: bool, fp8: bool = False, backend: str = "TORCH_SDPA", size
     x, t, ctx = inputs()
     label = f"ours {size} {'compiled' if compiled else 'eager'}{' fp8 matmul' if fp8 else ''} {backend}"
     with torch.inference_mode():
-        profiled(label, lambda: m(x, t, ctx, attention_backend=backend))
+        profiled(label, lambda: m(x, t, ctx, attention_backend=backend), sequence=sequence)
     m = None
     torch.cuda.empty_cache()
 
@@ -87,9 +95,15 @@ def gemms(size: str = "1.3B"):
         swr = sw.reshape(1, n).contiguous()
         flops = 2 * 32760 * k * n
         t_bf16 = timeit(lambda: x @ w.t(), warm=3, iters=10)
+        b = torch.zeros(n, device="cuda", dtype=torch.bfloat16)
+        t_lin = timeit(lambda: torch.nn.functional.linear(x, w, b), warm=3, iters=10)  # as the blocks call it
+        t_hot = timeit(lambda: torch.nn.functional.linear(x, w, b), warm=0, iters=int(2.0 / t_lin))  # 2 s: hot card
+        clock = torch.cuda.clock_rate() if hasattr(torch.cuda, "clock_rate") else None  # MHz, after the hot run
         t_mm = timeit(lambda: torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=swr, out_dtype=torch.bfloat16), 3, 10)
         t_all = timeit(lambda: fp8_linear(x, wq, sw, None), warm=3, iters=10)
-        log(kind="gemm", k=k, n=n, bf16_tflops=round(flops / t_bf16 / 1e12), fp8_mm_tflops=round(flops / t_mm / 1e12),
+        log(kind="gemm", k=k, n=n, bf16_tflops=round(flops / t_bf16 / 1e12),
+            linear_bias_tflops=round(flops / t_lin / 1e12), hot_2s_tflops=round(flops / t_hot / 1e12),
+            sm_clock_mhz_after=clock, fp8_mm_tflops=round(flops / t_mm / 1e12),
             fp8_linear_eager_ms=round(t_all * 1e3, 3), bf16_ms=round(t_bf16 * 1e3, 3), fp8_mm_ms=round(t_mm * 1e3, 3))
 
 
@@ -130,7 +144,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--parts", default="dit,dit_compile,diffusers_dit,vae,diffusers_vae",
-                    help="also: dit_fp8, dit_compile_fp8, dit_compile_sage, gemm")
+                    help="also: dit_fp8, dit_compile_fp8, dit_compile_sage, gemm, dit_sequence (dit_compile with "
+                         "kernels 200-259 in launch order)")
     ap.add_argument("--size", default="1.3B", choices=("1.3B", "14B"), help="our DiT's size and the GEMM shapes")
     ap.add_argument("--backend", default="TORCH_SDPA", help="attention backend of our dit parts")
     args = ap.parse_args()
@@ -139,6 +154,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     jobs = {"dit": lambda: our_dit(False, False, backend, size),
             "dit_compile": lambda: our_dit(True, False, backend, size),
+            "dit_sequence": lambda: our_dit(True, False, backend, size, sequence=(200, 60)),
             "diffusers_dit": diffusers_dit, "dit_fp8": lambda: our_dit(False, True, backend, size),
             "dit_compile_fp8": lambda: our_dit(True, True, backend, size),
             "dit_compile_sage": lambda: our_dit(True, backend="SAGE_ATTN", size=size), "gemm": lambda: gemms(size),
