@@ -8,12 +8,12 @@ first and runs block j's softmax while P·V_{j-1} is still on the tensor cores. 
 (`int8_kernel.quantize`), same arithmetic (the i2f offset rides in the score accumulator's start
 value, P scaled into e4m3's range), P·V accumulated inside the fp8 product as acc_in_mma does.
 
-Two things ptxas needs, found by compiling for sm_90a on a CPU (`triton.compile` with a GPUTarget):
-- no branch between the wait for S_j and the softmax (the TMA refills come after the second wait):
-  with one there, ptxas waits for P·V_{j-1} before the softmax;
+Two things ptxas needs, found by compiling for sm_90a on a CPU (`triton.compile` with a GPUTarget;
+tests/test_int8_gluon_build.py checks the result in the SASS):
 - P goes through shared memory, not registers: as a register operand, the registers of P_{j-1} are
   free to the allocator once the product is issued, and ptxas waits for the product before reusing
-  them, early in the softmax.
+  them, early in the softmax;
+- no product in flight across the loop's back edge: with one, ptxas serializes every wgmma (C7514).
 
 H200 readings (2026-12-04, Triton 3.6, whole call with the pre-passes; TFLOP/s dense-equivalent, over
 three calls): STAGES=1 838–849 at 32,760 × 12 (package 814–829) but 752–764 at × 40; STAGES=2 733–805
@@ -60,6 +60,7 @@ except ImportError as e:  # older Triton: the bench says so and stops
 
 log = report.Log()
 BM, D = 64, 128
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # renamed after Triton 3.6
 
 
 @gluon.jit
@@ -95,10 +96,10 @@ def _step(j, p_smem, alpha, m_i, l_i, acc, q_smem, k_smem, v_smem, k_bar, v_bar,
     acc = warpgroup_mma_wait(0, deps=(acc_tok,))
     if j + STAGES < n_kb:  # S_j is done: K_j's buffer takes K_{j+STAGES}
         mbarrier.expect(k_bar.index(st), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [k_row + (j + STAGES) * BN, 0], k_bar.index(st), k_smem.index(st))
+        _tma_load(k_desc, [k_row + (j + STAGES) * BN, 0], k_bar.index(st), k_smem.index(st))
     if j - 1 + STAGES < n_kb:  # P·V_{j-1} is done: V_{j-1}'s buffer takes V_{j-1+STAGES}
         mbarrier.expect(v_bar.index(prev), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [v_row, (j - 1 + STAGES) * BN], v_bar.index(prev), v_smem.index(prev))
+        _tma_load(v_desc, [v_row, (j - 1 + STAGES) * BN], v_bar.index(prev), v_smem.index(prev))
     return alpha, m_i, l_i, acc
 
 
@@ -132,13 +133,13 @@ def attn_fwd(q_desc, k_desc, v_desc, QS, KS, VS, VM, O, Sq, S, H, Sq_pad, Sk_pad
     k_row = bh * Sk_pad
     v_row = bh * D
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [bh * Sq_pad + mblk * BM, 0], q_bar, q_smem)
+    _tma_load(q_desc, [bh * Sq_pad + mblk * BM, 0], q_bar, q_smem)
     for i in gl.static_range(STAGES):
         if i < n_kb:
             mbarrier.expect(k_bar.index(i), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [k_row + i * BN, 0], k_bar.index(i), k_smem.index(i))
+            _tma_load(k_desc, [k_row + i * BN, 0], k_bar.index(i), k_smem.index(i))
             mbarrier.expect(v_bar.index(i), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [v_row, i * BN], v_bar.index(i), v_smem.index(i))
+            _tma_load(v_desc, [v_row, i * BN], v_bar.index(i), v_smem.index(i))
     q_scale = gl.load(QS + bh * n_qblk + mblk)
     ks_ptr = KS + bh * n_kblk
     magic = gl.full([BM, BN], 0x4B400000, gl.int32, layout=s_layout)
@@ -151,7 +152,7 @@ def attn_fwd(q_desc, k_desc, v_desc, QS, KS, VS, VM, O, Sq, S, H, Sq_pad, Sk_pad
     s_int = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), magic)
     if STAGES < n_kb:  # K_0's buffer is free again
         mbarrier.expect(k_bar.index(0), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [k_row + STAGES * BN, 0], k_bar.index(0), k_smem.index(0))
+        _tma_load(k_desc, [k_row + STAGES * BN, 0], k_bar.index(0), k_smem.index(0))
     p, alpha, m_i, l_i = _softmax(s_int, m_i, l_i, q_scale * gl.load(ks_ptr), 0, S, BN, s_layout, True)
     p_smem.index(0).store(p.to(gl.float8e4nv))
     fence_async_shared()
