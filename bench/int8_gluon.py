@@ -40,6 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench import report  # noqa: E402
+from bench.attention_table import errors, reference  # noqa: E402  (fp32 exact attention, cos / rel. L2)
 from bench.diffusers_baseline import event_time  # noqa: E402
 from fastvideo_nodes.attention import int8_kernel as K  # noqa: E402
 from fastvideo_nodes.attention.auto import wan_like_inputs  # noqa: E402
@@ -198,21 +199,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stages: int = 2
     return out
 
 
-def rel(x: torch.Tensor, y: torch.Tensor) -> float:
-    return round(((x.float() - y.float()).norm() / y.float().norm()).item(), 5)
-
-
 def shape_rows(S: int, H: int) -> None:
     q, k, v = wan_like_inputs(S, H, D, "cuda", torch.bfloat16, seed=0)
-    exact = None
-    if S * H <= 32760 * 12:  # fp32 reference within memory
-        exact = torch.nn.functional.scaled_dot_product_attention(
-            *(x.transpose(1, 2).float() for x in (q, k, v))).transpose(1, 2)
+    exact = reference(q, k, v)
     base = K.attention(q, k, v)
     flops = 4 * S * S * H * D
     t = event_time(lambda: K.attention(q, k, v), warm=1, iters=10)
     log(kind="package", config=K.DEFAULT_NAME, tokens=S, heads=H, ms=round(t * 1e3, 3),
-        tflops=round(flops / t / 1e12, 1), rel_exact=None if exact is None else rel(base, exact))
+        tflops=round(flops / t / 1e12, 1), rel_exact=errors(base, exact)[1])
     for stages, maxnreg in ((2, 168), (1, 168), (2, None)):
         row = dict(kind="gluon", stages=stages, maxnreg=maxnreg, tokens=S, heads=H)
         try:
@@ -222,7 +216,7 @@ def shape_rows(S: int, H: int) -> None:
             first = time.perf_counter() - start
             t = event_time(lambda: attention(q, k, v, stages, maxnreg), warm=1, iters=10)
             log(**row, ms=round(t * 1e3, 3), tflops=round(flops / t / 1e12, 1), first_call_s=round(first, 2),
-                rel_package=rel(out, base), rel_exact=None if exact is None else rel(out, exact),
+                rel_package=errors(out, base)[1], rel_exact=errors(out, exact)[1],
                 finite=bool(out.isfinite().all()))
         except Exception as e:  # a variant this GPU or Triton cannot build: the row says why
             log(**row, error=repr(e)[:300])

@@ -7,30 +7,23 @@ import subprocess
 import tempfile
 
 import pytest
+from triton_interpreter import sm90_build
 
 triton = pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
 
 
 def build(stages: int):
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
 
     from bench import int8_gluon
-    fn = int8_gluon.attn_fwd
     lay = gl.NVMMASharedLayout.get_default_for
     types = {"q_desc": f"tensordesc<i8[64,128],{lay([64, 128], gl.int8)}>",
              "k_desc": f"tensordesc<i8[128,128],{lay([128, 128], gl.int8)}>",
              "v_desc": f"tensordesc<fp8e4nv[128,128],{lay([128, 128], gl.float8e4nv)}>",
              "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "VM": "*fp32", "O": "*bf16"}
-    consts = dict(D=128, BM=64, BN=128, STAGES=stages, num_warps=4)
-    names = fn.arg_names
-    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if n not in consts and not sig[n].startswith(("tensordesc", "fp"))}
-    src = GluonASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in consts.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
+    return sm90_build(int8_gluon.attn_fwd, types, dict(D=128, BM=64, BN=128, STAGES=stages, num_warps=4),
+                      maxnreg=168, gluon=True)
 
 
 def tool(name: str) -> str:

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_interpreter import run_interpreted
+from triton_interpreter import run_interpreted, sm90_build
 
 from fastvideo_nodes.attention import video_sparse as vs
 from fastvideo_nodes.errors import FastVideoError
@@ -253,23 +253,6 @@ def test_lazy_rescaling_equals_the_reference(interpreted):
 
 
 # ----------------------------------------------------------------------------- built for Hopper, offline (CPU)
-
-def sm90_build(fn, types: dict, constants: dict, num_warps: int = 4, num_stages: int = 3,
-               odd: tuple[str, ...] = ()):
-    """Triton's real compiler (with the ptxas its wheel ships) for sm_90, no GPU needed: what the
-    interpreter cannot check (what may be used inside a kernel, MMA shapes, TMA) fails here. Like
-    Triton's launcher, pointers and integers are marked divisible by 16, but for the names in `odd`."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    triton = pytest.importorskip("triton")
-    names = fn.arg_names
-    sig = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if n not in constants and n not in odd and not sig[n].startswith(("tensordesc", "fp"))}
-    src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in constants.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
-                                                                             num_stages=num_stages))
-
 
 @pytest.mark.parametrize("dtype,d,tma,rows,packed,lazy", [
     ("bf16", 128, False, 64, False, False), ("bf16", 128, True, 64, False, False),

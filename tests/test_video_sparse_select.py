@@ -5,8 +5,7 @@ test_video_sparse_kernel.py."""
 import os
 
 import pytest
-from test_video_sparse_kernel import sm90_build
-from triton_interpreter import run_interpreted
+from triton_interpreter import run_interpreted, sm90_build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -39,19 +39,25 @@ def rms_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, seq_len, n_pairs
 
 
 @triton.jit
+def _layer_norm_ab_store(x, row, batch, cols, mask, n_cols, a_ptr, b_ptr, y_ptr, a_per_batch, b_per_batch, eps):
+    """LayerNorm of one float32 row x, ·a + b (each [C], or one row per sample), stored in y's dtype."""
+    mean = tl.sum(x, axis=0) / n_cols
+    xc = tl.where(mask, x - mean, 0.0)
+    y = xc * tl.rsqrt(tl.sum(xc * xc, axis=0) / n_cols + eps)
+    a = tl.load(a_ptr + tl.where(a_per_batch, batch, 0) * n_cols + cols, mask=mask, other=0.0)
+    b = tl.load(b_ptr + tl.where(b_per_batch, batch, 0) * n_cols + cols, mask=mask, other=0.0)
+    tl.store(y_ptr + row * n_cols + cols, (y * a + b).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def layer_norm_affine_kernel(x_ptr, a_ptr, b_ptr, y_ptr, seq_len, n_cols, a_per_batch, b_per_batch, eps,
                              BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / n_cols
-    xc = tl.where(mask, x - mean, 0.0)
-    y = xc * tl.rsqrt(tl.sum(xc * xc, axis=0) / n_cols + eps)
-    batch = row // seq_len
-    a = tl.load(a_ptr + tl.where(a_per_batch, batch, 0) * n_cols + cols, mask=mask, other=0.0)
-    b = tl.load(b_ptr + tl.where(b_per_batch, batch, 0) * n_cols + cols, mask=mask, other=0.0)
-    tl.store(y_ptr + row * n_cols + cols, (y * a + b).to(y_ptr.dtype.element_ty), mask=mask)
+    _layer_norm_ab_store(x, row, row // seq_len, cols, mask, n_cols, a_ptr, b_ptr, y_ptr, a_per_batch, b_per_batch,
+                         eps)
 
 
 @triton.jit
@@ -71,12 +77,7 @@ def residual_layer_norm_kernel(x_ptr, y_ptr, g_ptr, a_ptr, b_ptr, xo_ptr, h_ptr,
     else:
         x += y
     tl.store(xo_ptr + row * n_cols + cols, x, mask=mask)
-    mean = tl.sum(x, axis=0) / n_cols
-    xc = tl.where(mask, x - mean, 0.0)
-    h = xc * tl.rsqrt(tl.sum(xc * xc, axis=0) / n_cols + eps)
-    a = tl.load(a_ptr + tl.where(a_per_batch, batch, 0) * n_cols + cols, mask=mask, other=0.0)
-    b = tl.load(b_ptr + tl.where(b_per_batch, batch, 0) * n_cols + cols, mask=mask, other=0.0)
-    tl.store(h_ptr + row * n_cols + cols, (h * a + b).to(h_ptr.dtype.element_ty), mask=mask)
+    _layer_norm_ab_store(x, row, batch, cols, mask, n_cols, a_ptr, b_ptr, h_ptr, a_per_batch, b_per_batch, eps)
 
 
 @triton.jit
