@@ -1,11 +1,14 @@
 """The DiT block's small operations at Wan's 480×832×81 shapes, and what each choice costs in a whole
 compiled forward (issues 14 and 17).
 
-    python bench/block_ops.py --out $OUT [--parts cross,rope,forward] [--sizes 14B,1.3B]
+    python bench/block_ops.py --out $OUT [--parts cross,folded,rope,forward] [--sizes 14B,1.3B]
 
 cross:   text cross-attention (32,760 queries, 512 keys, 12 and 40 heads, D=128) per kernel: torch's
          cuDNN / flash / memory-efficient SDPA and each installed 8-bit backend; ms, TFLOP/s, rel. L2
          against fp32.
+folded:  text cross-attention as the DiT now runs it for a prompt of L tokens (12 and 40 heads): the zero
+         padding folded into one counted key (attention/counted.py, 128 or 256 keys) against cuDNN over all
+         512 padded keys; ms and rel. L2 of both against fp32 attention over the 512 keys.
 rope:    the q/k RMSNorm+RoPE kernel against the strided even/odd loads it replaced; ms, TB/s.
 forward: one compiled DiT forward with INT8_ATTN as the package runs it, then with the LayerNorms
          left to Inductor (the earlier choice), then also with text cross-attention on INT8_ATTN;
@@ -68,6 +71,37 @@ def cross():
                     tflops=round(4 * 32760 * 512 * heads * 128 / ms / 1e9, 1), rel_l2=err)
             except Exception as e:  # one broken kernel must not cost the others' rows
                 log(kind="cross", heads=heads, kernel=name, error=repr(e)[:300])
+
+
+def folded():
+    from fastvideo_nodes.attention import counted
+    from fastvideo_nodes.attention.counted_kernel import attention as kernel
+    from fastvideo_nodes.models.wan_dit import fold_text_padding
+    configs = {f"m{m}q{qb}w{w}": dict(block_m=m, q_blocks=qb, num_warps=w)
+               for m, qb, w in ((64, 8, 4), (64, 16, 4), (64, 4, 4), (128, 4, 8), (128, 8, 8), (64, 8, 8))}
+    for heads in (12, 40):
+        for rows in (20, 100, 200):
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q = torch.randn(1, 32760, heads, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+            text = torch.zeros(1, 512, heads * 128, device="cuda")
+            text[:, :rows] = torch.randn(rows, heads * 128, device="cuda", generator=g)
+            lift = torch.randn(heads * 128, device="cuda", generator=g)  # the padding's key and value are not 0
+            kv = lambda c, sign: ((c + sign * lift) * 2).unflatten(-1, (heads, 128)).bfloat16()
+            k, v = kv(text, 1), kv(text, -1)
+            ref = F.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+            ctx, log_count = fold_text_padding(text[:, :rows], 512)
+            kf, vf = kv(ctx, 1), kv(ctx, -1)
+            runs = {"cudnn, 512 keys": lambda: attn.backend_module("TORCH_SDPA").attend(q, k, v),
+                    "counted (package)": lambda: counted.attend(q, kf, vf, log_count)}
+            runs |= {f"counted {n}": (lambda c=c: kernel(q, kf, vf, log_count, **c)) for n, c in configs.items()}
+            for name, run in runs.items():
+                try:
+                    err = rel_l2(run(), ref)
+                    ms = event_time(run, warm=3, iters=20) * 1e3
+                    log(kind="folded", heads=heads, prompt_tokens=rows, keys=kf.shape[1] if "counted" in name else 512,
+                        kernel=name, ms=round(ms, 4), rel_l2=err)
+                except Exception as e:  # one broken config must not cost the others' rows
+                    log(kind="folded", heads=heads, prompt_tokens=rows, kernel=name, error=repr(e)[:300])
 
 
 def rope():
@@ -162,7 +196,7 @@ def main():
     ap.add_argument("--sizes", default="14B,1.3B", help="the DiTs of --parts forward")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    jobs = {"cross": cross, "rope": rope, "forward": lambda: forward(args.sizes.split(","))}
+    jobs = {"cross": cross, "folded": folded, "rope": rope, "forward": lambda: forward(args.sizes.split(","))}
     for part in args.parts.split(","):
         try:
             jobs[part]()

@@ -250,7 +250,9 @@ def test_hybrid_runs_exact_first_and_last_steps(spied, compiled):
     s = SamplingSettings(height=64, width=64, num_frames=5, steps=6, guidance_scale=1.0)
     marks: list[int] = []
     g = torch.Generator().manual_seed(1)
-    ctx = torch.randn(1, 12, TINY_DIT.text_dim, generator=g)
+    # 200 prompt rows: past TEXT_KEY_BUCKETS, so the text keys are not folded and cross-attention goes through a
+    # backend (a folded context takes attention/counted.py, exact too; tests/test_counted_attention.py)
+    ctx = torch.randn(1, 200, TINY_DIT.text_dim, generator=g)
     with torch.no_grad():
         denoise(dit, initial_noise(s), ctx, None, s, attention_backend="INT8_ATTN", exact_attention_steps=2,
                 callback=lambda i, n, x0: marks.append(len(spied)))

@@ -158,7 +158,7 @@ def test_pipeline_latents_equal_diffusers_i2v(model_set, picture, monkeypatch):
 def test_comfy_single_files_equal_diffusers_folder(model_set, picture):
     a = our_latents(VideoGenerator.from_pretrained(model_set["folder"], device="cpu", dtype="fp32"), picture)
     b = our_latents(comfy_generator(model_set["comfy_fp32"]), picture)
-    assert (a - b).abs().max().item() <= 1e-5
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()  # fp32 rounding only (latents reach ~5)
 
 
 def test_condition_is_mask_then_first_frame_latent(model_set, picture):

@@ -22,7 +22,7 @@ import torch
 
 from .. import env
 from ..errors import FastVideoError
-from . import video_sparse
+from . import counted, video_sparse
 from .sliding_tile import SlidingTileOptions
 from .video_sparse import VideoSparseOptions
 
@@ -166,10 +166,14 @@ class AttentionSpec:
         return attention(q, k, v, backend=self.backend, grid=self.grid, step=self.step, options=self.options,
                          gate=gate, tiled=self.tiled)
 
-    def cross_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def cross_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        log_count: torch.Tensor | None = None) -> torch.Tensor:
         # Text cross-attention (512 keys) is dense for every backend, and exact unless an exact kernel was
         # named: there the 8-bit kernels lose (H200, 32,760 queries × 40 heads: cuDNN 0.59 ms at rel. error
         # 0.002, INT8_ATTN 0.80 ms at 0.037), and auto's probe was made at self-attention's length.
+        # log_count: the keys' multiplicities (the text padding folded into one key, counted.py).
+        if log_count is not None:
+            return counted.attend(q, k, v, log_count)
         backend = self.backend if self.backend in CROSS_AS_NAMED else EXACT
         return attention(q, k, v, backend=backend)
 

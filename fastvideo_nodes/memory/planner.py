@@ -114,12 +114,13 @@ class VideoShape:
 
 
 def sampling_activation_bytes(c: Components, shape: VideoShape) -> int:
-    """One DiT forward's peak (offload.activation_bytes: one block at bf16, fp32 residual) plus the
-    sampler's fp32 latents (x, noise prediction, CFG delta and scheduler history: ~8 copies)."""
+    """One DiT forward's peak (offload.activation_bytes: one block at bf16, fp32 residual), block 0's
+    self-attention output that a step's two CFG passes share (bf16), and the sampler's fp32 latents (x,
+    noise prediction, CFG delta and scheduler history: ~8 copies)."""
     s = shape.vae_stride
     channels = 48 if s == 16 else 16
     latent = channels * ((shape.num_frames - 1) // 4 + 1) * (shape.height // s) * (shape.width // s) * 4
-    return activation_bytes(c.dit.dim, c.dit.ffn_dim, shape.tokens) + 8 * latent
+    return activation_bytes(c.dit.dim, c.dit.ffn_dim, shape.tokens) + 2 * c.dit.dim * shape.tokens + 8 * latent
 
 
 def decode_activation_bytes(c: Components, shape: VideoShape, tile: int | None = None) -> int:

@@ -33,8 +33,10 @@ class Attention(Protocol):
         """Over the video tokens → [B, Sq, H, D]; gate [B, Sq, H, D] or None."""
         ...
 
-    def cross_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Video queries over the text tokens → [B, Sq, H, D]."""
+    def cross_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        log_count: torch.Tensor | None = None) -> torch.Tensor:
+        """Video queries over the text tokens → [B, Sq, H, D]. log_count [B, Lk]: each key's log
+        multiplicity (Wan's zero padding folded into one key, attention/counted.py), or None: once each."""
         ...
 
 

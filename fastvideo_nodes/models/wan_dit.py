@@ -6,7 +6,7 @@ as they are; `wan_loader` maps the diffusers names onto these.
 Data path of one forward (B batch, S = T'·H'·W'/4 tokens, C = dim):
   latents [B,16,T',H',W'] --patch_embedding--> tokens [B,S,C]
   timestep [B] --sinusoid→MLP--> e [B,C] --SiLU→Linear--> e0 [B,6,C]   (float32)
-  text [B,L,4096] --MLP--> context [B,512,C]
+  text [B,L,4096] --MLP--> context [B,512,C], or (the zero padding folded into one key) [B,128|256,C]
   N × block(tokens, e0, context)   self-attn with 3D RoPE, cross-attn, FFN; fp32 residual stream
   head(tokens, e) --unpatchify--> velocity [B,16,T',H',W']
 
@@ -156,16 +156,18 @@ class CrossAttention(SelfAttention):
             self.k_img, self.v_img = Linear(dim, dim), Linear(dim, dim)
             self.norm_k_img = RMSNorm(dim, eps)
 
-    def forward(self, x, context, attn: Attention):
-        """x [B,S,C] attends to the text context [B,L,C] (image-to-video: [B,I+L,C], image first) → [B,S,C]."""
+    def forward(self, x, context, attn: Attention, text_log_count=None):
+        """x [B,S,C] attends to the text context [B,L,C] (image-to-video: [B,I+L,C], image first) → [B,S,C].
+        text_log_count [B,L]: each text key's log multiplicity (fold_text_padding), or None: once each."""
         heads = lambda t: t.unflatten(-1, (self.num_heads, -1))
         image = None
         if self.text_len is not None:
-            image, context = context[:, :-self.text_len], context[:, -self.text_len:]
+            n_text = self.text_len if text_log_count is None else text_log_count.shape[1]
+            image, context = context[:, :-n_text], context[:, -n_text:]
         q = heads(self.norm_q(self.q(x)))
         k = heads(self.norm_k(self.k(context)))
         v = heads(self.v(context))
-        out = attn.cross_attention(q, k, v).flatten(2)
+        out = attn.cross_attention(q, k, v, text_log_count).flatten(2)
         if image is not None:  # Wan adds the two attentions before the output projection
             k_img = heads(self.norm_k_img(self.k_img(image)))
             out = out + attn.cross_attention(q, k_img, heads(self.v_img(image))).flatten(2)
@@ -187,21 +189,33 @@ class WanBlock(nn.Module):
         # shift, scale, gate for self-attn; shift, scale, gate for the FFN (added to e0).
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
 
-    def forward(self, x, e0, context, rope, attn: Attention):
-        """x: fp32 residual stream [B,S,C]; e0: [B,6,C] or per token [B,S,6,C] fp32; context [B,L,C]."""
-        dtype = context.dtype
+    def forward(self, x, e0, context, rope, attn: Attention, text_log_count=None):
+        """x: fp32 residual stream [B,S,C]; e0: [B,6,C] or per token [B,S,6,C] fp32; context [B,L,C];
+        text_log_count [B,L] or None (see CrossAttention)."""
+        return self.finish(x, self.self_attention_out(x, e0, rope, attn, context.dtype), e0, context, attn,
+                           text_log_count)
+
+    def _modulation(self, e0):
+        """i → modulation term i: 0-2 shift, scale, gate of self-attention; 3-5 of the FFN."""
         if e0.ndim == 3:  # one timestep per sample: [B,6,C] → six [B,1,C]
-            mod = (self.modulation + e0).unsqueeze(2).unbind(1)
-            get = mod.__getitem__
-        else:  # per token (Wan 2.2 TI2V): each [B,S,C] of the six made when used (each is as big as x)
-            table = self.modulation[0]
-            get = lambda i: e0[:, :, i] + table[i]
-        # 0-2: shift, scale, gate of self-attention; 3-5: of the FFN
-        h = layer_norm_modulate(x, get(0), get(1), self.eps, dtype)
+            return (self.modulation + e0).unsqueeze(2).unbind(1).__getitem__
+        table = self.modulation[0]  # per token (Wan 2.2 TI2V): each [B,S,C] made when used (each is as big as x)
+        return lambda i: e0[:, :, i] + table[i]
+
+    def self_attention_out(self, x, e0, rope, attn: Attention, dtype) -> torch.Tensor:
+        """The self-attention's output [B,S,C] in dtype, before its gate. It does not depend on the prompt,
+        so a step's two CFG passes can share block 0's (WanDiT.forward's `share`)."""
+        get = self._modulation(e0)
+        return self.self_attn(layer_norm_modulate(x, get(0), get(1), self.eps, dtype), rope, attn)
+
+    def finish(self, x, self_out, e0, context, attn: Attention, text_log_count=None):
+        """The rest of the block after self_attention_out: its gated residual, cross-attention, FFN."""
+        dtype = context.dtype
+        get = self._modulation(e0)
         # Each residual add runs with the norm after it (norm3, then the FFN's modulated LayerNorm).
-        x, h = residual_layer_norm(x, self.self_attn(h, rope, attn), get(2), self.norm3.weight, self.norm3.bias,
-                                   self.norm3.eps, dtype)
-        x, h = residual_layer_norm(x, self.cross_attn(h, context, attn), None, 1 + get(4), get(3), self.eps, dtype)
+        x, h = residual_layer_norm(x, self_out, get(2), self.norm3.weight, self.norm3.bias, self.norm3.eps, dtype)
+        x, h = residual_layer_norm(x, self.cross_attn(h, context, attn, text_log_count), None, 1 + get(4), get(3),
+                                   self.eps, dtype)
         return torch.addcmul(x, self.ffn[2](linear_gelu(cast(Linear, self.ffn[0]), h)), get(5))
 
 
@@ -236,6 +250,47 @@ class ImageEmbedding(nn.Module):
         return norm_out(h, dtype)
 
 
+# ----------------------------------------------------------------------------- text padding
+
+# Key counts a folded text context is rounded up to: few, so that compiled blocks see few shapes. 256 is not
+# one: there the counted kernel (0.55–0.76 ms at 32,760 queries × 40 heads, H200) was no faster than cuDNN over
+# all 512 keys (0.59 ms); at 128 keys it takes 0.29 ms (12 heads: 0.10 against 0.18).
+TEXT_KEY_BUCKETS = (128,)
+
+
+def trim_text_padding(context: torch.Tensor) -> torch.Tensor:
+    """[B,L,text_dim] → [B,L',text_dim] without the all-zero rows at the end (Wan's padding; at least one
+    row is kept). One look at the values: call it once per generation, not per step."""
+    nonzero = torch.nonzero(context.detach().abs().amax(dim=(0, 2)) > 0)
+    rows = int(nonzero[-1]) + 1 if len(nonzero) else 1
+    return context[:, :rows]
+
+
+def fold_text_padding(context: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text [B,L,text_dim], L < text_len, that Wan would zero-pad to text_len → (text [B,Lk,text_dim], log_count
+    [B,Lk]): the L rows, then one zero row standing for all text_len − L padding rows (log count log(text_len − L);
+    they all embed to the same key and value), then zero rows that count for nothing (-inf) up to Lk, the
+    smallest of TEXT_KEY_BUCKETS above L. When none is (or L ≥ text_len): padded to text_len as Wan does, None."""
+    rows = context.shape[1]
+    keys = next((n for n in TEXT_KEY_BUCKETS if rows < n < text_len), None)
+    if keys is None:
+        return (F.pad(context, (0, 0, 0, text_len - rows)) if rows < text_len else context), None
+    log_count = torch.full((context.shape[0], keys), -math.inf, device=context.device)
+    log_count[:, :rows] = 0.0
+    log_count[:, rows] = math.log(text_len - rows)
+    return F.pad(context, (0, 0, 0, keys - rows)), log_count
+
+
+class SharedFirstSelfAttention:
+    """Block 0's self-attention output, kept for the other CFG pass of the same step: both passes feed
+    block 0 the same latents, timestep and RoPE, and only its cross-attention sees the prompt. The sampler
+    makes one per step that runs both passes; the first pass fills `out`, the second reuses it (about
+    1/(2·layers) of the step's attention and projections)."""
+
+    def __init__(self):
+        self.out: torch.Tensor | None = None
+
+
 # ----------------------------------------------------------------------------- the model
 
 NEEDS_FASTWAN = ("attention backend VIDEO_SPARSE_ATTN needs a FastWan checkpoint (one distilled with video sparse "
@@ -262,6 +317,7 @@ class WanDiT(nn.Module):
         if cfg.image_dim is not None:
             self.img_emb = ImageEmbedding(cfg.image_dim, cfg.dim)
         self._rope_cache: dict = {}
+        self._first_parts: tuple | None = None  # block 0's two halves, compiled by compile_blocks
 
     def drop_device_caches(self) -> None:
         """Forget the RoPE tables: they live on the device the model last ran on, and a model sent
@@ -289,27 +345,27 @@ class WanDiT(nn.Module):
         e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim))
         return e, e0
 
-    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
-        """[B,L,text_dim] (L ≤ text_len, zero-padded to text_len as Wan does) → [B,text_len,C]."""
-        pad = self.cfg.text_len - context.shape[1]
-        if pad > 0:
-            context = F.pad(context, (0, 0, 0, pad))
-        return self.text_embedding(context.to(self.dtype))
+    def embed_text(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B,L,text_dim] (L ≤ text_len, zero-padded to text_len as Wan does) → [B,text_len,C], or with the
+        padding folded into one key (fold_text_padding) [B,Lk,C] and its log counts [B,Lk]."""
+        context, log_count = fold_text_padding(context, self.cfg.text_len)
+        return self.text_embedding(context.to(self.dtype)), log_count
 
-    def embed_context(self, context: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        """Text [B,L,text_dim] (and, for image-to-video, CLIP tokens [B,I,image_dim]) → the
-        cross-attention context [B,text_len,C], or [B,I+text_len,C] with the image tokens first."""
+    def embed_context(self, context: torch.Tensor,
+                      image_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text [B,L,text_dim] (and, for image-to-video, CLIP tokens [B,I,image_dim]) → the cross-attention
+        context [B,Lk,C], or [B,I+Lk,C] with the image tokens first, and the text keys' log counts (embed_text)."""
         if (self.cfg.image_dim is None) != (image_embeds is None):
             raise FastVideoError("image_embeds: an image-to-video model needs the CLIP image embeddings [B,257,1280]"
                                  if image_embeds is None else
                                  "image_embeds: given to a text-to-video model, which takes no image.")
-        text = self.embed_text(context)
+        text, log_count = self.embed_text(context)
         if image_embeds is None:
-            return text
+            return text, log_count
         if image_embeds.ndim != 3 or image_embeds.shape[-1] != self.cfg.image_dim:
             raise FastVideoError(f"image_embeds: expected [B,I,{self.cfg.image_dim}], got {tuple(image_embeds.shape)}.")
         image = self.img_emb(image_embeds.to(text.device, self.dtype), self.dtype)
-        return torch.cat([image.expand(text.shape[0], -1, -1), text], dim=1)
+        return torch.cat([image.expand(text.shape[0], -1, -1), text], dim=1), log_count
 
     def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """[B,16,T',H',W'] → tokens [B,S,C] float32 and the token grid (t, h, w)."""
@@ -357,12 +413,27 @@ class WanDiT(nn.Module):
                                      "or turn compile off.")
         for block in self.blocks:
             block.compile(dynamic=False, mode=mode)
+        first = cast(WanBlock, self.blocks[0])
+        self._first_parts = (torch.compile(first.self_attention_out, dynamic=False, mode=mode),
+                             torch.compile(first.finish, dynamic=False, mode=mode))
         return self
 
-    def run_blocks(self, x, e0, context, rope, attn: Attention, count: int | None = None) -> torch.Tensor:
-        """x through the blocks (the first `count` of them; None: all)."""
-        for block in self.blocks[:count]:
-            x = block(x, e0, context, rope, attn)
+    def run_blocks(self, x, e0, context, rope, attn: Attention, count: int | None = None,
+                   text_log_count: torch.Tensor | None = None,
+                   share: SharedFirstSelfAttention | None = None) -> torch.Tensor:
+        """x through the blocks (the first `count` of them; None: all). share: block 0's self-attention
+        output from the step's other CFG pass, or where to leave it. Not for a block with hooks (streamed
+        weights arrive in a forward pre-hook, which calling its halves would skip)."""
+        blocks = cast(list[WanBlock], list(self.blocks[:count]))
+        first = blocks[0] if blocks else None
+        if share is not None and first is not None and not (first._forward_pre_hooks or first._forward_hooks):
+            self_out, finish = self._first_parts or (first.self_attention_out, first.finish)
+            if share.out is None:
+                share.out = self_out(x, e0, rope, attn, context.dtype)
+            x = finish(x, share.out, e0, context, attn, text_log_count)
+            blocks = blocks[1:]
+        for block in blocks:
+            x = block(x, e0, context, rope, attn, text_log_count)
         return x
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *,
@@ -370,7 +441,8 @@ class WanDiT(nn.Module):
                 step: int | None = None, cache: BlockCache | None = None,
                 parallel: ParallelPlan | None = None, num_steps: int | None = None,
                 exact_attention_steps: int = 0, condition: torch.Tensor | None = None,
-                image_embeds: torch.Tensor | None = None, blocks: int | None = None) -> torch.Tensor:
+                image_embeds: torch.Tensor | None = None, blocks: int | None = None,
+                share: SharedFirstSelfAttention | None = None) -> torch.Tensor:
         """Velocity prediction.
 
         x: latents in model space [B,16,T',H',W'] (48 channels for Wan 2.2 TI2V-5B); timestep: [B]
@@ -387,6 +459,8 @@ class WanDiT(nn.Module):
         rope and an attention spec that exchanges heads, and exit(tokens) → the full sequence.
         blocks N: only the first N blocks run (the load-time warm-up, pipeline/warmup.py: every kernel of
         a step at its real shape, for 1/num_layers of the blocks' work); None: all of them.
+        share: the step's two CFG passes pass the same one: block 0's self-attention runs once for both
+        (the caller guarantees the same x, timestep and attention settings in both).
         """
         batch = x.shape[0]
         if condition is not None:
@@ -403,7 +477,7 @@ class WanDiT(nn.Module):
             e, e0 = self.embed_time(timestep.expand(batch, -1))
         else:
             e, e0 = self.embed_time(timestep.reshape(-1).expand(batch))
-        context = self.embed_context(context, image_embeds)
+        context, text_log_count = self.embed_context(context, image_embeds)
         backend = backend_for_step(self.attention_backend_for(attention_backend, math.prod(grid)),
                                    step, num_steps, exact_attention_steps)
         if backend == "VIDEO_SPARSE_ATTN" and not self.cfg.gate_compress:
@@ -428,7 +502,7 @@ class WanDiT(nn.Module):
             tokens, e0_blocks = both[..., :self.cfg.dim], both[..., self.cfg.dim:].unflatten(-1, (6, self.cfg.dim))
         elif parallel is not None:
             tokens, rope, spec = parallel.enter(tokens, rope, attn)
-        run = lambda h: self.run_blocks(h, e0_blocks, context, rope, spec, blocks)
+        run = lambda h: self.run_blocks(h, e0_blocks, context, rope, spec, blocks, text_log_count, share)
         tokens = cache(tokens, e, e0, run) if cache is not None else run(tokens)
         if parallel is not None:
             tokens = parallel.exit(tokens)

@@ -52,8 +52,9 @@ class UlyssesAttention:
         out = F.pad(out, (0, 0, 0, 0, 0, self.plan.padded - s))
         return self._to_tokens(out, q.shape[2])
 
-    def cross_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.inner.cross_attention(q, k, v)
+    def cross_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        log_count: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner.cross_attention(q, k, v, log_count)
 
     def _to_heads(self, x):
         b, sl, h, d = x.shape

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import CancelledError, FastVideoError
+from ..models.wan_dit import SharedFirstSelfAttention, trim_text_padding
 from .experts import Experts, expert_per_step
 from .schedulers import DMD_TIMESTEPS, SCHEDULERS, SPACINGS, check_sigmas, check_timesteps, make_scheduler
 from .teacache import MODES, TeaCache, coefficients_for
@@ -238,8 +239,9 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
     uncond_steps = {k: max(1, math.ceil(which.count(k) * settings.cfg_gate)) for k in set(which)}
     switched = len(experts.switch_s) if experts is not None else 0
     device = next((experts.use(which[0]) if experts is not None else dit).parameters()).device
-    positive = positive.to(device, dit.dtype)
-    negative = negative.to(device, dit.dtype) if do_cfg and negative is not None else None
+    # Once per call, not per step: the DiT folds the zero rows Wan pads a prompt with into one counted key.
+    positive = trim_text_padding(positive).to(device, dit.dtype)
+    negative = trim_text_padding(negative).to(device, dit.dtype) if do_cfg and negative is not None else None
 
     caches: tuple[TeaCache | None, ...] = (None, None)
     if settings.teacache_threshold > 0:
@@ -256,14 +258,14 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
         image = {"condition": condition.to(device, torch.float32),
                  "image_embeds": None if image_embeds is None else image_embeds.to(device, dit.dtype)}
 
-    def forward(model, x, t, context, cache, step):
+    def forward(model, x, t, context, cache, step, share=None):
         if cache is not None:
             cache.step = step
         if first_frame is not None:
             x, t = first_frame.model_input(x), first_frame.timesteps(t)
         return model(x, t, context, attention_backend=attention_backend, attention_options=attention_options,
                    step=step, cache=cache, parallel=parallel, num_steps=n,
-                   exact_attention_steps=exact_attention_steps, **image)
+                   exact_attention_steps=exact_attention_steps, share=share, **image)
 
     x = noise.to(device, torch.float32)
     delta: torch.Tensor | None = None
@@ -279,11 +281,13 @@ def denoise(dit, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Te
             delta = None
         g = scales[k]
         t = t.to(device).reshape(1)
-        v = forward(model, x, t, positive, caches[0], i)
+        both = do_cfg and g > 1.0 and i - span_start[i] < uncond_steps[k]  # an expert at guidance ≤ 1: cond only
+        share = SharedFirstSelfAttention() if both else None  # same x and t: block 0's self-attention once
+        v = forward(model, x, t, positive, caches[0], i, share)
         stats.cond_forwards += 1
-        if do_cfg and g > 1.0:  # an expert at guidance ≤ 1 needs no unconditional pass
-            if i - span_start[i] < uncond_steps[k]:
-                v_uncond = forward(model, x, t, negative, caches[1], i)
+        if do_cfg and g > 1.0:
+            if both:
+                v_uncond = forward(model, x, t, negative, caches[1], i, share)
                 stats.uncond_forwards += 1
                 delta = v - v_uncond
                 v = v_uncond + g * delta

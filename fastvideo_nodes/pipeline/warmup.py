@@ -67,7 +67,8 @@ def dit_pass(dit, shape: VideoShape, *, attention_backend: str | None = None, at
     extra = cfg.in_channels - cfg.out_channels  # image-to-video: mask and image latent join the noise
     condition = noise(1, extra, t, h, w) if extra > 0 else None
     image_embeds = noise(1, 257, cfg.image_dim, dtype=dit.dtype) if cfg.image_dim is not None else None
-    context = noise(1, cfg.text_len, cfg.text_dim, dtype=dit.dtype)
+    # A short prompt, as most are: its zero padding folded into one key (the counted-key kernel builds now).
+    context = noise(1, 16, cfg.text_dim, dtype=dit.dtype)
     timestep = torch.full((1,), 999.0, device=device)
     backend = dit.attention_backend_for(attention_backend, tokens(dit, shape))
     n = 2 * exact_attention_steps + 1  # a schedule whose middle step runs `backend`
