@@ -280,7 +280,9 @@ def test_workflow_through_comfy_cli_and_api(server, name, tmp_path):
 def test_interrupt_stops_within_a_step(server):
     api = to_api(test_copy(server, "wan2.1_t2v_1.3B_fastvideo.json", "interrupted"), server["info"])
     sampler = next(v for v in api.values() if v["class_type"] == "FastVideoSampler")
-    sampler["inputs"]["steps"] = 400
+    # Many steps of a larger video than SMALL's: the run must outlast the sleep below (400 tiny steps once did,
+    # until the text padding was folded into one key and a tiny step got several times faster).
+    sampler["inputs"].update(steps=1000, width=192, height=128, num_frames=17)
     sampler["inputs"]["seed"] = 12345  # not cached from another run
     code, resp = http(server["port"], "/prompt", {"prompt": api})
     assert code == 200, resp
