@@ -10,6 +10,8 @@ Backend settings travel typed (`AttentionOptions`): `SlidingTileOptions` for SLI
 `VideoSparseOptions` for VIDEO_SPARSE_ATTN, whose self-attention also takes the block's per-token gate.
 The hybrid schedule (`backend_for_step`) runs exact attention in place of an 8-bit backend on the
 first and last N sampling steps; the DiT decides it per forward, outside its compiled blocks.
+Text cross-attention over a prompt whose zero padding the DiT folded into one key (with each key's
+count) is `counted.py`, exact, whatever the backend.
 """
 from __future__ import annotations
 
