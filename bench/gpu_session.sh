@@ -14,9 +14,9 @@ case ,$parts, in *,unpack,*)
   mkdir -p /tmp/cu13x && tar xJf .fa4a/cu13.tar.xz -C /tmp/cu13x && du -sh /tmp/cu13x ;;
 esac
 S=/tmp/site  # --target installs skip .pth files: the paths they would add are set here
-if [ ! -f $S/.done ] && ls .whl/*.whl .fa4b/*.whl >/dev/null 2>&1; then
+if [ ! -f $S/.done ] && ls .whl/*.whl >/dev/null 2>&1; then  # .fa4b and the rest are optional
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $S $(ls .whl/*.whl .fa4b/*.whl 2>/dev/null)
-  python3 -c "import google.protobuf" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target $S .fa4b/opt/*.whl
+  python3 -c "import google.protobuf" 2>/dev/null || [ ! -d .fa4b/opt ] || python3 -m pip install -q --no-index --no-deps --target $S .fa4b/opt/*.whl
   [ -d /tmp/cu13x/nvidia_cutlass_dsl ] && cp -r /tmp/cu13x/nvidia_cutlass_dsl/. $S/nvidia_cutlass_dsl/
   [ -f .ck/ck.tar.gz ] && tar xzf .ck/ck.tar.gz -C $S
   [ -d .fvk ] && python3 -m pip install -q --no-index --no-deps --no-compile --target $S .fvk/*.whl
