@@ -6,7 +6,7 @@ as they are; `wan_loader` maps the diffusers names onto these.
 Data path of one forward (B batch, S = T'·H'·W'/4 tokens, C = dim):
   latents [B,16,T',H',W'] --patch_embedding--> tokens [B,S,C]
   timestep [B] --sinusoid→MLP--> e [B,C] --SiLU→Linear--> e0 [B,6,C]   (float32)
-  text [B,L,4096] --MLP--> context [B,512,C], or (the zero padding folded into one key) [B,128|256,C]
+  text [B,L,4096] --MLP--> context [B,512,C], or (a short prompt's zero padding folded into one key) [B,128,C]
   N × block(tokens, e0, context)   self-attn with 3D RoPE, cross-attn, FFN; fp32 residual stream
   head(tokens, e) --unpatchify--> velocity [B,16,T',H',W']
 
