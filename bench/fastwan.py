@@ -156,8 +156,7 @@ def fastvideo(sparsity: float = 0.8) -> None:
 
 
 # The kernel configs `variants` times by default: the TMA ones near the default, and the new ones.
-VARIANT_CONFIGS = ("w4s2_tma", "w4s2_tma_lazy", "w4s1_tma", "w4s1_tma_lazy", "w4s1_tma_r128", "w4s1_tma_lazy_r128",
-                   "w4s3_tma")
+VARIANT_CONFIGS = ("w4s1_tma_r128", "w4s1_tma_r128_wholeq", "w4s2_tma", "w4s1_tma", "w4s1_tma_lazy_r128", "w4s3_tma")
 
 
 def variants(budget_s: float, setups: list[str] | None = None, configs: list[str] | None = None,
@@ -249,7 +248,9 @@ def variants(budget_s: float, setups: list[str] | None = None, configs: list[str
                     for p, r in (("tf32x3", 16), ("tf32x3", 32), ("tf32x3", 64), ("ieee", 32))},
                  **{f"select_w{w}_b{b}": lambda w=w, b=b: sel.select(scores, lay.counts, kept, starts=lay.starts,
                                                                      warps=w, bits=b)
-                    for w, b in ((4, 1), (2, 1), (1, 1), (4, 2), (1, 2))}}
+                    for w, b in ((4, 1), (2, 1), (1, 1), (4, 2), (1, 2))},
+                 **{f"select_one_chunk_w{w}": lambda w=w: sel.select(scores, lay.counts, kept, starts=lay.starts,
+                                                                     warps=w, split=False) for w in (4, 2)}}
         log(kind="variant_steps", sparsity=sparsity,
             **{f"{name}_ms": round(cuda_ms(fn, 20), 4) for name, fn in steps.items()})
     if found["setup"] and found["config"]:

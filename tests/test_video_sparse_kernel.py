@@ -112,7 +112,7 @@ lay = vs.layout(grid, "cpu")
 want = tile(reference(q, k, v, grid, gate, 0.3)[0], lay)
 qt, kt, vt, comp, index, ends = vs.prepare_tiled(*(tile(x, lay) for x in (q, k, v)), lay, 0.3)
 for name in ("w4s3", "w4s3_tma", "w4s3_sw1", "w4s3_q16q32", "w4s3_wholeq", "w4s2_tma", "w4s1_tma", "w4s1_tma_r128",
-             "w4s2_tma_lazy", "w4s1_tma_lazy", "w4s1_tma_lazy_r128"):
+             "w4s2_tma_lazy", "w4s1_tma_lazy", "w4s1_tma_lazy_r128", "w4s1_tma_r128_wholeq"):
     out = torch.full_like(qt, float("nan"))
     K.attention(qt, kt, vt, index, ends, lay.counts, lay.tiled_token, out, comp=comp, gate=tile(gate, lay),
                 cfg=K.CONFIGS[name], query_groups=lay.query_groups, starts=lay.starts)
@@ -237,7 +237,7 @@ def test_tile_order_equals_reference_and_token_order(interpreted):
         assert c["ref"] < (1e-5 if dtype == "float32" else 5e-3), c
     assert [c["cfg"] for c in interpreted["tiled_configs"]] == [
         "w4s3", "w4s3_tma", "w4s3_sw1", "w4s3_q16q32", "w4s3_wholeq", "w4s2_tma", "w4s1_tma", "w4s1_tma_r128",
-        "w4s2_tma_lazy", "w4s1_tma_lazy", "w4s1_tma_lazy_r128"]
+        "w4s2_tma_lazy", "w4s1_tma_lazy", "w4s1_tma_lazy_r128", "w4s1_tma_r128_wholeq"]
     for c in interpreted["tiled_configs"]:
         assert c["ref"] < 1e-5, c  # the NaN-filled output: every real row written, and finite
 

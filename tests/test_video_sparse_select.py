@@ -214,13 +214,15 @@ def test_tile_order_means_and_packed_select(interpreted):
         assert c["equal"], c
 
 
-@pytest.mark.parametrize("rows,packed,bits,warps", [(1, False, 1, 4), (4, False, 1, 8), (1, True, 1, 4),
-                                                    (1, True, 2, 1)])
-def test_select_builds_for_hopper(rows, packed, bits, warps):
+@pytest.mark.parametrize("rows,packed,bits,warps,np2", [(1, False, 1, 4, 0), (4, False, 1, 8, 0), (1, True, 1, 4, 0),
+                                                        (1, True, 2, 1, 0), (1, True, 1, 2, 128), (2, False, 1, 4, 128)])
+def test_select_builds_for_hopper(rows, packed, bits, warps, np2):
     S = pytest.importorskip("fastvideo_nodes.attention.video_sparse_select")
-    # 480p: 624 tiles in a 1024-wide row (the default: one row a program), 125 kept (odd, as the launcher sees it)
+    # 480p: 624 tiles in a 1024-wide row, or in 512 + 128 (the default: one row a program), 125 kept (odd, as the
+    # launcher sees it)
     kernel = sm90_build(S._select, dict(S="*fp32", COUNTS="*i64", STARTS="*i32", IDX="*i32", ENDS="*i32"),
-                        dict(NP=1024, ROWS=rows, PACKED=packed, BITS=bits), num_warps=warps, odd=("k",))
+                        dict(NP=1024 if not np2 else 512, ROWS=rows, PACKED=packed, BITS=bits, NP2=np2),
+                        num_warps=warps, odd=("k",))
     assert "redux.sync.add" in kernel.asm["ptx"]  # the counts reduce in hardware within each warp
 
 

@@ -68,6 +68,7 @@ CONFIGS = {
     "w4s1_tma": Config(4, 1, True), "w4s1_tma_r128": Config(4, 1, True, maxnreg=128),
     "w4s2_tma_lazy": Config(4, 2, True, lazy=True), "w4s1_tma_lazy": Config(4, 1, True, lazy=True),
     "w4s1_tma_lazy_r128": Config(4, 1, True, maxnreg=128, lazy=True),
+    "w4s1_tma_r128_wholeq": Config(4, 1, True, maxnreg=128, q_rows=()),
 }
 # H200, 32,760 tokens × 12 heads × 128 at 0.8, whole op in tile order (bench/fastwan.py --parts variants):
 # w4s1_tma_r128 3.77 ms (kernel 3.52), w4s2_tma 4.04 (3.70), w4s3_tma 3.95, lazy rescaling 3.92–4.45.

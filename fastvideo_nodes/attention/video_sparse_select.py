@@ -24,23 +24,52 @@ from .video_sparse_kernel import _TILE, BLOCK, _gather
 
 
 @triton.jit
-def _select(S, COUNTS, STARTS, IDX, ENDS, R, N, k, NP: tl.constexpr, ROWS: tl.constexpr, PACKED: tl.constexpr,
-            BITS: tl.constexpr = 1):
-    """Program p: rows p·ROWS.. of scores [R, N] fp32 → their k kept tiles into IDX [R, k] and group ends
-    into ENDS [R, 3]. PACKED: each kept tile as `start · 64 + count − 1` (the kernel's `pack`), not its id.
-    BITS 2 (N < 1024): the k-th key two bits a pass, its three counts summed as one (10 bits each), so
-    half the row reductions, which are what the passes wait on."""
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, NP)
+def _row_keys(S, rows, cols, R, N):
+    """Scores S[rows, cols] as int32 keys that order as the floats do (negatives reversed; -0.0 ties
+    with 0.0; every NaN above +inf, as torch.topk has it), padding below every score, -inf included."""
     live = (rows < R)[:, None] & (cols < N)[None, :]
     x = tl.load(S + rows[:, None] * N + cols[None, :], mask=live, other=0.0)
-    x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with 0.0
-    x = tl.where(x != x, float("nan"), x)  # every NaN positive: above +inf, as torch.topk has it
+    x = tl.where(x == 0.0, 0.0, x)
+    x = tl.where(x != x, float("nan"), x)
     bits = x.to(tl.int32, bitcast=True)
-    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negatives reversed: signed key order = float order
-    key = tl.where(live, key, -2147483648)  # padding sorts below every score, -inf included
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return tl.where(live, key, -2147483648), live
+
+
+@triton.jit
+def _at_least(key, cand):
+    """Per row, how many keys are ≥ that row's candidate."""
+    return tl.sum((key >= cand[:, None]).to(tl.int32), 1)
+
+
+@triton.jit
+def _place(keep, group, g, end):
+    """Row positions of the kept tiles of group g in this chunk, after `end` places already taken."""
+    mine = keep & (group == g)
+    return mine, end[:, None] + tl.cumsum(mine.to(tl.int32), 1) - 1, end + tl.sum(mine.to(tl.int32), 1)
+
+
+@triton.jit
+def _select(S, COUNTS, STARTS, IDX, ENDS, R, N, k, NP: tl.constexpr, ROWS: tl.constexpr, PACKED: tl.constexpr,
+            BITS: tl.constexpr = 1, NP2: tl.constexpr = 0):
+    """Program p: rows p·ROWS.. of scores [R, N] fp32 → their k kept tiles into IDX [R, k] and group ends
+    into ENDS [R, 3]. PACKED: each kept tile as `start · 64 + count − 1` (the kernel's `pack`), not its id.
+    A row is read as NP columns, then (NP2 > 0) NP2 more: 624 tiles as 512 + 128 rather than 1024, so
+    every pass compares 40 % fewer keys (the passes are what the kernel spends its time on).
+    BITS 2 (N < 1024, one chunk): the k-th key two bits a pass, its three counts summed as one (10 bits
+    each), so half the row reductions."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, NP)
+    key, live = _row_keys(S, rows, cols, R, N)
+    if NP2 > 0:
+        cols2 = NP + tl.arange(0, NP2)
+        key2, live2 = _row_keys(S, rows, cols2, R, N)
     # Each row's k-th largest key, highest bit first: the sign (is it ≥ 0?), then each of the 31 others.
-    thr = tl.where(tl.sum((key >= 0).to(tl.int32), 1) >= k, 0, -2147483648)
+    zero = tl.zeros([ROWS], tl.int32)
+    n0 = _at_least(key, zero)
+    if NP2 > 0:
+        n0 += _at_least(key2, zero)
+    thr = tl.where(n0 >= k, 0, -2147483648)
     if BITS == 2:
         for b in tl.static_range(29, 0, -2):  # bits (30, 29), (28, 27), …, (2, 1)
             c1, c2, c3 = thr | (1 << b), thr | (2 << b), thr | (3 << b)
@@ -48,42 +77,66 @@ def _select(S, COUNTS, STARTS, IDX, ENDS, R, N, k, NP: tl.constexpr, ROWS: tl.co
                        + ((key >= c3[:, None]).to(tl.int32) << 20), 1)
             thr = tl.where((n >> 20) >= k, c3, tl.where(((n >> 10) & 1023) >= k, c2,
                                                         tl.where((n & 1023) >= k, c1, thr)))
-        thr = tl.where(tl.sum((key >= (thr | 1)[:, None]).to(tl.int32), 1) >= k, thr | 1, thr)
+        thr = tl.where(_at_least(key, thr | 1) >= k, thr | 1, thr)
     else:
         for b in tl.static_range(30, -1, -1):
             cand = thr | (1 << b)
-            thr = tl.where(tl.sum((key >= cand[:, None]).to(tl.int32), 1) >= k, cand, thr)
+            n = _at_least(key, cand)
+            if NP2 > 0:
+                n += _at_least(key2, cand)
+            thr = tl.where(n >= k, cand, thr)
     above = key > thr[:, None]
     tie = key == thr[:, None]
-    room = k - tl.sum(above.to(tl.int32), 1)  # ties kept, the lowest tile ids first
-    keep = live & (above | (tie & (tl.cumsum(tie.to(tl.int32), 1) <= room[:, None])))  # rows past R: none
+    n_above = tl.sum(above.to(tl.int32), 1)
+    ties = tl.cumsum(tie.to(tl.int32), 1)
+    if NP2 > 0:
+        above2 = key2 > thr[:, None]
+        tie2 = key2 == thr[:, None]
+        n_above += tl.sum(above2.to(tl.int32), 1)
+        ties2 = tl.sum(tie.to(tl.int32), 1)[:, None] + tl.cumsum(tie2.to(tl.int32), 1)
+    room = k - n_above  # ties kept, the lowest tile ids first
+    keep = live & (above | (tie & (ties <= room[:, None])))  # rows past R: none
     c = tl.load(COUNTS + cols, mask=cols < N, other=0)
     group = tl.where(c == 64, 0, tl.where(c <= 16, 1, tl.where(c <= 32, 2, 3)))[None, :]
-    pos = tl.zeros([ROWS, NP], tl.int32)
-    end = tl.zeros([ROWS], tl.int32)
-    for g in tl.static_range(4):
-        mine = keep & (group == g)
-        pos = tl.where(mine, end[:, None] + tl.cumsum(mine.to(tl.int32), 1) - 1, pos)
-        end += tl.sum(mine.to(tl.int32), 1)
-        if g < 3:
-            tl.store(ENDS + rows * 3 + g, end, mask=rows < R)
     if PACKED:
         entry = (tl.load(STARTS + cols, mask=cols < N, other=0) * 64 + c - 1).to(tl.int32)
     else:
         entry = cols
+    pos = tl.zeros([ROWS, NP], tl.int32)
+    if NP2 > 0:
+        keep2 = live2 & (above2 | (tie2 & (ties2 <= room[:, None])))
+        c2 = tl.load(COUNTS + cols2, mask=cols2 < N, other=0)
+        group2 = tl.where(c2 == 64, 0, tl.where(c2 <= 16, 1, tl.where(c2 <= 32, 2, 3)))[None, :]
+        if PACKED:
+            entry2 = (tl.load(STARTS + cols2, mask=cols2 < N, other=0) * 64 + c2 - 1).to(tl.int32)
+        else:
+            entry2 = cols2
+        pos2 = tl.zeros([ROWS, NP2], tl.int32)
+    end = tl.zeros([ROWS], tl.int32)
+    for g in tl.static_range(4):
+        mine, at, end = _place(keep, group, g, end)
+        pos = tl.where(mine, at, pos)
+        if NP2 > 0:
+            mine2, at2, end = _place(keep2, group2, g, end)
+            pos2 = tl.where(mine2, at2, pos2)
+        if g < 3:
+            tl.store(ENDS + rows * 3 + g, end, mask=rows < R)
     tl.store(IDX + rows[:, None] * k + pos, tl.broadcast_to(entry[None, :], [ROWS, NP]), mask=keep)
+    if NP2 > 0:
+        tl.store(IDX + rows[:, None] * k + pos2, tl.broadcast_to(entry2[None, :], [ROWS, NP2]), mask=keep2)
 
 
 def select(scores: torch.Tensor, counts: torch.Tensor, k: int, rows: int | None = None,
            starts: torch.Tensor | None = None, warps: int | None = None,
-           bits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+           bits: int = 1, split: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """scores [B, H, N, N] fp32 compressed scores, counts [N] real tokens per tile (any int), k key tiles
     per query tile (1..N) → (index [B, H, N, k] int32, ends [B, H, N, 3] int32), what
     `tables(top_tiles(scores, sparsity), counts)` gives (ties: the lower tile id is kept).
     rows: score rows per program, a power of two (None: about 1024 scores a program).
     starts: [N] int32 each tile's first token in tile order: the index then comes `pack`ed for it.
     warps: a program's warps (None: 1 per 256 scores, at most 8); bits: see `_select` (2 falls back to 1
-    from N = 1024 on, where three counts no longer fit one sum)."""
+    from N = 1024 on, where three counts no longer fit one sum, and reads the row in one chunk).
+    split: a row in two power-of-two chunks where they are narrower than one (see `_select`)."""
     *lead, N = scores.shape
     if not 1 <= k <= N:
         raise ValueError(f"video sparse select: k must be in [1, {N}], got {k}")
@@ -91,11 +144,16 @@ def select(scores: torch.Tensor, counts: torch.Tensor, k: int, rows: int | None 
     index = torch.empty(*lead, k, dtype=torch.int32, device=scores.device)
     ends = torch.empty(*lead, 3, dtype=torch.int32, device=scores.device)
     R = scores.numel() // N
-    NP = triton.next_power_of_2(N)
-    rows = rows or max(1, 1024 // NP)
+    NP, NP2 = triton.next_power_of_2(N), 0
+    bits = bits if N < 1024 else 1
+    low = NP // 2
+    if split and bits == 1 and N > low and low + triton.next_power_of_2(N - low) < NP:
+        NP, NP2 = low, triton.next_power_of_2(N - low)
+    width = NP + NP2
+    rows = rows or 1 << max(0, (1024 // width).bit_length() - 1)  # a power of two
     _select[(triton.cdiv(R, rows),)](scores, counts, starts if starts is not None else counts, index, ends, R, N, k,
-                                     NP=NP, ROWS=rows, PACKED=starts is not None, BITS=bits if N < 1024 else 1,
-                                     num_warps=warps or max(1, min(8, rows * NP // 256)))
+                                     NP=NP, ROWS=rows, PACKED=starts is not None, BITS=bits, NP2=NP2,
+                                     num_warps=warps or max(1, min(8, rows * width // 256)))
     return index, ends
 
 
@@ -136,10 +194,12 @@ def means3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tens
 
 @triton.jit
 def _means_rows(Q, K, V, STARTS, COUNTS, QM, KM, VM, N, H, sxb, sxs, sxh, D: tl.constexpr):
-    """Program (tile, b·H + h) of `means3` for inputs in tile order: each tile's rows from its start under
-    the count mask (no slot table to read first), the three loads issued before any sum."""
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
+    """Program (b·H + h, tile) of `means3` for inputs in tile order: each tile's rows from its start under
+    the count mask (no slot table to read first), the three loads issued before any sum. The heads of a
+    tile are neighbours in launch order, so its rows (all heads, contiguous) stream from DRAM together
+    rather than in 12 visits far apart."""
+    bh = tl.program_id(0)
+    tile = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = tl.arange(0, _TILE)
@@ -163,7 +223,7 @@ def means3_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch
     B, _, H, D = q.shape
     N = counts.numel()
     means = [torch.empty(B, H, N, D, dtype=torch.float32, device=q.device) for _ in range(3)]
-    _means_rows[(N, B * H)](q, k, v, starts, counts, *means, N, H, q.stride(0), q.stride(1), q.stride(2), D=D)
+    _means_rows[(B * H, N)](q, k, v, starts, counts, *means, N, H, q.stride(0), q.stride(1), q.stride(2), D=D)
     return tuple(means)
 
 
@@ -238,6 +298,9 @@ SETUPS = {  # in the order the bench tries them (the likelier winners first, in 
     "select_w1": Setup(select_warps=1), "select_w2": Setup(select_warps=2),
     "select_b2": Setup(select_bits=2), "select_w1_b2": Setup(select_warps=1, select_bits=2),
     "direct_means": Setup(direct_means=True),
+    "direct_fused_m16": Setup("tf32x3", 16, direct_means=True),
+    "direct_fused_m16_w1": Setup("tf32x3", 16, select_warps=1, direct_means=True),
+    "direct_select_w1": Setup(select_warps=1, direct_means=True),
 }
 # H200, 480p at 0.8 with w4s2_tma: torch 3.99 ms, overlap2 3.88, the others 3.91–4.21; with w4s1_tma_r128,
 # overlap2 3.764 against torch 3.773: not worth two more streams.
