@@ -214,8 +214,9 @@ def test_tile_order_means_and_packed_select(interpreted):
         assert c["equal"], c
 
 
-@pytest.mark.parametrize("rows,packed,bits,warps,np2", [(1, False, 1, 4, 0), (4, False, 1, 8, 0), (1, True, 1, 4, 0),
-                                                        (1, True, 2, 1, 0), (1, True, 1, 2, 128), (2, False, 1, 4, 128)])
+@pytest.mark.parametrize("rows,packed,bits,warps,np2", [
+    (1, False, 1, 4, 0), (4, False, 1, 8, 0), (1, True, 1, 4, 0), (1, True, 2, 1, 0), (1, True, 1, 2, 128),
+    (2, False, 1, 4, 128)])
 def test_select_builds_for_hopper(rows, packed, bits, warps, np2):
     S = pytest.importorskip("fastvideo_nodes.attention.video_sparse_select")
     # 480p: 624 tiles in a 1024-wide row, or in 512 + 128 (the default: one row a program), 125 kept (odd, as the
